@@ -1,0 +1,1 @@
+"""The fieldsync hub: consolidates every office's changes and serves them back."""

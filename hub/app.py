@@ -1,0 +1,286 @@
+"""
+The hub's web layer: ``create_app(store)`` returns the Starlette application.
+
+Routes (protocol v1):
+
+- ``GET  /v1/health``   liveness, no token needed
+- ``POST /v1/push``     a batch of an office's changes (bearer token; gzip body welcome)
+- ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
+- ``GET  /v1/openapi.json``
+
+Every error is JSON, ``{"error": CODE, "detail": MESSAGE}``, with a message a
+person can act on. The office is always the token's owner, never read from the body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any
+
+from starlette import status
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hub.store import HubStore
+from shared import __version__
+from shared.errors import (
+    AuthError,
+    ClockSkewError,
+    FieldsyncError,
+    HubRejectedError,
+    InvalidChangeError,
+    ProtocolError,
+)
+from shared.protocol import PROTOCOL_VERSION, Change, check_version
+
+log = logging.getLogger("fieldsync.hub")
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # as sent (compressed)
+DEFAULT_MAX_BATCH = 10_000
+MAX_PAGE = 10_000
+
+# Every error code the hub answers with (node/client.py maps each one back).
+ERROR_CODES = {
+    "bad_request": status.HTTP_400_BAD_REQUEST,
+    "version_mismatch": status.HTTP_400_BAD_REQUEST,
+    "unauthorized": status.HTTP_401_UNAUTHORIZED,
+    "forbidden": status.HTTP_403_FORBIDDEN,
+    "not_found": status.HTTP_404_NOT_FOUND,
+    "method_not_allowed": status.HTTP_405_METHOD_NOT_ALLOWED,
+    "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
+    "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
+    "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,
+}
+
+
+class _TooLargeError(ProtocolError):
+    code = "too_large"
+
+
+def _error(code: str, detail: str, status_code: int | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": code, "detail": detail}, status_code=status_code or ERROR_CODES[code]
+    )
+
+
+def create_app(
+    store: HubStore,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> Starlette:
+    """Build the hub application around ``store``."""
+
+    def authenticate(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(
+                "this request needs an office token: send 'Authorization: Bearer TOKEN' "
+                "(make one with `fieldsync hub add-node NAME`)",
+                "unauthorized",
+                401,
+            )
+        return store.authenticate(token.strip())
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding == "gzip":
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            limit = max_body_bytes * 8
+            try:
+                body = inflater.decompress(body, limit)
+            except zlib.error as exc:
+                raise ProtocolError(f"the gzip body is corrupt: {exc}") from None
+            if inflater.unconsumed_tail:
+                raise _TooLargeError(f"the request body inflates past the {limit} byte limit")
+            if not inflater.eof:
+                raise ProtocolError("the gzip body is cut short")
+        elif encoding != "identity":
+            raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "protocol": PROTOCOL_VERSION, "version": __version__})
+
+    async def push(request: Request) -> JSONResponse:
+        node = await run_in_threadpool(authenticate, request)
+        data = await read_json(request)
+        check_version(data, "the push")
+        raw = data.get("changes")
+        if not isinstance(raw, list):
+            raise ProtocolError("the push needs a 'changes' list")
+        if len(raw) > max_batch:
+            raise _TooLargeError(
+                f"the push carries {len(raw)} changes; send at most {max_batch} per request"
+            )
+        changes = [Change.from_json(item, node) for item in raw]
+        seqs = [c.seq for c in changes]
+        if seqs != sorted(set(seqs)):
+            raise ProtocolError("changes must be in increasing seq order, each seq once")
+        result = await run_in_threadpool(store.push, node, changes)
+        log.info(
+            "push from %s: %d changes, %d applied, %d conflicts, acked %d",
+            node,
+            len(changes),
+            result.applied,
+            result.conflicts,
+            result.acked,
+        )
+        return JSONResponse(result.to_json())
+
+    async def pull(request: Request) -> JSONResponse:
+        node = await run_in_threadpool(authenticate, request)
+        try:
+            cursor = int(request.query_params.get("cursor", "0"))
+            limit = int(request.query_params.get("limit", "1000"))
+        except ValueError:
+            raise ProtocolError("cursor and limit must be whole numbers") from None
+        if cursor < 0 or not 1 <= limit <= MAX_PAGE:
+            raise ProtocolError(f"cursor must be >= 0 and limit between 1 and {MAX_PAGE}")
+        page = await run_in_threadpool(store.pull, node, cursor, limit)
+        return JSONResponse(page.to_json())
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(OPENAPI)
+
+    async def fieldsync_error(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, HubRejectedError):
+            return _error(exc.code, str(exc), exc.status)
+        if isinstance(exc, InvalidChangeError | ClockSkewError):
+            return _error(exc.code, str(exc))
+        if isinstance(exc, ProtocolError):
+            return _error(exc.code, str(exc))
+        log.error("request failed: %s", type(exc).__name__)
+        return _error("bad_request", str(exc), status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return _error(code, f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # Never echo the exception: it may quote case data.
+        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
+        return JSONResponse(
+            {"error": "internal", "detail": "the hub failed; nothing of the request was applied"},
+            status_code=500,
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v1/health", health),
+            Route("/v1/push", push, methods=["POST"]),
+            Route("/v1/pull", pull),
+            Route("/v1/openapi.json", openapi),
+        ],
+        middleware=[Middleware(GZipMiddleware, minimum_size=1024)],
+        exception_handlers={
+            FieldsyncError: fieldsync_error,
+            HTTPException: http_error,
+            500: server_error,
+        },
+    )
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "fieldsync hub", "version": __version__},
+    "components": {
+        "securitySchemes": {"office": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "detail"],
+                "properties": {
+                    "error": {"type": "string", "enum": sorted(ERROR_CODES)},
+                    "detail": {"type": "string"},
+                },
+            },
+            "Change": {
+                "type": "object",
+                "required": ["seq", "table", "pk", "op", "ts"],
+                "properties": {
+                    "seq": {"type": "integer", "minimum": 1},
+                    "table": {"type": "string"},
+                    "pk": {"type": "object"},
+                    "op": {"type": "string", "enum": ["insert", "update", "delete"]},
+                    "ts": {"type": "integer", "description": "HLC stamp: wall_ms << 16 | counter"},
+                    "values": {"type": "object"},
+                    "base": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "security": [{"office": []}],
+    "paths": {
+        "/v1/health": {"get": {"security": [], "responses": {"200": {"description": "up"}}}},
+        "/v1/push": {
+            "post": {
+                "summary": "Push a batch of changes (idempotent per change seq)",
+                "requestBody": {
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["protocol", "changes"],
+                                "properties": {
+                                    "protocol": {"const": PROTOCOL_VERSION},
+                                    "changes": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Change"},
+                                    },
+                                },
+                            }
+                        }
+                    }
+                },
+                "responses": {
+                    "200": {"description": "committed: acked, applied, conflicts, hub_time_ms"},
+                    "4XX": {
+                        "description": "refused; nothing applied",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                        },
+                    },
+                },
+            }
+        },
+        "/v1/pull": {
+            "get": {
+                "summary": "Records changed after a cursor, one page",
+                "parameters": [
+                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                    },
+                ],
+                "responses": {"200": {"description": "rows, cursor, more, hub_time_ms"}},
+            }
+        },
+    },
+}

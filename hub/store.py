@@ -1,0 +1,548 @@
+"""
+Hub storage: the one narrow interface the hub's web layer talks to.
+
+:class:`HubStore` is the interface; :class:`SqliteHubStore` keeps everything in one
+SQLite file. Per record it stores the current values and column versions
+(``_fieldsync_records``, tombstones included) and mirrors live records into real
+tables named as in the schema, so headquarters can query them with any SQLite tool.
+
+Every change a push carries is run through :func:`shared.merge.merge` and gets the
+next hub ``seq``; pulls serve records ordered by ``seq``. A record whose last change
+came from office X, applied exactly as X already has it, is marked with origin X and
+not sent back to X.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.clock import HybridClock, Timestamp, check_node_name, now_ms
+from shared.errors import AuthError, ClockSkewError, FieldsyncError, InvalidChangeError
+from shared.merge import Conflict, RecordState, merge
+from shared.protocol import Change, PullPage, PullRow, PushResult
+from shared.schema import EXISTS, Schema, Table
+from shared.sqlite import connect, create_tables, put_row, table_rows, write
+
+DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
+
+_HUB_TABLES = """
+CREATE TABLE IF NOT EXISTS _fieldsync_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_nodes (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    last_seen_at TEXT,
+    last_push_at TEXT,
+    last_pull_at TEXT,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_records (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    seq INTEGER NOT NULL UNIQUE,
+    origin TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    vals TEXT NOT NULL,
+    vers TEXT NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
+    id INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    col TEXT,
+    kept_value TEXT,
+    kept_version TEXT,
+    kept_node TEXT,
+    other_value TEXT,
+    other_version TEXT NOT NULL,
+    other_node TEXT NOT NULL,
+    status TEXT NOT NULL,
+    resolved_by TEXT,
+    resolved_at TEXT,
+    resolution TEXT
+);
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (status);
+"""
+
+
+def hash_token(token: str) -> str:
+    """The form a token is stored in: its SHA-256, hex."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRecord:
+    """One entry of the hub's conflict log, as admins see it."""
+
+    id: int
+    created_at: str
+    table: str
+    pk: dict[str, Any]
+    kind: str  # field, record or delete
+    column: str | None
+    kept_value: Any
+    kept_version: str | None
+    kept_node: str | None
+    other_value: Any
+    other_version: str
+    other_node: str
+    status: str  # logged (settled by policy), open (waits for an admin), resolved
+    resolved_by: str | None
+    resolved_at: str | None
+    resolution: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "table": self.table,
+            "pk": self.pk,
+            "kind": self.kind,
+            "column": self.column,
+            "kept": {
+                "value": self.kept_value,
+                "office": self.kept_node,
+                "version": self.kept_version,
+                "time": _version_time(self.kept_version),
+            },
+            "other": {
+                "value": self.other_value,
+                "office": self.other_node,
+                "version": self.other_version,
+                "time": _version_time(self.other_version),
+            },
+            "status": self.status,
+            "resolved_by": self.resolved_by,
+            "resolved_at": self.resolved_at,
+            "resolution": self.resolution,
+        }
+
+
+def _version_time(version: str | None) -> str | None:
+    if not version:
+        return None
+    ms = Timestamp.parse(version).wall_ms
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class HubStore(Protocol):
+    """What the hub needs from its storage; every back end passes the same tests."""
+
+    schema: Schema
+
+    def add_node(self, name: str) -> str: ...
+
+    def authenticate(self, token: str) -> str: ...
+
+    def push(self, node: str, changes: Sequence[Change]) -> PushResult: ...
+
+    def pull(self, node: str, cursor: int, limit: int) -> PullPage: ...
+
+    def conflicts(self, status: str | None = None) -> list[ConflictRecord]: ...
+
+    def resolve(
+        self, conflict_id: int, keep: str, by: str, value: Any = None
+    ) -> ConflictRecord: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteHubStore:
+    """Hub storage in one SQLite file (WAL, synchronous=FULL: an ack means durable)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        schema: Schema | None = None,
+        *,
+        max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+        now: Any = now_ms,
+    ) -> None:
+        self.path = Path(path)
+        self.db = connect(self.path, synchronous="FULL")
+        self._lock = threading.Lock()
+        self._now = now
+        self.max_future_ms = max_future_ms
+        self.clock = HybridClock("hub", now)
+        with self._lock, write(self.db) as conn:
+            for statement in _HUB_TABLES.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            stored = conn.execute(
+                "SELECT value FROM _fieldsync_meta WHERE key = 'schema'"
+            ).fetchone()
+            if stored is None:
+                self.schema = schema or Schema.load()
+                conn.execute(
+                    "INSERT INTO _fieldsync_meta (key, value) VALUES ('schema', ?)",
+                    [self.schema.source],
+                )
+            else:
+                self.schema = Schema.from_toml(stored[0], f"the schema stored in {path}")
+                if schema is not None and schema.source != stored[0]:
+                    raise FieldsyncError(
+                        f"hub database {path} already uses another schema; "
+                        "omit --schema to use the stored one"
+                    )
+            create_tables(conn, self.schema)
+            row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'hlc'").fetchone()
+            if row is not None:
+                self.clock.observe(int(row[0]))
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    # -- offices and tokens ---------------------------------------------------
+
+    def add_node(self, name: str) -> str:
+        """Register an office and return its new token (only its hash is stored)."""
+        check_node_name(name)
+        if name == "hub":
+            raise ValueError("the office name 'hub' is reserved")
+        token = secrets.token_urlsafe(32)
+        with self._lock, write(self.db) as conn:
+            if conn.execute("SELECT 1 FROM _fieldsync_nodes WHERE name = ?", [name]).fetchone():
+                raise FieldsyncError(f"office {name!r} is already registered")
+            conn.execute(
+                "INSERT INTO _fieldsync_nodes (name, token_hash, created_at) VALUES (?, ?, ?)",
+                [name, hash_token(token), _utcnow()],
+            )
+        return token
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self.db.conn.execute(
+                "SELECT name, created_at, acked_seq, last_seen_at, last_push_at, last_pull_at, "
+                "revoked_at FROM _fieldsync_nodes ORDER BY name"
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def authenticate(self, token: str) -> str:
+        """Return the office that owns ``token``; raise AuthError otherwise."""
+        with self._lock:
+            row = self.db.conn.execute(
+                "SELECT name, revoked_at FROM _fieldsync_nodes WHERE token_hash = ?",
+                [hash_token(token)],
+            ).fetchone()
+        if row is None or row[1] is not None:
+            raise AuthError("unknown or revoked token", "unauthorized", 401)
+        return str(row[0])
+
+    # -- push -----------------------------------------------------------------
+
+    def validate(self, changes: Sequence[Change]) -> None:
+        """Raise InvalidChangeError for the first change the schema cannot take."""
+        for change in changes:
+            try:
+                table = self.schema.table(change.table)
+                table.check_pk(change.pk)
+                for name, value in (change.values or {}).items():
+                    table.check_value(name, value)
+                if change.values is not None:
+                    for name in table.primary_key:
+                        if change.values.get(name, change.pk[name]) != change.pk[name]:
+                            raise InvalidChangeError(
+                                f"values of {change.table} contradict its primary key {name}"
+                            )
+                for name in change.base:
+                    if name != EXISTS:
+                        table.check_value(name, None)
+            except InvalidChangeError as exc:
+                raise InvalidChangeError(f"change {change.seq}: {exc}") from None
+
+    def push(self, node: str, changes: Sequence[Change]) -> PushResult:
+        """Apply a batch atomically; changes already acknowledged are skipped."""
+        self.validate(changes)
+        hub_now = self._now()
+        for change in changes:
+            if change.ts.wall_ms > hub_now + self.max_future_ms:
+                ahead_s = (change.ts.wall_ms - hub_now) / 1000
+                raise ClockSkewError(
+                    f"change {change.seq} is stamped {ahead_s:.0f} s ahead of the hub's clock; "
+                    f"the clock of office {node} is wrong (the limit is "
+                    f"{self.max_future_ms / 1000:.0f} s); the changes stay queued on the office",
+                    "clock_skew",
+                    422,
+                )
+        applied = conflicts = 0
+        with self._lock:
+            try:
+                with write(self.db) as conn:
+                    acked = conn.execute(
+                        "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
+                    ).fetchone()[0]
+                    seq = self._last_seq(conn)
+                    for change in changes:
+                        if change.seq <= acked:
+                            continue
+                        seq += 1
+                        conflicts += self._apply(conn, node, change, seq)
+                        applied += 1
+                        acked = change.seq
+                        self.clock.observe(change.ts.hlc)
+                    conn.execute(
+                        "UPDATE _fieldsync_nodes SET acked_seq = ?, last_seen_at = ?, "
+                        "last_push_at = ? WHERE name = ?",
+                        [acked, _utcnow(), _utcnow(), node],
+                    )
+                    self._save_meta(conn, seq)
+            except sqlite3.IntegrityError as exc:
+                raise InvalidChangeError(
+                    f"the batch breaks a constraint of the hub database ({exc}); "
+                    "nothing of it was applied"
+                ) from exc
+        return PushResult(acked, applied, conflicts, self._now(), node)
+
+    def _last_seq(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'seq'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _save_meta(self, conn: sqlite3.Connection, seq: int) -> None:
+        conn.execute(
+            "INSERT INTO _fieldsync_meta (key, value) VALUES ('seq', ?), ('hlc', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [str(seq), str(self.clock.last)],
+        )
+
+    def _load(self, conn: sqlite3.Connection, table: str, pk: str) -> RecordState | None:
+        row = conn.execute(
+            "SELECT vals, vers, deleted FROM _fieldsync_records WHERE tbl = ? AND pk = ?",
+            [table, pk],
+        ).fetchone()
+        if row is None:
+            return None
+        return RecordState(json.loads(row[0]), json.loads(row[1]), bool(row[2]))
+
+    def _apply(self, conn: sqlite3.Connection, node: str, change: Change, seq: int) -> int:
+        table = self.schema.table(change.table)
+        key = table.pk_key(change.pk)
+        current = self._load(conn, table.name, key)
+        outcome = merge(current, change, table.policy)
+        self._store(
+            conn, table, change.pk, key, outcome.state, seq, node if outcome.exact else None
+        )
+        for conflict in outcome.conflicts:
+            self._log_conflict(conn, table.name, key, conflict)
+        return len(outcome.conflicts)
+
+    def _store(
+        self,
+        conn: sqlite3.Connection,
+        table: Table,
+        pk: dict[str, Any],
+        key: str,
+        state: RecordState,
+        seq: int,
+        origin: str | None,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "
+            "seq = excluded.seq, origin = excluded.origin, deleted = excluded.deleted, "
+            "vals = excluded.vals, vers = excluded.vers",
+            [
+                table.name,
+                key,
+                seq,
+                origin,
+                int(state.deleted),
+                json.dumps(state.values, ensure_ascii=False),
+                json.dumps(state.versions),
+            ],
+        )
+        put_row(conn, table, pk, None if state.deleted else state.values)
+
+    def _log_conflict(
+        self, conn: sqlite3.Connection, table: str, key: str, conflict: Conflict
+    ) -> None:
+        conn.execute(
+            "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
+            "kept_version, kept_node, other_value, other_version, other_node, status) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                _utcnow(),
+                table,
+                key,
+                conflict.kind,
+                conflict.column,
+                json.dumps(conflict.kept_value, ensure_ascii=False),
+                conflict.kept_version,
+                Timestamp.parse(conflict.kept_version).node if conflict.kept_version else None,
+                json.dumps(conflict.other_value, ensure_ascii=False),
+                conflict.other_version,
+                Timestamp.parse(conflict.other_version).node,
+                "open" if conflict.open else "logged",
+            ],
+        )
+
+    # -- pull -----------------------------------------------------------------
+
+    def pull(self, node: str, cursor: int, limit: int) -> PullPage:
+        """Records changed after ``cursor`` (except those ``node`` already has)."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN")
+            try:
+                last = self._last_seq(conn)
+                rows = conn.execute(
+                    "SELECT tbl, pk, seq, deleted, vals, vers FROM _fieldsync_records "
+                    "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
+                    [cursor, node, limit + 1],
+                ).fetchall()
+                conn.execute(
+                    "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
+                    [_utcnow(), _utcnow(), node],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        more = len(rows) > limit
+        rows = rows[:limit]
+        page_rows = []
+        for tbl, pk, seq, deleted, vals, vers in rows:
+            table = self.schema.table(tbl)
+            pk_dict = dict(zip(table.primary_key, json.loads(pk), strict=True))
+            values = None
+            if not deleted:
+                stored = json.loads(vals)
+                values = {c: stored.get(c) for c in table.column_names}
+            page_rows.append(PullRow(seq, tbl, pk_dict, values, json.loads(vers)))
+        next_cursor = rows[-1][2] if more else max(last, cursor)
+        return PullPage(page_rows, next_cursor, more, self._now(), node)
+
+    # -- conflicts ------------------------------------------------------------
+
+    def conflicts(self, status: str | None = None) -> list[ConflictRecord]:
+        """The conflict log, newest first; ``status`` filters (logged, open, resolved)."""
+        sql = "SELECT * FROM _fieldsync_conflicts"
+        params: list[Any] = []
+        if status is not None:
+            sql += " WHERE status = ?"
+            params.append(status)
+        sql += " ORDER BY id DESC"
+        with self._lock:
+            rows = self.db.conn.execute(sql, params).fetchall()
+        return [self._conflict(row) for row in rows]
+
+    def conflict(self, conflict_id: int) -> ConflictRecord:
+        with self._lock:
+            row = self.db.conn.execute(
+                "SELECT * FROM _fieldsync_conflicts WHERE id = ?", [conflict_id]
+            ).fetchone()
+        if row is None:
+            raise FieldsyncError(f"there is no conflict {conflict_id}")
+        return self._conflict(row)
+
+    def _conflict(self, row: Sequence[Any]) -> ConflictRecord:
+        table = self.schema.tables.get(row[2])
+        keys = table.primary_key if table else ("pk",)
+        return ConflictRecord(
+            id=row[0],
+            created_at=row[1],
+            table=row[2],
+            pk=dict(zip(keys, json.loads(row[3]), strict=False)),
+            kind=row[4],
+            column=row[5],
+            kept_value=json.loads(row[6]) if row[6] is not None else None,
+            kept_version=row[7],
+            kept_node=row[8],
+            other_value=json.loads(row[9]) if row[9] is not None else None,
+            other_version=row[10],
+            other_node=row[11],
+            status=row[12],
+            resolved_by=row[13],
+            resolved_at=row[14],
+            resolution=json.loads(row[15]) if row[15] is not None else None,
+        )
+
+    def resolve(self, conflict_id: int, keep: str, by: str, value: Any = None) -> ConflictRecord:
+        """Settle a conflict: keep the ``kept`` side, the ``other`` side, or a ``value``.
+
+        The decision is written as a new hub change with a fresh stamp, so it reaches
+        every office on its next pull.
+        """
+        if keep not in ("kept", "other", "value"):
+            raise ValueError(f"keep must be 'kept', 'other' or 'value', not {keep!r}")
+        record = self.conflict(conflict_id)
+        if record.status == "resolved":
+            raise FieldsyncError(
+                f"conflict {conflict_id} was already resolved by {record.resolved_by} "
+                f"at {record.resolved_at}"
+            )
+        table = self.schema.table(record.table)
+        if keep == "value":
+            if record.column is None:
+                raise FieldsyncError(
+                    f"conflict {conflict_id} is about a whole record; keep 'kept' or 'other'"
+                )
+            table.check_value(record.column, value)
+        key = table.pk_key(record.pk)
+        with self._lock, write(self.db) as conn:
+            current = self._load(conn, table.name, key)
+            if current is None:
+                raise FieldsyncError(f"the record of conflict {conflict_id} is gone")
+            for version in current.versions.values():
+                self.clock.observe(Timestamp.parse(version).hlc)
+            ts = str(self.clock.tick())
+            state = RecordState(dict(current.values), dict(current.versions), current.deleted)
+            if keep == "value" or (keep == "other" and record.column is not None):
+                chosen = value if keep == "value" else record.other_value
+                state.values[str(record.column)] = chosen
+                state.versions[str(record.column)] = ts
+                if state.deleted:
+                    state.deleted = False
+                    state.versions[EXISTS] = ts
+            elif keep == "other" and record.kind == "delete" and record.other_value is None:
+                state.deleted = True
+                state.versions[EXISTS] = ts
+            elif keep == "other" and isinstance(record.other_value, dict):
+                for col, val in record.other_value.items():
+                    state.values[col] = val
+                    state.versions[col] = ts
+                if state.deleted:
+                    state.deleted = False
+                    state.versions[EXISTS] = ts
+            elif keep == "kept" and record.kind == "delete" and record.kept_value is None:
+                # The delete won earlier; keeping it means nothing changes.
+                pass
+            if state != current:
+                seq = self._last_seq(conn) + 1
+                self._store(conn, table, record.pk, key, state, seq, None)
+                self._save_meta(conn, seq)
+            resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
+            conn.execute(
+                "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
+                "resolved_at = ?, resolution = ? WHERE id = ?",
+                [by, _utcnow(), json.dumps(resolution, ensure_ascii=False), conflict_id],
+            )
+        return self.conflict(conflict_id)
+
+    # -- consolidated data ----------------------------------------------------
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every live record of ``table``, ordered by primary key."""
+        with self._lock:
+            return table_rows(self.db.conn, self.schema.table(table))

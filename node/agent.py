@@ -1,0 +1,191 @@
+"""
+SyncAgent: one sync is one :meth:`SyncAgent.sync_once` (push everything pending, in
+acknowledged batches, then pull every page); :meth:`SyncAgent.run` calls it on an
+APScheduler interval with jitter, backing off exponentially while the hub cannot be
+reached. This module is the only one that imports APScheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.client import HubClient
+from node.store import NodeStore
+from shared.clock import now_ms
+from shared.errors import FieldsyncError, HubRejectedError, HubUnavailableError
+
+log = logging.getLogger("fieldsync.agent")
+
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_PAGE_SIZE = 1000
+# A larger clock error than this is shown by `node status`.
+LARGE_OFFSET_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    """What one sync did."""
+
+    pushed: int
+    pulled: int
+    conflicts: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"pushed {self.pushed}, pulled {self.pulled}, conflicts {self.conflicts} "
+            f"({self.seconds:.1f} s)"
+        )
+
+
+class SyncAgent:
+    """Moves one office's changes to the hub and everyone else's back."""
+
+    def __init__(
+        self,
+        store: NodeStore,
+        client: HubClient,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        now: Callable[[], int] = now_ms,
+    ) -> None:
+        if batch_size < 1 or page_size < 1:
+            raise ValueError(
+                f"batch_size and page_size must be positive, got {batch_size}, {page_size}"
+            )
+        self.store = store
+        self.client = client
+        self.batch_size = batch_size
+        self.page_size = page_size
+        self._now = now
+        self._lock = threading.Lock()
+
+    def sync_once(self) -> SyncReport:
+        """Push every pending change, then pull until the hub has nothing more.
+
+        Each acknowledged batch and each applied page is saved at once, so a sync
+        cut at any point resumes where it stopped. On failure the error is recorded
+        for `node status` and raised.
+        """
+        with self._lock:
+            started = time.monotonic()
+            pushed = pulled = conflicts = 0
+            try:
+                while batch := self.store.pending(self.batch_size):
+                    sent = self._now()
+                    result = self.client.push(batch)
+                    self._check_identity(result.node)
+                    self._learn_offset(sent, result.hub_time_ms)
+                    self.store.mark_acked(result.acked, batch)
+                    pushed += result.applied
+                    conflicts += result.conflicts
+                    if result.acked < batch[-1].seq:
+                        raise HubRejectedError(
+                            f"the hub acknowledged changes up to {result.acked} of "
+                            f"{batch[-1].seq}; the rest stay queued"
+                        )
+                while True:
+                    sent = self._now()
+                    page = self.client.pull(self.store.cursor, self.page_size)
+                    self._check_identity(page.node)
+                    self._learn_offset(sent, page.hub_time_ms)
+                    pulled += self.store.apply_page(page)
+                    if not page.more:
+                        break
+            except FieldsyncError as exc:
+                self.store.record_sync(
+                    pushed=pushed, pulled=pulled, conflicts=conflicts, error=str(exc)
+                )
+                raise
+            report = SyncReport(pushed, pulled, conflicts, time.monotonic() - started)
+            self.store.record_sync(pushed=pushed, pulled=pulled, conflicts=conflicts)
+            return report
+
+    def _check_identity(self, node: str) -> None:
+        if node != self.store.node:
+            raise HubRejectedError(
+                f"the token of {self.store.path} belongs to office {node!r}, but this "
+                f"database is office {self.store.node!r}; use that office's token",
+                "forbidden",
+                403,
+            )
+
+    def _learn_offset(self, sent_ms: int, hub_time_ms: int) -> None:
+        received = self._now()
+        offset = hub_time_ms - (sent_ms + received) // 2
+        if abs(offset - self.store.clock_offset_ms) > max(1000, (received - sent_ms)):
+            self.store.set_clock_offset(offset)
+
+    def run(
+        self,
+        interval_seconds: float,
+        *,
+        jitter_seconds: float | None = None,
+        max_backoff_seconds: float = 3600.0,
+        stop: threading.Event | None = None,
+        on_report: Callable[[SyncReport | None, FieldsyncError | None], None] | None = None,
+    ) -> None:
+        """Sync now and then every ``interval_seconds`` until ``stop`` is set.
+
+        While the hub is unreachable the wait doubles after each failure, up to
+        ``max_backoff_seconds``; the first success returns to the normal interval.
+        A sync in progress is never overlapped by the next, and finishes before
+        this returns.
+        """
+        stop = stop or threading.Event()
+        jitter = interval_seconds / 10 if jitter_seconds is None else jitter_seconds
+        scheduler = BackgroundScheduler()
+        failures = 0
+
+        def job() -> None:
+            nonlocal failures
+            try:
+                report = self.sync_once()
+            except HubUnavailableError as exc:
+                failures += 1
+                delay = min(interval_seconds * 2**failures, max_backoff_seconds)
+                delay += random.uniform(0, jitter)
+                log.warning("%s; next try in %.0f s", exc, delay)
+                scheduler.modify_job(
+                    "fieldsync-sync",
+                    next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
+                )
+                if on_report:
+                    on_report(None, exc)
+                return
+            except FieldsyncError as exc:
+                failures = 0
+                log.error("%s", exc)
+                if on_report:
+                    on_report(None, exc)
+                return
+            failures = 0
+            log.info("sync: %s", report.summary())
+            if on_report:
+                on_report(report, None)
+
+        scheduler.add_job(
+            job,
+            "interval",
+            seconds=interval_seconds,
+            jitter=jitter,
+            id="fieldsync-sync",
+            max_instances=1,
+            coalesce=True,
+            replace_existing=True,
+            next_run_time=datetime.now().astimezone(),
+        )
+        scheduler.start()
+        try:
+            stop.wait()
+        finally:
+            scheduler.shutdown(wait=True)

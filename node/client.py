@@ -1,0 +1,148 @@
+"""
+The node's side of the wire: :class:`HubClient` (the seam the agent depends on) and
+:class:`HttpHubClient`, which speaks protocol v1 over HTTP with httpx.
+
+All HTTP error mapping happens here, in :func:`_hub_errors`: network failures,
+timeouts and 5xx answers become :class:`HubUnavailableError` (retry later); 4xx
+answers become :class:`HubRejectedError` subclasses chosen by the JSON ``error`` code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import httpx
+
+from shared import __version__
+from shared.errors import (
+    AuthError,
+    ClockSkewError,
+    HubRejectedError,
+    HubUnavailableError,
+    ProtocolError,
+)
+from shared.protocol import PROTOCOL_VERSION, Change, PullPage, PushResult
+
+# Every error code the hub answers with, and the exception it becomes here.
+ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
+    "bad_request": HubRejectedError,
+    "invalid_change": HubRejectedError,
+    "version_mismatch": HubRejectedError,
+    "too_large": HubRejectedError,
+    "not_found": HubRejectedError,
+    "method_not_allowed": HubRejectedError,
+    "unauthorized": AuthError,
+    "forbidden": AuthError,
+    "clock_skew": ClockSkewError,
+}
+
+
+class HubClient(Protocol):
+    """What the sync agent needs from a hub."""
+
+    def push(self, changes: Sequence[Change]) -> PushResult: ...
+
+    def pull(self, cursor: int, limit: int) -> PullPage: ...
+
+
+@contextmanager
+def _hub_errors(action: str, url: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise HubUnavailableError(f"cannot {action} {url}: timed out ({exc})") from exc
+    except httpx.TransportError as exc:
+        raise HubUnavailableError(f"cannot {action} {url}: {exc or type(exc).__name__}") from exc
+
+
+def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        code, detail = str(body["error"]), str(body["detail"])
+    except (ValueError, KeyError, TypeError):
+        code, detail = "", response.text[:200].strip() or response.reason_phrase
+    if response.status_code >= 500 or response.status_code == 429:
+        raise HubUnavailableError(
+            f"cannot {action} {url}: the hub answered {response.status_code} ({detail})"
+        )
+    cls = ERROR_CLASSES.get(code, HubRejectedError)
+    raise cls(
+        f"cannot {action} {url}: the hub refused it ({response.status_code} {code}): {detail}",
+        code or "rejected",
+        response.status_code,
+    )
+
+
+class HttpHubClient:
+    """Push and pull over HTTP; request bodies are gzipped."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout_seconds: float = 60.0,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._client = client or httpx.Client(timeout=timeout_seconds)
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "User-Agent": f"fieldsync/{__version__}",
+        }
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpHubClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def push(self, changes: Sequence[Change]) -> PushResult:
+        """Send a batch of changes; return what the hub committed."""
+        body = json.dumps(
+            {"protocol": PROTOCOL_VERSION, "changes": [c.to_json() for c in changes]},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8")
+        action = f"push {len(changes)} changes to"
+        with _hub_errors(action, self.url):
+            response = self._client.post(
+                f"{self.url}/v1/push",
+                content=gzip.compress(body, compresslevel=6),
+                headers={
+                    **self._headers,
+                    "Content-Type": "application/json",
+                    "Content-Encoding": "gzip",
+                },
+            )
+        _raise_for_status(response, action, self.url)
+        return PushResult.from_json(self._json(response, action))
+
+    def pull(self, cursor: int, limit: int) -> PullPage:
+        """Fetch the records changed after ``cursor``, at most ``limit`` of them."""
+        action = "pull from"
+        with _hub_errors(action, self.url):
+            response = self._client.get(
+                f"{self.url}/v1/pull",
+                params={"cursor": cursor, "limit": limit},
+                headers=self._headers,
+            )
+        _raise_for_status(response, action, self.url)
+        return PullPage.from_json(self._json(response, action))
+
+    def _json(self, response: httpx.Response, action: str) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ProtocolError(
+                f"cannot {action} {self.url}: the answer is not JSON; is this a fieldsync hub?"
+            ) from exc

@@ -1,0 +1,452 @@
+"""
+NodeStore: an office's SQLite database, its change log and its sync state.
+
+Capture is done by SQLite triggers, so every committed write to a synced table is
+logged in the same transaction whichever program made it (fieldsync, the ``sqlite3``
+shell, sqlite-utils, Datasette), and a rolled-back write leaves nothing. The triggers
+use only built-in SQL functions, and stamp each change with the hybrid logical clock
+of ``shared/clock.py`` computed in SQL::
+
+    hlc = max(hlc + 1, (now_ms + offset_ms) << 16)
+
+where ``offset_ms`` is what the node learned of its clock error from the hub.
+
+Tables fieldsync owns (all prefixed ``_fieldsync_``):
+
+- ``_fieldsync_state``: one row: office name, hub URL and token, clock, pull cursor,
+  the ``applying`` flag that silences the triggers while pulled changes are applied
+  (so they are not captured again), and the outcome of the last sync;
+- ``_fieldsync_changes``: the change log; a change leaves it once the hub has
+  acknowledged committing it;
+- ``_fieldsync_versions``: per record, the version of each column as the hub last
+  told us (or as our own acknowledged changes set it). A change's *base* is computed
+  from it at push time: while a record has unpushed changes, pulls leave the record
+  alone, so these versions are still those the office saw when it made the change.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from shared.clock import Timestamp, check_node_name, wall_ms
+from shared.errors import ProtocolError, StoreError
+from shared.protocol import Change, PullPage
+from shared.schema import EXISTS, Schema, Table, quote
+from shared.sqlite import connect, create_tables, put_row, table_rows, write
+
+_STATE_TABLES = """
+CREATE TABLE IF NOT EXISTS _fieldsync_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    applying INTEGER NOT NULL DEFAULT 0,
+    hlc INTEGER NOT NULL DEFAULT 0,
+    offset_ms INTEGER NOT NULL DEFAULT 0,
+    node TEXT NOT NULL,
+    hub_url TEXT NOT NULL,
+    token TEXT NOT NULL,
+    schema TEXT NOT NULL,
+    cursor INTEGER NOT NULL DEFAULT 0,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    last_sync_at TEXT,
+    last_success_at TEXT,
+    last_error TEXT,
+    last_error_at TEXT,
+    last_pushed INTEGER,
+    last_pulled INTEGER,
+    last_conflicts INTEGER
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    op TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    vals TEXT
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_versions (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    vers TEXT NOT NULL,
+    PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID
+"""
+
+# The hybrid logical clock, in SQL (see shared/clock.py).
+_TICK = (
+    "UPDATE _fieldsync_state SET hlc = MAX(hlc + 1, "
+    "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + offset_ms) << 16);"
+)
+_LOG = (
+    "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, vals) VALUES "
+    "({table}, json_array({pk}), '{op}', (SELECT hlc FROM _fieldsync_state), {vals});"
+)
+_TRIGGER = (
+    "CREATE TRIGGER {name} AFTER {event} ON {table} "
+    "WHEN (SELECT applying FROM _fieldsync_state) = 0{when} BEGIN {body} END"
+)
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _json_object(prefix: str, columns: Iterable[str]) -> str:
+    return "json_object(" + ", ".join(f"{_lit(c)}, {prefix}.{quote(c)}" for c in columns) + ")"
+
+
+def trigger_sql(table: Table) -> list[str]:
+    """The CREATE TRIGGER statements that capture writes to ``table``."""
+    t = quote(table.name)
+    name = table.name.replace('"', "")
+    pk_new = ", ".join(f"NEW.{quote(c)}" for c in table.primary_key)
+    pk_old = ", ".join(f"OLD.{quote(c)}" for c in table.primary_key)
+    full_new = _json_object("NEW", table.column_names)
+    others = [c for c in table.column_names if c not in table.primary_key]
+    same_pk = " AND ".join(f"NEW.{quote(c)} IS OLD.{quote(c)}" for c in table.primary_key)
+    some_changed = " OR ".join(f"NEW.{quote(c)} IS NOT OLD.{quote(c)}" for c in others) or "0"
+    if table.policy == "record" or not others:
+        changed_vals = full_new
+    else:
+        # Only the columns the UPDATE changed, so edits to other fields merge.
+        removals = ", ".join(
+            f"CASE WHEN NEW.{quote(c)} IS OLD.{quote(c)} THEN {_lit('$.' + json.dumps(c))} "
+            "ELSE '$.__fieldsync_unchanged' END"
+            for c in others
+        )
+        changed_vals = f"json_remove({_json_object('NEW', others)}, {removals})"
+    log = dict(table=_lit(table.name))
+    return [
+        _TRIGGER.format(
+            name=quote(f"_fieldsync_{name}_insert"),
+            event="INSERT",
+            table=t,
+            when="",
+            body=_TICK + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
+        ),
+        _TRIGGER.format(
+            name=quote(f"_fieldsync_{name}_update"),
+            event="UPDATE",
+            table=t,
+            when=f" AND {same_pk} AND ({some_changed})",
+            body=_TICK + _LOG.format(**log, pk=pk_new, op="update", vals=changed_vals),
+        ),
+        _TRIGGER.format(
+            name=quote(f"_fieldsync_{name}_rekey"),
+            event="UPDATE",
+            table=t,
+            when=f" AND NOT ({same_pk})",
+            body=_TICK
+            + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL")
+            + _TICK
+            + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
+        ),
+        _TRIGGER.format(
+            name=quote(f"_fieldsync_{name}_delete"),
+            event="DELETE",
+            table=t,
+            when="",
+            body=_TICK + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL"),
+        ),
+    ]
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _effect(versions: dict[str, str], op: str, values: dict[str, Any] | None, ts: str) -> None:
+    """Update ``versions`` the way the hub will when it applies the change exactly."""
+    if values is not None:
+        for col in values:
+            versions[col] = ts
+    if op == "delete" or (op == "insert" and EXISTS in versions):
+        versions[EXISTS] = ts
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """What `fieldsync node status` shows."""
+
+    node: str
+    hub_url: str
+    pending: int
+    oldest_pending_at: str | None
+    last_sync_at: str | None
+    last_success_at: str | None
+    last_error: str | None
+    last_error_at: str | None
+    cursor: int
+    clock_offset_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "hub_url": self.hub_url,
+            "pending": self.pending,
+            "oldest_pending_at": self.oldest_pending_at,
+            "last_sync_at": self.last_sync_at,
+            "last_success_at": self.last_success_at,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "cursor": self.cursor,
+            "clock_offset_ms": self.clock_offset_ms,
+        }
+
+
+class NodeStore:
+    """An office's database: synced tables, change log and sync state."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path} does not exist; create it with `fieldsync node init`")
+        self.db = connect(self.path)
+        try:
+            row = self.db.conn.execute(
+                "SELECT node, hub_url, token, schema FROM _fieldsync_state"
+            ).fetchone()
+        except sqlite3.Error:
+            row = None
+        if row is None:
+            self.db.conn.close()
+            raise StoreError(
+                f"{self.path} is not a fieldsync office database; "
+                "create one with `fieldsync node init`"
+            )
+        self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
+        self.schema = Schema.from_toml(row[3], f"the schema stored in {self.path}")
+
+    @classmethod
+    def init(
+        cls,
+        path: str | Path,
+        node: str,
+        hub_url: str,
+        token: str,
+        schema: Schema | None = None,
+    ) -> NodeStore:
+        """Create (or adopt) an office database: tables, capture triggers, state.
+
+        Rows already in a synced table are logged as inserts, so they reach the hub.
+        """
+        check_node_name(node)
+        schema = schema or Schema.load()
+        db = connect(path)
+        try:
+            with write(db) as conn:
+                exists = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_state'"
+                ).fetchone()
+                if exists:
+                    raise StoreError(f"{path} is already a fieldsync office database")
+                for statement in _STATE_TABLES.split(";"):
+                    conn.execute(statement)
+                create_tables(conn, schema)
+                conn.execute(
+                    "INSERT INTO _fieldsync_state (id, node, hub_url, token, schema, created_at) "
+                    "VALUES (1, ?, ?, ?, ?, ?)",
+                    [node, hub_url.rstrip("/"), token, schema.source, _utcnow()],
+                )
+                for table in schema.tables.values():
+                    for sql in trigger_sql(table):
+                        conn.execute(sql)
+                    _backfill(conn, table)
+        finally:
+            db.conn.close()
+        return cls(path)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def set_hub(self, hub_url: str | None = None, token: str | None = None) -> None:
+        """Point the office at another hub URL or token."""
+        with write(self.db) as conn:
+            if hub_url:
+                conn.execute("UPDATE _fieldsync_state SET hub_url = ?", [hub_url.rstrip("/")])
+                self.hub_url = hub_url.rstrip("/")
+            if token:
+                conn.execute("UPDATE _fieldsync_state SET token = ?", [token])
+                self.token = token
+
+    # -- push side --------------------------------------------------------------
+
+    def pending_count(self) -> int:
+        return int(self.db.conn.execute("SELECT count(*) FROM _fieldsync_changes").fetchone()[0])
+
+    def pending(self, limit: int) -> list[Change]:
+        """The oldest ``limit`` unacknowledged changes, each with its base versions."""
+        rows = self.db.conn.execute(
+            "SELECT seq, tbl, pk, op, hlc, vals FROM _fieldsync_changes ORDER BY seq LIMIT ?",
+            [limit],
+        ).fetchall()
+        versions: dict[tuple[str, str], dict[str, str]] = {}
+        changes = []
+        for seq, tbl, key, op, hlc, vals in rows:
+            table = self.schema.table(tbl)
+            current = versions.get((tbl, key))
+            if current is None:
+                current = versions[(tbl, key)] = self._versions(tbl, key)
+            ts = Timestamp(hlc, self.node)
+            values = json.loads(vals) if vals is not None else None
+            pk = dict(zip(table.primary_key, json.loads(key), strict=True))
+            changes.append(Change(seq, tbl, pk, op, ts, values, dict(current)))
+            _effect(current, op, values, str(ts))
+        return changes
+
+    def _versions(self, tbl: str, key: str) -> dict[str, str]:
+        row = self.db.conn.execute(
+            "SELECT vers FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [tbl, key]
+        ).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    def mark_acked(self, acked: int, changes: Sequence[Change]) -> None:
+        """Forget changes the hub has committed, recording the versions they set."""
+        with write(self.db) as conn:
+            versions: dict[tuple[str, str], dict[str, str]] = {}
+            for change in changes:
+                if change.seq > acked:
+                    break
+                table = self.schema.table(change.table)
+                key = table.pk_key(change.pk)
+                current = versions.get((change.table, key))
+                if current is None:
+                    current = versions[(change.table, key)] = self._versions(change.table, key)
+                _effect(current, change.op, change.values, str(change.ts))
+            self._save_versions(conn, versions)
+            conn.execute("DELETE FROM _fieldsync_changes WHERE seq <= ?", [acked])
+            conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
+
+    def _save_versions(
+        self, conn: sqlite3.Connection, versions: dict[tuple[str, str], dict[str, str]]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
+            "ON CONFLICT (tbl, pk) DO UPDATE SET vers = excluded.vers",
+            [(tbl, key, json.dumps(vers)) for (tbl, key), vers in versions.items()],
+        )
+
+    # -- pull side --------------------------------------------------------------
+
+    @property
+    def cursor(self) -> int:
+        return int(self.db.conn.execute("SELECT cursor FROM _fieldsync_state").fetchone()[0])
+
+    def apply_page(self, page: PullPage) -> int:
+        """Apply pulled records and save the next cursor, in one transaction.
+
+        A record with unpushed local changes is left alone: the local edit is kept
+        and pushed next, and the hub decides. Returns how many records were applied.
+        """
+        plans = []
+        for row in page.rows:
+            try:
+                table = self.schema.table(row.table)
+                key = table.pk_key(table.check_pk(row.pk))
+                if row.values is not None:
+                    for name, value in row.values.items():
+                        table.check_value(name, value)
+                newest = max((Timestamp.parse(v).hlc for v in row.versions.values()), default=0)
+            except (ValueError, KeyError) as exc:
+                raise ProtocolError(
+                    f"the hub sent a record this office cannot take: {exc}"
+                ) from exc
+            plans.append((table, key, row, newest))
+        applied = 0
+        with write(self.db) as conn:
+            conn.execute("UPDATE _fieldsync_state SET applying = 1")
+            pending = {
+                (tbl, key)
+                for tbl, key in conn.execute("SELECT DISTINCT tbl, pk FROM _fieldsync_changes")
+            }
+            versions: dict[tuple[str, str], dict[str, str]] = {}
+            newest_seen = 0
+            for table, key, row, newest in plans:
+                newest_seen = max(newest_seen, newest)
+                if (table.name, key) in pending:
+                    continue
+                put_row(conn, table, row.pk, row.values)
+                versions[(table.name, key)] = dict(row.versions)
+                applied += 1
+            self._save_versions(conn, versions)
+            conn.execute(
+                "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?)",
+                [page.cursor, newest_seen],
+            )
+        return applied
+
+    # -- clock and status -------------------------------------------------------
+
+    @property
+    def clock_offset_ms(self) -> int:
+        return int(self.db.conn.execute("SELECT offset_ms FROM _fieldsync_state").fetchone()[0])
+
+    def set_clock_offset(self, offset_ms: int) -> None:
+        """Remember how far the local clock is behind the hub's (negative: ahead)."""
+        with write(self.db) as conn:
+            conn.execute("UPDATE _fieldsync_state SET offset_ms = ?", [offset_ms])
+
+    def record_sync(
+        self, *, pushed: int, pulled: int, conflicts: int, error: str | None = None
+    ) -> None:
+        """Remember the outcome of a sync for `node status`."""
+        now = _utcnow()
+        with write(self.db) as conn:
+            if error is None:
+                conn.execute(
+                    "UPDATE _fieldsync_state SET last_sync_at = ?, last_success_at = ?, "
+                    "last_error = NULL, last_pushed = ?, last_pulled = ?, last_conflicts = ?",
+                    [now, now, pushed, pulled, conflicts],
+                )
+            else:
+                conn.execute(
+                    "UPDATE _fieldsync_state SET last_sync_at = ?, last_error = ?, "
+                    "last_error_at = ?",
+                    [now, error, now],
+                )
+
+    def status(self) -> NodeStatus:
+        conn = self.db.conn
+        state = conn.execute(
+            "SELECT node, hub_url, last_sync_at, last_success_at, last_error, last_error_at, "
+            "cursor, offset_ms FROM _fieldsync_state"
+        ).fetchone()
+        count, oldest = conn.execute("SELECT count(*), min(hlc) FROM _fieldsync_changes").fetchone()
+        oldest_at = None
+        if oldest is not None:
+            oldest_at = datetime.fromtimestamp(wall_ms(oldest) / 1000, UTC).isoformat(
+                timespec="seconds"
+            )
+        return NodeStatus(
+            node=state[0],
+            hub_url=state[1],
+            pending=count,
+            oldest_pending_at=oldest_at,
+            last_sync_at=state[2],
+            last_success_at=state[3],
+            last_error=state[4],
+            last_error_at=state[5],
+            cursor=state[6],
+            clock_offset_ms=state[7],
+        )
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a synced table, ordered by primary key."""
+        return table_rows(self.db.conn, self.schema.table(table))
+
+
+def _backfill(conn: sqlite3.Connection, table: Table) -> None:
+    """Log every row already in ``table`` as an insert."""
+    conn.execute(_TICK)
+    pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    conn.execute(
+        "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, vals) "
+        f"SELECT ?, json_array({pk}), 'insert', (SELECT hlc FROM _fieldsync_state), "
+        f"{_json_object('t', table.column_names)} FROM {quote(table.name)} AS t",
+        [table.name],
+    )

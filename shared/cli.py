@@ -1,0 +1,365 @@
+"""
+The one fieldsync command line: ``fieldsync hub …``, ``fieldsync node …``, ``fieldsync demo``.
+
+Library code never prints or exits; this module turns every FieldsyncError (and bad
+values) into a one-line ``Error: …`` and exit code 1. ``--debug`` shows tracebacks.
+It imports node/ and hub/ inside command bodies, so ``shared`` never depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared import __version__
+from shared.errors import FieldsyncError
+
+
+class _Group(click.Group):
+    """A group whose commands report errors in one line unless --debug is given."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (FieldsyncError, ValueError, OSError) as exc:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(str(exc) or type(exc).__name__) from None
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(root.params.get("debug"))
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="fieldsync")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def cli(debug: bool) -> None:
+    """Offline-first sync of office SQLite databases through a central hub."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+@cli.group(cls=_Group)
+def hub() -> None:
+    """Run and administer the hub."""
+
+
+@cli.group(cls=_Group)
+def node() -> None:
+    """Set up and sync an office database."""
+
+
+_hub_db = click.option(
+    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
+)
+_schema = click.option(
+    "--schema",
+    "schema_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Schema file (TOML) declaring the synced tables; default: case management.",
+)
+
+
+def _load_schema(path: str | None) -> Any:
+    from shared.schema import Schema
+
+    return Schema.load(path) if path else None
+
+
+def _open_hub(db_path: str, schema_path: str | None = None, must_exist: bool = True) -> Any:
+    from hub.store import SqliteHubStore
+
+    if must_exist and not Path(db_path).exists():
+        raise FieldsyncError(
+            f"{db_path} does not exist; register an office first with "
+            f"`fieldsync hub add-node NAME --db {db_path}`"
+        )
+    return SqliteHubStore(db_path, _load_schema(schema_path))
+
+
+@hub.command("serve")
+@_hub_db
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--max-future-seconds",
+    default=300,
+    show_default=True,
+    type=int,
+    help="Refuse changes stamped further than this ahead of the hub's clock.",
+)
+@_schema
+def hub_serve(
+    db_path: str, host: str, port: int, max_future_seconds: int, schema_path: str | None
+) -> None:
+    """Serve the hub over HTTP (under uvicorn)."""
+    import uvicorn
+
+    from hub.app import create_app
+
+    store = _open_hub(db_path, schema_path, must_exist=False)
+    store.max_future_ms = max_future_seconds * 1000
+    click.echo(f"fieldsync hub {__version__}: {db_path} on http://{host}:{port}", err=True)
+    try:
+        uvicorn.run(create_app(store), host=host, port=port, log_level="info")
+    finally:
+        store.close()
+
+
+@hub.command("add-node")
+@click.argument("name")
+@_hub_db
+@_schema
+def hub_add_node(name: str, db_path: str, schema_path: str | None) -> None:
+    """Register an office; print its token on the last line (keep it secret)."""
+    store = _open_hub(db_path, schema_path, must_exist=False)
+    try:
+        token = store.add_node(name)
+    finally:
+        store.close()
+    click.echo(f"Registered office {name!r}. Its token (shown once, stored only as a hash):")
+    click.echo(token)
+
+
+@hub.command("conflicts")
+@_hub_db
+@click.option(
+    "--status",
+    type=click.Choice(["open", "logged", "resolved", "all"]),
+    default="all",
+    show_default=True,
+    help="open: waiting for an admin; logged: settled by policy; resolved: by an admin.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
+    """List the conflict log."""
+    store = _open_hub(db_path)
+    try:
+        records = store.conflicts(None if status == "all" else status)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in records], indent=2, ensure_ascii=False))
+        return
+    if not records:
+        click.echo("No conflicts.")
+        return
+    for r in records:
+        data = r.to_json()
+        what = f"{r.table} {json.dumps(r.pk, ensure_ascii=False)}"
+        field = f" field {r.column}" if r.column else ""
+        click.echo(f"#{r.id} [{r.status}] {r.kind} conflict on {what}{field}")
+        click.echo(
+            f"    kept:  {_show(r.kept_value, r.kind)}  ({r.kept_node}, {data['kept']['time']})"
+        )
+        click.echo(
+            f"    other: {_show(r.other_value, r.kind)}  ({r.other_node}, {data['other']['time']})"
+        )
+        if r.status == "resolved":
+            click.echo(f"    resolved by {r.resolved_by} at {r.resolved_at}: {r.resolution}")
+
+
+def _show(value: Any, kind: str) -> str:
+    if kind == "delete" and value is None:
+        return "(delete)"
+    return json.dumps(value, ensure_ascii=False)
+
+
+@hub.command("resolve")
+@click.argument("conflict_id", type=int)
+@_hub_db
+@click.option(
+    "--keep",
+    required=True,
+    help="kept (the value the hub holds), other (the value that lost), an office name, "
+    "or 'value' together with --value.",
+)
+@click.option("--value", "value", help="With --keep value: the value to write (JSON or text).")
+@click.option("--by", default="admin", show_default=True, help="Who decides (recorded).")
+def hub_resolve(conflict_id: int, db_path: str, keep: str, value: str | None, by: str) -> None:
+    """Settle a conflict; the decision reaches every office on its next sync."""
+    store = _open_hub(db_path)
+    try:
+        record = store.conflict(conflict_id)
+        side = keep
+        if keep not in ("kept", "other", "value"):
+            if keep == record.kept_node:
+                side = "kept"
+            elif keep == record.other_node:
+                side = "other"
+            else:
+                raise click.BadParameter(
+                    f"use kept, other, value, {record.kept_node} or {record.other_node}",
+                    param_hint="--keep",
+                )
+        parsed: Any = None
+        if side == "value":
+            if value is None:
+                raise click.BadParameter("--keep value needs --value", param_hint="--value")
+            parsed = _parse_value(store, record, value)
+        elif value is not None:
+            raise click.BadParameter("--value goes with --keep value", param_hint="--value")
+        done = store.resolve(conflict_id, side, by, parsed)
+    finally:
+        store.close()
+    click.echo(
+        f"Conflict {done.id} resolved ({side}); offices get the decision on their next sync."
+    )
+
+
+def _parse_value(store: Any, record: Any, text: str) -> Any:
+    column = store.schema.table(record.table).column(record.column)
+    if text == "null":
+        return None
+    if column.type in ("INTEGER", "INT"):
+        try:
+            return int(text)
+        except ValueError:
+            raise click.BadParameter(f"{record.column} takes whole numbers") from None
+    if column.type in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
+        try:
+            return float(text)
+        except ValueError:
+            raise click.BadParameter(f"{record.column} takes numbers") from None
+    return text
+
+
+@node.command("init")
+@click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="The office name, as registered on the hub.")
+@click.option("--hub", "hub_url", required=True, help="The hub URL, e.g. http://hub:8000.")
+@click.option("--token", required=True, help="The office token from `fieldsync hub add-node`.")
+@_schema
+def node_init(db_path: str, name: str, hub_url: str, token: str, schema_path: str | None) -> None:
+    """Create an office database with the synced tables and change capture."""
+    from node.store import NodeStore
+
+    if not hub_url.startswith(("http://", "https://")):
+        raise click.BadParameter("the hub URL must start with http:// or https://")
+    store = NodeStore.init(db_path, name, hub_url, token, _load_schema(schema_path))
+    pending = store.pending_count()
+    tables = ", ".join(store.schema.tables)
+    store.close()
+    click.echo(f"Created office {name!r} in {db_path} (synced tables: {tables}).")
+    if pending:
+        click.echo(f"{pending} existing rows will be pushed on the first sync.")
+
+
+def _agent(db_path: str, batch_size: int = 1000) -> Any:
+    from node.agent import SyncAgent
+    from node.client import HttpHubClient
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    return SyncAgent(store, HttpHubClient(store.hub_url, store.token), batch_size=batch_size)
+
+
+_node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+
+
+@node.command("sync")
+@_node_db
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 10000))
+def node_sync(db_path: str, batch_size: int) -> None:
+    """Push and pull once, now."""
+    agent = _agent(db_path, batch_size)
+    try:
+        report = agent.sync_once()
+    except FieldsyncError as exc:
+        pending = agent.store.pending_count()
+        raise FieldsyncError(
+            f"{exc} — {pending} local change(s) are kept and will be sent on the next sync"
+        ) from exc
+    finally:
+        agent.store.close()
+    click.echo(f"Synced {agent.store.node}: {report.summary()}")
+
+
+@node.command("run")
+@_node_db
+@click.option(
+    "--interval", default=60.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+)
+def node_run(db_path: str, interval: float) -> None:
+    """Run the sync agent: sync every INTERVAL seconds until Ctrl-C or SIGTERM."""
+    agent = _agent(db_path)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        click.echo(f"Stopping after the current sync ({signal.Signals(signum).name}).", err=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def on_report(report: Any, error: FieldsyncError | None) -> None:
+        if report is not None:
+            click.echo(f"Synced {agent.store.node}: {report.summary()}")
+        else:
+            click.echo(f"Sync failed: {error} (changes are kept)", err=True)
+
+    click.echo(f"Syncing {agent.store.node} every {interval:g} s; Ctrl-C stops.", err=True)
+    try:
+        agent.run(interval, stop=stop, on_report=on_report)
+    finally:
+        agent.store.close()
+    click.echo("Stopped.", err=True)
+
+
+@node.command("status")
+@_node_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def node_status(db_path: str, as_json: bool) -> None:
+    """Show pending changes, the last sync and the last error."""
+    from node.agent import LARGE_OFFSET_MS
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        status = store.status()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(status.to_json(), indent=2))
+        return
+    click.echo(f"Office:            {status.node}  (hub {status.hub_url})")
+    click.echo(f"Pending changes:   {status.pending}")
+    if status.oldest_pending_at:
+        click.echo(f"Oldest pending:    {status.oldest_pending_at}")
+    click.echo(f"Last sync:         {status.last_sync_at or 'never'}")
+    click.echo(f"Last success:      {status.last_success_at or 'never'}")
+    if status.last_error:
+        click.echo(f"Last error:        {status.last_error} ({status.last_error_at})")
+    if abs(status.clock_offset_ms) >= LARGE_OFFSET_MS:
+        direction = "behind" if status.clock_offset_ms > 0 else "ahead of"
+        click.echo(
+            f"Clock:             {abs(status.clock_offset_ms) / 1000:.0f} s {direction} the hub "
+            "(corrected when stamping changes)"
+        )
+
+
+@cli.command("demo")
+@click.option("--keep", "keep_dir", type=click.Path(file_okay=False), help="Keep files in DIR.")
+def demo(keep_dir: str | None) -> None:
+    """Show two offices and a hub syncing, with an outage and a conflict."""
+    from shared.demo import run_demo
+
+    run_demo(click.echo, keep_dir)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    cli(prog_name="fieldsync")
+    sys.exit(0)

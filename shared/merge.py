@@ -1,0 +1,201 @@
+"""
+The merge rule: how the hub applies one change to the current state of a record.
+
+Every column carries a version: the stamp (text form of a ``Timestamp``) of the write
+that set its current value. The pseudo-column ``~`` versions the record's existence
+(deletes and re-inserts). A change names, per column, the version its office had
+when the write was made (its *base*).
+
+For each column the change sets:
+
+- base equals the current version: the office had seen the current value, so the
+  write simply applies;
+- otherwise the write is concurrent with another office's, and the table's policy
+  decides:
+
+  ========  ===============================  =====================================
+  policy    different fields                 same field
+  ========  ===============================  =====================================
+  merge     both kept                        greater stamp wins (node name breaks
+                                             ties); the loser is logged
+  record    the whole later record wins      the same; the losing record is logged
+  manual    both kept                        the hub keeps its value; the other
+                                             waits in the log as an open conflict
+  ========  ===============================  =====================================
+
+Deletes are tombstones: the record's last values and versions are kept, marked
+deleted. A delete applies only if its office had seen every column's current version
+(a delete made after seeing an update wins). Otherwise the record stays, with the
+update, and the delete is logged as a conflict: losing a refugee's record by accident
+is worse than a stale delete. An insert or update that reaches a deleted record
+brings it back; if its office had not seen the delete, the delete is logged too.
+
+The hub is the only place that runs this function, so every office converges on the
+hub's decisions, whatever the policy. It is pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.clock import Timestamp
+from shared.protocol import Change
+from shared.schema import EXISTS
+
+
+@dataclass(slots=True)
+class RecordState:
+    """The hub's current state of one record (values kept even when deleted)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Two concurrent writes to one record; ``kept`` is what the hub holds now.
+
+    ``column`` is None for whole-record conflicts (kind ``record`` or ``delete``),
+    whose values are whole records (or None for the delete side).
+    """
+
+    kind: str  # field, record or delete
+    column: str | None
+    kept_value: Any
+    kept_version: str | None
+    other_value: Any
+    other_version: str
+    open: bool  # True when it waits for an admin (manual policy)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What applying one change did."""
+
+    state: RecordState
+    conflicts: list[Conflict]
+    changed: bool  # the record's values, versions or existence changed
+    exact: bool  # the office had seen the whole record and got all it asked for
+
+
+def _node_of(version: str | None) -> str:
+    return Timestamp.parse(version).node if version else ""
+
+
+def merge(current: RecordState | None, change: Change, policy: str = "merge") -> Outcome:
+    """Apply ``change`` to ``current`` (None if the hub has never seen the record)."""
+    ts = str(change.ts)
+    if current is None:
+        if change.values is None:
+            state = RecordState({}, {EXISTS: ts}, deleted=True)
+            return Outcome(state, [], changed=True, exact=not change.base)
+        state = RecordState(dict(change.values), dict.fromkeys(change.values, ts))
+        return Outcome(state, [], changed=True, exact=not change.base)
+
+    state = RecordState(dict(current.values), dict(current.versions), current.deleted)
+    saw_all = all(change.base.get(col) == ver for col, ver in current.versions.items())
+    if change.values is None:
+        return _delete(state, change, ts, saw_all, policy)
+
+    conflicts: list[Conflict] = []
+    changed = False
+    if state.deleted:
+        # Bring the record back; the delete loses unless this office had seen it.
+        if change.base.get(EXISTS) != state.versions.get(EXISTS):
+            conflicts.append(
+                Conflict(
+                    "delete",
+                    None,
+                    dict(change.values),
+                    ts,
+                    None,
+                    state.versions[EXISTS],
+                    open=policy == "manual",
+                )
+            )
+        state.deleted = False
+        state.versions[EXISTS] = ts
+        changed = True
+    elif change.op == "insert" and EXISTS in state.versions:
+        # A re-insert versions the record's existence, as the office's copy does.
+        state.versions[EXISTS] = ts
+        changed = True
+
+    if policy == "record" and not saw_all:
+        latest = max(current.versions.values(), default="")
+        if ts > latest:
+            conflicts.append(
+                Conflict(
+                    "record",
+                    None,
+                    dict(change.values),
+                    ts,
+                    dict(current.values),
+                    latest,
+                    open=False,
+                )
+            )
+            for col, value in change.values.items():
+                state.values[col] = value
+                state.versions[col] = ts
+            changed = True
+        else:
+            conflicts.append(
+                Conflict(
+                    "record",
+                    None,
+                    dict(current.values),
+                    latest,
+                    dict(change.values),
+                    ts,
+                    open=False,
+                )
+            )
+        return Outcome(state, conflicts, changed, exact=False)
+
+    for col, value in change.values.items():
+        have = state.versions.get(col)
+        if change.base.get(col) == have or have is None:
+            if state.values.get(col) != value or have != ts:
+                state.values[col] = value
+                state.versions[col] = ts
+                changed = True
+            continue
+        old = state.values.get(col)
+        if old == value:
+            # Both offices wrote the same value: nothing to choose between.
+            if ts > have:
+                state.versions[col] = ts
+                changed = True
+            continue
+        if policy == "manual":
+            conflicts.append(Conflict("field", col, old, have, value, ts, open=True))
+        elif ts > have:
+            conflicts.append(Conflict("field", col, value, ts, old, have, open=False))
+            state.values[col] = value
+            state.versions[col] = ts
+            changed = True
+        else:
+            conflicts.append(Conflict("field", col, old, have, value, ts, open=False))
+    return Outcome(state, conflicts, changed, exact=saw_all and not conflicts)
+
+
+def _delete(state: RecordState, change: Change, ts: str, saw_all: bool, policy: str) -> Outcome:
+    if state.deleted:
+        return Outcome(state, [], changed=False, exact=False)
+    if saw_all:
+        state.deleted = True
+        state.versions[EXISTS] = ts
+        return Outcome(state, [], changed=True, exact=True)
+    latest = max(state.versions.values(), default=None)
+    conflict = Conflict(
+        "delete", None, dict(state.values), latest, None, ts, open=policy == "manual"
+    )
+    return Outcome(state, [conflict], changed=False, exact=False)
+
+
+def node_of(version: str | None) -> str:
+    """The node name inside a version string ('' for None)."""
+    return _node_of(version)

@@ -1,0 +1,216 @@
+"""
+Wire types of the sync protocol, and the JSON shape each one owns.
+
+Version 1 (paths under ``/v1``):
+
+- ``POST /v1/push`` takes ``{"protocol": 1, "changes": [Change, ...]}`` (gzip body
+  welcome) and answers a :class:`PushResult`.
+- ``GET /v1/pull?cursor=N&limit=M`` answers a :class:`PullPage`: the current state of
+  every record changed after ``cursor``, one entry per record however often it changed.
+
+A change's stamp travels without its node name: the hub takes the node from the
+bearer token, so an office can only ever write as itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.clock import Timestamp
+from shared.errors import ProtocolError, VersionMismatchError
+
+PROTOCOL_VERSION = 1
+OPS = ("insert", "update", "delete")
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = data.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"{what}: field {name!r} is missing or not {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {
+        int: "an integer",
+        str: "a string",
+        dict: "an object",
+        list: "a list",
+        bool: "true/false",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row-level write, as recorded in a node's change log."""
+
+    seq: int  # position in the origin node's change log
+    table: str
+    pk: dict[str, Any]
+    op: str  # insert, update or delete
+    ts: Timestamp
+    values: dict[str, Any] | None  # columns the write set; None for a delete
+    base: dict[str, str] = field(default_factory=dict)  # column -> version seen when made
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "seq": self.seq,
+            "table": self.table,
+            "pk": self.pk,
+            "op": self.op,
+            "ts": self.ts.hlc,
+            "base": self.base,
+        }
+        if self.values is not None:
+            data["values"] = self.values
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, node: str) -> Change:
+        """Read a change pushed by ``node``; raise ProtocolError if malformed."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"a change must be an object, got {type(data).__name__}")
+        seq = _field(data, "seq", int, "change")
+        what = f"change {seq}"
+        table = _field(data, "table", str, what)
+        pk = _field(data, "pk", dict, what)
+        op = data.get("op")
+        if op not in OPS:
+            raise ProtocolError(f"{what}: op must be one of {', '.join(OPS)}, got {op!r}")
+        hlc = _field(data, "ts", int, what)
+        if hlc <= 0 or hlc >= 2**63:
+            raise ProtocolError(f"{what}: ts {hlc} is out of range")
+        base = data.get("base", {})
+        if not isinstance(base, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in base.items()
+        ):
+            raise ProtocolError(f"{what}: base must map column names to version strings")
+        for version in base.values():
+            try:
+                Timestamp.parse(version)
+            except ValueError as exc:
+                raise ProtocolError(f"{what}: base has {exc}") from None
+        values = data.get("values")
+        if op == "delete":
+            values = None
+        elif not isinstance(values, dict) or not values:
+            raise ProtocolError(f"{what}: an {op} needs a non-empty 'values' object")
+        return cls(seq, table, pk, op, Timestamp(hlc, node), values, base)
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """The hub's answer to a push: what it committed and what it found."""
+
+    acked: int  # the highest change-log seq of this node the hub has committed
+    applied: int  # changes applied by this request (replays count zero)
+    conflicts: int  # conflicts this request logged
+    hub_time_ms: int
+    node: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "acked": self.acked,
+            "applied": self.applied,
+            "conflicts": self.conflicts,
+            "hub_time_ms": self.hub_time_ms,
+            "node": self.node,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> PushResult:
+        check_version(data, "push result")
+        return cls(
+            _field(data, "acked", int, "push result"),
+            _field(data, "applied", int, "push result"),
+            _field(data, "conflicts", int, "push result"),
+            _field(data, "hub_time_ms", int, "push result"),
+            _field(data, "node", str, "push result"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PullRow:
+    """The hub's current state of one record."""
+
+    seq: int
+    table: str
+    pk: dict[str, Any]
+    values: dict[str, Any] | None  # every column; None when the record is deleted
+    versions: dict[str, str]  # column -> version (text form of a Timestamp)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "seq": self.seq,
+            "table": self.table,
+            "pk": self.pk,
+            "versions": self.versions,
+        }
+        if self.values is not None:
+            data["values"] = self.values
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> PullRow:
+        if not isinstance(data, dict):
+            raise ProtocolError("a pulled row must be an object")
+        values = data.get("values")
+        if values is not None and not isinstance(values, dict):
+            raise ProtocolError("a pulled row's values must be an object")
+        return cls(
+            _field(data, "seq", int, "pulled row"),
+            _field(data, "table", str, "pulled row"),
+            _field(data, "pk", dict, "pulled row"),
+            values,
+            _field(data, "versions", dict, "pulled row"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PullPage:
+    """One page of records changed after a cursor, and the cursor to ask for next."""
+
+    rows: list[PullRow]
+    cursor: int
+    more: bool
+    hub_time_ms: int
+    node: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "rows": [row.to_json() for row in self.rows],
+            "cursor": self.cursor,
+            "more": self.more,
+            "hub_time_ms": self.hub_time_ms,
+            "node": self.node,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> PullPage:
+        check_version(data, "pull page")
+        rows = _field(data, "rows", list, "pull page")
+        return cls(
+            [PullRow.from_json(row) for row in rows],
+            _field(data, "cursor", int, "pull page"),
+            _field(data, "more", bool, "pull page"),
+            _field(data, "hub_time_ms", int, "pull page"),
+            _field(data, "node", str, "pull page"),
+        )
+
+
+def check_version(data: Any, what: str) -> None:
+    """Raise unless ``data`` is an object of this protocol version."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    version = data.get("protocol")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatchError(
+            f"{what} speaks protocol {version!r}, this side speaks {PROTOCOL_VERSION}; "
+            "upgrade fieldsync so both sides match"
+        )

@@ -1,0 +1,194 @@
+"""
+Which tables are synced, their columns, and the conflict policy of each.
+
+A schema is declared in TOML: one ``[tables.NAME]`` entry per table, with the SQL
+that creates it (``create``) and its ``policy``. Columns, types and the primary key
+are read from SQLite itself by running the SQL in a scratch in-memory database, so
+the declaration cannot disagree with the tables it creates.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidChangeError, SchemaError
+
+POLICIES = ("merge", "record", "manual")
+# Pseudo-column that versions a record's existence (set by deletes and re-inserts).
+EXISTS = "~"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column of a synced table."""
+
+    name: str
+    type: str  # TEXT, INTEGER, REAL, or "" for no declared type
+    notnull: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One synced table: columns in order, primary key, policy and creating SQL."""
+
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    policy: str
+    create: str
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(name)
+
+    def pk_key(self, pk: Mapping[str, Any]) -> str:
+        """Return the canonical text key of a primary key: a compact JSON array."""
+        return pk_key([pk[name] for name in self.primary_key])
+
+    def check_pk(self, pk: Any) -> dict[str, Any]:
+        """Return ``pk`` if it names exactly this table's key columns with scalar values."""
+        if not isinstance(pk, dict) or set(pk) != set(self.primary_key):
+            raise InvalidChangeError(
+                f"primary key of {self.name} must name exactly "
+                f"{', '.join(self.primary_key)}, got {pk!r}"
+            )
+        for name, value in pk.items():
+            if value is None:
+                raise InvalidChangeError(f"primary key column {self.name}.{name} is null")
+            self.check_value(name, value)
+        return pk
+
+    def check_value(self, name: str, value: Any) -> None:
+        """Raise InvalidChangeError unless ``value`` fits column ``name``."""
+        try:
+            col = self.column(name)
+        except KeyError:
+            raise InvalidChangeError(
+                f"table {self.name} has no column {name!r}; "
+                f"its columns are {', '.join(self.column_names)}"
+            ) from None
+        if value is None:
+            return
+        kind = col.type.upper()
+        ok: bool
+        if isinstance(value, bool) or isinstance(value, (dict, list)):
+            ok = False
+        elif kind == "TEXT":
+            ok = isinstance(value, str)
+        elif kind in ("INTEGER", "INT"):
+            ok = isinstance(value, int)
+        elif kind in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
+            ok = isinstance(value, (int, float))
+        else:
+            ok = isinstance(value, (str, int, float))
+        if not ok:
+            raise InvalidChangeError(
+                f"column {self.name}.{name} holds {col.type or 'scalar'} values, "
+                f"not {type(value).__name__} {value!r}"
+            )
+
+
+def pk_key(values: list[Any]) -> str:
+    """Canonical text of a primary key; byte-identical to SQLite's json_array()."""
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """The synced tables, in declaration order."""
+
+    tables: Mapping[str, Table]
+    source: str  # the TOML text, stored in every database that uses the schema
+
+    def table(self, name: Any) -> Table:
+        """Return the table called ``name``, or raise InvalidChangeError."""
+        table = self.tables.get(name) if isinstance(name, str) else None
+        if table is None:
+            raise InvalidChangeError(
+                f"unknown table {name!r}; synced tables are {', '.join(self.tables)}"
+            )
+        return table
+
+    @classmethod
+    def from_toml(cls, text: str, origin: str = "schema") -> Schema:
+        """Parse a TOML schema; raise SchemaError naming what is wrong."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SchemaError(f"cannot read {origin}: {exc}") from exc
+        entries = data.get("tables")
+        if not isinstance(entries, dict) or not entries:
+            raise SchemaError(f"{origin} declares no [tables.NAME] entries")
+        scratch = sqlite3.connect(":memory:")
+        tables: dict[str, Table] = {}
+        try:
+            for name, entry in entries.items():
+                tables[name] = _read_table(scratch, name, entry, origin)
+        finally:
+            scratch.close()
+        return cls(tables, text)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Schema:
+        """Load a schema file, or the default refugee case-management schema."""
+        if path is None:
+            text = resources.files("shared").joinpath("default_schema.toml").read_text()
+            return cls.from_toml(text, "the default schema")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SchemaError(f"cannot read schema file {path}: {exc.strerror}") from exc
+        return cls.from_toml(text, str(path))
+
+
+def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str) -> Table:
+    if not isinstance(entry, dict) or not isinstance(entry.get("create"), str):
+        raise SchemaError(f"{origin}: table {name} needs a 'create' SQL statement")
+    if name.startswith(("_fieldsync", "sqlite_")):
+        raise SchemaError(f"{origin}: table name {name!r} is reserved")
+    policy = entry.get("policy", "merge")
+    if policy not in POLICIES:
+        raise SchemaError(
+            f"{origin}: table {name} has unknown policy {policy!r}; "
+            f"use one of {', '.join(POLICIES)}"
+        )
+    create = entry["create"].strip().rstrip(";")
+    try:
+        scratch.execute(create)
+    except sqlite3.Error as exc:
+        raise SchemaError(f"{origin}: cannot create table {name}: {exc}") from exc
+    info = scratch.execute(f"PRAGMA table_info({_quote(name)})").fetchall()
+    if not info:
+        raise SchemaError(f"{origin}: the create SQL of {name} does not create a table {name}")
+    columns = tuple(Column(row[1], str(row[2]).upper(), bool(row[3])) for row in info)
+    pk = tuple(row[1] for row in sorted(info, key=lambda r: r[5]) if row[5] > 0)
+    if not pk:
+        raise SchemaError(f"{origin}: table {name} has no primary key, so it cannot be synced")
+    for col in columns:
+        if col.name == EXISTS or col.type == "BLOB":
+            raise SchemaError(
+                f"{origin}: column {name}.{col.name} cannot be synced "
+                "(BLOB columns and the name '~' are not supported)"
+            )
+    return Table(name, columns, pk, policy, create)
+
+
+def _quote(identifier: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+quote = _quote

@@ -1,0 +1,95 @@
+"""SQLite plumbing shared by the node and hub stores: connections and transactions."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from shared.errors import StoreError
+from shared.schema import Schema, Table, quote
+
+
+def connect(path: str | Path, *, synchronous: str = "NORMAL") -> sqlite_utils.Database:
+    """Open ``path`` in WAL mode with explicit transactions (see :func:`write`)."""
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from exc
+    return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+
+
+@contextmanager
+def write(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """One write transaction: ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on error.
+
+    IMMEDIATE takes the write lock up front, so a transaction never fails half-way
+    because another program started writing first.
+    """
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def create_tables(conn: sqlite3.Connection, schema: Schema) -> None:
+    """Create each synced table of ``schema`` that does not exist yet."""
+    existing = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    for table in schema.tables.values():
+        if table.name not in existing:
+            conn.execute(table.create)
+        else:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({quote(table.name)})")}
+            missing = [c for c in table.column_names if c not in have]
+            if missing:
+                raise StoreError(
+                    f"table {table.name} exists but lacks column(s) {', '.join(missing)} "
+                    "that the schema declares"
+                )
+
+
+def put_row(
+    conn: sqlite3.Connection, table: Table, pk: dict[str, Any], values: dict[str, Any] | None
+) -> None:
+    """Make ``table`` hold the record ``values`` under ``pk`` (None deletes it)."""
+    where = " AND ".join(f"{quote(c)} = ?" for c in table.primary_key)
+    if values is None:
+        conn.execute(
+            f"DELETE FROM {quote(table.name)} WHERE {where}", [pk[c] for c in table.primary_key]
+        )
+        return
+    row = {c: values.get(c) for c in table.column_names}
+    row.update(pk)
+    cols = ", ".join(quote(c) for c in row)
+    marks = ", ".join("?" for _ in row)
+    updates = ", ".join(
+        f"{quote(c)} = excluded.{quote(c)}" for c in row if c not in table.primary_key
+    )
+    target = ", ".join(quote(c) for c in table.primary_key)
+    conn.execute(
+        f"INSERT INTO {quote(table.name)} ({cols}) VALUES ({marks}) "
+        f"ON CONFLICT ({target}) DO UPDATE SET {updates}",
+        list(row.values()),
+    )
+
+
+def table_rows(conn: sqlite3.Connection, table: Table) -> list[dict[str, Any]]:
+    """Every row of ``table``, ordered by primary key."""
+    order = ", ".join(quote(c) for c in table.primary_key)
+    cursor = conn.execute(f"SELECT * FROM {quote(table.name)} ORDER BY {order}")
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
