@@ -1,0 +1,110 @@
+"""Shared fixtures: a real uvicorn hub on 127.0.0.1 and a factory of office nodes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from hub.app import create_app
+from hub.store import SqliteHubStore
+from node.agent import SyncAgent
+from node.client import HttpHubClient
+from node.store import NodeStore
+from shared.schema import Schema
+
+
+@dataclass
+class Hub:
+    """A hub served by uvicorn on a loopback port."""
+
+    url: str
+    store: SqliteHubStore
+    path: Path
+
+
+@dataclass
+class Office:
+    """One office: its database and its sync agent."""
+
+    name: str
+    store: NodeStore
+    agent: SyncAgent
+    client: HttpHubClient
+    path: Path
+
+    def sync(self) -> None:
+        self.agent.sync_once()
+
+
+def serve(app: object) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port until the generator closes."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    """A real hub: SqliteHubStore in tmp_path behind uvicorn on 127.0.0.1."""
+    path = tmp_path / "hub.db"
+    store = SqliteHubStore(path)
+    gen = serve(create_app(store))
+    url = next(gen)
+    try:
+        yield Hub(url, store, path)
+    finally:
+        gen.close()
+        store.close()
+
+
+@pytest.fixture
+def make_office(tmp_path: Path, hub: Hub) -> Iterator[Callable[..., Office]]:
+    """Factory: ``make_office("astana")`` registers an office on the hub and inits its db."""
+    offices: list[Office] = []
+
+    def make(
+        name: str,
+        *,
+        schema: Schema | None = None,
+        batch_size: int = 1000,
+        page_size: int = 1000,
+        transport: httpx.BaseTransport | None = None,
+    ) -> Office:
+        token = hub.store.add_node(name)
+        path = tmp_path / f"{name}.db"
+        store = NodeStore.init(path, name, hub.url, token, schema)
+        client = HttpHubClient(
+            hub.url,
+            token,
+            client=httpx.Client(transport=transport, timeout=30) if transport else None,
+        )
+        agent = SyncAgent(store, client, batch_size=batch_size, page_size=page_size)
+        office = Office(name, store, agent, client, path)
+        offices.append(office)
+        return office
+
+    yield make
+    for office in offices:
+        office.client.close()
+        office.store.close()
