@@ -1,0 +1,493 @@
+"""Wire types (shared/protocol.py) and schema declarations (shared/schema.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from shared.clock import Timestamp
+from shared.errors import InvalidChangeError, ProtocolError, SchemaError, VersionMismatchError
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Change,
+    PullPage,
+    PullRow,
+    PushResult,
+    check_version,
+)
+from shared.schema import EXISTS, Column, Schema, pk_key
+
+TS = Timestamp(0x18F00000000001, "astana")
+BASE = {"family_name": str(Timestamp(0x18E00000000000, "almaty"))}
+
+
+def wire(obj: Any) -> Any:
+    """What the other side reads: the JSON text parsed back."""
+    return json.loads(json.dumps(obj))
+
+
+def good_change() -> dict[str, Any]:
+    return {
+        "seq": 7,
+        "table": "cases",
+        "pk": {"id": "c1"},
+        "op": "update",
+        "ts": TS.hlc,
+        "values": {"family_name": "Ali"},
+        "base": dict(BASE),
+    }
+
+
+# -- Change -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            Change(1, "cases", {"id": "c1"}, "insert", TS, {"id": "c1", "household_size": 3}),
+            id="insert",
+        ),
+        pytest.param(
+            Change(2, "cases", {"id": "c1"}, "update", TS, {"notes": "ünïcode ✓"}, BASE),
+            id="update-with-base",
+        ),
+        pytest.param(Change(3, "cases", {"id": "c1"}, "delete", TS, None, BASE), id="delete"),
+        pytest.param(
+            Change(4, "assistance", {"id": "a1"}, "update", TS, {"quantity": 2.5, "notes": None}),
+            id="float-and-null",
+        ),
+    ],
+)
+def test_change_round_trips(change: Change) -> None:
+    data = wire(change.to_json())
+    assert Change.from_json(data, "astana") == change
+    if change.values is None:
+        assert "values" not in data
+
+
+def test_change_json_carries_the_stamp_without_the_node() -> None:
+    data = Change(1, "cases", {"id": "c1"}, "insert", TS, {"id": "c1"}).to_json()
+    assert data["ts"] == TS.hlc
+    assert "astana" not in json.dumps(data)
+
+
+def test_change_node_comes_from_the_reader_not_the_body() -> None:
+    data = good_change()
+    data["node"] = "almaty"
+    change = Change.from_json(data, "astana")
+    assert change.ts == Timestamp(TS.hlc, "astana")
+
+
+def test_delete_ignores_values() -> None:
+    data = good_change() | {"op": "delete", "values": {"family_name": "x"}}
+    assert Change.from_json(data, "astana").values is None
+
+
+def test_base_defaults_to_empty() -> None:
+    data = good_change()
+    del data["base"]
+    assert Change.from_json(data, "astana").base == {}
+
+
+@settings(max_examples=100)
+@given(
+    seq=st.integers(1, 2**62),
+    hlc=st.integers(1, 2**63 - 1),
+    op=st.sampled_from(["insert", "update", "delete"]),
+    values=st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.one_of(st.none(), st.integers(-(2**53), 2**53), st.text(max_size=10)),
+        min_size=1,
+        max_size=4,
+    ),
+    base_hlcs=st.dictionaries(st.text(min_size=1, max_size=8), st.integers(0, 2**63 - 1)),
+)
+def test_change_round_trip_property(
+    seq: int, hlc: int, op: str, values: dict[str, Any], base_hlcs: dict[str, int]
+) -> None:
+    base = {col: str(Timestamp(h, "almaty")) for col, h in base_hlcs.items()}
+    change = Change(
+        seq, "cases", {"id": "c1"}, op, Timestamp(hlc, "hq"), None if op == "delete" else values, base
+    )
+    assert Change.from_json(wire(change.to_json()), "hq") == change
+
+
+def _without(key: str) -> dict[str, Any]:
+    data = good_change()
+    del data[key]
+    return data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(["not", "an", "object"], id="list"),
+        pytest.param(None, id="null"),
+        pytest.param("change", id="string"),
+        pytest.param(_without("seq"), id="missing-seq"),
+        pytest.param(_without("table"), id="missing-table"),
+        pytest.param(_without("pk"), id="missing-pk"),
+        pytest.param(_without("op"), id="missing-op"),
+        pytest.param(_without("ts"), id="missing-ts"),
+        pytest.param(_without("values"), id="update-without-values"),
+        pytest.param(good_change() | {"seq": "7"}, id="seq-string"),
+        pytest.param(good_change() | {"seq": True}, id="seq-bool"),
+        pytest.param(good_change() | {"seq": 7.0}, id="seq-float"),
+        pytest.param(good_change() | {"ts": True}, id="ts-bool"),
+        pytest.param(good_change() | {"ts": 0}, id="ts-zero"),
+        pytest.param(good_change() | {"ts": -5}, id="ts-negative"),
+        pytest.param(good_change() | {"ts": 2**63}, id="ts-too-big"),
+        pytest.param(good_change() | {"ts": "0001"}, id="ts-string"),
+        pytest.param(good_change() | {"table": 3}, id="table-int"),
+        pytest.param(good_change() | {"pk": "c1"}, id="pk-string"),
+        pytest.param(good_change() | {"op": "upsert"}, id="op-upsert"),
+        pytest.param(good_change() | {"op": "DELETE"}, id="op-case"),
+        pytest.param(good_change() | {"op": None}, id="op-null"),
+        pytest.param(good_change() | {"values": {}}, id="values-empty"),
+        pytest.param(good_change() | {"values": ["Ali"]}, id="values-list"),
+        pytest.param(good_change() | {"op": "insert", "values": None}, id="insert-null-values"),
+        pytest.param(good_change() | {"base": ["x"]}, id="base-list"),
+        pytest.param(good_change() | {"base": {"family_name": 5}}, id="base-version-int"),
+        pytest.param(good_change() | {"base": {"family_name": "yesterday"}}, id="base-garbage"),
+        pytest.param(
+            good_change() | {"base": {"family_name": "0000000000000001-"}}, id="base-no-node"
+        ),
+        pytest.param(
+            good_change() | {"base": {"family_name": "000000000000zzzz-astana"}}, id="base-not-hex"
+        ),
+        pytest.param(good_change() | {"base": {1: str(TS)}}, id="base-key-int"),
+    ],
+)
+def test_change_from_json_rejects_malformed(data: Any) -> None:
+    with pytest.raises(ProtocolError) as info:
+        Change.from_json(data, "astana")
+    assert type(info.value) is ProtocolError
+    assert str(info.value)
+
+
+def test_change_error_names_the_change_and_field() -> None:
+    with pytest.raises(ProtocolError, match=r"change 7: field 'ts' is missing or not an integer"):
+        Change.from_json(good_change() | {"ts": True}, "astana")
+    with pytest.raises(ProtocolError, match=r"op must be one of insert, update, delete"):
+        Change.from_json(good_change() | {"op": "upsert"}, "astana")
+
+
+# -- PushResult and PullPage --------------------------------------------------------
+
+
+def test_push_result_round_trips() -> None:
+    result = PushResult(acked=42, applied=3, conflicts=1, hub_time_ms=1_700_000_000_000, node="a")
+    data = wire(result.to_json())
+    assert data["protocol"] == PROTOCOL_VERSION
+    assert PushResult.from_json(data) == result
+
+
+def _page() -> PullPage:
+    versions = {"id": str(TS), "family_name": str(TS)}
+    return PullPage(
+        rows=[
+            PullRow(5, "cases", {"id": "c1"}, {"id": "c1", "family_name": "Ali"}, versions),
+            PullRow(9, "cases", {"id": "c2"}, None, {EXISTS: str(TS)}),
+        ],
+        cursor=9,
+        more=True,
+        hub_time_ms=1_700_000_000_000,
+        node="almaty",
+    )
+
+
+def test_pull_page_round_trips() -> None:
+    page = _page()
+    data = wire(page.to_json())
+    assert data["protocol"] == PROTOCOL_VERSION
+    assert "values" not in data["rows"][1]
+    assert PullPage.from_json(data) == page
+
+
+def test_empty_pull_page_round_trips() -> None:
+    page = PullPage([], 0, False, 1, "astana")
+    assert PullPage.from_json(wire(page.to_json())) == page
+
+
+def _push_json(**changes: Any) -> dict[str, Any]:
+    return PushResult(1, 1, 0, 1, "a").to_json() | changes
+
+
+def _page_json(**changes: Any) -> dict[str, Any]:
+    return _page().to_json() | changes
+
+
+def _row_json(**changes: Any) -> dict[str, Any]:
+    data = _page().to_json()
+    data["rows"][0] |= changes
+    return data
+
+
+@pytest.mark.parametrize(
+    ("reader", "data"),
+    [
+        pytest.param(PushResult.from_json, _push_json(acked=True), id="push-acked-bool"),
+        pytest.param(PushResult.from_json, _push_json(acked="1"), id="push-acked-string"),
+        pytest.param(PushResult.from_json, _push_json(node=None), id="push-node-null"),
+        pytest.param(PushResult.from_json, [], id="push-not-object"),
+        pytest.param(PullPage.from_json, _page_json(rows={}), id="page-rows-object"),
+        pytest.param(PullPage.from_json, _page_json(more=1), id="page-more-int"),
+        pytest.param(PullPage.from_json, _page_json(cursor=False), id="page-cursor-bool"),
+        pytest.param(PullPage.from_json, _page_json(cursor="9"), id="page-cursor-string"),
+        pytest.param(PullPage.from_json, _row_json(values=["x"]), id="row-values-list"),
+        pytest.param(PullPage.from_json, _row_json(versions=None), id="row-versions-null"),
+        pytest.param(PullPage.from_json, _row_json(seq=True), id="row-seq-bool"),
+        pytest.param(PullPage.from_json, _page_json(rows=["x"]), id="row-not-object"),
+        pytest.param(PullPage.from_json, "page", id="page-not-object"),
+    ],
+)
+def test_results_reject_malformed(reader: Any, data: Any) -> None:
+    with pytest.raises(ProtocolError) as info:
+        reader(data)
+    assert type(info.value) is ProtocolError
+
+
+@pytest.mark.parametrize("version", [None, 0, 2, "1"], ids=["missing", "zero", "two", "string"])
+@pytest.mark.parametrize("reader", [PushResult.from_json, PullPage.from_json], ids=["push", "pull"])
+def test_wrong_protocol_version_raises_version_mismatch(reader: Any, version: Any) -> None:
+    data = (_push_json if reader is PushResult.from_json else _page_json)()
+    if version is None:
+        del data["protocol"]
+    else:
+        data["protocol"] = version
+    with pytest.raises(VersionMismatchError, match="upgrade fieldsync"):
+        reader(data)
+
+
+def test_check_version() -> None:
+    check_version({"protocol": PROTOCOL_VERSION}, "x")
+    with pytest.raises(VersionMismatchError, match="speaks protocol 9"):
+        check_version({"protocol": 9}, "the push")
+    with pytest.raises(ProtocolError) as info:
+        check_version([1], "the push")
+    assert type(info.value) is ProtocolError
+
+
+# -- Schema -------------------------------------------------------------------------
+
+
+def test_default_schema_has_cases_and_assistance() -> None:
+    schema = Schema.load()
+    assert list(schema.tables) == ["cases", "assistance"]
+    for name in ("cases", "assistance"):
+        table = schema.table(name)
+        assert table.primary_key == ("id",)
+        assert table.policy == "merge"
+    cases = schema.table("cases")
+    assert cases.column_names[:3] == ("id", "case_number", "family_name")
+    assert cases.column("household_size") == Column("household_size", "INTEGER", False)
+    assert cases.column("id").notnull is True
+    assert schema.table("assistance").column("quantity").type == "REAL"
+
+
+def test_default_schema_is_stable_text() -> None:
+    a, b = Schema.load(), Schema.load()
+    assert a.source == b.source
+    assert Schema.from_toml(a.source).tables == a.tables
+
+
+def test_unknown_table_is_invalid_change() -> None:
+    schema = Schema.load()
+    with pytest.raises(InvalidChangeError, match="unknown table 'people'.*cases, assistance"):
+        schema.table("people")
+    with pytest.raises(InvalidChangeError):
+        schema.table(None)
+
+
+def test_load_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "schema.toml"
+    path.write_text(
+        '[tables.visits]\npolicy = "record"\n'
+        'create = "CREATE TABLE visits (office TEXT, day TEXT, n INT, '
+        'PRIMARY KEY (day, office)) WITHOUT ROWID"\n',
+        encoding="utf-8",
+    )
+    schema = Schema.load(path)
+    visits = schema.table("visits")
+    assert visits.policy == "record"
+    assert visits.primary_key == ("day", "office")  # in key order, not column order
+    assert visits.pk_key({"office": "astana", "day": "2024-01-02"}) == '["2024-01-02","astana"]'
+
+
+def test_policy_defaults_to_merge_and_rowid_alias_is_a_key() -> None:
+    schema = Schema.from_toml(
+        '[tables.t]\ncreate = "CREATE TABLE t (n INTEGER PRIMARY KEY, label TEXT)"\n'
+    )
+    assert schema.table("t").policy == "merge"
+    assert schema.table("t").primary_key == ("n",)
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match="cannot read schema file"):
+        Schema.load(tmp_path / "nope.toml")
+
+
+def _toml(create: str, policy: str = "merge", name: str = "t") -> str:
+    return f'[tables.{name}]\npolicy = "{policy}"\ncreate = """{create}"""\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(_toml("CREATE TABLE t (a TEXT, b TEXT)"), "no primary key", id="no-pk"),
+        pytest.param(
+            _toml("CREATE TABLE t (a TEXT PRIMARY KEY)", policy="newest"),
+            "unknown policy 'newest'",
+            id="bad-policy",
+        ),
+        pytest.param(_toml("CREATE TABEL t (a TEXT)"), "cannot create table t", id="bad-sql"),
+        pytest.param(
+            _toml("CREATE TABLE t (a TEXT PRIMARY KEY, photo BLOB)"),
+            "column t.photo cannot be synced",
+            id="blob-column",
+        ),
+        pytest.param(
+            _toml("CREATE TABLE t (a TEXT PRIMARY KEY, photo blob)"),
+            "column t.photo cannot be synced",
+            id="blob-lowercase",
+        ),
+        pytest.param(
+            _toml('CREATE TABLE t (a TEXT PRIMARY KEY, "~" TEXT)'),
+            "cannot be synced",
+            id="tilde-column",
+        ),
+        pytest.param(
+            _toml("CREATE TABLE other (a TEXT PRIMARY KEY)"),
+            "does not create a table t",
+            id="creates-another-table",
+        ),
+        pytest.param(
+            _toml("CREATE TABLE _fieldsync_x (a TEXT PRIMARY KEY)", name="_fieldsync_x"),
+            "reserved",
+            id="reserved-name",
+        ),
+        pytest.param("[tables.t]\npolicy = 'merge'\n", "needs a 'create'", id="no-create"),
+        pytest.param("[tables]\n", "declares no", id="no-tables"),
+        pytest.param("title = 'x'\n", "declares no", id="no-tables-key"),
+        pytest.param("[tables.t\n", "cannot read", id="bad-toml"),
+    ],
+)
+def test_from_toml_errors(text: str, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        Schema.from_toml(text)
+
+
+# -- Table.check_value and check_pk -------------------------------------------------
+
+CHECK_SCHEMA = Schema.from_toml(
+    _toml(
+        "CREATE TABLE t (id TEXT PRIMARY KEY, name TEXT, n INTEGER, i INT, x REAL, "
+        "f FLOAT, num NUMERIC, anything)"
+    )
+)
+T = CHECK_SCHEMA.table("t")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param("name", "Ali", id="text-str"),
+        pytest.param("name", "", id="text-empty"),
+        pytest.param("name", None, id="text-null"),
+        pytest.param("n", 3, id="integer-int"),
+        pytest.param("n", -(2**62), id="integer-negative"),
+        pytest.param("n", None, id="integer-null"),
+        pytest.param("i", 3, id="int-int"),
+        pytest.param("x", 2.5, id="real-float"),
+        pytest.param("x", 2, id="real-int"),
+        pytest.param("f", 1.0, id="float-float"),
+        pytest.param("num", 7, id="numeric-int"),
+        pytest.param("anything", "s", id="untyped-str"),
+        pytest.param("anything", 1, id="untyped-int"),
+        pytest.param("anything", 1.5, id="untyped-float"),
+    ],
+)
+def test_check_value_accepts(column: str, value: Any) -> None:
+    T.check_value(column, value)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param("name", 3, id="text-int"),
+        pytest.param("name", True, id="text-bool"),
+        pytest.param("n", "three", id="integer-str"),
+        pytest.param("n", 3.0, id="integer-float"),
+        pytest.param("n", True, id="integer-bool"),
+        pytest.param("i", "3", id="int-str"),
+        pytest.param("x", "2.5", id="real-str"),
+        pytest.param("x", False, id="real-bool"),
+        pytest.param("anything", True, id="untyped-bool"),
+        pytest.param("anything", {"a": 1}, id="untyped-object"),
+        pytest.param("anything", [1], id="untyped-list"),
+        pytest.param("name", ["Ali"], id="text-list"),
+        pytest.param("name", b"Ali", id="text-bytes"),
+    ],
+)
+def test_check_value_rejects(column: str, value: Any) -> None:
+    with pytest.raises(InvalidChangeError, match=f"column t.{column} holds"):
+        T.check_value(column, value)
+
+
+def test_check_value_unknown_column_lists_the_columns() -> None:
+    with pytest.raises(InvalidChangeError, match="table t has no column 'nmae'; its columns are id"):
+        T.check_value("nmae", "x")
+
+
+def test_check_pk() -> None:
+    assert T.check_pk({"id": "c1"}) == {"id": "c1"}
+    for bad in ({}, {"id": "c1", "name": "x"}, {"name": "x"}, ["c1"], "c1"):
+        with pytest.raises(InvalidChangeError, match="primary key of t must name exactly id"):
+            T.check_pk(bad)
+    with pytest.raises(InvalidChangeError, match="is null"):
+        T.check_pk({"id": None})
+    with pytest.raises(InvalidChangeError, match="holds TEXT"):
+        T.check_pk({"id": 5})
+
+
+def test_pk_key_is_compact_json_like_sqlite() -> None:
+    assert pk_key(["c1"]) == '["c1"]'
+    assert pk_key(["Алматы", 3]) == '["Алматы",3]'
+    assert T.pk_key({"id": "c1"}) == '["c1"]'
+
+
+def test_column_lookup() -> None:
+    assert T.column("x") == Column("x", "REAL", False)
+    with pytest.raises(KeyError):
+        T.column("missing")
+
+
+def test_wire_types_are_frozen() -> None:
+    change = Change(1, "cases", {"id": "c1"}, "insert", TS, {"id": "c1"})
+    with pytest.raises(AttributeError):
+        change.seq = 2  # type: ignore[misc]
+    assert copy.copy(change) == change
+
+
+@settings(max_examples=150)
+@given(
+    st.lists(
+        st.one_of(st.text(max_size=12), st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=3
+    )
+)
+def test_pk_key_matches_sqlite_json_array(values: list[Any]) -> None:
+    # The node's triggers key records with json_array(); the hub keys them with pk_key.
+    conn = sqlite3.connect(":memory:")
+    try:
+        marks = ", ".join("?" for _ in values)
+        [sqlite_text] = conn.execute(f"SELECT json_array({marks})", values).fetchone()
+    finally:
+        conn.close()
+    assert pk_key(values) == sqlite_text
