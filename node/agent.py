@@ -16,11 +16,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from filelock import FileLock, Timeout
 
 from node.client import HubClient
 from node.store import NodeStore
 from shared.clock import now_ms
-from shared.errors import FieldsyncError, HubRejectedError, HubUnavailableError
+from shared.errors import (
+    ClockSkewError,
+    FieldsyncError,
+    HubRejectedError,
+    HubUnavailableError,
+    StoreError,
+)
 
 log = logging.getLogger("fieldsync.agent")
 
@@ -28,6 +35,13 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_PAGE_SIZE = 1000
 # A larger clock error than this is shown by `node status`.
 LARGE_OFFSET_MS = 60_000
+
+
+def backoff_seconds(failures: int, interval_seconds: float, max_seconds: float) -> float:
+    """How long to wait after ``failures`` failed syncs in a row: doubling, capped."""
+    if failures <= 0:
+        return interval_seconds
+    return float(min(interval_seconds * 2 ** min(failures, 32), max_seconds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +81,8 @@ class SyncAgent:
         self.batch_size = batch_size
         self.page_size = page_size
         self._now = now
-        self._lock = threading.Lock()
+        # Never two syncs of one database at once, in this process or another one.
+        self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
 
     def sync_once(self) -> SyncReport:
         """Push every pending change, then pull until the hub has nothing more.
@@ -76,39 +91,63 @@ class SyncAgent:
         cut at any point resumes where it stopped. On failure the error is recorded
         for `node status` and raised.
         """
-        with self._lock:
-            started = time.monotonic()
-            pushed = pulled = conflicts = 0
-            try:
-                while batch := self.store.pending(self.batch_size):
-                    sent = self._now()
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise StoreError(
+                f"another sync of {self.store.path} is running; try again when it ends"
+            ) from None
+        try:
+            return self._sync()
+        finally:
+            self._lock.release()
+
+    def _sync(self) -> SyncReport:
+        started = time.monotonic()
+        pushed = pulled = conflicts = 0
+        try:
+            restamped = False
+            while batch := self.store.pending(self.batch_size):
+                sent = self._now()
+                try:
                     result = self.client.push(batch)
-                    self._check_identity(result.node)
-                    self._learn_offset(sent, result.hub_time_ms)
-                    self.store.mark_acked(result.acked, batch)
-                    pushed += result.applied
-                    conflicts += result.conflicts
-                    if result.acked < batch[-1].seq:
-                        raise HubRejectedError(
-                            f"the hub acknowledged changes up to {result.acked} of "
-                            f"{batch[-1].seq}; the rest stay queued"
-                        )
-                while True:
-                    sent = self._now()
-                    page = self.client.pull(self.store.cursor, self.page_size)
-                    self._check_identity(page.node)
-                    self._learn_offset(sent, page.hub_time_ms)
-                    pulled += self.store.apply_page(page)
-                    if not page.more:
-                        break
-            except FieldsyncError as exc:
-                self.store.record_sync(
-                    pushed=pushed, pulled=pulled, conflicts=conflicts, error=str(exc)
-                )
-                raise
-            report = SyncReport(pushed, pulled, conflicts, time.monotonic() - started)
-            self.store.record_sync(pushed=pushed, pulled=pulled, conflicts=conflicts)
-            return report
+                except ClockSkewError as exc:
+                    if restamped or exc.hub_time_ms is None:
+                        raise
+                    # Our clock is wrong: learn by how much, re-stamp, send again.
+                    before = self.store.clock_offset_ms
+                    self._learn_offset(sent, exc.hub_time_ms)
+                    shift = self.store.clock_offset_ms - before
+                    self.store.restamp(exc.hub_time_ms, shift)
+                    restamped = True
+                    log.warning("%s; re-stamped the queued changes with the hub's time", exc)
+                    continue
+                self._check_identity(result.node)
+                self._learn_offset(sent, result.hub_time_ms)
+                self.store.mark_acked(result.acked, batch)
+                pushed += result.applied
+                conflicts += result.conflicts
+                if result.acked < batch[-1].seq:
+                    raise HubRejectedError(
+                        f"the hub acknowledged changes up to {result.acked} of "
+                        f"{batch[-1].seq}; the rest stay queued"
+                    )
+            while True:
+                sent = self._now()
+                page = self.client.pull(self.store.cursor, self.page_size)
+                self._check_identity(page.node)
+                self._learn_offset(sent, page.hub_time_ms)
+                pulled += self.store.apply_page(page)
+                if not page.more:
+                    break
+        except FieldsyncError as exc:
+            self.store.record_sync(
+                pushed=pushed, pulled=pulled, conflicts=conflicts, error=str(exc)
+            )
+            raise
+        report = SyncReport(pushed, pulled, conflicts, time.monotonic() - started)
+        self.store.record_sync(pushed=pushed, pulled=pulled, conflicts=conflicts)
+        return report
 
     def _check_identity(self, node: str) -> None:
         if node != self.store.node:
@@ -152,7 +191,7 @@ class SyncAgent:
                 report = self.sync_once()
             except HubUnavailableError as exc:
                 failures += 1
-                delay = min(interval_seconds * 2**failures, max_backoff_seconds)
+                delay = backoff_seconds(failures, interval_seconds, max_backoff_seconds)
                 delay += random.uniform(0, jitter)
                 log.warning("%s; next try in %.0f s", exc, delay)
                 scheduler.modify_job(

@@ -62,10 +62,12 @@ def _hub_errors(action: str, url: str) -> Iterator[None]:
 def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
     if response.status_code < 400:
         return
+    hub_time: int | None = None
     try:
         body = response.json()
         code, detail = str(body["error"]), str(body["detail"])
-    except (ValueError, KeyError, TypeError):
+        hub_time = body.get("hub_time_ms") if isinstance(body.get("hub_time_ms"), int) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         code, detail = "", response.text[:200].strip() or response.reason_phrase
     if response.status_code >= 500 or response.status_code == 429:
         raise HubUnavailableError(
@@ -76,6 +78,7 @@ def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
         f"cannot {action} {url}: the hub refused it ({response.status_code} {code}): {detail}",
         code or "rejected",
         response.status_code,
+        hub_time,
     )
 
 
@@ -89,8 +92,11 @@ class HttpHubClient:
         *,
         timeout_seconds: float = 60.0,
         client: httpx.Client | None = None,
+        node: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # The office this client speaks for; the hub refuses a token of another office.
+        self.node = node
         self._client = client or httpx.Client(timeout=timeout_seconds)
         self._headers = {
             "Authorization": f"Bearer {token}",
@@ -109,7 +115,11 @@ class HttpHubClient:
     def push(self, changes: Sequence[Change]) -> PushResult:
         """Send a batch of changes; return what the hub committed."""
         body = json.dumps(
-            {"protocol": PROTOCOL_VERSION, "changes": [c.to_json() for c in changes]},
+            {
+                "protocol": PROTOCOL_VERSION,
+                **({"node": self.node} if self.node else {}),
+                "changes": [c.to_json() for c in changes],
+            },
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode("utf-8")
@@ -133,7 +143,11 @@ class HttpHubClient:
         with _hub_errors(action, self.url):
             response = self._client.get(
                 f"{self.url}/v1/pull",
-                params={"cursor": cursor, "limit": limit},
+                params={
+                    "cursor": cursor,
+                    "limit": limit,
+                    **({"node": self.node} if self.node else {}),
+                },
                 headers=self._headers,
             )
         _raise_for_status(response, action, self.url)

@@ -331,6 +331,43 @@ class NodeStore:
             [(tbl, key, json.dumps(vers)) for (tbl, key), vers in versions.items()],
         )
 
+    def restamp(self, hub_now_ms: int, shift_ms: int) -> int:
+        """Move pending changes stamped in the hub's future by ``shift_ms``; return how many.
+
+        A wrong clock (hours or years ahead) stamps changes the hub must refuse, and
+        the clock, which never goes back, would keep doing so. Once the office knows
+        how wrong its clock was (``shift_ms``, the change in its learned offset), the
+        changes it has not yet pushed get the stamps they should have had: their real
+        time, so they win or lose conflicts fairly, kept in order, later than every
+        stamp seen from other offices, and never past the hub's time.
+        """
+        with write(self.db) as conn:
+            limit = hub_now_ms << 16
+            bad = conn.execute(
+                "SELECT seq, hlc FROM _fieldsync_changes WHERE hlc > ? ORDER BY seq", [limit]
+            ).fetchall()
+            if not bad:
+                return 0
+            seen = conn.execute(
+                "SELECT max(substr(j.value, 1, 16)) FROM _fieldsync_versions AS v, "
+                "json_each(v.vers) AS j WHERE substr(j.value, 18) != ?",
+                [self.node],
+            ).fetchone()[0]
+            floor = (
+                conn.execute(
+                    "SELECT max(hlc) FROM _fieldsync_changes WHERE hlc <= ?", [limit]
+                ).fetchone()[0]
+                or 0
+            )
+            floor = max(floor, int(seen, 16) if seen else 0)
+            stamps = []
+            for seq, hlc in bad:
+                floor = max(floor + 1, min(hlc + (shift_ms << 16), limit))
+                stamps.append((floor, seq))
+            conn.executemany("UPDATE _fieldsync_changes SET hlc = ? WHERE seq = ?", stamps)
+            conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
+            return len(bad)
+
     # -- pull side --------------------------------------------------------------
 
     @property

@@ -264,7 +264,8 @@ def _agent(db_path: str, batch_size: int = 1000) -> Any:
     from node.store import NodeStore
 
     store = NodeStore(db_path)
-    return SyncAgent(store, HttpHubClient(store.hub_url, store.token), batch_size=batch_size)
+    client = HttpHubClient(store.hub_url, store.token, node=store.node)
+    return SyncAgent(store, client, batch_size=batch_size)
 
 
 _node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))

@@ -58,10 +58,17 @@ class HubUnavailableError(HubError):
 class HubRejectedError(HubError):
     """A 4xx answer: retrying will not help until something is fixed."""
 
-    def __init__(self, message: str, code: str = "rejected", status: int = 400) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str = "rejected",
+        status: int = 400,
+        hub_time_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        self.hub_time_ms = hub_time_ms  # the hub's clock when it refused, if it said
 
 
 class AuthError(HubRejectedError):

@@ -98,6 +98,7 @@ def make_office(tmp_path: Path, hub: Hub) -> Iterator[Callable[..., Office]]:
             hub.url,
             token,
             client=httpx.Client(transport=transport, timeout=30) if transport else None,
+            node=name,
         )
         agent = SyncAgent(store, client, batch_size=batch_size, page_size=page_size)
         office = Office(name, store, agent, client, path)

@@ -67,7 +67,11 @@ def run(op: tuple, paths: dict[str, Path], agents: dict[str, SyncAgent]) -> None
     conn.close()
 
 
-@settings(max_examples=int(os.environ.get("FIELDSYNC_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("FIELDSYNC_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(operations, st.sampled_from(["merge", "record", "manual"]))
 def test_offices_converge_after_two_rounds(ops, policy):
     from shared.schema import Schema

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from node.agent import SyncAgent
+from node.client import HttpHubClient
 from shared.clock import Timestamp
 from shared.errors import ClockSkewError, HubUnavailableError
 from shared.schema import Schema
@@ -188,7 +190,7 @@ def _offices(policy_hub, tmp_path):
     for name in ("astana", "almaty"):
         token = hub.store.add_node(name)
         store = NodeStore.init(tmp_path / f"{name}.db", name, hub.url, token, schema)
-        client = HttpHubClient(hub.url, token)
+        client = HttpHubClient(hub.url, token, node=name)
         offices.append(
             Office(name, store, SyncAgent(store, client), client, tmp_path / f"{name}.db")
         )
@@ -333,9 +335,35 @@ def test_cut_pull_keeps_applied_pages(hub, make_office):
     assert_converged(hub, astana, almaty)
 
 
-def test_clock_far_ahead_is_refused_and_changes_stay_queued(hub, make_office):
+@pytest.mark.parametrize("offset_hours", [48, 24 * 365 * 10])
+def test_clock_far_ahead_is_corrected_and_cannot_win_unfairly(hub, make_office, offset_hours):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(almaty, "c1")
+    sync_all(almaty, astana)
+    write(astana, "UPDATE _fieldsync_state SET offset_ms = ?", offset_hours * 3600 * 1000)
+    write(astana, "UPDATE cases SET status = 'closed' WHERE id = 'c1'")  # stamped far ahead
+    time.sleep(0.01)
+    write(almaty, "UPDATE cases SET status = 'refugee' WHERE id = 'c1'")  # really later
+    almaty.sync()
+    astana.sync()  # refused as too far ahead, re-stamped with the hub's time, sent again
+    sync_all(astana, almaty)
+    assert_converged(hub, astana, almaty)
+    # Re-stamped with its real time, Astana's earlier edit loses to Almaty's later one.
+    assert astana.store.pending_count() == 0
+    assert abs(astana.store.clock_offset_ms) < 5000
+    assert case(hub, "c1")["status"] == "refugee"
+    [conflict] = hub.store.conflicts()
+    assert (conflict.kept_node, conflict.other_node, conflict.other_value) == (
+        "almaty",
+        "astana",
+        "closed",
+    )
+    assert abs(Timestamp.parse(conflict.other_version).wall_ms - time.time() * 1000) < 60_000
+
+
+def test_clock_far_ahead_with_hub_refusing_keeps_changes_queued(hub, make_office):
     astana = make_office("astana")
-    write(astana, "UPDATE _fieldsync_state SET offset_ms = ?", 48 * 3600 * 1000)
+    hub.store.max_future_ms = -(10**12)  # a hub that refuses everything as "in its future"
     add_case(astana, "c1")
     with pytest.raises(ClockSkewError, match="clock"):
         astana.sync()
@@ -367,3 +395,21 @@ def test_local_edit_made_during_a_sync_is_not_overwritten(hub, make_office, tmp_
     assert case(almaty, "c1")["notes"] == "local edit, not yet pushed"
     sync_all(almaty, astana)
     assert_converged(hub, astana, almaty)
+
+
+def test_token_of_another_office_is_refused_before_anything_is_applied(hub, make_office):
+    from shared.errors import AuthError
+
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(almaty, "c9")
+    almaty.sync()
+    add_case(astana, "c1")
+    astana.store.set_hub(token=hub.store.add_node("shymkent"))
+    mixed = HttpHubClient(hub.url, astana.store.token, node="astana")
+    try:
+        with pytest.raises(AuthError, match="belongs to office 'shymkent'"):
+            SyncAgent(astana.store, mixed).sync_once()
+    finally:
+        mixed.close()
+    assert [r["id"] for r in hub.store.rows("cases")] == ["c9"]
+    assert astana.store.pending_count() == 1
