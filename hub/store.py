@@ -500,6 +500,25 @@ class SqliteHubStore:
                 )
             table.check_value(record.column, value)
         key = table.pk_key(record.pk)
+        try:
+            self._resolve(conflict_id, record, table, key, keep, by, value)
+        except sqlite3.IntegrityError as exc:
+            raise InvalidChangeError(
+                f"cannot resolve conflict {conflict_id} that way: the value breaks a "
+                f"constraint of {table.name} ({exc}); nothing was changed"
+            ) from exc
+        return self.conflict(conflict_id)
+
+    def _resolve(
+        self,
+        conflict_id: int,
+        record: ConflictRecord,
+        table: Table,
+        key: str,
+        keep: str,
+        by: str,
+        value: Any,
+    ) -> None:
         with self._lock, write(self.db) as conn:
             current = self._load(conn, table.name, key)
             if current is None:
@@ -538,7 +557,6 @@ class SqliteHubStore:
                 "resolved_at = ?, resolution = ? WHERE id = ?",
                 [by, _utcnow(), json.dumps(resolution, ensure_ascii=False), conflict_id],
             )
-        return self.conflict(conflict_id)
 
     # -- consolidated data ----------------------------------------------------
 

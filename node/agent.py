@@ -184,6 +184,8 @@ class SyncAgent:
         jitter = interval_seconds / 10 if jitter_seconds is None else jitter_seconds
         scheduler = BackgroundScheduler()
         failures = 0
+        # With a report callback the caller tells people; the log keeps the details.
+        info = logging.DEBUG if on_report else logging.INFO
 
         def job() -> None:
             nonlocal failures
@@ -193,7 +195,7 @@ class SyncAgent:
                 failures += 1
                 delay = backoff_seconds(failures, interval_seconds, max_backoff_seconds)
                 delay += random.uniform(0, jitter)
-                log.warning("%s; next try in %.0f s", exc, delay)
+                log.log(info, "%s; next try in %.0f s", exc, delay)
                 scheduler.modify_job(
                     "fieldsync-sync",
                     next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
@@ -203,12 +205,12 @@ class SyncAgent:
                 return
             except FieldsyncError as exc:
                 failures = 0
-                log.error("%s", exc)
+                log.log(info, "%s", exc)
                 if on_report:
                     on_report(None, exc)
                 return
             failures = 0
-            log.info("sync: %s", report.summary())
+            log.log(info, "sync: %s", report.summary())
             if on_report:
                 on_report(report, None)
 

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from shared import __version__
-from shared.errors import FieldsyncError
+from shared.errors import FieldsyncError, HubUnavailableError
 
 
 class _Group(click.Group):
@@ -201,17 +201,16 @@ def hub_resolve(conflict_id: int, db_path: str, keep: str, value: str | None, by
             elif keep == record.other_node:
                 side = "other"
             else:
-                raise click.BadParameter(
-                    f"use kept, other, value, {record.kept_node} or {record.other_node}",
-                    param_hint="--keep",
+                raise click.ClickException(
+                    f"use kept, other, value, {record.kept_node} or {record.other_node}"
                 )
         parsed: Any = None
         if side == "value":
             if value is None:
-                raise click.BadParameter("--keep value needs --value", param_hint="--value")
+                raise click.ClickException("--keep value needs --value")
             parsed = _parse_value(store, record, value)
         elif value is not None:
-            raise click.BadParameter("--value goes with --keep value", param_hint="--value")
+            raise click.ClickException("--value goes with --keep value")
         done = store.resolve(conflict_id, side, by, parsed)
     finally:
         store.close()
@@ -228,12 +227,12 @@ def _parse_value(store: Any, record: Any, text: str) -> Any:
         try:
             return int(text)
         except ValueError:
-            raise click.BadParameter(f"{record.column} takes whole numbers") from None
+            raise click.ClickException(f"{record.column} takes whole numbers") from None
     if column.type in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
         try:
             return float(text)
         except ValueError:
-            raise click.BadParameter(f"{record.column} takes numbers") from None
+            raise click.ClickException(f"{record.column} takes numbers") from None
     return text
 
 
@@ -248,7 +247,7 @@ def node_init(db_path: str, name: str, hub_url: str, token: str, schema_path: st
     from node.store import NodeStore
 
     if not hub_url.startswith(("http://", "https://")):
-        raise click.BadParameter("the hub URL must start with http:// or https://")
+        raise click.ClickException("the hub URL must start with http:// or https://")
     store = NodeStore.init(db_path, name, hub_url, token, _load_schema(schema_path))
     pending = store.pending_count()
     tables = ", ".join(store.schema.tables)
@@ -279,10 +278,15 @@ def node_sync(db_path: str, batch_size: int) -> None:
     agent = _agent(db_path, batch_size)
     try:
         report = agent.sync_once()
-    except FieldsyncError as exc:
+    except HubUnavailableError as exc:
         pending = agent.store.pending_count()
         raise FieldsyncError(
             f"{exc} — {pending} local change(s) are kept and will be sent on the next sync"
+        ) from exc
+    except FieldsyncError as exc:
+        pending = agent.store.pending_count()
+        raise FieldsyncError(
+            f"{exc} — {pending} local change(s) are kept; they will be sent once this is fixed"
         ) from exc
     finally:
         agent.store.close()

@@ -105,7 +105,8 @@ def _story(echo: Echo, base: Path) -> None:
         stack.callback(hub.close)
         tokens = {name: hub.add_node(name) for name in ("astana", "almaty")}
         url = stack.enter_context(_serve(create_app(hub)))
-        echo(f"1. The hub ({base / 'hub.db'}) serves {url}; offices astana and almaty join.")
+        echo(f"1. The hub serves {url} from {base / 'hub.db'};")
+        echo("   offices astana and almaty are registered (their tokens are stored as hashes).")
         offices = [Office(base, name, url, token) for name, token in tokens.items()]
         for office in offices:
             stack.callback(office.close)
@@ -136,7 +137,8 @@ def _story(echo: Echo, base: Path) -> None:
             almaty.sync()
         except HubUnavailableError as exc:
             echo(f"   almaty: sync failed: {exc}")
-        echo(f"   almaty keeps its {almaty.store.status().pending} pending changes for later")
+        pending = almaty.store.status().pending
+        echo(f"   almaty keeps its {pending} changes (node status: {pending} pending) for later")
 
         time.sleep(0.01)  # Astana decides a little later than Almaty
         gone_name = _case(astana, gone)
@@ -159,7 +161,8 @@ def _story(echo: Echo, base: Path) -> None:
         size, notes = almaty.store.db.conn.execute(
             "SELECT household_size, notes FROM cases WHERE id = ?", [shared]
         ).fetchone()
-        echo(f"   {_case(almaty, shared)}: both edits kept: household_size {size}, notes {notes!r}")
+        echo(f"   {_case(almaty, shared)}: edits to different fields merge cleanly:")
+        echo(f"      household_size {size} (from almaty), notes {notes!r} (from astana)")
         deleted = almaty.store.db.conn.execute("SELECT count(*) FROM cases WHERE id = ?", [gone])
         echo(f"   {gone_name}: deleted in almaty too ({deleted.fetchone()[0]} rows left)")
 
