@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 COUNTER_BITS = 16
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HLC_HEX = re.compile(r"[0-9a-f]{16}")
 
 
 def check_node_name(name: str) -> str:
     """Return ``name`` if it can name a node (office), else raise ``ValueError``."""
-    if not isinstance(name, str) or not _NODE_NAME.match(name):
+    if not isinstance(name, str) or not _NODE_NAME.fullmatch(name):
         raise ValueError(
             f"invalid office name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -66,13 +67,16 @@ class Timestamp:
     @classmethod
     def parse(cls, text: str) -> Timestamp:
         """Parse the text form ``0123456789abcdef-node``; raise ``ValueError`` if malformed."""
-        if not isinstance(text, str) or len(text) < 18 or text[16] != "-":
+        # Only the canonical form: versions are compared as text, so two spellings
+        # of one stamp must not both be accepted.
+        if (
+            not isinstance(text, str)
+            or len(text) < 18
+            or text[16] != "-"
+            or not _HLC_HEX.fullmatch(text[:16])
+        ):
             raise ValueError(f"invalid timestamp {text!r}")
-        try:
-            hlc = int(text[:16], 16)
-        except ValueError:
-            raise ValueError(f"invalid timestamp {text!r}") from None
-        return cls(hlc, check_node_name(text[17:]))
+        return cls(int(text[:16], 16), check_node_name(text[17:]))
 
 
 class HybridClock:

@@ -101,20 +101,11 @@ def merge(current: RecordState | None, change: Change, policy: str = "merge") ->
 
     conflicts: list[Conflict] = []
     changed = False
+    lost_delete: str | None = None
     if state.deleted:
         # Bring the record back; the delete loses unless this office had seen it.
         if change.base.get(EXISTS) != state.versions.get(EXISTS):
-            conflicts.append(
-                Conflict(
-                    "delete",
-                    None,
-                    dict(change.values),
-                    ts,
-                    None,
-                    state.versions[EXISTS],
-                    open=policy == "manual",
-                )
-            )
+            lost_delete = state.versions[EXISTS]
         state.deleted = False
         state.versions[EXISTS] = ts
         changed = True
@@ -153,7 +144,9 @@ def merge(current: RecordState | None, change: Change, policy: str = "merge") ->
                     open=False,
                 )
             )
-        return Outcome(state, conflicts, changed, exact=False)
+        return Outcome(
+            state, _with_delete(conflicts, lost_delete, state, ts, policy), changed, exact=False
+        )
 
     for col, value in change.values.items():
         have = state.versions.get(col)
@@ -179,7 +172,20 @@ def merge(current: RecordState | None, change: Change, policy: str = "merge") ->
             changed = True
         else:
             conflicts.append(Conflict("field", col, old, have, value, ts, open=False))
+    conflicts = _with_delete(conflicts, lost_delete, state, ts, policy)
     return Outcome(state, conflicts, changed, exact=saw_all and not conflicts)
+
+
+def _with_delete(
+    conflicts: list[Conflict], delete_version: str | None, state: RecordState, ts: str, policy: str
+) -> list[Conflict]:
+    """Prepend the conflict of a delete that lost to ``ts``, holding the record kept."""
+    if delete_version is None:
+        return conflicts
+    kept = Conflict(
+        "delete", None, dict(state.values), ts, None, delete_version, open=policy == "manual"
+    )
+    return [kept, *conflicts]
 
 
 def _delete(state: RecordState, change: Change, ts: str, saw_all: bool, policy: str) -> Outcome:

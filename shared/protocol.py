@@ -209,7 +209,7 @@ def check_version(data: Any, what: str) -> None:
     if not isinstance(data, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     version = data.get("protocol")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise VersionMismatchError(
             f"{what} speaks protocol {version!r}, this side speaks {PROTOCOL_VERSION}; "
             "upgrade fieldsync so both sides match"

@@ -178,10 +178,16 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
     if not pk:
         raise SchemaError(f"{origin}: table {name} has no primary key, so it cannot be synced")
     for col in columns:
-        if col.name == EXISTS or col.type == "BLOB":
+        if col.name == EXISTS or '"' in col.name or col.type == "BLOB":
             raise SchemaError(
                 f"{origin}: column {name}.{col.name} cannot be synced "
-                "(BLOB columns and the name '~' are not supported)"
+                "(BLOB columns, the name '~' and names with '\"' are not supported)"
+            )
+    for col in columns:
+        if col.name in pk and col.type not in ("TEXT", "INTEGER", "INT"):
+            raise SchemaError(
+                f"{origin}: primary key column {name}.{col.name} must be TEXT or INTEGER, "
+                f"not {col.type or 'untyped'}"
             )
     return Table(name, columns, pk, policy, create)
 

@@ -57,7 +57,8 @@ def run(op: tuple, paths: dict[str, Path], agents: dict[str, SyncAgent]) -> None
     with conn:
         if kind == "insert":
             conn.execute(
-                "INSERT OR IGNORE INTO cases (id, family_name, status) VALUES (?, ?, 'asylum_seeker')",
+                "INSERT OR IGNORE INTO cases (id, family_name, status) "
+                "VALUES (?, ?, 'asylum_seeker')",
                 [op[2], op[3]],
             )
         elif kind == "update":

@@ -94,6 +94,13 @@ def test_parse_round_trips(ts: Timestamp) -> None:
         pytest.param(None, id="none"),
         pytest.param(1, id="int"),
         pytest.param(b"0000000000000001-astana", id="bytes"),
+        pytest.param("0x00000000000001-a", id="0x-prefix"),
+        pytest.param("+000000000000001-a", id="plus-sign"),
+        pytest.param("-000000000000001-a", id="minus-sign"),
+        pytest.param(" 000000000000001-a", id="leading-space"),
+        pytest.param("0000_00000000001-a", id="underscore"),
+        pytest.param("000000000000000A-a", id="uppercase-hex"),
+        pytest.param("0000000000000001-a\n", id="trailing-newline"),
     ],
 )
 def test_parse_rejects_garbage(text: object) -> None:
@@ -106,7 +113,7 @@ def test_node_names_accepted(name: str) -> None:
     assert check_node_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "-a", ".a", "a b", "a/b", "a" * 65, "ü", None, 3])
+@pytest.mark.parametrize("name", ["", "-a", ".a", "a b", "a/b", "a" * 65, "ü", None, 3, "astana\n"])
 def test_node_names_rejected(name: object) -> None:
     with pytest.raises(ValueError, match="invalid office name"):
         check_node_name(name)  # type: ignore[arg-type]

@@ -114,7 +114,13 @@ def test_change_round_trip_property(
 ) -> None:
     base = {col: str(Timestamp(h, "almaty")) for col, h in base_hlcs.items()}
     change = Change(
-        seq, "cases", {"id": "c1"}, op, Timestamp(hlc, "hq"), None if op == "delete" else values, base
+        seq,
+        "cases",
+        {"id": "c1"},
+        op,
+        Timestamp(hlc, "hq"),
+        None if op == "delete" else values,
+        base,
     )
     assert Change.from_json(wire(change.to_json()), "hq") == change
 
@@ -254,7 +260,11 @@ def test_results_reject_malformed(reader: Any, data: Any) -> None:
     assert type(info.value) is ProtocolError
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1"], ids=["missing", "zero", "two", "string"])
+@pytest.mark.parametrize(
+    "version",
+    [None, 0, 2, "1", True, 1.0],
+    ids=["missing", "zero", "two", "string", "bool", "float"],
+)
 @pytest.mark.parametrize("reader", [PushResult.from_json, PullPage.from_json], ids=["push", "pull"])
 def test_wrong_protocol_version_raises_version_mismatch(reader: Any, version: Any) -> None:
     data = (_push_json if reader is PushResult.from_json else _page_json)()
@@ -364,6 +374,16 @@ def _toml(create: str, policy: str = "merge", name: str = "t") -> str:
             id="tilde-column",
         ),
         pytest.param(
+            _toml('CREATE TABLE t (a TEXT PRIMARY KEY, "q""x" TEXT)'),
+            "cannot be synced",
+            id="quote-in-column-name",
+        ),
+        pytest.param(
+            _toml("CREATE TABLE t (a REAL PRIMARY KEY)"),
+            "must be TEXT or INTEGER",
+            id="real-primary-key",
+        ),
+        pytest.param(
             _toml("CREATE TABLE other (a TEXT PRIMARY KEY)"),
             "does not create a table t",
             id="creates-another-table",
@@ -442,7 +462,9 @@ def test_check_value_rejects(column: str, value: Any) -> None:
 
 
 def test_check_value_unknown_column_lists_the_columns() -> None:
-    with pytest.raises(InvalidChangeError, match="table t has no column 'nmae'; its columns are id"):
+    with pytest.raises(
+        InvalidChangeError, match="table t has no column 'nmae'; its columns are id"
+    ):
         T.check_value("nmae", "x")
 
 

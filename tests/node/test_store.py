@@ -1,0 +1,628 @@
+"""NodeStore on real SQLite files: capture by triggers, pulls without echo, push bookkeeping."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlite_utils
+
+from node.store import NodeStore
+from shared.clock import COUNTER_BITS, Timestamp
+from shared.errors import ProtocolError, StoreError
+from shared.protocol import PullPage, PullRow
+from shared.schema import EXISTS, Schema
+from shared.sqlite import write
+
+HUB_URL = "http://127.0.0.1:9"
+CASE_COLUMNS = Schema.load().table("cases").column_names
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "astana.db"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[NodeStore]:
+    node = NodeStore.init(path, "astana", HUB_URL, "tok")
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@contextlib.contextmanager
+def plain(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection of the python sqlite3 module, as any program would open it."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:  # commit on success, roll back on error
+            yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def utils_db(path: Path) -> Iterator[sqlite_utils.Database]:
+    db = sqlite_utils.Database(path)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def shell(path: Path, sql: str) -> None:
+    """Run SQL through the sqlite3 command-line shell."""
+    exe = shutil.which("sqlite3")
+    if exe is None:
+        pytest.skip("the sqlite3 command-line shell is not installed")
+    subprocess.run([exe, str(path)], input=sql, text=True, check=True, timeout=30)
+
+
+def log(store: NodeStore) -> list[dict[str, Any]]:
+    """The change log, oldest first, with keys and values decoded."""
+    rows = store.db.conn.execute(
+        "SELECT seq, tbl, pk, op, hlc, vals FROM _fieldsync_changes ORDER BY seq"
+    ).fetchall()
+    return [
+        {
+            "seq": seq,
+            "table": tbl,
+            "pk": json.loads(pk),
+            "op": op,
+            "hlc": hlc,
+            "values": json.loads(vals) if vals is not None else None,
+        }
+        for seq, tbl, pk, op, hlc, vals in rows
+    ]
+
+
+def ops(store: NodeStore) -> list[tuple[str, str, list[Any], dict[str, Any] | None]]:
+    return [(c["table"], c["op"], c["pk"], c["values"]) for c in log(store)]
+
+
+def full(**values: Any) -> dict[str, Any]:
+    """A whole cases row as the insert trigger logs it: every column, nulls included."""
+    return {c: values.get(c) for c in CASE_COLUMNS}
+
+
+def versions(store: NodeStore, table: str, pk: list[Any]) -> dict[str, str] | None:
+    row = store.db.conn.execute(
+        "SELECT vers FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [table, json.dumps(pk)]
+    ).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def now_hlc() -> int:
+    return (time.time_ns() // 1_000_000) << COUNTER_BITS
+
+
+# -- init ---------------------------------------------------------------------------
+
+
+def test_init_creates_tables_state_and_triggers(store: NodeStore, path: Path) -> None:
+    assert (store.node, store.hub_url, store.token) == ("astana", HUB_URL, "tok")
+    assert list(store.schema.tables) == ["cases", "assistance"]
+    names = {
+        row[0]
+        for row in store.db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    }
+    assert {"_fieldsync_cases_insert", "_fieldsync_assistance_delete"} <= names
+    assert store.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.pending_count() == 0
+    assert store.cursor == 0
+    reopened = NodeStore(path)
+    try:
+        assert reopened.node == "astana"
+        assert reopened.schema.tables == store.schema.tables
+    finally:
+        reopened.close()
+
+
+def test_init_strips_trailing_slash(tmp_path: Path) -> None:
+    node = NodeStore.init(tmp_path / "x.db", "x", "http://hub:8000/", "t")
+    try:
+        assert node.hub_url == "http://hub:8000"
+    finally:
+        node.close()
+
+
+def test_init_twice_refuses(store: NodeStore, path: Path) -> None:
+    with pytest.raises(StoreError, match="already a fieldsync office database"):
+        NodeStore.init(path, "astana", HUB_URL, "tok")
+
+
+def test_init_rejects_bad_office_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="invalid office name"):
+        NodeStore.init(tmp_path / "x.db", "no spaces", HUB_URL, "tok")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_open_missing_or_foreign_database(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        NodeStore(tmp_path / "missing.db")
+    foreign = tmp_path / "foreign.db"
+    with plain(foreign) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(StoreError, match="not a fieldsync office database"):
+        NodeStore(foreign)
+
+
+def test_rows_existing_before_init_are_backfilled_as_inserts(path: Path) -> None:
+    schema = Schema.load()
+    with plain(path) as conn:
+        conn.execute(schema.table("cases").create)
+        conn.execute(schema.table("assistance").create)
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali'), ('c2', 'Bek')")
+        conn.execute("INSERT INTO assistance (id, case_id, quantity) VALUES ('a1', 'c1', 2.5)")
+    node = NodeStore.init(path, "astana", HUB_URL, "tok")
+    try:
+        assert sorted(ops(node), key=lambda c: (c[0], c[2])) == [
+            (
+                "assistance",
+                "insert",
+                ["a1"],
+                {
+                    "id": "a1",
+                    "case_id": "c1",
+                    "kind": None,
+                    "quantity": 2.5,
+                    "delivered_on": None,
+                    "office": None,
+                    "notes": None,
+                },
+            ),
+            ("cases", "insert", ["c1"], full(id="c1", family_name="Ali")),
+            ("cases", "insert", ["c2"], full(id="c2", family_name="Bek")),
+        ]
+        assert node.rows("cases")[0]["family_name"] == "Ali"
+        assert [c.op for c in node.pending(10)] == ["insert"] * 3
+    finally:
+        node.close()
+
+
+def test_init_refuses_an_existing_table_missing_columns(path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("CREATE TABLE cases (id TEXT PRIMARY KEY)")
+    with pytest.raises(StoreError, match="lacks column"):
+        NodeStore.init(path, "astana", HUB_URL, "tok")
+
+
+# -- capture ------------------------------------------------------------------------
+
+
+def test_python_sqlite3_writes_are_captured(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name, household_size) VALUES ('c1', 'Ali', 3)")
+    with plain(path) as conn:
+        conn.execute("UPDATE cases SET household_size = 4 WHERE id = 'c1'")
+    with plain(path) as conn:
+        conn.execute("DELETE FROM cases WHERE id = 'c1'")
+    assert ops(store) == [
+        ("cases", "insert", ["c1"], full(id="c1", family_name="Ali", household_size=3)),
+        ("cases", "update", ["c1"], {"household_size": 4}),
+        ("cases", "delete", ["c1"], None),
+    ]
+    assert store.rows("cases") == []
+
+
+def test_sqlite_utils_writes_are_captured(store: NodeStore, path: Path) -> None:
+    with utils_db(path) as db:
+        cases = db["cases"]
+        cases.insert({"id": "c1", "family_name": "Ali", "status": "refugee"})
+        cases.update("c1", {"notes": "visited"})
+        cases.upsert({"id": "c1", "status": "closed"}, pk="id")
+        cases.upsert({"id": "c2", "family_name": "Bek"}, pk="id")
+        cases.delete("c1")
+    assert ops(store) == [
+        ("cases", "insert", ["c1"], full(id="c1", family_name="Ali", status="refugee")),
+        ("cases", "update", ["c1"], {"notes": "visited"}),
+        ("cases", "update", ["c1"], {"status": "closed"}),
+        ("cases", "insert", ["c2"], full(id="c2", family_name="Bek")),
+        ("cases", "delete", ["c1"], None),
+    ]
+    assert [r["id"] for r in store.rows("cases")] == ["c2"]
+
+
+def test_replace_is_captured_as_the_whole_new_row(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name, notes) VALUES ('c1', 'A', 'n')")
+        # without recursive triggers, REPLACE fires only the insert trigger
+        conn.execute("INSERT OR REPLACE INTO cases (id, family_name) VALUES ('c1', 'B')")
+    with utils_db(path) as db:
+        # sqlite-utils turns recursive triggers on: the replaced row is logged deleted
+        db["cases"].insert({"id": "c1", "family_name": "C"}, replace=True)
+    assert ops(store)[1:] == [
+        ("cases", "insert", ["c1"], full(id="c1", family_name="B")),
+        ("cases", "delete", ["c1"], None),
+        ("cases", "insert", ["c1"], full(id="c1", family_name="C")),
+    ]
+    assert store.rows("cases") == [full(id="c1", family_name="C")]
+
+
+def test_sqlite3_shell_writes_are_captured(store: NodeStore, path: Path) -> None:
+    shell(
+        path,
+        "INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali');\n"
+        "INSERT INTO assistance (id, case_id, kind, quantity) VALUES ('a1', 'c1', 'food', 2);\n"
+        "UPDATE cases SET given_name = 'Olga', family_name = 'Ali' WHERE id = 'c1';\n"
+        "DELETE FROM assistance WHERE id = 'a1';\n",
+    )
+    assert [(t, op, pk) for t, op, pk, _ in ops(store)] == [
+        ("cases", "insert", ["c1"]),
+        ("assistance", "insert", ["a1"]),
+        ("cases", "update", ["c1"]),
+        ("assistance", "delete", ["a1"]),
+    ]
+    changes = log(store)
+    assert changes[1]["values"]["quantity"] == 2.0
+    assert changes[2]["values"] == {"given_name": "Olga"}
+
+
+def test_sqlite3_shell_rollback_logs_nothing(store: NodeStore, path: Path) -> None:
+    shell(
+        path,
+        "BEGIN;\nINSERT INTO cases (id) VALUES ('c1');\nDELETE FROM cases;\nROLLBACK;\n",
+    )
+    assert log(store) == []
+    assert store.rows("cases") == []
+
+
+def test_update_logs_only_the_changed_columns(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute(
+            "INSERT INTO cases (id, family_name, status, notes) "
+            "VALUES ('c1', 'Ali', 'refugee', 'n')"
+        )
+        conn.execute(
+            "UPDATE cases SET family_name = 'Ali', status = 'closed', notes = NULL WHERE id = 'c1'"
+        )
+    assert log(store)[1]["op"] == "update"
+    assert log(store)[1]["values"] == {"status": "closed", "notes": None}
+
+
+def test_update_of_a_column_with_an_awkward_name(tmp_path: Path) -> None:
+    create = (
+        'CREATE TABLE "odd table" ("the id" TEXT PRIMARY KEY, '
+        '"it\'s" TEXT, "a.b" TEXT, "n" INTEGER)'
+    )
+    schema = Schema.from_toml(f'[tables."odd table"]\ncreate = {json.dumps(create)}\n')
+    node = NodeStore.init(tmp_path / "odd.db", "astana", HUB_URL, "tok", schema)
+    try:
+        with plain(node.path) as conn:
+            conn.execute(
+                'INSERT INTO "odd table" ("the id", "it\'s", "a.b", n) VALUES (\'k\', 1, 2, 3)'
+            )
+            conn.execute('UPDATE "odd table" SET "a.b" = \'z\' WHERE "the id" = \'k\'')
+            conn.execute('UPDATE "odd table" SET "it\'s" = \'4\' WHERE "the id" = \'k\'')
+        assert [c["values"] for c in log(node)] == [
+            {"the id": "k", "it's": "1", "a.b": "2", "n": 3},
+            {"a.b": "z"},
+            {"it's": "4"},
+        ]
+    finally:
+        node.close()
+
+
+def test_noop_update_logs_nothing(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali')")
+        conn.execute("UPDATE cases SET family_name = family_name, notes = NULL")
+        conn.execute("UPDATE cases SET family_name = 'Ali' WHERE id = 'c1'")
+        conn.execute("UPDATE cases SET notes = 'x' WHERE id = 'nobody'")
+    assert [c["op"] for c in log(store)] == ["insert"]
+
+
+def test_rolled_back_transaction_logs_nothing(store: NodeStore, path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali')")
+        conn.execute("UPDATE cases SET family_name = 'Bek'")
+        assert conn.execute("SELECT count(*) FROM _fieldsync_changes").fetchone()[0] == 2
+        conn.rollback()
+    finally:
+        conn.close()
+    assert log(store) == []
+    assert store.rows("cases") == []
+    assert store.pending_count() == 0
+
+
+def test_failed_statement_logs_nothing(store: NodeStore, path: Path) -> None:
+    with pytest.raises(sqlite3.IntegrityError), plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, status) VALUES ('c1', 'refugee')")
+        conn.execute("INSERT INTO cases (id, status) VALUES ('c2', 'not-a-status')")
+    assert log(store) == []
+
+
+def test_stamps_strictly_increase(store: NodeStore, path: Path) -> None:
+    before = now_hlc()
+    with plain(path) as conn:
+        # one statement, many rows: each row gets its own tick
+        conn.executemany(
+            "INSERT INTO cases (id, household_size) VALUES (?, ?)",
+            [(f"c{i}", i) for i in range(20)],
+        )
+        conn.execute("UPDATE cases SET household_size = household_size + 1")
+    with utils_db(path) as db:
+        db["cases"].delete_where("household_size > 15")
+    stamps = [c["hlc"] for c in log(store)]
+    assert len(stamps) == 20 + 20 + 5
+    assert all(a < b for a, b in itertools.pairwise(stamps))
+    # julianday('now') goes through a double, so the SQL clock may trail by a millisecond
+    assert stamps[0] >= before - (2 << COUNTER_BITS)
+    assert Timestamp(stamps[-1], "astana").wall_ms <= time.time_ns() // 1_000_000 + 1
+
+
+def test_clock_offset_shifts_stamps(store: NodeStore, path: Path) -> None:
+    store.set_clock_offset(3_600_000)
+    assert store.clock_offset_ms == 3_600_000
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id) VALUES ('c1')")
+    wall = log(store)[0]["hlc"] >> COUNTER_BITS
+    expected = time.time_ns() // 1_000_000 + 3_600_000
+    assert expected - 60_000 < wall <= expected
+
+
+def test_changing_a_primary_key_logs_delete_then_insert(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali')")
+        conn.execute("UPDATE cases SET id = 'c9', notes = 'renumbered' WHERE id = 'c1'")
+    assert ops(store) == [
+        ("cases", "insert", ["c1"], full(id="c1", family_name="Ali")),
+        ("cases", "delete", ["c1"], None),
+        ("cases", "insert", ["c9"], full(id="c9", family_name="Ali", notes="renumbered")),
+    ]
+    stamps = [c["hlc"] for c in log(store)]
+    assert stamps[0] < stamps[1] < stamps[2]
+
+
+def test_record_policy_logs_the_whole_row_on_update(tmp_path: Path) -> None:
+    schema = Schema.from_toml(
+        '[tables.t]\npolicy = "record"\n'
+        'create = "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT, b TEXT)"\n'
+    )
+    node = NodeStore.init(tmp_path / "r.db", "astana", HUB_URL, "tok", schema)
+    try:
+        with plain(node.path) as conn:
+            conn.execute("INSERT INTO t VALUES ('k', 'x', 'y')")
+            conn.execute("UPDATE t SET a = 'z'")
+        assert log(node)[1]["values"] == {"id": "k", "a": "z", "b": "y"}
+    finally:
+        node.close()
+
+
+# -- apply_page (pull side) ----------------------------------------------------------
+
+
+def _row(
+    seq: int, pk: str, values: dict[str, Any] | None, hlc: int | None = None, node: str = "almaty"
+) -> PullRow:
+    version = str(Timestamp(hlc or now_hlc(), node))
+    vers = {c: version for c in (values or {})} if values is not None else {EXISTS: version}
+    return PullRow(seq, "cases", {"id": pk}, full(id=pk, **(values or {})), vers)
+
+
+def _page(rows: list[PullRow], cursor: int, more: bool = False) -> PullPage:
+    return PullPage(rows, cursor, more, time.time_ns() // 1_000_000, "astana")
+
+
+def test_apply_page_writes_rows_without_echo(store: NodeStore) -> None:
+    r1 = _row(3, "c1", {"family_name": "Ali", "household_size": 2})
+    r2 = _row(4, "c2", {"family_name": "Bek"})
+    assert store.apply_page(_page([r1, r2], cursor=4)) == 2
+    assert store.rows("cases") == [
+        full(id="c1", family_name="Ali", household_size=2),
+        full(id="c2", family_name="Bek"),
+    ]
+    assert log(store) == []  # no echo
+    assert store.cursor == 4
+    assert versions(store, "cases", ["c1"]) == r1.versions
+    assert store.db.conn.execute("SELECT applying FROM _fieldsync_state").fetchone()[0] == 0
+    # an update of an existing row and a delete are not echoed either
+    r1b = _row(7, "c1", {"family_name": "Alieva"})
+    gone = PullRow(8, "cases", {"id": "c2"}, None, {EXISTS: str(Timestamp(now_hlc(), "hq"))})
+    assert store.apply_page(_page([r1b, gone], cursor=8)) == 2
+    assert store.rows("cases") == [full(id="c1", family_name="Alieva")]
+    assert log(store) == []
+    assert store.cursor == 8
+    # ...while local writes after it still are
+    with plain(store.path) as conn:
+        conn.execute("UPDATE cases SET notes = 'x'")
+    assert ops(store) == [("cases", "update", ["c1"], {"notes": "x"})]
+
+
+def test_apply_page_skips_records_with_pending_local_changes(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Local')")
+    page = _page([_row(5, "c1", {"family_name": "Remote"}), _row(6, "c2", {"family_name": "B"})], 6)
+    assert store.apply_page(page) == 1
+    assert [(r["id"], r["family_name"]) for r in store.rows("cases")] == [
+        ("c1", "Local"),
+        ("c2", "B"),
+    ]
+    assert versions(store, "cases", ["c1"]) is None
+    assert store.pending_count() == 1
+    assert store.cursor == 6
+
+
+def test_apply_page_moves_the_clock_past_pulled_versions(store: NodeStore, path: Path) -> None:
+    future = now_hlc() + (3_600_000 << COUNTER_BITS)  # another office an hour ahead
+    store.apply_page(_page([_row(1, "c1", {"family_name": "A"}, hlc=future)], 1))
+    with plain(path) as conn:
+        conn.execute("UPDATE cases SET family_name = 'B'")
+    assert log(store)[0]["hlc"] > future
+
+
+def test_apply_page_rejects_a_bad_record_and_writes_nothing(store: NodeStore) -> None:
+    good = _row(1, "c1", {"family_name": "A"})
+    bad = PullRow(2, "cases", {"id": "c2"}, {"id": "c2", "household_size": "three"}, {})
+    with pytest.raises(ProtocolError):
+        store.apply_page(_page([good, bad], 2))
+    unknown = PullRow(2, "people", {"id": "p1"}, {"id": "p1"}, {})
+    with pytest.raises(ProtocolError):
+        store.apply_page(_page([good, unknown], 2))
+    bad_version = PullRow(2, "cases", {"id": "c2"}, {"id": "c2"}, {"id": "yesterday"})
+    with pytest.raises(ProtocolError, match="cannot take"):
+        store.apply_page(_page([good, bad_version], 2))
+    assert store.rows("cases") == []
+    assert store.cursor == 0
+
+
+def test_apply_page_with_no_rows_saves_the_cursor(store: NodeStore) -> None:
+    assert store.apply_page(_page([], 42)) == 0
+    assert store.cursor == 42
+
+
+# -- pending and mark_acked (push side) ------------------------------------------------
+
+
+def test_pending_base_comes_from_versions_and_earlier_changes(store: NodeStore, path: Path) -> None:
+    pulled = _row(1, "c1", {"family_name": "A", "status": "refugee"})
+    store.apply_page(_page([pulled], 1))
+    with plain(path) as conn:
+        conn.execute("UPDATE cases SET family_name = 'B' WHERE id = 'c1'")
+        conn.execute("UPDATE cases SET status = 'closed' WHERE id = 'c1'")
+        conn.execute("DELETE FROM cases WHERE id = 'c1'")
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c2', 'New')")
+        conn.execute("UPDATE cases SET notes = 'n' WHERE id = 'c2'")
+    changes = store.pending(100)
+    assert [(c.op, c.pk) for c in changes] == [
+        ("update", {"id": "c1"}),
+        ("update", {"id": "c1"}),
+        ("delete", {"id": "c1"}),
+        ("insert", {"id": "c2"}),
+        ("update", {"id": "c2"}),
+    ]
+    assert [c.seq for c in changes] == sorted(c.seq for c in changes)
+    assert all(c.ts.node == "astana" for c in changes)
+    upd1, upd2, dele, ins, upd3 = changes
+    assert upd1.base == pulled.versions
+    assert upd1.values == {"family_name": "B"}
+    assert upd2.base == pulled.versions | {"family_name": str(upd1.ts)}
+    assert dele.base == pulled.versions | {
+        "family_name": str(upd1.ts),
+        "status": str(upd2.ts),
+    }
+    assert dele.values is None
+    assert ins.base == {}
+    assert upd3.base == dict.fromkeys(CASE_COLUMNS, str(ins.ts))
+    # limit takes the oldest
+    assert store.pending(2) == changes[:2]
+
+
+def test_mark_acked_forgets_changes_and_records_versions(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'A')")
+        conn.execute("UPDATE cases SET family_name = 'B'")
+        conn.execute("UPDATE cases SET notes = 'n'")
+    ins, upd, last = store.pending(10)
+    store.mark_acked(upd.seq, [ins, upd, last])
+    assert store.pending_count() == 1
+    assert [c.seq for c in store.pending(10)] == [last.seq]
+    expected = dict.fromkeys(CASE_COLUMNS, str(ins.ts)) | {"family_name": str(upd.ts)}
+    assert versions(store, "cases", ["c1"]) == expected
+    assert store.pending(10)[0].base == expected
+    acked = store.db.conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
+    assert acked == upd.seq
+    # the rest, then a delete that versions existence
+    store.mark_acked(last.seq, [last])
+    assert store.pending_count() == 0
+    with plain(path) as conn:
+        conn.execute("DELETE FROM cases")
+    [dele] = store.pending(10)
+    store.mark_acked(dele.seq, [dele])
+    assert versions(store, "cases", ["c1"])[EXISTS] == str(dele.ts)  # type: ignore[index]
+    # acked_seq never goes back
+    store.mark_acked(1, [])
+    acked = store.db.conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
+    assert acked == dele.seq
+
+
+def test_pulls_resume_for_a_record_once_its_changes_are_acked(store: NodeStore, path: Path) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Local')")
+    changes = store.pending(10)
+    store.mark_acked(changes[-1].seq, changes)
+    assert store.apply_page(_page([_row(9, "c1", {"family_name": "Hub"})], 9)) == 1
+    assert store.rows("cases")[0]["family_name"] == "Hub"
+    assert log(store) == []
+
+
+# -- status -------------------------------------------------------------------------
+
+
+def test_status_numbers(store: NodeStore, path: Path) -> None:
+    status = store.status()
+    assert status.node == "astana"
+    assert status.hub_url == HUB_URL
+    assert status.pending == 0
+    assert status.oldest_pending_at is None
+    assert status.last_sync_at is None
+    assert status.last_error is None
+    assert status.cursor == 0
+    assert status.clock_offset_ms == 0
+
+    with plain(path) as conn:
+        conn.executemany("INSERT INTO cases (id) VALUES (?)", [("a",), ("b",), ("c",)])
+    store.apply_page(_page([], 17))
+    store.set_clock_offset(-250)
+    store.record_sync(pushed=3, pulled=1, conflicts=0)
+    status = store.status()
+    assert status.pending == 3
+    oldest = datetime.fromisoformat(status.oldest_pending_at or "")
+    assert abs(oldest.timestamp() - time.time()) < 60
+    assert status.cursor == 17
+    assert status.clock_offset_ms == -250
+    assert status.last_sync_at is not None
+    assert status.last_success_at == status.last_sync_at
+    assert status.last_error is None
+
+    store.record_sync(pushed=0, pulled=0, conflicts=0, error="hub down")
+    status = store.status()
+    assert status.last_error == "hub down"
+    assert status.last_error_at is not None
+    assert status.last_success_at is not None
+    data = status.to_json()
+    assert data["pending"] == 3
+    assert data["last_error"] == "hub down"
+    assert set(data) == {
+        "node",
+        "hub_url",
+        "pending",
+        "oldest_pending_at",
+        "last_sync_at",
+        "last_success_at",
+        "last_error",
+        "last_error_at",
+        "cursor",
+        "clock_offset_ms",
+    }
+
+
+def test_set_hub(store: NodeStore, path: Path) -> None:
+    store.set_hub("http://other:8000/", "tok2")
+    assert (store.hub_url, store.token) == ("http://other:8000", "tok2")
+    reopened = NodeStore(path)
+    try:
+        assert (reopened.hub_url, reopened.token) == ("http://other:8000", "tok2")
+    finally:
+        reopened.close()
+
+
+def test_write_helper_rolls_back_on_error(store: NodeStore) -> None:
+    with pytest.raises(RuntimeError), write(store.db) as conn:
+        conn.execute("INSERT INTO cases (id) VALUES ('c1')")
+        raise RuntimeError("boom")
+    assert store.rows("cases") == []
+    assert log(store) == []
