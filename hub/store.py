@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -33,6 +34,8 @@ from shared.schema import EXISTS, Schema, Table
 from shared.sqlite import connect, create_tables, put_row, table_rows, write
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
+
+log = logging.getLogger("fieldsync.hub")
 
 _HUB_TABLES = """
 CREATE TABLE IF NOT EXISTS _fieldsync_meta (
@@ -406,6 +409,11 @@ class SqliteHubStore:
             conn.execute("BEGIN")
             try:
                 last = self._last_seq(conn)
+                if cursor > last:
+                    # A cursor from the future: this hub was restored from an older
+                    # backup. Serve everything again so the office converges.
+                    log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
+                    cursor = 0
                 rows = conn.execute(
                     "SELECT tbl, pk, seq, deleted, vals, vers FROM _fieldsync_records "
                     "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
@@ -430,7 +438,7 @@ class SqliteHubStore:
                 stored = json.loads(vals)
                 values = {c: stored.get(c) for c in table.column_names}
             page_rows.append(PullRow(seq, tbl, pk_dict, values, json.loads(vers)))
-        next_cursor = rows[-1][2] if more else max(last, cursor)
+        next_cursor = rows[-1][2] if more else last
         return PullPage(page_rows, next_cursor, more, self._now(), node)
 
     # -- conflicts ------------------------------------------------------------

@@ -124,6 +124,16 @@ class SyncAgent:
                     continue
                 self._check_identity(result.node)
                 self._learn_offset(sent, result.hub_time_ms)
+                if result.acked > self.store.last_seq():
+                    # The hub holds numbers this database never gave out: it was
+                    # restored from a backup. Renumber what it holds and send again.
+                    moved = self.store.renumber_after(result.acked)
+                    log.warning(
+                        "%s looks restored from a backup; %d queued changes renumbered",
+                        self.store.path,
+                        moved,
+                    )
+                    continue
                 self.store.mark_acked(result.acked, batch)
                 pushed += result.applied
                 conflicts += result.conflicts

@@ -331,6 +331,36 @@ class NodeStore:
             [(tbl, key, json.dumps(vers)) for (tbl, key), vers in versions.items()],
         )
 
+    def last_seq(self) -> int:
+        """The highest change-log number this database has ever given out."""
+        row = self.db.conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = '_fieldsync_changes'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def renumber_after(self, acked: int) -> int:
+        """Give pending changes numbers above ``acked``; return how many.
+
+        The hub has acknowledged numbers this database never gave out: it is a copy
+        restored from an older backup, and its newer changes reuse numbers the hub
+        already holds, which the hub would skip as replays. Renumbered, they are
+        sent as new.
+        """
+        with write(self.db) as conn:
+            rows = conn.execute("SELECT seq FROM _fieldsync_changes ORDER BY seq").fetchall()
+            # Above every number in use, so no renumbered change collides with another.
+            start = max(acked, rows[-1][0] if rows else 0)
+            conn.executemany(
+                "UPDATE _fieldsync_changes SET seq = ? WHERE seq = ?",
+                [(start + i + 1, seq) for i, (seq,) in enumerate(rows)],
+            )
+            conn.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = '_fieldsync_changes'",
+                [start + len(rows)],
+            )
+            conn.execute("UPDATE _fieldsync_state SET acked_seq = ?", [acked])
+            return len(rows)
+
     def restamp(self, hub_now_ms: int, shift_ms: int) -> int:
         """Move pending changes stamped in the hub's future by ``shift_ms``; return how many.
 

@@ -588,3 +588,23 @@ def test_change_from_node_side_is_accepted_verbatim(
     assert response.status_code == 200, response.text
     [row] = hub_store.rows("assistance")
     assert (row["kind"], row["quantity"]) == ("food", 2.5)
+
+
+def test_cursor_past_the_hubs_last_seq_serves_everything_again(hub_store: SqliteHubStore) -> None:
+    # An office's cursor is ahead when the hub was restored from an older backup.
+    token = hub_store.add_node("astana")
+    other = hub_store.add_node("almaty")
+    assert token != other
+    c = Change(
+        1,
+        "cases",
+        {"id": "c1"},
+        "insert",
+        Timestamp(now_ms() << COUNTER_BITS, "astana"),
+        {"id": "c1", "family_name": "Ali"},
+        {},
+    )
+    hub_store.push("astana", [c])
+    page = hub_store.pull("almaty", 10_000, 100)
+    assert [row.pk for row in page.rows] == [{"id": "c1"}]
+    assert page.cursor == 1 and page.more is False
