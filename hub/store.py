@@ -404,29 +404,23 @@ class SqliteHubStore:
 
     def pull(self, node: str, cursor: int, limit: int) -> PullPage:
         """Records changed after ``cursor`` (except those ``node`` already has)."""
-        with self._lock:
-            conn = self.db.conn
-            conn.execute("BEGIN")
-            try:
-                last = self._last_seq(conn)
-                if cursor > last:
-                    # A cursor from the future: this hub was restored from an older
-                    # backup. Serve everything again so the office converges.
-                    log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
-                    cursor = 0
-                rows = conn.execute(
-                    "SELECT tbl, pk, seq, deleted, vals, vers FROM _fieldsync_records "
-                    "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
-                    [cursor, node, limit + 1],
-                ).fetchall()
-                conn.execute(
-                    "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
-                    [_utcnow(), _utcnow(), node],
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        # IMMEDIATE: the read and the last-pull note are one consistent snapshot.
+        with self._lock, write(self.db) as conn:
+            last = self._last_seq(conn)
+            if cursor > last:
+                # A cursor from the future: this hub was restored from an older
+                # backup. Serve everything again so the office converges.
+                log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
+                cursor = 0
+            rows = conn.execute(
+                "SELECT tbl, pk, seq, deleted, vals, vers FROM _fieldsync_records "
+                "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
+                [cursor, node, limit + 1],
+            ).fetchall()
+            conn.execute(
+                "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
+                [_utcnow(), _utcnow(), node],
+            )
         more = len(rows) > limit
         rows = rows[:limit]
         page_rows = []
