@@ -186,7 +186,7 @@ def create_app(
         if isinstance(exc, ProtocolError):
             return _error(exc.code, str(exc))
         log.error("request failed: %s", type(exc).__name__)
-        return _error("bad_request", str(exc), status.HTTP_500_INTERNAL_SERVER_ERROR)
+        return _error("internal", str(exc), status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

@@ -30,7 +30,7 @@ from shared.clock import HybridClock, Timestamp, check_node_name, now_ms
 from shared.errors import AuthError, ClockSkewError, FieldsyncError, InvalidChangeError
 from shared.merge import Conflict, RecordState, merge
 from shared.protocol import Change, PullPage, PullRow, PushResult
-from shared.schema import EXISTS, Schema, Table
+from shared.schema import EXISTS, Schema, Table, load_custom
 from shared.sqlite import connect, create_tables, put_row, table_rows, write
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
@@ -208,6 +208,11 @@ class SqliteHubStore:
                         "omit --schema to use the stored one"
                     )
             create_tables(conn, self.schema)
+            self._custom = {
+                t.name: load_custom(t.policy)
+                for t in self.schema.tables.values()
+                if t.policy.startswith("custom:")
+            }
             row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'hlc'").fetchone()
             if row is not None:
                 self.clock.observe(int(row[0]))
@@ -342,7 +347,27 @@ class SqliteHubStore:
         table = self.schema.table(change.table)
         key = table.pk_key(change.pk)
         current = self._load(conn, table.name, key)
-        outcome = merge(current, change, table.policy)
+        custom = self._custom.get(table.name)
+        try:
+            outcome = merge(current, change, table.policy, custom)
+        except Exception as exc:
+            if custom is None:
+                raise
+            # The hub's own merge function failed: nothing of the batch is applied and
+            # the office retries later; the message names the function, not the data.
+            raise FieldsyncError(
+                f"the custom merge function of table {table.name} ({table.policy}) failed "
+                f"with {type(exc).__name__}; fix it on the hub"
+            ) from exc
+        if custom is not None:
+            for name, value in outcome.state.values.items():
+                try:
+                    table.check_value(name, value)
+                except InvalidChangeError as exc:
+                    raise FieldsyncError(
+                        f"the custom merge function of table {table.name} returned a bad "
+                        f"record: {exc}; fix it on the hub"
+                    ) from None
         self._store(
             conn, table, change.pk, key, outcome.state, seq, node if outcome.exact else None
         )

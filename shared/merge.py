@@ -21,6 +21,9 @@ For each column the change sets:
   record    the whole later record wins      the same; the losing record is logged
   manual    both kept                        the hub keeps its value; the other
                                              waits in the log as an open conflict
+  custom    both kept                        a Python function named in the schema
+                                             returns the merged record; the incoming
+                                             values are logged
   ========  ===============================  =====================================
 
 Deletes are tombstones: the record's last values and versions are kept, marked
@@ -36,6 +39,7 @@ hub's decisions, whatever the policy. It is pure: no I/O, no clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +65,7 @@ class Conflict:
     whose values are whole records (or None for the delete side).
     """
 
-    kind: str  # field, record or delete
+    kind: str  # field, record, delete or custom
     column: str | None
     kept_value: Any
     kept_version: str | None
@@ -84,8 +88,31 @@ def _node_of(version: str | None) -> str:
     return Timestamp.parse(version).node if version else ""
 
 
-def merge(current: RecordState | None, change: Change, policy: str = "merge") -> Outcome:
-    """Apply ``change`` to ``current`` (None if the hub has never seen the record)."""
+@dataclass(frozen=True, slots=True)
+class MergeRequest:
+    """What a custom merge function is given when two offices edited a field concurrently."""
+
+    table: str
+    current: dict[str, Any]  # the record as the hub holds it
+    incoming: dict[str, Any]  # the columns the incoming change sets
+    columns: tuple[str, ...]  # the columns both sides changed to different values
+    office: str  # the office the incoming change comes from
+
+
+CustomMerge = Callable[[MergeRequest], dict[str, Any]]
+
+
+def merge(
+    current: RecordState | None,
+    change: Change,
+    policy: str = "merge",
+    custom: CustomMerge | None = None,
+) -> Outcome:
+    """Apply ``change`` to ``current`` (None if the hub has never seen the record).
+
+    ``custom`` is the function of a ``custom:`` policy; it decides the record when
+    the change is concurrent with another office's edit of the same field.
+    """
     ts = str(change.ts)
     if current is None:
         if change.values is None:
@@ -147,6 +174,30 @@ def merge(current: RecordState | None, change: Change, policy: str = "merge") ->
         return Outcome(
             state, _with_delete(conflicts, lost_delete, state, ts, policy), changed, exact=False
         )
+
+    if custom is not None:
+        clashing = tuple(
+            col
+            for col, value in change.values.items()
+            if change.base.get(col) != state.versions.get(col)
+            and state.versions.get(col) is not None
+            and state.values.get(col) != value
+        )
+        if clashing:
+            request = MergeRequest(
+                change.table, dict(state.values), dict(change.values), clashing, change.ts.node
+            )
+            merged = custom(request)
+            latest = max(current.versions.values(), default=ts)
+            for col, value in merged.items():
+                if state.values.get(col) != value or col in change.values:
+                    state.values[col] = value
+                    state.versions[col] = ts
+            conflict = Conflict(
+                "custom", None, dict(state.values), latest, dict(change.values), ts, open=False
+            )
+            conflicts = _with_delete([conflict], lost_delete, state, ts, policy)
+            return Outcome(state, conflicts, changed=True, exact=False)
 
     for col, value in change.values.items():
         have = state.versions.get(col)

@@ -9,10 +9,12 @@ the declaration cannot disagree with the tables it creates.
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import sqlite3
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any
 from shared.errors import InvalidChangeError, SchemaError
 
 POLICIES = ("merge", "record", "manual")
+# A custom policy names a Python function the hub imports: custom:package.module:function
+_CUSTOM = re.compile(r"custom:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 # Pseudo-column that versions a record's existence (set by deletes and re-inserts).
 EXISTS = "~"
 
@@ -101,6 +105,21 @@ class Table:
             )
 
 
+def load_custom(policy: str) -> Callable[..., Any]:
+    """Import the function a ``custom:package.module:function`` policy names."""
+    match = _CUSTOM.fullmatch(policy)
+    if match is None:
+        raise SchemaError(f"{policy!r} is not a custom:package.module:function policy")
+    module_name, func_name = match.groups()
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise SchemaError(f"cannot load the merge function of policy {policy!r}: {exc}") from exc
+    if not callable(func):
+        raise SchemaError(f"{policy!r} does not name a function")
+    return func  # type: ignore[no-any-return]
+
+
 def pk_key(values: list[Any]) -> str:
     """Canonical text of a primary key; byte-identical to SQLite's json_array()."""
     return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
@@ -160,10 +179,10 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
     if name.startswith(("_fieldsync", "sqlite_")):
         raise SchemaError(f"{origin}: table name {name!r} is reserved")
     policy = entry.get("policy", "merge")
-    if policy not in POLICIES:
+    if policy not in POLICIES and not _CUSTOM.fullmatch(str(policy)):
         raise SchemaError(
             f"{origin}: table {name} has unknown policy {policy!r}; "
-            f"use one of {', '.join(POLICIES)}"
+            f"use one of {', '.join(POLICIES)} or custom:package.module:function"
         )
     create = entry["create"].strip().rstrip(";")
     try:

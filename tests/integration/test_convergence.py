@@ -73,7 +73,10 @@ def run(op: tuple, paths: dict[str, Path], agents: dict[str, SyncAgent]) -> None
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(operations, st.sampled_from(["merge", "record", "manual"]))
+@given(
+    operations,
+    st.sampled_from(["merge", "record", "manual", "custom:tests.custom_merge:larger_household"]),
+)
 def test_offices_converge_after_two_rounds(ops, policy):
     from shared.schema import Schema
 

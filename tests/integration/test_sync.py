@@ -220,6 +220,51 @@ def test_record_policy_whole_later_record_wins(policy_hub, tmp_path):
             office.store.close()
 
 
+@pytest.mark.parametrize(
+    "policy_hub", ["custom:tests.custom_merge:larger_household"], indirect=True
+)
+def test_custom_policy_function_merges_on_the_hub(policy_hub, tmp_path):
+    hub, (astana, almaty) = _offices(policy_hub, tmp_path)
+    try:
+        add_case(astana, "c1", household_size=3)
+        sync_all(astana, almaty)
+        write(astana, "UPDATE cases SET household_size = 6, notes = 'twins' WHERE id = 'c1'")
+        write(almaty, "UPDATE cases SET household_size = 4, notes = 'grandmother' WHERE id = 'c1'")
+        sync_all(astana, almaty)
+        assert_converged(hub, astana, almaty)
+        row = case(hub, "c1")
+        assert (row["household_size"], row["notes"]) == (6, "grandmother | twins")
+        [conflict] = hub.store.conflicts()
+        assert conflict.kind == "custom"
+    finally:
+        for office in (astana, almaty):
+            office.client.close()
+            office.store.close()
+
+
+@pytest.mark.parametrize(
+    "policy_hub",
+    ["custom:tests.custom_merge:broken", "custom:tests.custom_merge:wrong_type"],
+    indirect=True,
+)
+def test_failing_custom_function_applies_nothing_and_keeps_changes(policy_hub, tmp_path):
+    hub, (astana, almaty) = _offices(policy_hub, tmp_path)
+    try:
+        add_case(astana, "c1", household_size=3)
+        sync_all(astana, almaty)
+        write(astana, "UPDATE cases SET household_size = 6 WHERE id = 'c1'")
+        write(almaty, "UPDATE cases SET household_size = 4, status = 'refugee' WHERE id = 'c1'")
+        sync_all(astana)
+        with pytest.raises(HubUnavailableError, match="custom merge function"):
+            almaty.sync()
+        assert almaty.store.pending_count() == 1
+        assert case(hub, "c1")["status"] == "asylum_seeker"  # nothing of the batch applied
+    finally:
+        for office in (astana, almaty):
+            office.client.close()
+            office.store.close()
+
+
 @pytest.mark.parametrize("policy_hub", ["manual"], indirect=True)
 def test_manual_policy_keeps_hub_value_until_an_admin_decides(policy_hub, tmp_path):
     hub, (astana, almaty) = _offices(policy_hub, tmp_path)

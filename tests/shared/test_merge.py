@@ -501,3 +501,41 @@ def test_greater_stamp_wins_every_contested_field(
             assert ab.state.values[col] == value
         elif win.values[col] != value:  # type: ignore[index]
             assert any(c.column == col and c.other_value == value for c in ab.conflicts)
+
+
+# -- custom policy ------------------------------------------------------------------
+
+
+def test_custom_function_decides_concurrent_edits_and_incoming_is_logged() -> None:
+    from shared.merge import MergeRequest
+
+    seen: list[MergeRequest] = []
+
+    def bigger(request: MergeRequest) -> dict[str, Any]:
+        seen.append(request)
+        return {**request.current, "household_size": 7}
+
+    s0 = start(household_size=3)
+    first = merge(s0, change("astana", 500, {"household_size": 5}, s0)).state
+    out = merge(first, change("almaty", 400, {"household_size": 4}, s0), "custom:x:y", bigger)
+    assert out.state.values["household_size"] == 7
+    [request] = seen
+    assert (request.columns, request.office, request.incoming) == (
+        ("household_size",),
+        "almaty",
+        {"household_size": 4},
+    )
+    [conflict] = out.conflicts
+    assert (conflict.kind, conflict.other_value) == ("custom", {"household_size": 4})
+    assert conflict.kept_value == out.state.values
+    assert out.exact is False
+
+
+def test_custom_function_is_not_called_without_a_concurrent_edit() -> None:
+    def never(request: Any) -> dict[str, Any]:
+        raise AssertionError("called")
+
+    s0 = start()
+    out = merge(s0, change("astana", 500, {"status": "closed"}, s0), "custom:x:y", never)
+    assert out.state.values["status"] == "closed"
+    assert out.conflicts == [] and out.exact is True

@@ -513,3 +513,29 @@ def test_pk_key_matches_sqlite_json_array(values: list[Any]) -> None:
     finally:
         conn.close()
     assert pk_key(values) == sqlite_text
+
+
+def test_custom_policy_is_accepted_and_its_function_loads() -> None:
+    from shared.schema import load_custom
+
+    schema = Schema.from_toml(
+        _toml("CREATE TABLE t (a TEXT PRIMARY KEY)", policy="custom:tests.custom_merge:broken")
+    )
+    assert schema.tables["t"].policy == "custom:tests.custom_merge:broken"
+    assert load_custom(schema.tables["t"].policy).__name__ == "broken"
+
+
+@pytest.mark.parametrize(
+    "policy",
+    ["custom:tests.custom_merge:missing", "custom:no_such_module_here:f"],
+)
+def test_custom_policy_that_cannot_load_is_a_schema_error(policy: str) -> None:
+    from shared.schema import load_custom
+
+    with pytest.raises(SchemaError, match="cannot load"):
+        load_custom(policy)
+
+
+def test_malformed_custom_policy_is_refused() -> None:
+    with pytest.raises(SchemaError, match="unknown policy"):
+        Schema.from_toml(_toml("CREATE TABLE t (a TEXT PRIMARY KEY)", policy="custom:nodots"))
