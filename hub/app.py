@@ -54,6 +54,7 @@ ERROR_CODES = {
     "forbidden": status.HTTP_403_FORBIDDEN,
     "not_found": status.HTTP_404_NOT_FOUND,
     "method_not_allowed": status.HTTP_405_METHOD_NOT_ALLOWED,
+    "diverged": status.HTTP_409_CONFLICT,
     "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
     "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
     "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -64,10 +65,12 @@ class _TooLargeError(ProtocolError):
     code = "too_large"
 
 
-def _error(code: str, detail: str, status_code: int | None = None) -> JSONResponse:
+def _error(
+    code: str, detail: str, status_code: int | None = None, details: dict[str, Any] | None = None
+) -> JSONResponse:
     # hub_time_ms lets an office whose clock is wrong correct it even from a refusal.
     return JSONResponse(
-        {"error": code, "detail": detail, "hub_time_ms": now_ms()},
+        {**(details or {}), "error": code, "detail": detail, "hub_time_ms": now_ms()},
         status_code=status_code or ERROR_CODES[code],
     )
 
@@ -174,7 +177,8 @@ def create_app(
             raise ProtocolError("cursor and limit must be whole numbers") from None
         if cursor < 0 or not 1 <= limit <= MAX_PAGE:
             raise ProtocolError(f"cursor must be >= 0 and limit between 1 and {MAX_PAGE}")
-        page = await run_in_threadpool(store.pull, node, cursor, limit)
+        own = request.query_params.get("own") == "1"
+        page = await run_in_threadpool(lambda: store.pull(node, cursor, limit, include_own=own))
         return JSONResponse(page.to_json())
 
     async def openapi(request: Request) -> JSONResponse:
@@ -182,7 +186,7 @@ def create_app(
 
     async def fieldsync_error(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, HubRejectedError):
-            return _error(exc.code, str(exc), exc.status)
+            return _error(exc.code, str(exc), exc.status, exc.details)
         if isinstance(exc, ProtocolError):
             return _error(exc.code, str(exc))
         log.error("request failed: %s", type(exc).__name__)
@@ -289,6 +293,13 @@ OPENAPI: dict[str, Any] = {
                         "name": "limit",
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                    },
+                    {
+                        "name": "own",
+                        "in": "query",
+                        "description": "1: also send records whose latest state came from "
+                        "this office (to rebuild its copy)",
+                        "schema": {"type": "integer", "enum": [0, 1]},
                     },
                 ],
                 "responses": {"200": {"description": "rows, cursor, more, hub_time_ms"}},

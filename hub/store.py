@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.clock import HybridClock, Timestamp, check_node_name, now_ms
-from shared.errors import AuthError, ClockSkewError, FieldsyncError, InvalidChangeError
+from shared.errors import (
+    AuthError,
+    ClockSkewError,
+    FieldsyncError,
+    HubRejectedError,
+    InvalidChangeError,
+)
 from shared.merge import Conflict, RecordState, merge
 from shared.protocol import Change, PullPage, PullRow, PushResult
 from shared.schema import EXISTS, Schema, Table, load_custom
@@ -62,6 +68,12 @@ CREATE TABLE IF NOT EXISTS _fieldsync_records (
     vers TEXT NOT NULL,
     PRIMARY KEY (tbl, pk)
 );
+CREATE TABLE IF NOT EXISTS _fieldsync_receipts (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hlc INTEGER NOT NULL,
+    PRIMARY KEY (node, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
     id INTEGER PRIMARY KEY,
     created_at TEXT NOT NULL,
@@ -141,6 +153,24 @@ class ConflictRecord:
         }
 
 
+def _check_unchanged(conflict_id: int, record: ConflictRecord, current: RecordState) -> None:
+    """Raise unless the record is as it was when the conflict was logged."""
+    if record.column is not None:
+        now = None if current.deleted else current.versions.get(record.column)
+    else:
+        now = max(current.versions.values(), default=None)
+    if now == record.kept_version:
+        return
+    since = "it was deleted" if current.deleted else "it changed"
+    if now is not None and not current.deleted:
+        stamp = Timestamp.parse(now)
+        since = f"{stamp.node} changed it at {_version_time(now)}"
+    raise FieldsyncError(
+        f"conflict {conflict_id}: the record changed after the conflict was logged "
+        f"({since}); check it, then resolve again with --force to apply anyway"
+    )
+
+
 def _version_time(version: str | None) -> str | None:
     if not version:
         return None
@@ -159,12 +189,14 @@ class HubStore(Protocol):
 
     def push(self, node: str, changes: Sequence[Change]) -> PushResult: ...
 
-    def pull(self, node: str, cursor: int, limit: int) -> PullPage: ...
+    def pull(
+        self, node: str, cursor: int, limit: int, *, include_own: bool = False
+    ) -> PullPage: ...
 
     def conflicts(self, status: str | None = None) -> list[ConflictRecord]: ...
 
     def resolve(
-        self, conflict_id: int, keep: str, by: str, value: Any = None
+        self, conflict_id: int, keep: str, by: str, value: Any = None, *, force: bool = False
     ) -> ConflictRecord: ...
 
     def close(self) -> None: ...
@@ -304,12 +336,17 @@ class SqliteHubStore:
                     seq = self._last_seq(conn)
                     for change in changes:
                         if change.seq <= acked:
+                            self._check_replay(conn, node, change, acked)
                             continue
                         seq += 1
                         conflicts += self._apply(conn, node, change, seq)
                         applied += 1
                         acked = change.seq
                         self.clock.observe(change.ts.hlc)
+                        conn.execute(
+                            "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)",
+                            [node, change.seq, change.ts.hlc],
+                        )
                     conn.execute(
                         "UPDATE _fieldsync_nodes SET acked_seq = ?, last_seen_at = ?, "
                         "last_push_at = ? WHERE name = ?",
@@ -322,6 +359,26 @@ class SqliteHubStore:
                     "nothing of it was applied"
                 ) from exc
         return PushResult(acked, applied, conflicts, self._now(), node)
+
+    def _check_replay(
+        self, conn: sqlite3.Connection, node: str, change: Change, acked: int
+    ) -> None:
+        """Pass a change the hub already committed; raise if its number was reused."""
+        row = conn.execute(
+            "SELECT hlc FROM _fieldsync_receipts WHERE node = ? AND seq = ?", [node, change.seq]
+        ).fetchone()
+        if row is not None and row[0] == change.ts.hlc:
+            return
+        # Same number, other change: the office database was restored from an older
+        # copy and numbers its new changes as the hub has already seen them.
+        raise HubRejectedError(
+            f"change {change.seq} of office {node} is not the change {change.seq} the hub "
+            "committed: the office database was restored from an older copy; its queued "
+            "changes must be renumbered (fieldsync does this by itself)",
+            "diverged",
+            409,
+            details={"acked": acked},
+        )
 
     def _last_seq(self, conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'seq'").fetchone()
@@ -427,8 +484,11 @@ class SqliteHubStore:
 
     # -- pull -----------------------------------------------------------------
 
-    def pull(self, node: str, cursor: int, limit: int) -> PullPage:
-        """Records changed after ``cursor`` (except those ``node`` already has)."""
+    def pull(self, node: str, cursor: int, limit: int, *, include_own: bool = False) -> PullPage:
+        """Records changed after ``cursor``, except those ``node`` already has.
+
+        ``include_own`` sends those too: for an office rebuilding its copy.
+        """
         # IMMEDIATE: the read and the last-pull note are one consistent snapshot.
         with self._lock, write(self.db) as conn:
             last = self._last_seq(conn)
@@ -440,7 +500,7 @@ class SqliteHubStore:
             rows = conn.execute(
                 "SELECT tbl, pk, seq, deleted, vals, vers FROM _fieldsync_records "
                 "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
-                [cursor, node, limit + 1],
+                [cursor, "" if include_own else node, limit + 1],
             ).fetchall()
             conn.execute(
                 "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
@@ -505,11 +565,15 @@ class SqliteHubStore:
             resolution=json.loads(row[15]) if row[15] is not None else None,
         )
 
-    def resolve(self, conflict_id: int, keep: str, by: str, value: Any = None) -> ConflictRecord:
+    def resolve(
+        self, conflict_id: int, keep: str, by: str, value: Any = None, *, force: bool = False
+    ) -> ConflictRecord:
         """Settle a conflict: keep the ``kept`` side, the ``other`` side, or a ``value``.
 
         The decision is written as a new hub change with a fresh stamp, so it reaches
-        every office on its next pull.
+        every office on its next pull. If the record changed since the conflict was
+        logged, writing the decision would silently undo that newer change, so it is
+        refused unless ``force`` is given.
         """
         if keep not in ("kept", "other", "value"):
             raise ValueError(f"keep must be 'kept', 'other' or 'value', not {keep!r}")
@@ -528,7 +592,7 @@ class SqliteHubStore:
             table.check_value(record.column, value)
         key = table.pk_key(record.pk)
         try:
-            self._resolve(conflict_id, record, table, key, keep, by, value)
+            self._resolve(conflict_id, record, table, key, keep, by, value, force)
         except sqlite3.IntegrityError as exc:
             raise InvalidChangeError(
                 f"cannot resolve conflict {conflict_id} that way: the value breaks a "
@@ -545,11 +609,19 @@ class SqliteHubStore:
         keep: str,
         by: str,
         value: Any,
+        force: bool,
     ) -> None:
         with self._lock, write(self.db) as conn:
+            status = conn.execute(
+                "SELECT status, resolved_by FROM _fieldsync_conflicts WHERE id = ?", [conflict_id]
+            ).fetchone()
+            if status[0] == "resolved":  # by someone else since we looked
+                raise FieldsyncError(f"conflict {conflict_id} was just resolved by {status[1]}")
             current = self._load(conn, table.name, key)
             if current is None:
                 raise FieldsyncError(f"the record of conflict {conflict_id} is gone")
+            if keep != "kept" and not force:
+                _check_unchanged(conflict_id, record, current)
             for version in current.versions.values():
                 self.clock.observe(Timestamp.parse(version).hlc)
             ts = str(self.clock.tick())

@@ -7,8 +7,10 @@ reached. This module is the only one that imports APScheduler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from node.store import NodeStore
 from shared.clock import now_ms
 from shared.errors import (
     ClockSkewError,
+    DivergedError,
     FieldsyncError,
     HubRejectedError,
     HubUnavailableError,
@@ -99,6 +102,11 @@ class SyncAgent:
             ) from None
         try:
             return self._sync()
+        except sqlite3.Error as exc:
+            error = StoreError(f"cannot sync {self.store.path}: local database error: {exc}")
+            with contextlib.suppress(sqlite3.Error):
+                self.store.record_sync(pushed=0, pulled=0, conflicts=0, error=str(error))
+            raise error from exc
         finally:
             self._lock.release()
 
@@ -106,45 +114,12 @@ class SyncAgent:
         started = time.monotonic()
         pushed = pulled = conflicts = 0
         try:
-            restamped = False
-            while batch := self.store.pending(self.batch_size):
-                sent = self._now()
-                try:
-                    result = self.client.push(batch)
-                except ClockSkewError as exc:
-                    if restamped or exc.hub_time_ms is None:
-                        raise
-                    # Our clock is wrong: learn by how much, re-stamp, send again.
-                    before = self.store.clock_offset_ms
-                    self._learn_offset(sent, exc.hub_time_ms)
-                    shift = self.store.clock_offset_ms - before
-                    self.store.restamp(exc.hub_time_ms, shift)
-                    restamped = True
-                    log.warning("%s; re-stamped the queued changes with the hub's time", exc)
-                    continue
-                self._check_identity(result.node)
-                self._learn_offset(sent, result.hub_time_ms)
-                if result.acked > self.store.last_seq():
-                    # The hub holds numbers this database never gave out: it was
-                    # restored from a backup. Renumber what it holds and send again.
-                    moved = self.store.renumber_after(result.acked)
-                    log.warning(
-                        "%s looks restored from a backup; %d queued changes renumbered",
-                        self.store.path,
-                        moved,
-                    )
-                    continue
-                self.store.mark_acked(result.acked, batch)
-                pushed += result.applied
-                conflicts += result.conflicts
-                if result.acked < batch[-1].seq:
-                    raise HubRejectedError(
-                        f"the hub acknowledged changes up to {result.acked} of "
-                        f"{batch[-1].seq}; the rest stay queued"
-                    )
+            pushed, conflicts = self._push_all()
             while True:
                 sent = self._now()
-                page = self.client.pull(self.store.cursor, self.page_size)
+                page = self.client.pull(
+                    self.store.cursor, self.page_size, include_own=self.store.repull
+                )
                 self._check_identity(page.node)
                 self._learn_offset(sent, page.hub_time_ms)
                 pulled += self.store.apply_page(page)
@@ -158,6 +133,63 @@ class SyncAgent:
         report = SyncReport(pushed, pulled, conflicts, time.monotonic() - started)
         self.store.record_sync(pushed=pushed, pulled=pulled, conflicts=conflicts)
         return report
+
+    def _push_all(self) -> tuple[int, int]:
+        """Push what was pending when the sync began; return (applied, conflicts).
+
+        Changes made while it runs wait for the next sync, so steady typing at the
+        office cannot keep the agent from pulling.
+        """
+        pushed = conflicts = 0
+        stop_at = self.store.last_seq()
+        batch_size = self.batch_size
+        restamped = renumbered = False
+        while (batch := self.store.pending(batch_size)) and batch[0].seq <= stop_at:
+            sent = self._now()
+            try:
+                result = self.client.push(batch)
+            except ClockSkewError as exc:
+                if restamped or exc.hub_time_ms is None:
+                    raise
+                # Our clock is wrong: learn by how much, re-stamp, send again.
+                before = self.store.clock_offset_ms
+                self._learn_offset(sent, exc.hub_time_ms)
+                self.store.restamp(exc.hub_time_ms, self.store.clock_offset_ms - before)
+                restamped = True
+                log.warning("%s; re-stamped the queued changes with the hub's time", exc)
+                continue
+            except DivergedError as exc:
+                acked = exc.details.get("acked")
+                if renumbered or not isinstance(acked, int):
+                    raise
+                moved = self.store.renumber_after(acked)
+                stop_at = self.store.last_seq()
+                renumbered = True
+                log.warning("%s: %d queued changes renumbered", exc, moved)
+                continue
+            except HubRejectedError as exc:
+                if exc.code != "too_large":
+                    raise
+                if len(batch) > 1:
+                    batch_size = max(1, len(batch) // 2)  # send smaller requests
+                    continue
+                raise HubRejectedError(
+                    f"change {batch[0].seq} ({batch[0].table} {batch[0].pk}) is larger than "
+                    f"the hub accepts in one request: {exc}",
+                    exc.code,
+                    exc.status,
+                ) from exc
+            self._check_identity(result.node)
+            self._learn_offset(sent, result.hub_time_ms)
+            self.store.mark_acked(result.acked, batch)
+            pushed += result.applied
+            conflicts += result.conflicts
+            if result.acked < batch[-1].seq:
+                raise HubRejectedError(
+                    f"the hub acknowledged changes up to {result.acked} of "
+                    f"{batch[-1].seq}; the rest stay queued"
+                )
+        return pushed, conflicts
 
     def _check_identity(self, node: str) -> None:
         if node != self.store.node:

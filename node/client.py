@@ -21,6 +21,7 @@ from shared import __version__
 from shared.errors import (
     AuthError,
     ClockSkewError,
+    DivergedError,
     HubRejectedError,
     HubUnavailableError,
     ProtocolError,
@@ -38,6 +39,7 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
     "unauthorized": AuthError,
     "forbidden": AuthError,
     "clock_skew": ClockSkewError,
+    "diverged": DivergedError,
 }
 
 
@@ -46,7 +48,7 @@ class HubClient(Protocol):
 
     def push(self, changes: Sequence[Change]) -> PushResult: ...
 
-    def pull(self, cursor: int, limit: int) -> PullPage: ...
+    def pull(self, cursor: int, limit: int, *, include_own: bool = False) -> PullPage: ...
 
 
 @contextmanager
@@ -63,10 +65,12 @@ def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
     if response.status_code < 400:
         return
     hub_time: int | None = None
+    details: dict[str, Any] = {}
     try:
         body = response.json()
         code, detail = str(body["error"]), str(body["detail"])
         hub_time = body.get("hub_time_ms") if isinstance(body.get("hub_time_ms"), int) else None
+        details = {k: v for k, v in body.items() if k not in ("error", "detail", "hub_time_ms")}
     except (ValueError, KeyError, TypeError, AttributeError):
         code, detail = "", response.text[:200].strip() or response.reason_phrase
     if response.status_code >= 500 or response.status_code == 429:
@@ -79,6 +83,7 @@ def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
         code or "rejected",
         response.status_code,
         hub_time,
+        details,
     )
 
 
@@ -137,8 +142,11 @@ class HttpHubClient:
         _raise_for_status(response, action, self.url)
         return PushResult.from_json(self._json(response, action))
 
-    def pull(self, cursor: int, limit: int) -> PullPage:
-        """Fetch the records changed after ``cursor``, at most ``limit`` of them."""
+    def pull(self, cursor: int, limit: int, *, include_own: bool = False) -> PullPage:
+        """Fetch the records changed after ``cursor``, at most ``limit`` of them.
+
+        ``include_own`` also fetches records whose latest state came from this office.
+        """
         action = "pull from"
         with _hub_errors(action, self.url):
             response = self._client.get(
@@ -147,6 +155,7 @@ class HttpHubClient:
                     "cursor": cursor,
                     "limit": limit,
                     **({"node": self.node} if self.node else {}),
+                    **({"own": 1} if include_own else {}),
                 },
                 headers=self._headers,
             )

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     token TEXT NOT NULL,
     schema TEXT NOT NULL,
     cursor INTEGER NOT NULL DEFAULT 0,
+    repull INTEGER NOT NULL DEFAULT 0,
     acked_seq INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     last_sync_at TEXT,
@@ -96,8 +97,28 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _json_object(prefix: str, columns: Iterable[str]) -> str:
-    return "json_object(" + ", ".join(f"{_lit(c)}, {prefix}.{quote(c)}" for c in columns) + ")"
+def _json_value(table: Table, prefix: str, column: str) -> str:
+    ref = f"{prefix}.{quote(column)}"
+    if table.column(column).type == "TEXT":
+        return ref  # TEXT affinity stores no REAL values
+    # json_object() prints REAL values with 15 digits; 17 round-trip exactly.
+    return f"CASE typeof({ref}) WHEN 'real' THEN json(printf('%!.17g', {ref})) ELSE {ref} END"
+
+
+def _json_object(table: Table, prefix: str, columns: Iterable[str]) -> str:
+    pairs = ", ".join(f"{_lit(c)}, {_json_value(table, prefix, c)}" for c in columns)
+    return f"json_object({pairs})"
+
+
+def _refuse_infinity(table: Table) -> str:
+    """Statements that abort a write of an infinite number, which JSON cannot carry."""
+    message = "fieldsync: {}.{} cannot hold an infinite number"
+    return "".join(
+        f"SELECT RAISE(ABORT, {_lit(message.format(table.name, c.name))}) "
+        f"WHERE NEW.{quote(c.name)} IN (9e999, -9e999);"
+        for c in table.columns
+        if c.type != "TEXT"
+    )
 
 
 def trigger_sql(table: Table) -> list[str]:
@@ -106,7 +127,8 @@ def trigger_sql(table: Table) -> list[str]:
     name = table.name.replace('"', "")
     pk_new = ", ".join(f"NEW.{quote(c)}" for c in table.primary_key)
     pk_old = ", ".join(f"OLD.{quote(c)}" for c in table.primary_key)
-    full_new = _json_object("NEW", table.column_names)
+    full_new = _json_object(table, "NEW", table.column_names)
+    guard = _refuse_infinity(table)
     others = [c for c in table.column_names if c not in table.primary_key]
     same_pk = " AND ".join(f"NEW.{quote(c)} IS OLD.{quote(c)}" for c in table.primary_key)
     some_changed = " OR ".join(f"NEW.{quote(c)} IS NOT OLD.{quote(c)}" for c in others) or "0"
@@ -115,11 +137,12 @@ def trigger_sql(table: Table) -> list[str]:
     else:
         # Only the columns the UPDATE changed, so edits to other fields merge.
         removals = ", ".join(
-            f"CASE WHEN NEW.{quote(c)} IS OLD.{quote(c)} THEN {_lit('$.' + json.dumps(c))} "
+            f"CASE WHEN NEW.{quote(c)} IS OLD.{quote(c)} "
+            f"THEN {_lit('$.' + json.dumps(c, ensure_ascii=False))} "
             "ELSE '$.__fieldsync_unchanged' END"
             for c in others
         )
-        changed_vals = f"json_remove({_json_object('NEW', others)}, {removals})"
+        changed_vals = f"json_remove({_json_object(table, 'NEW', others)}, {removals})"
     log = dict(table=_lit(table.name))
     return [
         _TRIGGER.format(
@@ -127,21 +150,22 @@ def trigger_sql(table: Table) -> list[str]:
             event="INSERT",
             table=t,
             when="",
-            body=_TICK + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
+            body=guard + _TICK + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
         ),
         _TRIGGER.format(
             name=quote(f"_fieldsync_{name}_update"),
             event="UPDATE",
             table=t,
             when=f" AND {same_pk} AND ({some_changed})",
-            body=_TICK + _LOG.format(**log, pk=pk_new, op="update", vals=changed_vals),
+            body=guard + _TICK + _LOG.format(**log, pk=pk_new, op="update", vals=changed_vals),
         ),
         _TRIGGER.format(
             name=quote(f"_fieldsync_{name}_rekey"),
             event="UPDATE",
             table=t,
             when=f" AND NOT ({same_pk})",
-            body=_TICK
+            body=guard
+            + _TICK
             + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL")
             + _TICK
             + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
@@ -332,7 +356,7 @@ class NodeStore:
         )
 
     def last_seq(self) -> int:
-        """The highest change-log number this database has ever given out."""
+        """The highest change-log number this database has given out."""
         row = self.db.conn.execute(
             "SELECT seq FROM sqlite_sequence WHERE name = '_fieldsync_changes'"
         ).fetchone()
@@ -341,10 +365,9 @@ class NodeStore:
     def renumber_after(self, acked: int) -> int:
         """Give pending changes numbers above ``acked``; return how many.
 
-        The hub has acknowledged numbers this database never gave out: it is a copy
+        The hub holds other changes under numbers this database uses: it is a copy
         restored from an older backup, and its newer changes reuse numbers the hub
-        already holds, which the hub would skip as replays. Renumbered, they are
-        sent as new.
+        already committed. Renumbered, they are sent as new.
         """
         with write(self.db) as conn:
             rows = conn.execute("SELECT seq FROM _fieldsync_changes ORDER BY seq").fetchall()
@@ -358,7 +381,11 @@ class NodeStore:
                 "UPDATE sqlite_sequence SET seq = ? WHERE name = '_fieldsync_changes'",
                 [start + len(rows)],
             )
-            conn.execute("UPDATE _fieldsync_state SET acked_seq = ?", [acked])
+            # Records this office sent since that copy was made are on the hub but no
+            # longer here: pull everything again, its own records included.
+            conn.execute(
+                "UPDATE _fieldsync_state SET acked_seq = ?, cursor = 0, repull = 1", [acked]
+            )
             return len(rows)
 
     def restamp(self, hub_now_ms: int, shift_ms: int) -> int:
@@ -404,6 +431,11 @@ class NodeStore:
     def cursor(self) -> int:
         return int(self.db.conn.execute("SELECT cursor FROM _fieldsync_state").fetchone()[0])
 
+    @property
+    def repull(self) -> bool:
+        """True while the office rebuilds its copy from the hub, its own records included."""
+        return bool(self.db.conn.execute("SELECT repull FROM _fieldsync_state").fetchone()[0])
+
     def apply_page(self, page: PullPage) -> int:
         """Apply pulled records and save the next cursor, in one transaction.
 
@@ -442,8 +474,9 @@ class NodeStore:
                 applied += 1
             self._save_versions(conn, versions)
             conn.execute(
-                "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?)",
-                [page.cursor, newest_seen],
+                "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?), "
+                "repull = repull AND ?",
+                [page.cursor, newest_seen, page.more],
             )
         return applied
 
@@ -514,6 +547,6 @@ def _backfill(conn: sqlite3.Connection, table: Table) -> None:
     conn.execute(
         "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, vals) "
         f"SELECT ?, json_array({pk}), 'insert', (SELECT hlc FROM _fieldsync_state), "
-        f"{_json_object('t', table.column_names)} FROM {quote(table.name)} AS t",
+        f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t",
         [table.name],
     )

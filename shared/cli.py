@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (FieldsyncError, ValueError, OSError) as exc:
+        except (FieldsyncError, ValueError, OSError, sqlite3.Error) as exc:
             if _debug(ctx):
                 raise
             raise click.ClickException(str(exc) or type(exc).__name__) from None
@@ -189,7 +190,10 @@ def _show(value: Any, kind: str) -> str:
 )
 @click.option("--value", "value", help="With --keep value: the value to write (JSON or text).")
 @click.option("--by", default="admin", show_default=True, help="Who decides (recorded).")
-def hub_resolve(conflict_id: int, db_path: str, keep: str, value: str | None, by: str) -> None:
+@click.option("--force", is_flag=True, help="Apply even if the record changed since the conflict.")
+def hub_resolve(
+    conflict_id: int, db_path: str, keep: str, value: str | None, by: str, force: bool
+) -> None:
     """Settle a conflict; the decision reaches every office on its next sync."""
     store = _open_hub(db_path)
     try:
@@ -211,7 +215,7 @@ def hub_resolve(conflict_id: int, db_path: str, keep: str, value: str | None, by
             parsed = _parse_value(store, record, value)
         elif value is not None:
             raise click.ClickException("--value goes with --keep value")
-        done = store.resolve(conflict_id, side, by, parsed)
+        done = store.resolve(conflict_id, side, by, parsed, force=force)
     finally:
         store.close()
     click.echo(
@@ -220,6 +224,10 @@ def hub_resolve(conflict_id: int, db_path: str, keep: str, value: str | None, by
 
 
 def _parse_value(store: Any, record: Any, text: str) -> Any:
+    if record.column is None:
+        raise click.ClickException(
+            f"conflict {record.id} is about a whole record; use --keep kept or --keep other"
+        )
     column = store.schema.table(record.table).column(record.column)
     if text == "null":
         return None

@@ -11,10 +11,13 @@ FieldsyncError
       ├ HubUnavailableError  network failure, timeout, 5xx: retried next run
       └ HubRejectedError     4xx: retrying will not help until something is fixed
           ├ AuthError          the token is wrong or revoked (401/403)
-          └ ClockSkewError     the office's clock is far ahead of the hub's
+          ├ ClockSkewError     the office's clock is far ahead of the hub's
+          └ DivergedError      the office database was restored from an older copy
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class FieldsyncError(Exception):
@@ -64,11 +67,13 @@ class HubRejectedError(HubError):
         code: str = "rejected",
         status: int = 400,
         hub_time_ms: int | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
         self.hub_time_ms = hub_time_ms  # the hub's clock when it refused, if it said
+        self.details = details or {}  # more fields of the JSON error, such as "acked"
 
 
 class AuthError(HubRejectedError):
@@ -77,3 +82,7 @@ class AuthError(HubRejectedError):
 
 class ClockSkewError(HubRejectedError):
     """The office's clock is so far ahead of the hub's that its stamps were refused."""
+
+
+class DivergedError(HubRejectedError):
+    """The office reuses change numbers the hub committed for other changes."""

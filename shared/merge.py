@@ -129,6 +129,7 @@ def merge(
     conflicts: list[Conflict] = []
     changed = False
     lost_delete: str | None = None
+    revived = state.deleted
     if state.deleted:
         # Bring the record back; the delete loses unless this office had seen it.
         if change.base.get(EXISTS) != state.versions.get(EXISTS):
@@ -141,7 +142,8 @@ def merge(
         state.versions[EXISTS] = ts
         changed = True
 
-    if policy == "record" and not saw_all:
+    # A change that brings a deleted record back wins over the delete, in every policy.
+    if policy == "record" and not saw_all and not revived:
         latest = max(current.versions.values(), default="")
         if ts > latest:
             conflicts.append(
@@ -188,13 +190,12 @@ def merge(
                 change.table, dict(state.values), dict(change.values), clashing, change.ts.node
             )
             merged = custom(request)
-            latest = max(current.versions.values(), default=ts)
             for col, value in merged.items():
                 if state.values.get(col) != value or col in change.values:
                     state.values[col] = value
                     state.versions[col] = ts
             conflict = Conflict(
-                "custom", None, dict(state.values), latest, dict(change.values), ts, open=False
+                "custom", None, dict(state.values), ts, dict(change.values), ts, open=False
             )
             conflicts = _with_delete([conflict], lost_delete, state, ts, policy)
             return Outcome(state, conflicts, changed=True, exact=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import sqlite3
 import tomllib
@@ -90,6 +91,10 @@ class Table:
         ok: bool
         if isinstance(value, bool) or isinstance(value, (dict, list)):
             ok = False
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidChangeError(
+                f"column {self.name}.{name} cannot hold {value!r}: only finite numbers sync"
+            )
         elif kind == "TEXT":
             ok = isinstance(value, str)
         elif kind in ("INTEGER", "INT"):
@@ -197,7 +202,12 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
     if not pk:
         raise SchemaError(f"{origin}: table {name} has no primary key, so it cannot be synced")
     for col in columns:
-        if col.name == EXISTS or '"' in col.name or col.type == "BLOB":
+        if (
+            col.name == EXISTS
+            or '"' in col.name
+            or col.name.startswith("__fieldsync")
+            or col.type == "BLOB"
+        ):
             raise SchemaError(
                 f"{origin}: column {name}.{col.name} cannot be synced "
                 "(BLOB columns, the name '~' and names with '\"' are not supported)"
@@ -208,7 +218,22 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
                 f"{origin}: primary key column {name}.{col.name} must be TEXT or INTEGER, "
                 f"not {col.type or 'untyped'}"
             )
+    if unique_constraints(scratch, name):
+        raise SchemaError(
+            f"{origin}: table {name} has a UNIQUE constraint besides its primary key; "
+            "offices working offline could each create the same value, which no sync can "
+            "undo, so synced tables cannot have one"
+        )
     return Table(name, columns, pk, policy, create)
+
+
+def unique_constraints(conn: sqlite3.Connection, table: str) -> list[str]:
+    """Names of the unique indexes of ``table`` other than its primary key."""
+    return [
+        row[1]
+        for row in conn.execute(f"PRAGMA index_list({_quote(table)})")
+        if row[2] and row[3] != "pk"
+    ]
 
 
 def _quote(identifier: str) -> str:

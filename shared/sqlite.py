@@ -11,7 +11,7 @@ from typing import Any
 import sqlite_utils
 
 from shared.errors import StoreError
-from shared.schema import Schema, Table, quote
+from shared.schema import Schema, Table, quote, unique_constraints
 
 
 def connect(path: str | Path, *, synchronous: str = "NORMAL") -> sqlite_utils.Database:
@@ -59,6 +59,12 @@ def create_tables(conn: sqlite3.Connection, schema: Schema) -> None:
                 raise StoreError(
                     f"table {table.name} exists but lacks column(s) {', '.join(missing)} "
                     "that the schema declares"
+                )
+            unique = unique_constraints(conn, table.name)
+            if unique:
+                raise StoreError(
+                    f"table {table.name} has unique index(es) {', '.join(unique)} besides its "
+                    "primary key; offices working offline could clash on them, so drop them"
                 )
 
 

@@ -539,3 +539,19 @@ def test_custom_function_is_not_called_without_a_concurrent_edit() -> None:
     out = merge(s0, change("astana", 500, {"status": "closed"}, s0), "custom:x:y", never)
     assert out.state.values["status"] == "closed"
     assert out.conflicts == [] and out.exact is True
+
+
+def test_record_policy_update_racing_a_later_delete_keeps_the_update() -> None:
+    s0 = start(notes="old note")
+    dele = change("astana", 900, None, s0)  # later stamp than the update
+    upd = change(
+        "almaty",
+        500,
+        {"id": "c1", "family_name": "Karimov", "status": "closed", "notes": "new"},
+        s0,
+    )
+    deleted = merge(s0, dele, "record").state
+    out = merge(deleted, upd, "record")
+    assert out.state.deleted is False
+    assert (out.state.values["status"], out.state.values["notes"]) == ("closed", "new")
+    assert [c.kind for c in out.conflicts] == ["delete"]

@@ -1,0 +1,289 @@
+"""Edge cases found in review: exact numbers, odd names, big batches, admins racing."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from hub.app import create_app
+from hub.store import SqliteHubStore
+from node.agent import SyncAgent
+from node.client import HttpHubClient
+from node.store import NodeStore
+from shared.cli import cli
+from shared.errors import FieldsyncError, HubRejectedError, SchemaError, StoreError
+from shared.schema import Schema
+from tests.conftest import Hub, Office, serve
+from tests.faults import FlakyTransport
+from tests.integration.test_sync import add_case, assert_converged, case, sync_all, write
+
+pytestmark = pytest.mark.integration
+
+
+def test_real_numbers_travel_exactly(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1")
+    quantities = {"a1": 0.1 + 0.2, "a2": 1 / 3, "a3": 1e300, "a4": -2.5e-7, "a5": 2.0}
+    with sqlite3.connect(astana.path) as conn:
+        conn.executemany(
+            "INSERT INTO assistance (id, case_id, kind, quantity) VALUES (?, 'c1', 'cash', ?)",
+            list(quantities.items()),
+        )
+    conn.close()
+    sync_all(astana, almaty)
+    assert_converged(hub, astana, almaty)
+    got = {r["id"]: r["quantity"] for r in almaty.store.rows("assistance")}
+    assert got == quantities
+
+
+def test_infinite_number_is_refused_at_the_office_with_a_clear_message(hub, make_office):
+    astana = make_office("astana")
+    with sqlite3.connect(astana.path) as conn, pytest.raises(sqlite3.IntegrityError) as info:
+        conn.execute("INSERT INTO assistance (id, quantity) VALUES ('a1', 9e999)")
+    conn.close()
+    assert "assistance.quantity cannot hold an infinite number" in str(info.value)
+    assert astana.store.pending_count() == 0
+    assert astana.store.rows("assistance") == []
+
+
+def _world(tmp_path, schema: Schema, names=("astana", "almaty"), **app_options):
+    store = SqliteHubStore(tmp_path / "hub.db", schema)
+    gen = serve(create_app(store, **app_options))
+    url = next(gen)
+    offices = []
+    for name in names:
+        token = store.add_node(name)
+        node = NodeStore.init(tmp_path / f"{name}.db", name, url, token, schema)
+        client = HttpHubClient(url, token, node=name)
+        offices.append(Office(name, node, SyncAgent(node, client), client, node.path))
+    return Hub(url, store, store.path), offices, gen
+
+
+def _close(gen, hub, offices):
+    for office in offices:
+        office.client.close()
+        office.store.close()
+    gen.close()
+    hub.store.close()
+
+
+UNICODE_SCHEMA = '''
+[tables.people]
+create = """CREATE TABLE people (id TEXT PRIMARY KEY, "имя" TEXT, "a.b c" TEXT, status TEXT)"""
+'''
+
+
+def test_non_ascii_column_names_send_only_changed_columns(tmp_path):
+    hub, (astana, almaty), gen = _world(tmp_path, Schema.from_toml(UNICODE_SCHEMA))
+    try:
+        write(astana, "INSERT INTO people (id, \"имя\", status) VALUES ('p1', 'Aigerim', 'new')")
+        sync_all(astana, almaty)
+        write(almaty, "UPDATE people SET \"имя\" = 'Aigerim B.' WHERE id = 'p1'")
+        write(astana, "UPDATE people SET status = 'open' WHERE id = 'p1'")
+        [change] = astana.store.pending(10)
+        assert change.values == {"status": "open"}
+        sync_all(almaty, astana)
+        assert_converged_tables(hub, [astana, almaty], "people")
+        assert hub.store.rows("people")[0]["имя"] == "Aigerim B."
+        assert hub.store.conflicts() == []
+    finally:
+        _close(gen, hub, [astana, almaty])
+
+
+def assert_converged_tables(hub, offices, table):
+    for office in offices:
+        assert office.store.rows(table) == hub.store.rows(table)
+
+
+def test_batch_over_the_body_limit_is_split_until_it_fits(tmp_path):
+    hub, (astana, almaty), gen = _world(tmp_path, Schema.load(), max_body_bytes=60_000)
+    try:
+        notes = [(f"c{i:03}", f"{i:03} " + "x" * 3000 + str(i) * 500) for i in range(200)]
+        with sqlite3.connect(astana.path) as conn:
+            conn.executemany("INSERT INTO cases (id, notes) VALUES (?, ?)", notes)
+        conn.close()
+        report = astana.agent.sync_once()
+        assert report.pushed == 200
+        almaty.sync()
+        assert len(almaty.store.rows("cases")) == 200
+        # One change that can never fit gets a clear error; the rest still sync.
+        import os
+
+        big = os.urandom(80_000).hex()
+        write(astana, "INSERT INTO cases (id, notes) VALUES ('huge', ?)", big)
+        with pytest.raises(HubRejectedError, match="larger than the hub accepts"):
+            astana.sync()
+        assert astana.store.pending_count() == 1
+    finally:
+        _close(gen, hub, [astana, almaty])
+
+
+def test_stale_resolution_is_refused_unless_forced(hub, make_office):
+    astana, almaty, shymkent = make_office("astana"), make_office("almaty"), make_office("shymkent")
+    add_case(astana, "c1")
+    sync_all(astana, almaty, shymkent)
+    write(astana, "UPDATE cases SET status = 'refugee' WHERE id = 'c1'")
+    time.sleep(0.01)
+    write(almaty, "UPDATE cases SET status = 'rejected' WHERE id = 'c1'")
+    sync_all(astana, almaty, shymkent)
+    [conflict] = hub.store.conflicts()
+    write(shymkent, "UPDATE cases SET status = 'closed' WHERE id = 'c1'")  # saw everything
+    shymkent.sync()
+    with pytest.raises(FieldsyncError, match="changed after the conflict was logged"):
+        hub.store.resolve(conflict.id, "other", "admin")
+    assert case(hub, "c1")["status"] == "closed"
+    hub.store.resolve(conflict.id, "kept", "admin")  # keeping needs no write: allowed
+    assert case(hub, "c1")["status"] == "closed"
+
+
+def test_forced_resolution_applies(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1")
+    sync_all(astana, almaty)
+    write(astana, "UPDATE cases SET status = 'refugee' WHERE id = 'c1'")
+    write(almaty, "UPDATE cases SET status = 'rejected' WHERE id = 'c1'")
+    sync_all(astana, almaty)
+    [conflict] = hub.store.conflicts()
+    write(astana, "UPDATE cases SET status = 'closed' WHERE id = 'c1'")
+    astana.sync()
+    hub.store.resolve(conflict.id, "other", "admin", force=True)
+    sync_all(astana, almaty)
+    assert case(almaty, "c1")["status"] == conflict.other_value
+    assert_converged(hub, astana, almaty)
+
+
+def test_two_admins_cannot_both_resolve_one_conflict(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1")
+    sync_all(astana, almaty)
+    write(astana, "UPDATE cases SET status = 'refugee' WHERE id = 'c1'")
+    write(almaty, "UPDATE cases SET status = 'rejected' WHERE id = 'c1'")
+    sync_all(astana, almaty)
+    [conflict] = hub.store.conflicts()
+    alice = SqliteHubStore(hub.path)  # a second admin process on the same hub file
+    try:
+        stale = alice.conflict(conflict.id)  # Alice looks first...
+        hub.store.resolve(conflict.id, "value", "bob", "closed")  # ...Bob decides first
+        with pytest.raises(FieldsyncError, match="resolved by bob"):
+            alice._resolve(
+                conflict.id,
+                stale,
+                alice.schema.table("cases"),
+                '["c1"]',
+                "other",
+                "alice",
+                None,
+                False,
+            )
+    finally:
+        alice.close()
+    assert case(hub, "c1")["status"] == "closed"
+    assert hub.store.conflict(conflict.id).resolved_by == "bob"
+
+
+def test_resolve_value_on_a_whole_record_conflict_is_a_one_line_error(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1")
+    sync_all(astana, almaty)
+    write(astana, "DELETE FROM cases WHERE id = 'c1'")
+    write(almaty, "UPDATE cases SET notes = 'still here' WHERE id = 'c1'")
+    sync_all(astana, almaty)
+    [conflict] = hub.store.conflicts()
+    result = CliRunner().invoke(
+        cli,
+        [
+            "hub",
+            "resolve",
+            str(conflict.id),
+            "--db",
+            str(hub.path),
+            "--keep",
+            "value",
+            "--value",
+            "x",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "whole record" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "create",
+    [
+        "CREATE TABLE t (id TEXT PRIMARY KEY, code TEXT UNIQUE)",
+        "CREATE TABLE t (id TEXT PRIMARY KEY, a TEXT, b TEXT, UNIQUE (a, b))",
+    ],
+)
+def test_unique_constraints_besides_the_key_are_refused(create):
+    with pytest.raises(SchemaError, match="UNIQUE constraint"):
+        Schema.from_toml(f'[tables.t]\ncreate = """{create}"""\n')
+
+
+def test_adopting_a_table_with_a_unique_index_is_refused(tmp_path):
+    path = tmp_path / "office.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(Schema.load().tables["cases"].create)
+        conn.execute("CREATE UNIQUE INDEX cases_number ON cases (case_number)")
+    conn.close()
+    with pytest.raises(StoreError, match="cases_number"):
+        NodeStore.init(path, "astana", "http://127.0.0.1:9", "t")
+
+
+def test_a_file_that_is_not_a_database_gives_a_one_line_error(tmp_path):
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    result = CliRunner().invoke(cli, ["node", "status", str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "Traceback" not in result.output
+
+
+def test_restored_copy_with_more_new_work_than_it_lost(hub, make_office, tmp_path):
+    import shutil
+
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1")
+    astana.sync()
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(astana.path) as conn, sqlite3.connect(backup) as copy:
+        conn.backup(copy)
+    conn.close()
+    copy.close()
+    add_case(astana, "c2")  # pushed, then lost with the laptop
+    astana.sync()
+    astana.client.close()
+    astana.store.close()
+    shutil.copy(backup, astana.path)
+    restored = NodeStore(astana.path)
+    client = HttpHubClient(hub.url, restored.token, node="astana")
+    try:
+        for new in ("c3", "c4", "c5"):  # more new work than the copy lost
+            write(astana, "INSERT INTO cases (id) VALUES (?)", new)
+        SyncAgent(restored, client).sync_once()
+        almaty.sync()
+        assert {r["id"] for r in hub.store.rows("cases")} == {"c1", "c2", "c3", "c4", "c5"}
+        # The restored office gets back what it had sent after the copy was made.
+        assert {r["id"] for r in restored.rows("cases")} == {"c1", "c2", "c3", "c4", "c5"}
+        assert restored.rows("cases") == hub.store.rows("cases") == almaty.store.rows("cases")
+    finally:
+        client.close()
+        restored.close()
+
+
+def test_writes_during_a_push_wait_for_the_next_sync(hub, make_office):
+    def plan(n, request):
+        if n == 1:  # staff keep typing while the first push is on its way
+            with sqlite3.connect(astana.path) as conn:
+                conn.execute("INSERT INTO cases (id) VALUES ('typed-meanwhile')")
+            conn.close()
+        return "ok"
+
+    astana = make_office("astana", transport=FlakyTransport(plan))
+    add_case(astana, "c1")
+    report = astana.agent.sync_once()
+    assert report.pushed == 1
+    assert astana.store.pending_count() == 1
+    astana.sync()
+    assert {r["id"] for r in hub.store.rows("cases")} == {"c1", "typed-meanwhile"}
