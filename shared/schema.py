@@ -95,6 +95,10 @@ class Table:
             raise InvalidChangeError(
                 f"column {self.name}.{name} cannot hold {value!r}: only finite numbers sync"
             )
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise InvalidChangeError(
+                f"column {self.name}.{name} cannot hold {value}: integers must fit in 64 bits"
+            )
         elif kind == "TEXT":
             ok = isinstance(value, str)
         elif kind in ("INTEGER", "INT"):

@@ -539,3 +539,19 @@ def test_custom_policy_that_cannot_load_is_a_schema_error(policy: str) -> None:
 def test_malformed_custom_policy_is_refused() -> None:
     with pytest.raises(SchemaError, match="unknown policy"):
         Schema.from_toml(_toml("CREATE TABLE t (a TEXT PRIMARY KEY)", policy="custom:nodots"))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        pytest.param("x", float("inf"), "only finite numbers", id="infinity"),
+        pytest.param("x", float("nan"), "only finite numbers", id="nan"),
+        pytest.param("n", 2**63, "64 bits", id="int-too-big"),
+        pytest.param("n", -(2**63) - 1, "64 bits", id="int-too-small"),
+    ],
+)
+def test_check_value_rejects_what_sqlite_or_json_cannot_hold(
+    column: str, value: Any, message: str
+) -> None:
+    with pytest.raises(InvalidChangeError, match=message):
+        T.check_value(column, value)
