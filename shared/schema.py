@@ -68,7 +68,7 @@ class Table:
         if not isinstance(pk, dict) or set(pk) != set(self.primary_key):
             raise InvalidChangeError(
                 f"primary key of {self.name} must name exactly "
-                f"{', '.join(self.primary_key)}, got {pk!r}"
+                f"{', '.join(self.primary_key)}, got {_names(pk)}"
             )
         for name, value in pk.items():
             if value is None:
@@ -77,7 +77,11 @@ class Table:
         return pk
 
     def check_value(self, name: str, value: Any) -> None:
-        """Raise InvalidChangeError unless ``value`` fits column ``name``."""
+        """Raise InvalidChangeError unless ``value`` fits column ``name``.
+
+        The message names the column and the kind of value, never the value itself:
+        it ends up in logs and protection data must not.
+        """
         try:
             col = self.column(name)
         except KeyError:
@@ -93,7 +97,7 @@ class Table:
             ok = False
         elif isinstance(value, float) and not math.isfinite(value):
             raise InvalidChangeError(
-                f"column {self.name}.{name} cannot hold {value!r}: only finite numbers sync"
+                f"column {self.name}.{name} cannot hold {value}: only finite numbers sync"
             )
         elif isinstance(value, int) and not -(2**63) <= value < 2**63:
             raise InvalidChangeError(
@@ -110,7 +114,7 @@ class Table:
         if not ok:
             raise InvalidChangeError(
                 f"column {self.name}.{name} holds {col.type or 'scalar'} values, "
-                f"not {type(value).__name__} {value!r}"
+                f"not {type(value).__name__}"
             )
 
 
@@ -127,6 +131,13 @@ def load_custom(policy: str) -> Callable[..., Any]:
     if not callable(func):
         raise SchemaError(f"{policy!r} does not name a function")
     return func  # type: ignore[no-any-return]
+
+
+def _names(pk: Any) -> str:
+    # Column names only: error messages never quote record contents.
+    if isinstance(pk, dict):
+        return ", ".join(map(str, pk)) or "no columns"
+    return f"a {type(pk).__name__}"
 
 
 def pk_key(values: list[Any]) -> str:

@@ -608,3 +608,19 @@ def test_cursor_past_the_hubs_last_seq_serves_everything_again(hub_store: Sqlite
     page = hub_store.pull("almaty", 10_000, 100)
     assert [row.pk for row in page.rows] == [{"id": "c1"}]
     assert page.cursor == 1 and page.more is False
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param({"household_size": "Karimova, 3 children"}, id="wrong-type"),
+        pytest.param({"notes": ["Karimova", "secret"]}, id="list"),
+    ],
+)
+def test_refusals_never_quote_case_contents(
+    client: httpx.Client, hub_store: SqliteHubStore, values: dict[str, Any]
+) -> None:
+    token = hub_store.add_node("astana")
+    detail = assert_error(push(client, token, insert(1, "c1", **values)), 422, "invalid_change")
+    assert "Karimova" not in detail
+    assert "cases." in detail  # it names the column instead
