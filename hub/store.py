@@ -321,17 +321,6 @@ class SqliteHubStore:
     def push(self, node: str, changes: Sequence[Change]) -> PushResult:
         """Apply a batch atomically; changes already acknowledged are skipped."""
         self.validate(changes)
-        hub_now = self._now()
-        for change in changes:
-            if change.ts.wall_ms > hub_now + self.max_future_ms:
-                ahead_s = (change.ts.wall_ms - hub_now) / 1000
-                raise ClockSkewError(
-                    f"change {change.seq} is stamped {ahead_s:.0f} s ahead of the hub's clock; "
-                    f"the clock of office {node} is wrong (the limit is "
-                    f"{self.max_future_ms / 1000:.0f} s); the changes stay queued on the office",
-                    "clock_skew",
-                    422,
-                )
         applied = conflicts = 0
         with self._lock:
             try:
@@ -340,10 +329,12 @@ class SqliteHubStore:
                         "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
                     ).fetchone()[0]
                     seq = self._last_seq(conn)
+                    hub_now = self._now()
                     for change in changes:
                         if change.seq <= acked:
                             self._check_replay(conn, node, change, acked)
                             continue
+                        self._check_clock(node, change, hub_now, acked)
                         seq += 1
                         conflicts += self._apply(conn, node, change, seq)
                         applied += 1
@@ -366,6 +357,19 @@ class SqliteHubStore:
                 ) from exc
         return PushResult(acked, applied, conflicts, self._now(), node)
 
+    def _check_clock(self, node: str, change: Change, hub_now: int, acked: int) -> None:
+        if change.ts.wall_ms <= hub_now + self.max_future_ms:
+            return
+        ahead_s = (change.ts.wall_ms - hub_now) / 1000
+        raise ClockSkewError(
+            f"change {change.seq} is stamped {ahead_s:.0f} s ahead of the hub's clock; "
+            f"the clock of office {node} is wrong (the limit is "
+            f"{self.max_future_ms / 1000:.0f} s); the changes stay queued on the office",
+            "clock_skew",
+            422,
+            details={"acked": acked},
+        )
+
     def _check_replay(
         self, conn: sqlite3.Connection, node: str, change: Change, acked: int
     ) -> None:
@@ -383,7 +387,7 @@ class SqliteHubStore:
             "changes must be renumbered (fieldsync does this by itself)",
             "diverged",
             409,
-            details={"acked": acked},
+            details={"acked": acked, "diverged_at": change.seq},
         )
 
     def _last_seq(self, conn: sqlite3.Connection) -> int:
@@ -512,6 +516,9 @@ class SqliteHubStore:
                 "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
                 [_utcnow(), _utcnow(), node],
             )
+            acked = conn.execute(
+                "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
+            ).fetchone()[0]
         more = len(rows) > limit
         rows = rows[:limit]
         page_rows = []
@@ -524,7 +531,7 @@ class SqliteHubStore:
                 values = {c: stored.get(c) for c in table.column_names}
             page_rows.append(PullRow(seq, tbl, pk_dict, values, json.loads(vers)))
         next_cursor = rows[-1][2] if more else last
-        return PullPage(page_rows, next_cursor, more, self._now(), node)
+        return PullPage(page_rows, next_cursor, more, self._now(), node, acked)
 
     # -- conflicts ------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class SyncAgent:
         pushed = pulled = conflicts = 0
         try:
             pushed, conflicts = self._push_all()
+            checked = False
             while True:
                 sent = self._now()
                 page = self.client.pull(
@@ -122,6 +123,14 @@ class SyncAgent:
                 )
                 self._check_identity(page.node)
                 self._learn_offset(sent, page.hub_time_ms)
+                if not checked and page.acked > self.store.last_seq():
+                    # The hub holds changes of ours this database never made: it is
+                    # an older copy. Number new work past them and rebuild from the hub.
+                    self.store.renumber_after(page.acked)
+                    log.warning("%s is an older copy of office %s", self.store.path, page.node)
+                    checked = True
+                    continue
+                checked = True
                 pulled += self.store.apply_page(page)
                 if not page.more:
                     break
@@ -154,21 +163,29 @@ class SyncAgent:
                 # Our clock is wrong: learn by how much, re-stamp, send again.
                 before = self.store.clock_offset_ms
                 self._learn_offset(sent, exc.hub_time_ms)
-                self.store.restamp(exc.hub_time_ms, self.store.clock_offset_ms - before)
+                acked = exc.details.get("acked")
+                self.store.restamp(
+                    exc.hub_time_ms,
+                    self.store.clock_offset_ms - before,
+                    acked if isinstance(acked, int) else 0,
+                )
                 restamped = True
                 log.warning("%s; re-stamped the queued changes with the hub's time", exc)
                 continue
             except DivergedError as exc:
-                acked = exc.details.get("acked")
-                if renumbered or not isinstance(acked, int):
+                acked, first = exc.details.get("acked"), exc.details.get("diverged_at")
+                if renumbered or not isinstance(acked, int) or not isinstance(first, int):
                     raise
+                # Changes before the first reused number are the hub's own receipts:
+                # committed. The rest are new work and get fresh numbers.
+                self.store.mark_acked(first - 1, [c for c in batch if c.seq < first])
                 moved = self.store.renumber_after(acked)
                 stop_at = self.store.last_seq()
                 renumbered = True
                 log.warning("%s: %d queued changes renumbered", exc, moved)
                 continue
             except HubRejectedError as exc:
-                if exc.code != "too_large":
+                if exc.code != "too_large" and exc.status != 413:  # 413: maybe a proxy
                     raise
                 if len(batch) > 1:
                     batch_size = max(1, len(batch) // 2)  # send smaller requests

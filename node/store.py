@@ -330,7 +330,14 @@ class NodeStore:
         return dict(json.loads(row[0])) if row else {}
 
     def mark_acked(self, acked: int, changes: Sequence[Change]) -> None:
-        """Forget changes the hub has committed, recording the versions they set."""
+        """Forget the changes of ``changes`` the hub has committed (seq <= ``acked``).
+
+        Only changes that were sent are forgotten: a hub that has acknowledged more
+        (from an older copy of this database) says nothing about the rest.
+        """
+        if not changes:
+            return
+        acked = min(acked, changes[-1].seq)
         with write(self.db) as conn:
             versions: dict[tuple[str, str], dict[str, str]] = {}
             for change in changes:
@@ -388,7 +395,7 @@ class NodeStore:
             )
             return len(rows)
 
-    def restamp(self, hub_now_ms: int, shift_ms: int) -> int:
+    def restamp(self, hub_now_ms: int, shift_ms: int, after_seq: int = 0) -> int:
         """Move pending changes stamped in the hub's future by ``shift_ms``; return how many.
 
         A wrong clock (hours or years ahead) stamps changes the hub must refuse, and
@@ -400,8 +407,11 @@ class NodeStore:
         """
         with write(self.db) as conn:
             limit = hub_now_ms << 16
+            # Changes the hub has committed (seq <= after_seq) keep their stamps: their
+            # receipts name them by number and stamp.
             bad = conn.execute(
-                "SELECT seq, hlc FROM _fieldsync_changes WHERE hlc > ? ORDER BY seq", [limit]
+                "SELECT seq, hlc FROM _fieldsync_changes WHERE hlc > ? AND seq > ? ORDER BY seq",
+                [limit, after_seq],
             ).fetchall()
             if not bad:
                 return 0

@@ -180,6 +180,7 @@ class PullPage:
     more: bool
     hub_time_ms: int
     node: str
+    acked: int = 0  # the highest change number of this office the hub has committed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -189,6 +190,7 @@ class PullPage:
             "more": self.more,
             "hub_time_ms": self.hub_time_ms,
             "node": self.node,
+            "acked": self.acked,
         }
 
     @classmethod
@@ -201,6 +203,7 @@ class PullPage:
             _field(data, "more", bool, "pull page"),
             _field(data, "hub_time_ms", int, "pull page"),
             _field(data, "node", str, "pull page"),
+            _field(data, "acked", int, "pull page") if "acked" in data else 0,
         )
 
 

@@ -99,8 +99,9 @@ def assert_error(response: Any, status: int, code: str) -> str:
     assert response.headers["content-type"].startswith("application/json")
     data = response.json()
     assert {"error", "detail"} <= set(data)
-    # the only other field an error may carry is the hub's clock, for offices to learn from
-    assert set(data) - {"error", "detail"} <= {"hub_time_ms"}
+    # other fields an error may carry: the hub's clock, for offices to learn from, and
+    # how far the hub has committed the office's changes
+    assert set(data) - {"error", "detail"} <= {"hub_time_ms", "acked", "diverged_at"}
     assert isinstance(data.get("hub_time_ms", 0), int)
     assert data["error"] == code
     assert isinstance(data["detail"], str) and data["detail"]

@@ -1,0 +1,159 @@
+"""Recovery: offices restored from old copies, new laptops, lost answers with wrong clocks."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+
+from node.agent import SyncAgent
+from node.client import HttpHubClient
+from node.store import NodeStore
+from shared.errors import HubRejectedError, HubUnavailableError
+from tests.faults import FlakyTransport
+from tests.integration.test_sync import write
+
+pytestmark = pytest.mark.integration
+
+
+def ids(store, table: str = "cases") -> set[str]:
+    return {r["id"] for r in store.rows(table)}
+
+
+def insert(office, case_id: str) -> None:
+    write(office, "INSERT INTO cases (id) VALUES (?)", case_id)
+
+
+def backup(office, dest: Path) -> Path:
+    with sqlite3.connect(office.path) as src, sqlite3.connect(dest) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return dest
+
+
+def restore(office, copy: Path, hub_url: str, batch_size: int = 1000) -> None:
+    """Replace the office database with an older copy, as after a laptop restore."""
+    office.client.close()
+    office.store.close()
+    shutil.copy(copy, office.path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{office.path}{suffix}").unlink(missing_ok=True)
+    office.store = NodeStore(office.path)
+    office.client = HttpHubClient(hub_url, office.store.token, node=office.name)
+    office.agent = SyncAgent(office.store, office.client, batch_size=batch_size)
+
+
+def test_work_saved_after_a_restore_is_never_dropped(hub, make_office, tmp_path):
+    astana = make_office("astana", batch_size=2)
+    insert(astana, "c1")
+    astana.sync()
+    insert(astana, "c2")
+    insert(astana, "c3")
+    copy = backup(astana, tmp_path / "copy.db")  # holds c2 and c3 as pending
+    insert(astana, "c4")
+    astana.sync()
+    restore(astana, copy, hub.url, batch_size=2)
+    insert(astana, "new")  # numbered like c4 was
+    astana.sync()
+    astana.sync()
+    assert ids(hub.store) == {"c1", "c2", "c3", "c4", "new"}
+    assert ids(astana.store) == ids(hub.store)
+    assert astana.store.pending_count() == 0
+
+
+def test_renumbering_does_not_apply_committed_changes_twice(hub, make_office, tmp_path):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    insert(astana, "c1")
+    astana.sync()
+    insert(astana, "x")  # pending in the copy
+    copy = backup(astana, tmp_path / "copy.db")
+    insert(astana, "lost")
+    astana.sync()  # the hub commits x and lost
+    almaty.sync()
+    write(almaty, "DELETE FROM cases WHERE id = 'x'")  # Almaty saw x and deletes it
+    almaty.sync()
+    restore(astana, copy, hub.url)
+    insert(astana, "new")
+    astana.sync()
+    almaty.sync()
+    astana.sync()
+    assert ids(hub.store) == {"c1", "lost", "new"}  # x stays deleted
+    assert hub.store.conflicts() == []
+    assert astana.store.rows("cases") == hub.store.rows("cases") == almaty.store.rows("cases")
+
+
+def test_restored_office_with_no_new_work_catches_up(hub, make_office, tmp_path):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    insert(astana, "c1")
+    astana.sync()
+    copy = backup(astana, tmp_path / "copy.db")
+    insert(astana, "c2")
+    astana.sync()
+    restore(astana, copy, hub.url)
+    astana.sync()
+    almaty.sync()
+    assert astana.store.rows("cases") == hub.store.rows("cases") == almaty.store.rows("cases")
+    insert(astana, "c3")  # and its next change is not mistaken for a replay
+    astana.sync()
+    assert ids(hub.store) == {"c1", "c2", "c3"}
+
+
+def test_new_laptop_for_an_existing_office_gets_its_records(hub, make_office, tmp_path):
+    astana = make_office("astana")
+    for case_id in ("c1", "c2"):
+        insert(astana, case_id)
+    astana.sync()
+    laptop = NodeStore.init(tmp_path / "new-laptop.db", "astana", hub.url, astana.store.token)
+    client = HttpHubClient(hub.url, laptop.token, node="astana")
+    try:
+        write(type("Db", (), {"path": laptop.path}), "INSERT INTO cases (id) VALUES ('c3')")
+        SyncAgent(laptop, client).sync_once()
+        assert ids(laptop) == {"c1", "c2", "c3"}
+        assert ids(hub.store) == {"c1", "c2", "c3"}
+    finally:
+        client.close()
+        laptop.close()
+
+
+def test_restamping_leaves_changes_the_hub_committed_alone(hub, make_office):
+    transport = FlakyTransport(lambda n, request: "drop" if n == 1 else "ok")
+    astana, almaty = make_office("astana", transport=transport), make_office("almaty")
+    astana.store.set_clock_offset(4 * 60_000)  # 4 min fast: still accepted
+    insert(astana, "c1")
+    with pytest.raises(HubUnavailableError):
+        astana.sync()  # the hub commits c1; the answer is lost
+    almaty.sync()
+    write(almaty, "DELETE FROM cases WHERE id = 'c1'")
+    almaty.sync()
+    astana.store.set_clock_offset(10 * 60_000)  # now too fast: refused, re-stamped
+    insert(astana, "c2")
+    astana.sync()
+    almaty.sync()
+    assert ids(hub.store) == {"c2"}  # c1's insert was not applied a second time
+    assert hub.store.conflicts() == []
+
+
+def test_413_from_a_proxy_also_splits_the_batch(tmp_path):
+    sizes: list[int] = []
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        sizes.append(len(request.content))
+        return httpx.Response(413, text="<html><body>413 Request Entity Too Large</body></html>")
+
+    node = NodeStore.init(tmp_path / "a.db", "astana", "http://127.0.0.1:9", "t")
+    node.db.conn.executemany("INSERT INTO cases (id) VALUES (?)", [(f"c{i}",) for i in range(8)])
+    client = HttpHubClient(
+        "http://127.0.0.1:9", "t", client=httpx.Client(transport=httpx.MockTransport(proxy))
+    )
+    try:
+        with pytest.raises(HubRejectedError, match="larger than the hub accepts"):
+            SyncAgent(node, client).sync_once()
+    finally:
+        client.close()
+        node.close()
+    assert len(sizes) == 4  # 8, 4, 2, 1 changes
+    assert sizes == sorted(sizes, reverse=True)
