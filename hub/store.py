@@ -90,7 +90,9 @@ CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
     status TEXT NOT NULL,
     resolved_by TEXT,
     resolved_at TEXT,
-    resolution TEXT
+    resolution TEXT,
+    merged TEXT,
+    state_after TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (status);
 """
@@ -125,6 +127,8 @@ class ConflictRecord:
     resolved_by: str | None
     resolved_at: str | None
     resolution: Any
+    merged: Any = None  # kind custom: what the custom function chose
+    state_after: str = ""  # the record's versions right after; a changed record is stale
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +150,7 @@ class ConflictRecord:
                 "version": self.other_version,
                 "time": _version_time(self.other_version),
             },
+            **({"merged": self.merged} if self.kind == "custom" else {}),
             "status": self.status,
             "resolved_by": self.resolved_by,
             "resolved_at": self.resolved_at,
@@ -153,18 +158,26 @@ class ConflictRecord:
         }
 
 
+def _fingerprint(state: RecordState, column: str | None) -> str:
+    """What must not change for a conflict's resolution to be safe to write."""
+    if column is not None:
+        return json.dumps([state.deleted, state.versions.get(column)])
+    return json.dumps([state.deleted, state.versions], sort_keys=True)
+
+
 def _check_unchanged(conflict_id: int, record: ConflictRecord, current: RecordState) -> None:
-    """Raise unless the record is as it was when the conflict was logged."""
-    if record.column is not None:
-        now = None if current.deleted else current.versions.get(record.column)
-    else:
-        now = max(current.versions.values(), default=None)
-    if now == record.kept_version:
+    """Raise unless the record is as it was right after the conflict was logged."""
+    if _fingerprint(current, record.column) == record.state_after:
         return
-    since = "it was deleted" if current.deleted else "it changed"
-    if now is not None and not current.deleted:
-        stamp = Timestamp.parse(now)
-        since = f"{stamp.node} changed it at {_version_time(now)}"
+    since = "it was deleted since"
+    if not current.deleted:
+        latest = (
+            current.versions.get(record.column)
+            if record.column is not None
+            else max(current.versions.values(), default=None)
+        )
+        stamp = Timestamp.parse(latest) if latest else None
+        since = f"{stamp.node} changed it at {_version_time(latest)}" if stamp else "it changed"
     raise FieldsyncError(
         f"conflict {conflict_id}: the record changed after the conflict was logged "
         f"({since}); check it, then resolve again with --force to apply anyway"
@@ -439,7 +452,7 @@ class SqliteHubStore:
             conn, table, change.pk, key, outcome.state, seq, node if outcome.exact else None
         )
         for conflict in outcome.conflicts:
-            self._log_conflict(conn, table.name, key, conflict)
+            self._log_conflict(conn, table.name, key, conflict, outcome.state)
         return len(outcome.conflicts)
 
     def _store(
@@ -470,12 +483,17 @@ class SqliteHubStore:
         put_row(conn, table, pk, None if state.deleted else state.values)
 
     def _log_conflict(
-        self, conn: sqlite3.Connection, table: str, key: str, conflict: Conflict
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        key: str,
+        conflict: Conflict,
+        state: RecordState,
     ) -> None:
         conn.execute(
             "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
-            "kept_version, kept_node, other_value, other_version, other_node, status) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "kept_version, kept_node, other_value, other_version, other_node, status, "
+            "merged, state_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 _utcnow(),
                 table,
@@ -489,6 +507,10 @@ class SqliteHubStore:
                 conflict.other_version,
                 Timestamp.parse(conflict.other_version).node,
                 "open" if conflict.open else "logged",
+                json.dumps(conflict.merged, ensure_ascii=False)
+                if conflict.kind == "custom"
+                else None,
+                _fingerprint(state, conflict.column),
             ],
         )
 
@@ -576,6 +598,8 @@ class SqliteHubStore:
             resolved_by=row[13],
             resolved_at=row[14],
             resolution=json.loads(row[15]) if row[15] is not None else None,
+            merged=json.loads(row[16]) if row[16] is not None else None,
+            state_after=row[17],
         )
 
     def resolve(
@@ -633,14 +657,17 @@ class SqliteHubStore:
             current = self._load(conn, table.name, key)
             if current is None:
                 raise FieldsyncError(f"the record of conflict {conflict_id} is gone")
-            if keep != "kept" and not force:
+            writes = keep != "kept" or record.kind == "custom"
+            if writes and not force:
                 _check_unchanged(conflict_id, record, current)
             for version in current.versions.values():
                 self.clock.observe(Timestamp.parse(version).hlc)
             ts = str(self.clock.tick())
             state = RecordState(dict(current.values), dict(current.versions), current.deleted)
-            if keep == "value" or (keep == "other" and record.column is not None):
-                chosen = value if keep == "value" else record.other_value
+            if record.column is not None and writes:
+                chosen = {"value": value, "other": record.other_value, "kept": record.kept_value}[
+                    keep
+                ]
                 state.values[str(record.column)] = chosen
                 state.versions[str(record.column)] = ts
                 if state.deleted:
@@ -656,9 +683,6 @@ class SqliteHubStore:
                 if state.deleted:
                     state.deleted = False
                     state.versions[EXISTS] = ts
-            elif keep == "kept" and record.kind == "delete" and record.kept_value is None:
-                # The delete won earlier; keeping it means nothing changes.
-                pass
             if state != current:
                 seq = self._last_seq(conn) + 1
                 self._store(conn, table, record.pk, key, state, seq, None)

@@ -162,15 +162,22 @@ def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
         data = r.to_json()
         what = f"{r.table} {json.dumps(r.pk, ensure_ascii=False)}"
         field = f" field {r.column}" if r.column else ""
+        kept = "hub had" if r.kind == "custom" else "kept"
         click.echo(f"#{r.id} [{r.status}] {r.kind} conflict on {what}{field}")
         click.echo(
-            f"    kept:  {_show(r.kept_value, r.kind)}  ({r.kept_node}, {data['kept']['time']})"
+            f"    {kept + ':':<7}{_show(r.kept_value, r.kind)}  "
+            f"({r.kept_node}, {data['kept']['time']})"
         )
         click.echo(
             f"    other: {_show(r.other_value, r.kind)}  ({r.other_node}, {data['other']['time']})"
         )
+        if r.kind == "custom":
+            click.echo(f"    merged: {_show(r.merged, r.kind)}")
         if r.status == "resolved":
-            click.echo(f"    resolved by {r.resolved_by} at {r.resolved_at}: {r.resolution}")
+            how = r.resolution.get("keep") if isinstance(r.resolution, dict) else r.resolution
+            if how == "value":
+                how = f"value {_show(r.resolution.get('value'), r.kind)}"
+            click.echo(f"    resolved by {r.resolved_by} at {r.resolved_at}: kept {how}")
 
 
 def _show(value: Any, kind: str) -> str:

@@ -62,7 +62,9 @@ class Conflict:
     """Two concurrent writes to one record; ``kept`` is what the hub holds now.
 
     ``column`` is None for whole-record conflicts (kind ``record`` or ``delete``),
-    whose values are whole records (or None for the delete side).
+    whose values are whole records (or None for the delete side). For kind
+    ``custom``, ``kept`` is the hub's side before the merge, ``other`` the incoming
+    side, and ``merged`` what the custom function chose.
     """
 
     kind: str  # field, record, delete or custom
@@ -72,6 +74,7 @@ class Conflict:
     other_value: Any
     other_version: str
     open: bool  # True when it waits for an admin (manual policy)
+    merged: Any = None
 
 
 @dataclass(slots=True)
@@ -177,6 +180,7 @@ def merge(
             state, _with_delete(conflicts, lost_delete, state, ts, policy), changed, exact=False
         )
 
+    decided: dict[str, Any] = {}
     if custom is not None:
         clashing = tuple(
             col
@@ -190,18 +194,21 @@ def merge(
                 change.table, dict(state.values), dict(change.values), clashing, change.ts.node
             )
             merged = custom(request)
-            for col, value in merged.items():
-                if state.values.get(col) != value or col in change.values:
-                    state.values[col] = value
-                    state.versions[col] = ts
-            conflict = Conflict(
-                "custom", None, dict(state.values), ts, dict(change.values), ts, open=False
-            )
-            conflicts = _with_delete([conflict], lost_delete, state, ts, policy)
-            return Outcome(state, conflicts, changed=True, exact=False)
+            if not isinstance(merged, dict):
+                raise TypeError(f"returned {type(merged).__name__}, not a dict")
+            # The function decides the clashing columns; the others follow the rule.
+            decided = {col: merged.get(col, state.values.get(col)) for col in clashing}
 
     for col, value in change.values.items():
         have = state.versions.get(col)
+        if col in decided:
+            conflicts.append(
+                Conflict("custom", col, state.values.get(col), have, value, ts, False, decided[col])
+            )
+            state.values[col] = decided[col]
+            state.versions[col] = ts
+            changed = True
+            continue
         if change.base.get(col) == have or have is None:
             if state.values.get(col) != value or have != ts:
                 state.values[col] = value

@@ -287,3 +287,37 @@ def test_writes_during_a_push_wait_for_the_next_sync(hub, make_office):
     assert astana.store.pending_count() == 1
     astana.sync()
     assert {r["id"] for r in hub.store.rows("cases")} == {"c1", "typed-meanwhile"}
+
+
+def test_resolution_sees_a_later_edit_with_an_older_stamp(hub, make_office):
+    astana, almaty, shymkent = make_office("astana"), make_office("almaty"), make_office("shymkent")
+    add_case(astana, "c1", notes="old")
+    sync_all(astana, almaty, shymkent)
+    write(shymkent, "UPDATE cases SET notes = 'shymkent, offline' WHERE id = 'c1'")  # made first
+    write(almaty, "UPDATE cases SET household_size = 3 WHERE id = 'c1'")
+    almaty.sync()
+    write(astana, "DELETE FROM cases WHERE id = 'c1'")  # had not seen Almaty's edit
+    astana.sync()
+    [conflict] = hub.store.conflicts()
+    assert conflict.kind == "delete"
+    shymkent.sync()  # after the conflict was logged, with an older stamp
+    with pytest.raises(FieldsyncError, match="changed after the conflict"):
+        hub.store.resolve(conflict.id, "other", "admin")
+    assert case(hub, "c1")["notes"] == "shymkent, offline"
+
+
+def test_resolution_of_an_untouched_revived_record_is_allowed(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1", notes="old")
+    sync_all(astana, almaty)
+    write(astana, "UPDATE cases SET household_size = 4 WHERE id = 'c1'")
+    time.sleep(0.01)
+    write(almaty, "UPDATE cases SET notes = 'n' WHERE id = 'c1'")
+    write(almaty, "DELETE FROM cases WHERE id = 'c1'")
+    almaty.sync()
+    astana.sync()  # Astana's update revives c1; Almaty's delete is logged
+    [conflict] = hub.store.conflicts()
+    assert conflict.kind == "delete"
+    hub.store.resolve(conflict.id, "other", "admin")  # nothing changed since: allowed
+    sync_all(astana, almaty)
+    assert case(hub, "c1") is None and case(astana, "c1") is None

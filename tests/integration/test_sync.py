@@ -234,8 +234,15 @@ def test_custom_policy_function_merges_on_the_hub(policy_hub, tmp_path):
         assert_converged(hub, astana, almaty)
         row = case(hub, "c1")
         assert (row["household_size"], row["notes"]) == (6, "grandmother | twins")
-        [conflict] = hub.store.conflicts()
-        assert conflict.kind == "custom"
+        logged = {c.column: c for c in hub.store.conflicts()}
+        assert set(logged) == {"household_size", "notes"}
+        size = logged["household_size"]
+        # Both sides with their offices, and what the function chose.
+        assert size.kind == "custom" and size.merged == 6
+        assert {(size.kept_node, size.kept_value), (size.other_node, size.other_value)} == {
+            ("astana", 6),
+            ("almaty", 4),
+        }
     finally:
         for office in (astana, almaty):
             office.client.close()

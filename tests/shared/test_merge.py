@@ -526,9 +526,25 @@ def test_custom_function_decides_concurrent_edits_and_incoming_is_logged() -> No
         {"household_size": 4},
     )
     [conflict] = out.conflicts
-    assert (conflict.kind, conflict.other_value) == ("custom", {"household_size": 4})
-    assert conflict.kept_value == out.state.values
+    assert (conflict.kind, conflict.column) == ("custom", "household_size")
+    assert (conflict.kept_value, conflict.other_value, conflict.merged) == (5, 4, 7)
+    assert node_of(conflict.kept_version) == "astana"
+    assert node_of(conflict.other_version) == "almaty"
     assert out.exact is False
+
+
+def test_custom_function_decides_only_the_clashing_columns() -> None:
+    from shared.merge import MergeRequest
+
+    def current_wins(request: MergeRequest) -> dict[str, Any]:
+        return dict(request.current)  # decides household_size; knows nothing of notes
+
+    s0 = start(household_size=3, notes="old")
+    first = merge(s0, change("almaty", 500, {"household_size": 5}, s0)).state
+    incoming = change("astana", 600, {"household_size": 4, "notes": "new"}, s0)
+    out = merge(first, incoming, "custom:x:y", current_wins)
+    assert out.state.values["household_size"] == 5
+    assert out.state.values["notes"] == "new"  # a different field: both kept
 
 
 def test_custom_function_is_not_called_without_a_concurrent_edit() -> None:
