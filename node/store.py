@@ -101,8 +101,9 @@ def _json_value(table: Table, prefix: str, column: str) -> str:
     ref = f"{prefix}.{quote(column)}"
     if table.column(column).type == "TEXT":
         return ref  # TEXT affinity stores no REAL values
-    # json_object() prints REAL values with 15 digits; 17 round-trip exactly.
-    return f"CASE typeof({ref}) WHEN 'real' THEN json(printf('%!.17g', {ref})) ELSE {ref} END"
+    # json_object() prints REAL values with 15 digits; 21 round-trip exactly even on
+    # SQLite versions whose printf is not correctly rounded (before 3.43).
+    return f"CASE typeof({ref}) WHEN 'real' THEN json(printf('%!.20e', {ref})) ELSE {ref} END"
 
 
 def _json_object(table: Table, prefix: str, columns: Iterable[str]) -> str:

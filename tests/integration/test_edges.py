@@ -321,3 +321,27 @@ def test_resolution_of_an_untouched_revived_record_is_allowed(hub, make_office):
     hub.store.resolve(conflict.id, "other", "admin")  # nothing changed since: allowed
     sync_all(astana, almaty)
     assert case(hub, "c1") is None and case(astana, "c1") is None
+
+
+def test_large_and_tiny_real_numbers_travel_exactly(hub, make_office):
+    import random
+    import struct
+
+    astana, almaty = make_office("astana"), make_office("almaty")
+    rng = random.Random(7)
+    numbers = []
+    while len(numbers) < 500:
+        x = struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0]
+        if x == x and abs(x) != float("inf"):
+            numbers.append(x)
+    numbers += [-1.1545580616824966e232, 5e-324, 2.2250738585072014e-308, 0.0]
+    with sqlite3.connect(astana.path) as conn:
+        conn.executemany(
+            "INSERT INTO assistance (id, quantity) VALUES (?, ?)",
+            [(f"a{i:04}", x) for i, x in enumerate(numbers)],
+        )
+    conn.close()
+    sync_all(astana, almaty)
+    got = [r["quantity"] for r in almaty.store.rows("assistance")]
+    assert got == numbers
+    assert_converged(hub, astana, almaty)
