@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.clock import Timestamp, check_node_name, wall_ms
-from shared.errors import ProtocolError, StoreError
+from shared.errors import InvalidChangeError, ProtocolError, StoreError
 from shared.protocol import Change, PullPage
 from shared.schema import EXISTS, Schema, Table, quote
 from shared.sqlite import connect, create_tables, put_row, table_rows, write
@@ -111,15 +111,49 @@ def _json_object(table: Table, prefix: str, columns: Iterable[str]) -> str:
     return f"json_object({pairs})"
 
 
-def _refuse_infinity(table: Table) -> str:
-    """Statements that abort a write of an infinite number, which JSON cannot carry."""
-    message = "fieldsync: {}.{} cannot hold an infinite number"
-    return "".join(
-        f"SELECT RAISE(ABORT, {_lit(message.format(table.name, c.name))}) "
-        f"WHERE NEW.{quote(c.name)} IN (9e999, -9e999);"
-        for c in table.columns
-        if c.type != "TEXT"
-    )
+_KINDS = {
+    "TEXT": ("text",),
+    "INTEGER": ("integer",),
+    "INT": ("integer",),
+    "REAL": ("real", "integer"),
+    "FLOAT": ("real", "integer"),
+    "DOUBLE": ("real", "integer"),
+    "NUMERIC": ("real", "integer"),
+}
+
+
+def _guard(table: Table) -> str:
+    """A statement that aborts a write the hub could never take.
+
+    Such a change would otherwise wait at the head of the office's queue forever:
+    a NULL key, a value of another type than the column's (tables that are not
+    STRICT let those in), an infinite number (JSON cannot carry it).
+    """
+    cases = []
+    for col in table.columns:
+        ref = f"NEW.{quote(col.name)}"
+        if col.name in table.primary_key:
+            message = f"fieldsync: {table.name}.{col.name} is part of the key and cannot be NULL"
+            cases.append(f"WHEN {ref} IS NULL THEN RAISE(ABORT, {_lit(message)})")
+        kinds = _KINDS.get(col.type)
+        if kinds is not None and kinds != ("text",):
+            allowed = ", ".join(_lit(k) for k in (*kinds, "null"))
+            message = f"fieldsync: {table.name}.{col.name} takes {col.type} values"
+            cases.append(
+                f"WHEN typeof({ref}) NOT IN ({allowed}) THEN RAISE(ABORT, {_lit(message)})"
+            )
+        elif kinds is None:
+            message = f"fieldsync: {table.name}.{col.name} cannot hold a BLOB"
+            cases.append(f"WHEN typeof({ref}) = 'blob' THEN RAISE(ABORT, {_lit(message)})")
+        if col.type != "TEXT":
+            message = f"fieldsync: {table.name}.{col.name} cannot hold an infinite number"
+            cases.append(f"WHEN {ref} IN (9e999, -9e999) THEN RAISE(ABORT, {_lit(message)})")
+        elif kinds == ("text",):
+            message = f"fieldsync: {table.name}.{col.name} takes TEXT values"
+            cases.append(
+                f"WHEN typeof({ref}) NOT IN ('text', 'null') THEN RAISE(ABORT, {_lit(message)})"
+            )
+    return f"SELECT CASE {' '.join(cases)} END;" if cases else ""
 
 
 def trigger_sql(table: Table) -> list[str]:
@@ -129,7 +163,7 @@ def trigger_sql(table: Table) -> list[str]:
     pk_new = ", ".join(f"NEW.{quote(c)}" for c in table.primary_key)
     pk_old = ", ".join(f"OLD.{quote(c)}" for c in table.primary_key)
     full_new = _json_object(table, "NEW", table.column_names)
-    guard = _refuse_infinity(table)
+    guard = _guard(table)
     others = [c for c in table.column_names if c not in table.primary_key]
     same_pk = " AND ".join(f"NEW.{quote(c)} IS OLD.{quote(c)}" for c in table.primary_key)
     some_changed = " OR ".join(f"NEW.{quote(c)} IS NOT OLD.{quote(c)}" for c in others) or "0"
@@ -552,7 +586,26 @@ class NodeStore:
 
 
 def _backfill(conn: sqlite3.Connection, table: Table) -> None:
-    """Log every row already in ``table`` as an insert."""
+    """Log every row already in ``table`` as an insert (refuse rows the hub cannot take)."""
+    bad: dict[str, int] = {}
+    cursor = conn.execute(f"SELECT * FROM {quote(table.name)}")
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        for name, value in zip(names, row, strict=True):
+            if name not in table.column_names:
+                continue
+            try:
+                if value is None and name in table.primary_key:
+                    raise InvalidChangeError("null key")
+                table.check_value(name, value)
+            except InvalidChangeError:
+                bad[name] = bad.get(name, 0) + 1
+    if bad:
+        where = ", ".join(f"{n} ({count} rows)" for n, count in bad.items())
+        raise StoreError(
+            f"cannot adopt table {table.name}: some rows hold values the hub cannot take, "
+            f"in {where}; fix them (types, NULL keys, blobs), then run init again"
+        )
     conn.execute(_TICK)
     pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     conn.execute(

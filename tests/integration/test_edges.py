@@ -345,3 +345,83 @@ def test_large_and_tiny_real_numbers_travel_exactly(hub, make_office):
     got = [r["quantity"] for r in almaty.store.rows("assistance")]
     assert got == numbers
     assert_converged(hub, astana, almaty)
+
+
+LOOSE_SCHEMA = '''
+[tables.visits]
+create = """CREATE TABLE visits (id TEXT PRIMARY KEY, people INTEGER, cost REAL, note TEXT, x)"""
+'''
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        pytest.param(
+            "INSERT INTO visits (id, people) VALUES ('v1', 'two')",
+            "visits.people takes INTEGER",
+            id="text-in-integer",
+        ),
+        pytest.param(
+            "INSERT INTO visits (id, people) VALUES ('v1', 2.5)",
+            "visits.people takes INTEGER",
+            id="real-in-integer",
+        ),
+        pytest.param(
+            "INSERT INTO visits (id, cost) VALUES ('v1', 'cheap')",
+            "visits.cost takes REAL",
+            id="text-in-real",
+        ),
+        pytest.param(
+            "INSERT INTO visits (id, note) VALUES ('v1', x'00')",
+            "visits.note takes TEXT",
+            id="blob-in-text",
+        ),
+        pytest.param(
+            "INSERT INTO visits (id, x) VALUES ('v1', x'00')",
+            "visits.x cannot hold a BLOB",
+            id="blob-untyped",
+        ),
+        pytest.param(
+            "INSERT INTO visits (id) VALUES (NULL)",
+            "visits.id is part of the key",
+            id="null-key",
+        ),
+    ],
+)
+def test_values_the_hub_could_never_take_are_refused_when_written(tmp_path, sql, message):
+    store = NodeStore.init(
+        tmp_path / "o.db", "astana", "http://127.0.0.1:9", "t", Schema.from_toml(LOOSE_SCHEMA)
+    )
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match=message):
+            store.db.conn.execute(sql)
+        store.db.conn.execute("INSERT INTO visits (id, people, cost, x) VALUES ('v2', 2, 3, 'a')")
+        assert store.pending_count() == 1  # good writes still go through
+    finally:
+        store.close()
+
+
+def test_adopting_rows_the_hub_could_never_take_is_refused(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE visits (id TEXT PRIMARY KEY, people INTEGER, cost REAL, note TEXT, x)"
+        )
+        conn.executemany(
+            "INSERT INTO visits (id, people) VALUES (?, ?)",
+            [("v1", 2), ("v2", "two"), ("v3", "3x")],
+        )
+    conn.close()
+    with pytest.raises(StoreError, match=r"people \(2 rows\)"):
+        NodeStore.init(path, "astana", "http://127.0.0.1:9", "t", Schema.from_toml(LOOSE_SCHEMA))
+    with sqlite3.connect(path) as conn:  # nothing of the init was left behind
+        assert conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE '_fieldsync%'"
+        ).fetchone() == (0,)
+        conn.execute("UPDATE visits SET people = NULL WHERE typeof(people) = 'text'")
+    conn.close()
+    store = NodeStore.init(
+        path, "astana", "http://127.0.0.1:9", "t", Schema.from_toml(LOOSE_SCHEMA)
+    )
+    assert store.pending_count() == 3
+    store.close()
