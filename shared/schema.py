@@ -233,6 +233,14 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
                 f"{origin}: primary key column {name}.{col.name} must be TEXT or INTEGER, "
                 f"not {col.type or 'untyped'}"
             )
+    pk_index = any(row[3] == "pk" for row in scratch.execute(f"PRAGMA index_list({_quote(name)})"))
+    if len(pk) == 1 and table_type(columns, pk[0]) == "INTEGER" and not pk_index:
+        raise SchemaError(
+            f"{origin}: the key {name}.{pk[0]} is an INTEGER PRIMARY KEY, which SQLite "
+            "numbers 1, 2, 3… in every office, so new records of two offices would take "
+            "the same key; use a TEXT key (a UUID), or a table WITHOUT ROWID with keys "
+            "that cannot clash"
+        )
     if unique_constraints(scratch, name):
         raise SchemaError(
             f"{origin}: table {name} has a UNIQUE constraint besides its primary key; "
@@ -240,6 +248,10 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
             "undo, so synced tables cannot have one"
         )
     return Table(name, columns, pk, policy, create)
+
+
+def table_type(columns: tuple[Column, ...], name: str) -> str:
+    return next(c.type for c in columns if c.name == name)
 
 
 def unique_constraints(conn: sqlite3.Connection, table: str) -> list[str]:

@@ -331,9 +331,9 @@ def test_load_from_file(tmp_path: Path) -> None:
     assert visits.pk_key({"office": "astana", "day": "2024-01-02"}) == '["2024-01-02","astana"]'
 
 
-def test_policy_defaults_to_merge_and_rowid_alias_is_a_key() -> None:
+def test_policy_defaults_to_merge_and_integer_key_without_rowid() -> None:
     schema = Schema.from_toml(
-        '[tables.t]\ncreate = "CREATE TABLE t (n INTEGER PRIMARY KEY, label TEXT)"\n'
+        '[tables.t]\ncreate = "CREATE TABLE t (n INTEGER PRIMARY KEY, label TEXT) WITHOUT ROWID"\n'
     )
     assert schema.table("t").policy == "merge"
     assert schema.table("t").primary_key == ("n",)
@@ -555,3 +555,13 @@ def test_check_value_rejects_what_sqlite_or_json_cannot_hold(
 ) -> None:
     with pytest.raises(InvalidChangeError, match=message):
         T.check_value(column, value)
+
+
+def test_auto_numbered_integer_keys_are_refused() -> None:
+    with pytest.raises(SchemaError, match="INTEGER PRIMARY KEY"):
+        Schema.from_toml(_toml("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)"))
+    # Integer keys an office assigns itself are fine in a table WITHOUT ROWID.
+    schema = Schema.from_toml(
+        _toml("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT) WITHOUT ROWID")
+    )
+    assert schema.tables["t"].primary_key == ("id",)
