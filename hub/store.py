@@ -158,6 +158,17 @@ class ConflictRecord:
         }
 
 
+def _check_hub_file(conn: sqlite3.Connection, path: Path, create: bool) -> None:
+    """Refuse to turn a database that is not a hub into one."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "_fieldsync_meta" in tables:
+        return
+    if "_fieldsync_state" in tables:
+        raise FieldsyncError(f"{path} is an office database, not a hub database")
+    if tables or not create:
+        raise FieldsyncError(f"{path} is not a fieldsync hub database")
+
+
 def _fingerprint(state: RecordState, column: str | None) -> str:
     """What must not change for a conflict's resolution to be safe to write."""
     if column is not None:
@@ -231,9 +242,20 @@ class SqliteHubStore:
         *,
         max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
         now: Any = now_ms,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
+        if not create and not self.path.exists():
+            raise FieldsyncError(
+                f"{path} does not exist; create the hub database by registering an office: "
+                f"`fieldsync hub add-node NAME --db {path}`"
+            )
         self.db = connect(self.path, synchronous="FULL")
+        try:
+            _check_hub_file(self.db.conn, self.path, create)
+        except BaseException:
+            self.db.conn.close()
+            raise
         self._lock = threading.Lock()
         self._now = now
         self.max_future_ms = max_future_ms

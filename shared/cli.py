@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import click
@@ -80,15 +80,10 @@ def _load_schema(path: str | None) -> Any:
     return Schema.load(path) if path else None
 
 
-def _open_hub(db_path: str, schema_path: str | None = None, must_exist: bool = True) -> Any:
+def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False) -> Any:
     from hub.store import SqliteHubStore
 
-    if must_exist and not Path(db_path).exists():
-        raise FieldsyncError(
-            f"{db_path} does not exist; register an office first with "
-            f"`fieldsync hub add-node NAME --db {db_path}`"
-        )
-    return SqliteHubStore(db_path, _load_schema(schema_path))
+    return SqliteHubStore(db_path, _load_schema(schema_path), create=create)
 
 
 @hub.command("serve")
@@ -111,7 +106,10 @@ def hub_serve(
 
     from hub.app import create_app
 
-    store = _open_hub(db_path, schema_path, must_exist=False)
+    new = not os.path.exists(db_path)
+    store = _open_hub(db_path, schema_path, create=True)
+    if new:
+        click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")
     store.max_future_ms = max_future_seconds * 1000
     click.echo(f"fieldsync hub {__version__}: {db_path} on http://{host}:{port}", err=True)
     try:
@@ -126,7 +124,7 @@ def hub_serve(
 @_schema
 def hub_add_node(name: str, db_path: str, schema_path: str | None) -> None:
     """Register an office; print its token on the last line (keep it secret)."""
-    store = _open_hub(db_path, schema_path, must_exist=False)
+    store = _open_hub(db_path, schema_path, create=True)
     try:
         token = store.add_node(name)
     finally:

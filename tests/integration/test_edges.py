@@ -425,3 +425,25 @@ def test_adopting_rows_the_hub_could_never_take_is_refused(tmp_path):
     )
     assert store.pending_count() == 3
     store.close()
+
+
+def test_hub_commands_never_turn_other_databases_into_hubs(tmp_path):
+    office = NodeStore.init(tmp_path / "astana.db", "astana", "http://127.0.0.1:9", "t")
+    office.close()
+    plain = tmp_path / "plain.db"
+    with sqlite3.connect(plain) as conn:
+        conn.execute("CREATE TABLE notes (a)")
+    conn.close()
+    before = plain.read_bytes()
+    runner = CliRunner()
+    for args, needle in (
+        (["hub", "conflicts", "--db", str(plain)], "not a fieldsync hub database"),
+        (["hub", "add-node", "x", "--db", str(plain)], "not a fieldsync hub database"),
+        (["hub", "add-node", "x", "--db", str(tmp_path / "astana.db")], "office database"),
+        (["hub", "conflicts", "--db", str(tmp_path / "missing.db")], "does not exist"),
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert needle in result.output and "Traceback" not in result.output
+    assert plain.read_bytes() == before
+    assert not (tmp_path / "missing.db").exists()
