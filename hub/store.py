@@ -158,9 +158,19 @@ class ConflictRecord:
         }
 
 
-def _check_hub_file(conn: sqlite3.Connection, path: Path, create: bool) -> None:
-    """Refuse to turn a database that is not a hub into one."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+def _check_hub_file(path: Path, create: bool) -> None:
+    """Refuse to turn a database that is not a hub into one (read-only look first)."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise FieldsyncError(f"{path} is not a fieldsync hub database ({exc})") from None
     if "_fieldsync_meta" in tables:
         return
     if "_fieldsync_state" in tables:
@@ -250,12 +260,9 @@ class SqliteHubStore:
                 f"{path} does not exist; create the hub database by registering an office: "
                 f"`fieldsync hub add-node NAME --db {path}`"
             )
+        if self.path.exists():
+            _check_hub_file(self.path, create)
         self.db = connect(self.path, synchronous="FULL")
-        try:
-            _check_hub_file(self.db.conn, self.path, create)
-        except BaseException:
-            self.db.conn.close()
-            raise
         self._lock = threading.Lock()
         self._now = now
         self.max_future_ms = max_future_ms
