@@ -189,7 +189,8 @@ def create_app(
             return _error(exc.code, str(exc), exc.status, exc.details)
         if isinstance(exc, ProtocolError):
             return _error(exc.code, str(exc))
-        log.error("request failed: %s", type(exc).__name__)
+        # Messages of the hub's own failures name functions and tables, not case data.
+        log.error("request failed: %s", exc)
         return _error("internal", str(exc), status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:

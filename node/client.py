@@ -50,6 +50,8 @@ class HubClient(Protocol):
 
     def pull(self, cursor: int, limit: int, *, include_own: bool = False) -> PullPage: ...
 
+    def close(self) -> None: ...
+
 
 @contextmanager
 def _hub_errors(action: str, url: str) -> Iterator[None]:
@@ -128,7 +130,7 @@ class HttpHubClient:
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode("utf-8")
-        action = f"push {len(changes)} changes to"
+        action = f"push {len(changes)} change{'' if len(changes) == 1 else 's'} to"
         with _hub_errors(action, self.url):
             response = self._client.post(
                 f"{self.url}/v1/push",

@@ -29,6 +29,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (`… | head`): not an error worth a message.
+            sys.stderr.close()
+            raise SystemExit(0) from None
         except (FieldsyncError, ValueError, OSError, sqlite3.Error) as exc:
             if _debug(ctx):
                 raise
@@ -89,7 +93,7 @@ def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False
 @hub.command("serve")
 @_hub_db
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
     "--max-future-seconds",
     default=300,
@@ -291,19 +295,41 @@ def node_sync(db_path: str, batch_size: int) -> None:
     agent = _agent(db_path, batch_size)
     try:
         report = agent.sync_once()
-    except HubUnavailableError as exc:
-        pending = agent.store.pending_count()
-        raise FieldsyncError(
-            f"{exc} — {pending} local change(s) are kept and will be sent on the next sync"
-        ) from exc
     except FieldsyncError as exc:
-        pending = agent.store.pending_count()
-        raise FieldsyncError(
-            f"{exc} — {pending} local change(s) are kept; they will be sent once this is fixed"
-        ) from exc
+        raise FieldsyncError(f"{exc}{_kept(agent.store.pending_count(), exc)}") from exc
     finally:
+        agent.client.close()
         agent.store.close()
     click.echo(f"Synced {agent.store.node}: {report.summary()}")
+
+
+def _kept(pending: int, exc: FieldsyncError) -> str:
+    if pending == 0:
+        return ""
+    what = "1 local change is" if pending == 1 else f"{pending} local changes are"
+    if isinstance(exc, HubUnavailableError):
+        return f" — {what} kept and will be sent when the hub can take them"
+    return f" — {what} kept and will be sent once this is fixed"
+
+
+@node.command("set")
+@_node_db
+@click.option("--hub", "hub_url", help="A new hub URL.")
+@click.option("--token", help="A new office token (after the old one was revoked).")
+def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
+    """Point an office database at another hub URL or token."""
+    from node.store import NodeStore
+
+    if not hub_url and not token:
+        raise click.ClickException("give --hub URL, --token TOKEN or both")
+    if hub_url and not hub_url.startswith(("http://", "https://")):
+        raise click.ClickException("the hub URL must start with http:// or https://")
+    store = NodeStore(db_path)
+    try:
+        store.set_hub(hub_url, token)
+    finally:
+        store.close()
+    click.echo(f"Office {store.node} now syncs with {store.hub_url}.")
 
 
 @node.command("run")
@@ -333,6 +359,7 @@ def node_run(db_path: str, interval: float) -> None:
     try:
         agent.run(interval, stop=stop, on_report=on_report)
     finally:
+        agent.client.close()
         agent.store.close()
     click.echo("Stopped.", err=True)
 

@@ -196,6 +196,12 @@ class Schema:
 def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str) -> Table:
     if not isinstance(entry, dict) or not isinstance(entry.get("create"), str):
         raise SchemaError(f"{origin}: table {name} needs a 'create' SQL statement")
+    unknown = sorted(set(entry) - {"create", "policy"})
+    if unknown:
+        raise SchemaError(
+            f"{origin}: table {name} has unknown key(s) {', '.join(unknown)}; "
+            "a table takes 'create' and 'policy'"
+        )
     if name.startswith(("_fieldsync", "sqlite_")):
         raise SchemaError(f"{origin}: table name {name!r} is reserved")
     policy = entry.get("policy", "merge")

@@ -447,3 +447,25 @@ def test_hub_commands_never_turn_other_databases_into_hubs(tmp_path):
         assert needle in result.output and "Traceback" not in result.output
     assert plain.read_bytes() == before
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_unknown_schema_keys_are_refused():
+    with pytest.raises(SchemaError, match="unknown key"):
+        Schema.from_toml(
+            '[tables.t]\npolcy = "record"\ncreate = "CREATE TABLE t (id TEXT PRIMARY KEY)"\n'
+        )
+
+
+def test_node_set_points_an_office_at_a_new_token(hub, make_office):
+    astana = make_office("astana")
+    add_case(astana, "c1")
+    result = CliRunner().invoke(cli, ["node", "set", str(astana.path), "--token", "wrong"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["node", "sync", str(astana.path)])
+    assert result.exit_code == 1
+    assert "1 local change is kept" in result.output and "once this is fixed" in result.output
+    fresh = hub.store.add_node("astana-2")
+    assert fresh
+    bad = CliRunner().invoke(cli, ["node", "set", str(astana.path), "--hub", "hub:80"])
+    assert bad.exit_code == 1 and "http://" in bad.output
+    assert CliRunner().invoke(cli, ["node", "set", str(astana.path)]).exit_code == 1

@@ -48,7 +48,7 @@ def office(tmp_path):
 def test_unreachable_hub_keeps_changes_and_records_the_error(office):
     store, client = office
     store.db.conn.execute("INSERT INTO cases (id) VALUES ('c1')")
-    with pytest.raises(HubUnavailableError, match="cannot push 1 changes"):
+    with pytest.raises(HubUnavailableError, match="cannot push 1 change to"):
         SyncAgent(store, client).sync_once()
     status = store.status()
     assert status.pending == 1
