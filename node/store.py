@@ -127,33 +127,27 @@ def _guard(table: Table) -> str:
 
     Such a change would otherwise wait at the head of the office's queue forever:
     a NULL key, a value of another type than the column's (tables that are not
-    STRICT let those in), an infinite number (JSON cannot carry it).
+    STRICT let those in), a BLOB, an infinite number (JSON cannot carry it).
     """
-    cases = []
+    cases: list[str] = []
+
+    def refuse(condition: str, problem: str) -> None:
+        message = _lit(f"fieldsync: {table.name}.{col.name} {problem}")
+        cases.append(f"WHEN {condition} THEN RAISE(ABORT, {message})")
+
     for col in table.columns:
         ref = f"NEW.{quote(col.name)}"
         if col.name in table.primary_key:
-            message = f"fieldsync: {table.name}.{col.name} is part of the key and cannot be NULL"
-            cases.append(f"WHEN {ref} IS NULL THEN RAISE(ABORT, {_lit(message)})")
+            refuse(f"{ref} IS NULL", "is part of the key and cannot be NULL")
         kinds = _KINDS.get(col.type)
-        if kinds is not None and kinds != ("text",):
+        if kinds is None:
+            refuse(f"typeof({ref}) = 'blob'", "cannot hold a BLOB")
+        else:
             allowed = ", ".join(_lit(k) for k in (*kinds, "null"))
-            message = f"fieldsync: {table.name}.{col.name} takes {col.type} values"
-            cases.append(
-                f"WHEN typeof({ref}) NOT IN ({allowed}) THEN RAISE(ABORT, {_lit(message)})"
-            )
-        elif kinds is None:
-            message = f"fieldsync: {table.name}.{col.name} cannot hold a BLOB"
-            cases.append(f"WHEN typeof({ref}) = 'blob' THEN RAISE(ABORT, {_lit(message)})")
-        if col.type != "TEXT":
-            message = f"fieldsync: {table.name}.{col.name} cannot hold an infinite number"
-            cases.append(f"WHEN {ref} IN (9e999, -9e999) THEN RAISE(ABORT, {_lit(message)})")
-        elif kinds == ("text",):
-            message = f"fieldsync: {table.name}.{col.name} takes TEXT values"
-            cases.append(
-                f"WHEN typeof({ref}) NOT IN ('text', 'null') THEN RAISE(ABORT, {_lit(message)})"
-            )
-    return f"SELECT CASE {' '.join(cases)} END;" if cases else ""
+            refuse(f"typeof({ref}) NOT IN ({allowed})", f"takes {col.type} values")
+        if kinds != ("text",):
+            refuse(f"{ref} IN (9e999, -9e999)", "cannot hold an infinite number")
+    return f"SELECT CASE {' '.join(cases)} END;"
 
 
 def trigger_sql(table: Table) -> list[str]:
