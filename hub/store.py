@@ -384,7 +384,7 @@ class SqliteHubStore:
                         self.clock.observe(change.ts.hlc)
                         conn.execute(
                             "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)",
-                            [node, change.seq, change.ts.hlc],
+                            [node, change.seq, change.receipt],
                         )
                     conn.execute(
                         "UPDATE _fieldsync_nodes SET acked_seq = ?, last_seen_at = ?, "
@@ -419,7 +419,7 @@ class SqliteHubStore:
         row = conn.execute(
             "SELECT hlc FROM _fieldsync_receipts WHERE node = ? AND seq = ?", [node, change.seq]
         ).fetchone()
-        if row is not None and row[0] == change.ts.hlc:
+        if row is not None and row[0] == change.receipt:
             return
         # Same number, other change: the office database was restored from an older
         # copy and numbers its new changes as the hub has already seen them.

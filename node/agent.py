@@ -103,7 +103,9 @@ class SyncAgent:
         try:
             return self._sync()
         except sqlite3.Error as exc:
-            error = StoreError(f"cannot sync {self.store.path}: local database error: {exc}")
+            # sqlite3 quotes undecodable text in its message: never pass that on.
+            detail = str(exc).split(" with text ", 1)[0]
+            error = StoreError(f"cannot sync {self.store.path}: local database error: {detail}")
             with contextlib.suppress(sqlite3.Error):
                 self.store.record_sync(pushed=0, pulled=0, conflicts=0, error=str(error))
             raise error from exc
@@ -263,8 +265,14 @@ class SyncAgent:
                     on_report(None, exc)
                 return
             except FieldsyncError as exc:
-                failures = 0
-                log.log(info, "%s", exc)
+                # Refused: retrying soon will not help either, so back off as well.
+                failures += 1
+                delay = backoff_seconds(failures, interval_seconds, max_backoff_seconds)
+                scheduler.modify_job(
+                    "fieldsync-sync",
+                    next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
+                )
+                log.log(info, "%s; next try in %.0f s", exc, delay)
                 if on_report:
                     on_report(None, exc)
                 return

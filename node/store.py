@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS _fieldsync_changes (
     pk TEXT NOT NULL,
     op TEXT NOT NULL,
     hlc INTEGER NOT NULL,
+    captured INTEGER NOT NULL,
     vals TEXT
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_versions (
@@ -83,9 +84,12 @@ _TICK = (
     "UPDATE _fieldsync_state SET hlc = MAX(hlc + 1, "
     "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + offset_ms) << 16);"
 )
+# hlc may be re-stamped later (a wrong clock); captured never changes: it names the
+# change in the hub's receipts.
 _LOG = (
-    "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, vals) VALUES "
-    "({table}, json_array({pk}), '{op}', (SELECT hlc FROM _fieldsync_state), {vals});"
+    "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) VALUES "
+    "({table}, json_array({pk}), '{op}', (SELECT hlc FROM _fieldsync_state), "
+    "(SELECT hlc FROM _fieldsync_state), {vals});"
 )
 _TRIGGER = (
     "CREATE TRIGGER {name} AFTER {event} ON {table} "
@@ -99,17 +103,25 @@ def _lit(text: str) -> str:
 
 def _json_value(table: Table, prefix: str, column: str) -> str:
     ref = f"{prefix}.{quote(column)}"
+    # || '' drops the JSON subtype a value made by json_set() & co. carries inside a
+    # trigger, so that text travels as text.
     if table.column(column).type == "TEXT":
-        return ref  # TEXT affinity stores no REAL values
+        return f"({ref} || '')"  # TEXT affinity stores no REAL values
     # json_object() prints REAL values with 15 digits; 21 round-trip exactly even on
     # SQLite versions whose printf is not correctly rounded (before 3.43).
-    return f"CASE typeof({ref}) WHEN 'real' THEN json(printf('%!.20e', {ref})) ELSE {ref} END"
+    return (
+        f"CASE typeof({ref}) WHEN 'real' THEN json(printf('%!.20e', {ref})) "
+        f"WHEN 'text' THEN {ref} || '' ELSE {ref} END"
+    )
 
 
 def _json_object(table: Table, prefix: str, columns: Iterable[str]) -> str:
     pairs = ", ".join(f"{_lit(c)}, {_json_value(table, prefix, c)}" for c in columns)
     return f"json_object({pairs})"
 
+
+# A value this large would not fit in one push request (see hub.app).
+MAX_VALUE_BYTES = 4 * 2**20
 
 _KINDS = {
     "TEXT": ("text",),
@@ -147,6 +159,11 @@ def _guard(table: Table) -> str:
             refuse(f"typeof({ref}) NOT IN ({allowed})", f"takes {col.type} values")
         if kinds != ("text",):
             refuse(f"{ref} IN (9e999, -9e999)", "cannot hold an infinite number")
+        limit = MAX_VALUE_BYTES
+        refuse(
+            f"length(CAST({ref} AS BLOB)) > {limit}",
+            f"holds more than {limit // 2**20} MiB; keep files and scans outside the database",
+        )
     return f"SELECT CASE {' '.join(cases)} END;"
 
 
@@ -159,14 +176,19 @@ def trigger_sql(table: Table) -> list[str]:
     full_new = _json_object(table, "NEW", table.column_names)
     guard = _guard(table)
     others = [c for c in table.column_names if c not in table.primary_key]
-    same_pk = " AND ".join(f"NEW.{quote(c)} IS OLD.{quote(c)}" for c in table.primary_key)
-    some_changed = " OR ".join(f"NEW.{quote(c)} IS NOT OLD.{quote(c)}" for c in others) or "0"
+    # COLLATE BINARY: under NOCASE, 'ivanov' -> 'Ivanov' would not count as a change.
+    same_pk = " AND ".join(
+        f"NEW.{quote(c)} IS OLD.{quote(c)} COLLATE BINARY" for c in table.primary_key
+    )
+    some_changed = (
+        " OR ".join(f"NEW.{quote(c)} IS NOT OLD.{quote(c)} COLLATE BINARY" for c in others) or "0"
+    )
     if table.policy == "record" or not others:
         changed_vals = full_new
     else:
         # Only the columns the UPDATE changed, so edits to other fields merge.
         removals = ", ".join(
-            f"CASE WHEN NEW.{quote(c)} IS OLD.{quote(c)} "
+            f"CASE WHEN NEW.{quote(c)} IS OLD.{quote(c)} COLLATE BINARY "
             f"THEN {_lit('$.' + json.dumps(c, ensure_ascii=False))} "
             "ELSE '$.__fieldsync_unchanged' END"
             for c in others
@@ -334,23 +356,40 @@ class NodeStore:
 
     def pending(self, limit: int) -> list[Change]:
         """The oldest ``limit`` unacknowledged changes, each with its base versions."""
+        # Bytes, decoded here: text that is not UTF-8 (a CSV imported in another
+        # encoding) gets a message that names the change, never its contents.
         rows = self.db.conn.execute(
-            "SELECT seq, tbl, pk, op, hlc, vals FROM _fieldsync_changes ORDER BY seq LIMIT ?",
+            "SELECT seq, tbl, pk, op, hlc, captured, CAST(vals AS BLOB) "
+            "FROM _fieldsync_changes ORDER BY seq LIMIT ?",
             [limit],
         ).fetchall()
         versions: dict[tuple[str, str], dict[str, str]] = {}
         changes = []
-        for seq, tbl, key, op, hlc, vals in rows:
+        for seq, tbl, key, op, hlc, captured, raw in rows:
             table = self.schema.table(tbl)
             current = versions.get((tbl, key))
             if current is None:
                 current = versions[(tbl, key)] = self._versions(tbl, key)
             ts = Timestamp(hlc, self.node)
-            values = json.loads(vals) if vals is not None else None
+            try:
+                values = json.loads(raw.decode("utf-8")) if raw is not None else None
+            except UnicodeDecodeError:
+                raise StoreError(
+                    f"change {seq} to table {tbl} holds text that is not UTF-8 (imported in "
+                    "another encoding?); re-enter that record's text as UTF-8, then run "
+                    f"`fieldsync node drop-change {self.path} {seq}` to discard the bad change"
+                ) from None
             pk = dict(zip(table.primary_key, json.loads(key), strict=True))
-            changes.append(Change(seq, tbl, pk, op, ts, values, dict(current)))
+            changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured))
             _effect(current, op, values, str(ts))
         return changes
+
+    def drop_change(self, seq: int) -> None:
+        """Discard one queued change that can never be pushed (it will not reach the hub)."""
+        with write(self.db) as conn:
+            gone = conn.execute("DELETE FROM _fieldsync_changes WHERE seq = ?", [seq]).rowcount
+        if not gone:
+            raise StoreError(f"there is no queued change {seq} in {self.path}")
 
     def _versions(self, tbl: str, key: str) -> dict[str, str]:
         row = self.db.conn.execute(
@@ -603,8 +642,9 @@ def _backfill(conn: sqlite3.Connection, table: Table) -> None:
     conn.execute(_TICK)
     pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     conn.execute(
-        "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, vals) "
+        "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
         f"SELECT ?, json_array({pk}), 'insert', (SELECT hlc FROM _fieldsync_state), "
+        "(SELECT hlc FROM _fieldsync_state), "
         f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t",
         [table.name],
     )

@@ -332,6 +332,21 @@ def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
     click.echo(f"Office {store.node} now syncs with {store.hub_url}.")
 
 
+@node.command("drop-change")
+@_node_db
+@click.argument("seq", type=int)
+def node_drop_change(db_path: str, seq: int) -> None:
+    """Discard queued change SEQ that can never be pushed (fieldsync names it when so)."""
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        store.drop_change(seq)
+    finally:
+        store.close()
+    click.echo(f"Dropped change {seq}; it will not reach the hub.")
+
+
 @node.command("run")
 @_node_db
 @click.option(

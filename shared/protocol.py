@@ -55,6 +55,7 @@ class Change:
     ts: Timestamp
     values: dict[str, Any] | None  # columns the write set; None for a delete
     base: dict[str, str] = field(default_factory=dict)  # column -> version seen when made
+    captured: int | None = None  # the stamp first given, if ts was re-stamped since
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -67,7 +68,14 @@ class Change:
         }
         if self.values is not None:
             data["values"] = self.values
+        if self.captured is not None and self.captured != self.ts.hlc:
+            data["captured"] = self.captured
         return data
+
+    @property
+    def receipt(self) -> int:
+        """The stamp that names this change for good (re-stamping does not alter it)."""
+        return self.ts.hlc if self.captured is None else self.captured
 
     @classmethod
     def from_json(cls, data: Any, node: str) -> Change:
@@ -99,7 +107,10 @@ class Change:
             values = None
         elif not isinstance(values, dict) or not values:
             raise ProtocolError(f"{what}: an {op} needs a non-empty 'values' object")
-        return cls(seq, table, pk, op, Timestamp(hlc, node), values, base)
+        captured = data.get("captured")
+        if captured is not None and (type(captured) is not int or not 0 < captured < 2**63):
+            raise ProtocolError(f"{what}: captured must be a positive integer stamp")
+        return cls(seq, table, pk, op, Timestamp(hlc, node), values, base, captured)
 
 
 @dataclass(frozen=True, slots=True)

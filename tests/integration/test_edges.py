@@ -469,3 +469,57 @@ def test_node_set_points_an_office_at_a_new_token(hub, make_office):
     bad = CliRunner().invoke(cli, ["node", "set", str(astana.path), "--hub", "hub:80"])
     assert bad.exit_code == 1 and "http://" in bad.output
     assert CliRunner().invoke(cli, ["node", "set", str(astana.path)]).exit_code == 1
+
+
+def test_text_made_by_json_functions_travels_as_text(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "a1", notes="{}")
+    write(astana, "INSERT INTO cases (id, notes) VALUES ('b1', json_quote('q'))")
+    write(astana, "UPDATE cases SET notes = json_set(notes, '$.phone', '555') WHERE id = 'a1'")
+    sync_all(astana, almaty)
+    assert case(almaty, "a1")["notes"] == '{"phone":"555"}'
+    assert case(almaty, "b1")["notes"] == '"q"'
+    assert_converged(hub, astana, almaty)
+
+
+def test_case_only_edits_under_nocase_are_captured(tmp_path):
+    schema = Schema.from_toml(
+        '[tables.people]\ncreate = "CREATE TABLE people (id TEXT PRIMARY KEY, '
+        'name TEXT COLLATE NOCASE)"\n'
+    )
+    store = NodeStore.init(tmp_path / "o.db", "astana", "http://127.0.0.1:9", "t", schema)
+    try:
+        store.db.conn.execute("INSERT INTO people VALUES ('p1', 'ivanov')")
+        store.db.conn.execute("UPDATE people SET name = 'Ivanov' WHERE id = 'p1'")
+        assert [c.values for c in store.pending(10)][-1] == {"name": "Ivanov"}
+    finally:
+        store.close()
+
+
+def test_values_too_big_for_any_push_are_refused_when_written(hub, make_office):
+    astana = make_office("astana")
+    with sqlite3.connect(astana.path) as conn, pytest.raises(sqlite3.IntegrityError, match="MiB"):
+        conn.execute("INSERT INTO cases (id, notes) VALUES ('c1', ?)", ["x" * (5 * 2**20)])
+    conn.close()
+    assert astana.store.pending_count() == 0
+
+
+def test_text_that_is_not_utf8_is_named_not_quoted_and_can_be_dropped(hub, make_office):
+    astana = make_office("astana")
+    with sqlite3.connect(astana.path) as conn:  # as `.import` of a Latin-1 CSV leaves it
+        conn.execute(
+            "INSERT INTO cases (id, family_name) VALUES ('c1', CAST(? AS TEXT))", [b"M\xfcller"]
+        )
+    conn.close()
+    add_case(astana, "c2")
+    with pytest.raises(StoreError) as info:
+        astana.sync()
+    message = str(info.value)
+    assert "not UTF-8" in message and "ller" not in message
+    assert "ller" not in (astana.store.status().last_error or "")
+    write(astana, "UPDATE cases SET family_name = 'Müller' WHERE id = 'c1'")  # fixed
+    assert "drop-change" in message and " 1 " in message  # the bad change is the first
+    result = CliRunner().invoke(cli, ["node", "drop-change", str(astana.path), "1"])
+    assert result.exit_code == 0, result.output
+    astana.sync()
+    assert case(hub, "c1")["family_name"] == "Müller" and case(hub, "c2") is not None

@@ -157,3 +157,21 @@ def test_413_from_a_proxy_also_splits_the_batch(tmp_path):
         node.close()
     assert len(sizes) == 4  # 8, 4, 2, 1 changes
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_restored_copy_of_a_restamped_change_is_not_applied_twice(hub, make_office, tmp_path):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    astana.store.set_clock_offset(10 * 60_000)  # the laptop clock is 10 min fast
+    insert(astana, "c1")
+    copy = backup(astana, tmp_path / "copy.db")  # c1 queued, with its fast stamp
+    astana.sync()  # refused, re-stamped, committed
+    almaty.sync()
+    write(almaty, "DELETE FROM cases WHERE id = 'c1'")  # Almaty saw c1 and deletes it
+    almaty.sync()
+    restore(astana, copy, hub.url)
+    astana.sync()
+    almaty.sync()
+    astana.sync()
+    assert ids(hub.store) == set()  # c1 stays deleted
+    assert hub.store.conflicts() == []
+    assert astana.store.rows("cases") == hub.store.rows("cases") == almaty.store.rows("cases")
