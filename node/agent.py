@@ -248,31 +248,34 @@ class SyncAgent:
         # With a report callback the caller tells people; the log keeps the details.
         info = logging.DEBUG if on_report else logging.INFO
 
+        # Rescheduling while the scheduler shuts down would deadlock inside APScheduler
+        # (shutdown waits for this job while holding the lock modify_job needs).
+        reschedule = threading.Lock()
+
+        def later(delay: float) -> None:
+            with reschedule:
+                if not stop.is_set():
+                    scheduler.modify_job(
+                        "fieldsync-sync",
+                        next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
+                    )
+
         def job() -> None:
             nonlocal failures
             try:
                 report = self.sync_once()
-            except HubUnavailableError as exc:
+            except (HubUnavailableError, HubRejectedError) as exc:
+                # Unreachable, or refused until someone fixes something: back off.
                 failures += 1
                 delay = backoff_seconds(failures, interval_seconds, max_backoff_seconds)
                 delay += random.uniform(0, jitter)
                 log.log(info, "%s; next try in %.0f s", exc, delay)
-                scheduler.modify_job(
-                    "fieldsync-sync",
-                    next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
-                )
                 if on_report:
                     on_report(None, exc)
+                later(delay)
                 return
             except FieldsyncError as exc:
-                # Refused: retrying soon will not help either, so back off as well.
-                failures += 1
-                delay = backoff_seconds(failures, interval_seconds, max_backoff_seconds)
-                scheduler.modify_job(
-                    "fieldsync-sync",
-                    next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
-                )
-                log.log(info, "%s; next try in %.0f s", exc, delay)
+                log.log(info, "%s", exc)
                 if on_report:
                     on_report(None, exc)
                 return
@@ -296,4 +299,7 @@ class SyncAgent:
         try:
             stop.wait()
         finally:
+            stop.set()
+            with reschedule:  # no job is between its check of stop and modify_job
+                pass
             scheduler.shutdown(wait=True)

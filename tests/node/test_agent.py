@@ -94,3 +94,32 @@ def test_run_backs_off_while_the_hub_is_unreachable_and_stops_cleanly(office):
     gaps = [b - a for a, b in zip(moments, moments[1:], strict=False)]
     # Waits of about 0.1, 0.2 and 0.4 s: each clearly longer than the one before.
     assert gaps[1] > gaps[0] * 1.3 and gaps[2] > gaps[1] * 1.3, gaps
+
+
+@pytest.mark.parametrize("error", [StoreError("refused"), HubUnavailableError("hub down")])
+def test_stop_during_a_failing_sync_returns(office, error):
+    """A sync that fails just as the agent is stopped must not hang the stop."""
+    store, client = office
+    stop, started = threading.Event(), threading.Event()
+    reports: list[Exception] = []
+
+    class Failing(SyncAgent):
+        def sync_once(self):
+            started.set()
+            stop.wait(5)
+            time.sleep(0.2)  # it fails just after the stop was asked for
+            raise error
+
+    agent = Failing(store, client)
+    runner = threading.Thread(
+        target=agent.run,
+        args=(60,),
+        kwargs={"stop": stop, "on_report": lambda report, exc: reports.append(exc)},
+        daemon=True,
+    )
+    runner.start()
+    assert started.wait(5)
+    stop.set()
+    runner.join(10)
+    assert not runner.is_alive(), "run() did not return after stop"
+    assert reports == [error]
