@@ -120,8 +120,10 @@ def _json_object(table: Table, prefix: str, columns: Iterable[str]) -> str:
     return f"json_object({pairs})"
 
 
-# A value this large would not fit in one push request (see hub.app).
+# A value, or a record, this large might not fit in one push request (hub.app allows
+# 16 MiB as sent and 128 MiB inflated; JSON escaping can grow text up to 6 times).
 MAX_VALUE_BYTES = 4 * 2**20
+MAX_ROW_BYTES = 8 * 2**20
 
 _KINDS = {
     "TEXT": ("text",),
@@ -164,6 +166,14 @@ def _guard(table: Table) -> str:
             f"length(CAST({ref} AS BLOB)) > {limit}",
             f"holds more than {limit // 2**20} MiB; keep files and scans outside the database",
         )
+    sizes = " + ".join(
+        f"coalesce(length(CAST(NEW.{quote(c)} AS BLOB)), 0)" for c in table.column_names
+    )
+    message = _lit(
+        f"fieldsync: a {table.name} record holds more than {MAX_ROW_BYTES // 2**20} MiB; "
+        "keep files and scans outside the database"
+    )
+    cases.append(f"WHEN {sizes} > {MAX_ROW_BYTES} THEN RAISE(ABORT, {message})")
     return f"SELECT CASE {' '.join(cases)} END;"
 
 
@@ -359,19 +369,16 @@ class NodeStore:
         # Bytes, decoded here: text that is not UTF-8 (a CSV imported in another
         # encoding) gets a message that names the change, never its contents.
         rows = self.db.conn.execute(
-            "SELECT seq, tbl, pk, op, hlc, captured, CAST(vals AS BLOB) "
+            "SELECT seq, tbl, CAST(pk AS BLOB), op, hlc, captured, CAST(vals AS BLOB) "
             "FROM _fieldsync_changes ORDER BY seq LIMIT ?",
             [limit],
         ).fetchall()
         versions: dict[tuple[str, str], dict[str, str]] = {}
         changes = []
-        for seq, tbl, key, op, hlc, captured, raw in rows:
+        for seq, tbl, raw_key, op, hlc, captured, raw in rows:
             table = self.schema.table(tbl)
-            current = versions.get((tbl, key))
-            if current is None:
-                current = versions[(tbl, key)] = self._versions(tbl, key)
-            ts = Timestamp(hlc, self.node)
             try:
+                key = raw_key.decode("utf-8")
                 values = json.loads(raw.decode("utf-8")) if raw is not None else None
             except UnicodeDecodeError:
                 raise StoreError(
@@ -379,17 +386,30 @@ class NodeStore:
                     "another encoding?); re-enter that record's text as UTF-8, then run "
                     f"`fieldsync node drop-change {self.path} {seq}` to discard the bad change"
                 ) from None
+            current = versions.get((tbl, key))
+            if current is None:
+                current = versions[(tbl, key)] = self._versions(tbl, key)
+            ts = Timestamp(hlc, self.node)
             pk = dict(zip(table.primary_key, json.loads(key), strict=True))
             changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured))
             _effect(current, op, values, str(ts))
         return changes
 
     def drop_change(self, seq: int) -> None:
-        """Discard one queued change that can never be pushed (it will not reach the hub)."""
+        """Discard one queued change that can never be pushed.
+
+        The record it belongs to is then logged again as it is now, whole, so the
+        hub still gets every column the dropped change carried (once fixed).
+        """
         with write(self.db) as conn:
-            gone = conn.execute("DELETE FROM _fieldsync_changes WHERE seq = ?", [seq]).rowcount
-        if not gone:
-            raise StoreError(f"there is no queued change {seq} in {self.path}")
+            row = conn.execute(
+                "SELECT tbl, CAST(pk AS BLOB) FROM _fieldsync_changes WHERE seq = ?", [seq]
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"there is no queued change {seq} in {self.path}")
+            conn.execute("DELETE FROM _fieldsync_changes WHERE seq = ?", [seq])
+            table = self.schema.table(row[0])
+            _log_current(conn, table, row[1])
 
     def _versions(self, tbl: str, key: str) -> dict[str, str]:
         row = self.db.conn.execute(
@@ -618,26 +638,47 @@ class NodeStore:
         return table_rows(self.db.conn, self.schema.table(table))
 
 
+def _log_current(conn: sqlite3.Connection, table: Table, key: bytes) -> None:
+    """Log the record whose canonical key is ``key`` as it is now (if it still exists)."""
+    conn.execute(_TICK)
+    pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    conn.execute(
+        "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
+        f"SELECT ?, json_array({pk}), 'update', (SELECT hlc FROM _fieldsync_state), "
+        "(SELECT hlc FROM _fieldsync_state), "
+        f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t "
+        f"WHERE CAST(json_array({pk}) AS BLOB) = ?",
+        [table.name, key],
+    )
+
+
 def _backfill(conn: sqlite3.Connection, table: Table) -> None:
     """Log every row already in ``table`` as an insert (refuse rows the hub cannot take)."""
     bad: dict[str, int] = {}
     cursor = conn.execute(f"SELECT * FROM {quote(table.name)}")
     names = [d[0] for d in cursor.description]
     for row in cursor:
+        total = 0
         for name, value in zip(names, row, strict=True):
             if name not in table.column_names:
                 continue
+            size = len(str(value).encode("utf-8", "surrogatepass")) if value is not None else 0
+            total += size
             try:
                 if value is None and name in table.primary_key:
                     raise InvalidChangeError("null key")
+                if size > MAX_VALUE_BYTES:
+                    raise InvalidChangeError("too large")
                 table.check_value(name, value)
             except InvalidChangeError:
                 bad[name] = bad.get(name, 0) + 1
+        if total > MAX_ROW_BYTES:
+            bad["(whole record)"] = bad.get("(whole record)", 0) + 1
     if bad:
         where = ", ".join(f"{n} ({count} rows)" for n, count in bad.items())
         raise StoreError(
             f"cannot adopt table {table.name}: some rows hold values the hub cannot take, "
-            f"in {where}; fix them (types, NULL keys, blobs), then run init again"
+            f"in {where}; fix them (types, NULL keys, blobs, sizes), then run init again"
         )
     conn.execute(_TICK)
     pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)

@@ -336,15 +336,23 @@ def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
 @_node_db
 @click.argument("seq", type=int)
 def node_drop_change(db_path: str, seq: int) -> None:
-    """Discard queued change SEQ that can never be pushed (fieldsync names it when so)."""
+    """Discard queued change SEQ that can never be pushed (fieldsync names it when so).
+
+    The record is queued again as it is now, whole, so fix it first.
+    """
+    from filelock import FileLock, Timeout
+
     from node.store import NodeStore
 
     store = NodeStore(db_path)
     try:
-        store.drop_change(seq)
+        with FileLock(f"{store.path}-sync.lock", timeout=0):
+            store.drop_change(seq)
+    except Timeout:
+        raise FieldsyncError(f"a sync of {db_path} is running; try again when it ends") from None
     finally:
         store.close()
-    click.echo(f"Dropped change {seq}; it will not reach the hub.")
+    click.echo(f"Dropped change {seq}; the record is queued again as it is now.")
 
 
 @node.command("run")

@@ -523,3 +523,55 @@ def test_text_that_is_not_utf8_is_named_not_quoted_and_can_be_dropped(hub, make_
     assert result.exit_code == 0, result.output
     astana.sync()
     assert case(hub, "c1")["family_name"] == "Müller" and case(hub, "c2") is not None
+
+
+def test_records_too_big_for_any_push_are_refused_when_written(hub, make_office):
+    astana = make_office("astana")
+    part = "x" * (3 * 2**20)  # each value under the limit, the record over it
+    with (
+        sqlite3.connect(astana.path) as conn,
+        pytest.raises(sqlite3.IntegrityError, match="record"),
+    ):
+        conn.execute(
+            "INSERT INTO cases (id, notes, family_name, given_name) VALUES ('c1', ?, ?, ?)",
+            [part, part, part],
+        )
+    conn.close()
+    assert astana.store.pending_count() == 0
+
+
+def test_adopting_a_table_with_oversized_values_is_refused(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(Schema.load().tables["cases"].create)
+        conn.execute("INSERT INTO cases (id, notes) VALUES ('c1', ?)", ["x" * (5 * 2**20)])
+    conn.close()
+    with pytest.raises(StoreError, match=r"notes \(1 rows\)"):
+        NodeStore.init(path, "astana", "http://127.0.0.1:9", "t")
+
+
+def test_dropping_a_bad_change_still_sends_the_whole_fixed_record(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    with sqlite3.connect(astana.path) as conn:
+        conn.execute(
+            "INSERT INTO cases (id, family_name, given_name, household_size) "
+            "VALUES ('c1', CAST(? AS TEXT), 'Anna', 4)",
+            [b"M\xfcller"],
+        )
+    conn.close()
+    write(astana, "UPDATE cases SET family_name = 'Müller' WHERE id = 'c1'")
+    result = CliRunner().invoke(cli, ["node", "drop-change", str(astana.path), "1"])
+    assert result.exit_code == 0, result.output
+    sync_all(astana, almaty)
+    assert_converged(hub, astana, almaty)
+    row = case(almaty, "c1")
+    assert (row["family_name"], row["given_name"], row["household_size"]) == ("Müller", "Anna", 4)
+
+
+def test_key_that_is_not_utf8_is_named_too(hub, make_office):
+    astana = make_office("astana")
+    with sqlite3.connect(astana.path) as conn:
+        conn.execute("INSERT INTO cases (id) VALUES (CAST(? AS TEXT))", [b"c\xfc1"])
+    conn.close()
+    with pytest.raises(StoreError, match="not UTF-8.*drop-change"):
+        astana.sync()
