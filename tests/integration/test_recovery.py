@@ -175,3 +175,20 @@ def test_restored_copy_of_a_restamped_change_is_not_applied_twice(hub, make_offi
     assert ids(hub.store) == set()  # c1 stays deleted
     assert hub.store.conflicts() == []
     assert astana.store.rows("cases") == hub.store.rows("cases") == almaty.store.rows("cases")
+
+
+def test_restored_copy_with_more_new_work_than_it_lost(hub, make_office, tmp_path):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    insert(astana, "c1")
+    astana.sync()
+    copy = backup(astana, tmp_path / "copy.db")
+    insert(astana, "c2")  # pushed, then lost with the laptop
+    astana.sync()
+    restore(astana, copy, hub.url)
+    for new in ("c3", "c4", "c5"):  # more new work than the copy lost
+        insert(astana, new)
+    astana.sync()
+    almaty.sync()
+    assert ids(hub.store) == {"c1", "c2", "c3", "c4", "c5"}
+    # The restored office gets back what it had sent after the copy was made.
+    assert astana.store.rows("cases") == hub.store.rows("cases") == almaty.store.rows("cases")

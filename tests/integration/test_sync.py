@@ -183,7 +183,6 @@ def policy_hub(request, tmp_path):
 def _offices(policy_hub, tmp_path):
     from node.agent import SyncAgent
     from node.client import HttpHubClient
-    from node.store import NodeStore
     from tests.conftest import Office
 
     hub, schema = policy_hub
@@ -466,38 +465,3 @@ def test_token_of_another_office_is_refused_before_anything_is_applied(hub, make
         mixed.close()
     assert [r["id"] for r in hub.store.rows("cases")] == ["c9"]
     assert astana.store.pending_count() == 1
-
-
-def test_office_restored_from_an_old_backup_loses_nothing_new(hub, make_office, tmp_path):
-    import shutil
-
-    astana, almaty = make_office("astana"), make_office("almaty")
-    add_case(astana, "c1")
-    astana.sync()
-    backup = tmp_path / "astana-backup.db"
-    with sqlite3.connect(astana.path) as conn, sqlite3.connect(backup) as copy:
-        conn.backup(copy)
-    conn.close()
-    copy.close()
-    for i in range(2, 6):  # synced after the backup was taken
-        add_case(astana, f"c{i}")
-    astana.sync()
-    astana.client.close()
-    astana.store.close()
-    shutil.copy(backup, astana.path)  # the laptop is restored from the old backup
-    for suffix in ("-wal", "-shm"):
-        Path(f"{astana.path}{suffix}").unlink(missing_ok=True)
-    restored = NodeStore(astana.path)
-    client = HttpHubClient(hub.url, restored.token, node="astana")
-    try:
-        add_case_path = type("P", (), {"path": astana.path})
-        add_case(add_case_path, "after-restore")  # new work, numbered like c2 was
-        SyncAgent(restored, client).sync_once()
-        almaty.sync()
-        ids = {r["id"] for r in hub.store.rows("cases")}
-        assert {"c1", "c2", "c3", "c4", "c5", "after-restore"} <= ids
-        assert "after-restore" in {r["id"] for r in almaty.store.rows("cases")}
-        assert restored.pending_count() == 0
-    finally:
-        client.close()
-        restored.close()
