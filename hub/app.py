@@ -194,7 +194,8 @@ def create_app(
         return _error("internal", str(exc), status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, HTTPException)
+        if not isinstance(exc, HTTPException):  # only registered for HTTPException
+            raise exc
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         return _error(code, f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
 

@@ -693,25 +693,21 @@ class SqliteHubStore:
                 self.clock.observe(Timestamp.parse(version).hlc)
             ts = str(self.clock.tick())
             state = RecordState(dict(current.values), dict(current.versions), current.deleted)
+            chosen: dict[str, Any] = {}
             if record.column is not None and writes:
-                chosen = {"value": value, "other": record.other_value, "kept": record.kept_value}[
-                    keep
-                ]
-                state.values[str(record.column)] = chosen
-                state.versions[str(record.column)] = ts
-                if state.deleted:
-                    state.deleted = False
-                    state.versions[EXISTS] = ts
-            elif keep == "other" and record.kind == "delete" and record.other_value is None:
+                sides = {"value": value, "other": record.other_value, "kept": record.kept_value}
+                chosen = {record.column: sides[keep]}
+            elif keep == "other" and isinstance(record.other_value, dict):
+                chosen = record.other_value  # a whole record
+            elif keep == "other" and record.kind == "delete":
                 state.deleted = True
                 state.versions[EXISTS] = ts
-            elif keep == "other" and isinstance(record.other_value, dict):
-                for col, val in record.other_value.items():
-                    state.values[col] = val
-                    state.versions[col] = ts
-                if state.deleted:
-                    state.deleted = False
-                    state.versions[EXISTS] = ts
+            for col, val in chosen.items():
+                state.values[col] = val
+                state.versions[col] = ts
+            if chosen and state.deleted:  # writing a value brings the record back
+                state.deleted = False
+                state.versions[EXISTS] = ts
             if state != current:
                 seq = self._last_seq(conn) + 1
                 self._store(conn, table, record.pk, key, state, seq, None)

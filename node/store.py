@@ -409,7 +409,8 @@ class NodeStore:
                 raise StoreError(f"there is no queued change {seq} in {self.path}")
             conn.execute("DELETE FROM _fieldsync_changes WHERE seq = ?", [seq])
             table = self.schema.table(row[0])
-            _log_current(conn, table, row[1])
+            # The record as it is now (if it still exists), whole.
+            _log_rows(conn, table, "update", "WHERE CAST(json_array({pk}) AS BLOB) = ?", [row[1]])
 
     def _versions(self, tbl: str, key: str) -> dict[str, str]:
         row = self.db.conn.execute(
@@ -638,17 +639,19 @@ class NodeStore:
         return table_rows(self.db.conn, self.schema.table(table))
 
 
-def _log_current(conn: sqlite3.Connection, table: Table, key: bytes) -> None:
-    """Log the record whose canonical key is ``key`` as it is now (if it still exists)."""
+def _log_rows(
+    conn: sqlite3.Connection, table: Table, op: str, where: str = "", params: Sequence[Any] = ()
+) -> None:
+    """Log rows of ``table`` as they are now, whole (as the insert trigger would)."""
     conn.execute(_TICK)
     pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     conn.execute(
         "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
-        f"SELECT ?, json_array({pk}), 'update', (SELECT hlc FROM _fieldsync_state), "
+        f"SELECT ?, json_array({pk}), ?, (SELECT hlc FROM _fieldsync_state), "
         "(SELECT hlc FROM _fieldsync_state), "
         f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t "
-        f"WHERE CAST(json_array({pk}) AS BLOB) = ?",
-        [table.name, key],
+        + where.format(pk=pk),
+        [table.name, op, *params],
     )
 
 
@@ -680,12 +683,4 @@ def _backfill(conn: sqlite3.Connection, table: Table) -> None:
             f"cannot adopt table {table.name}: some rows hold values the hub cannot take, "
             f"in {where}; fix them (types, NULL keys, blobs, sizes), then run init again"
         )
-    conn.execute(_TICK)
-    pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
-    conn.execute(
-        "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
-        f"SELECT ?, json_array({pk}), 'insert', (SELECT hlc FROM _fieldsync_state), "
-        "(SELECT hlc FROM _fieldsync_state), "
-        f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t",
-        [table.name],
-    )
+    _log_rows(conn, table, "insert")
