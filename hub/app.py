@@ -158,11 +158,12 @@ def create_app(
             raise ProtocolError("changes must be in increasing seq order, each seq once")
         result = await run_in_threadpool(store.push, node, changes)
         log.info(
-            "push from %s: %d changes, %d applied, %d conflicts, acked %d",
+            "push from %s: %d changes, %d applied, %d conflicts, %d rejected, acked %d",
             node,
             len(changes),
             result.applied,
             result.conflicts,
+            len(result.rejected),
             result.acked,
         )
         return JSONResponse(result.to_json())
@@ -178,7 +179,10 @@ def create_app(
         if cursor < 0 or not 1 <= limit <= MAX_PAGE:
             raise ProtocolError(f"cursor must be >= 0 and limit between 1 and {MAX_PAGE}")
         own = request.query_params.get("own") == "1"
-        page = await run_in_threadpool(lambda: store.pull(node, cursor, limit, include_own=own))
+        count = request.query_params.get("count") == "1"
+        page = await run_in_threadpool(
+            lambda: store.pull(node, cursor, limit, include_own=own, count=count)
+        )
         return JSONResponse(page.to_json())
 
     async def openapi(request: Request) -> JSONResponse:

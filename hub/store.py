@@ -20,7 +20,7 @@ import logging
 import secrets
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,10 +34,10 @@ from shared.errors import (
     HubRejectedError,
     InvalidChangeError,
 )
-from shared.merge import Conflict, RecordState, merge
-from shared.protocol import Change, PullPage, PullRow, PushResult
+from shared.merge import Conflict, Outcome, RecordState, merge
+from shared.protocol import Change, PullPage, PullRow, PushResult, Rejection
 from shared.schema import EXISTS, Schema, Table, load_custom
-from shared.sqlite import connect, create_tables, put_row, table_rows, write
+from shared.sqlite import connect, create_tables, put_rows, table_rows, write
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
 
@@ -93,6 +93,16 @@ CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
     resolution TEXT,
     merged TEXT,
     state_after TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_rejected (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    op TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (node, seq)
 );
 CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (status);
 """
@@ -224,7 +234,7 @@ class HubStore(Protocol):
     def push(self, node: str, changes: Sequence[Change]) -> PushResult: ...
 
     def pull(
-        self, node: str, cursor: int, limit: int, *, include_own: bool = False
+        self, node: str, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
     ) -> PullPage: ...
 
     def conflicts(self, status: str | None = None) -> list[ConflictRecord]: ...
@@ -232,6 +242,8 @@ class HubStore(Protocol):
     def conflict(self, conflict_id: int) -> ConflictRecord: ...
 
     def nodes(self) -> list[dict[str, Any]]: ...
+
+    def rejected(self, node: str | None = None) -> list[dict[str, Any]]: ...
 
     def rows(self, table: str) -> list[dict[str, Any]]: ...
 
@@ -340,64 +352,283 @@ class SqliteHubStore:
 
     # -- push -----------------------------------------------------------------
 
-    def validate(self, changes: Sequence[Change]) -> None:
-        """Raise InvalidChangeError for the first change the schema cannot take."""
-        for change in changes:
-            try:
-                table = self.schema.table(change.table)
-                table.check_pk(change.pk)
-                for name, value in (change.values or {}).items():
-                    table.check_value(name, value)
-                if change.values is not None:
-                    for name in table.primary_key:
-                        if change.values.get(name, change.pk[name]) != change.pk[name]:
-                            raise InvalidChangeError(
-                                f"values of {change.table} contradict its primary key {name}"
-                            )
-                for name in change.base:
-                    if name != EXISTS:
-                        table.check_value(name, None)
-            except InvalidChangeError as exc:
-                raise InvalidChangeError(f"change {change.seq}: {exc}") from None
+    def _check_change(self, change: Change) -> Table:
+        """Return the change's table; raise InvalidChangeError if the schema cannot take it."""
+        try:
+            table = self.schema.table(change.table)
+        except InvalidChangeError:
+            raise
+        except KeyError:
+            raise InvalidChangeError(f"there is no synced table {change.table!r}") from None
+        table.check_pk(change.pk)
+        if change.values is not None:
+            for name, value in change.values.items():
+                table.check_value(name, value)
+            for name in table.primary_key:
+                if change.values.get(name, change.pk[name]) != change.pk[name]:
+                    raise InvalidChangeError(
+                        f"values of {change.table} contradict its primary key {name}"
+                    )
+        for name in change.base:
+            if name != EXISTS:
+                table.check_value(name, None)  # the column exists
+        return table
 
     def push(self, node: str, changes: Sequence[Change]) -> PushResult:
-        """Apply a batch atomically; changes already acknowledged are skipped."""
-        self.validate(changes)
-        applied = conflicts = 0
+        """Apply a batch; changes already acknowledged are skipped (and checked).
+
+        The batch commits as one transaction, and only once it is durable does the
+        hub answer. A change the hub cannot take (a value the schema refuses, a
+        broken constraint) does not stop the others: it is set aside as rejected,
+        with its reason, and reported back with the record as the hub holds it.
+        Records are merged in memory and written once per batch; only when that
+        write breaks a constraint is the batch redone change by change, to find
+        the culprits.
+        """
+        skew: ClockSkewError | None = None
         with self._lock:
+            with write(self.db) as conn:
+                conn.execute("SAVEPOINT batch")
+                try:
+                    outcome = self._push(conn, node, changes, per_change=False)
+                    conn.execute("RELEASE batch")
+                except sqlite3.IntegrityError:
+                    conn.execute("ROLLBACK TO batch")
+                    conn.execute("RELEASE batch")
+                    outcome = self._push(conn, node, changes, per_change=True)
+                acked, applied, conflicts, rejected, skew = outcome
+        if skew is not None:
+            # What came before the skewed change is committed: its acked says so.
+            raise skew
+        return PushResult(acked, applied, conflicts, self._now(), node, rejected)
+
+    def _push(
+        self, conn: sqlite3.Connection, node: str, changes: Sequence[Change], *, per_change: bool
+    ) -> tuple[int, int, int, list[Rejection], ClockSkewError | None]:
+        acked = conn.execute(
+            "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
+        ).fetchone()[0]
+        seq = self._last_seq(conn)
+        hub_now = self._now()
+        replays = [c for c in changes if c.seq <= acked]
+        receipts, earlier_rejections = self._receipts(conn, node, replays)
+        states = self._load_many(
+            conn,
+            [(c.table, c.pk) for c in changes if c.seq > acked and c.table in self.schema.tables],
+        )
+        dirty: dict[
+            tuple[str, str], tuple[Table, dict[str, Any], RecordState, int, str | None]
+        ] = {}
+        conflict_rows: list[list[Any]] = []
+        new_receipts: list[tuple[str, int, int]] = []
+        rejected: list[tuple[Change, str]] = []
+        applied = conflicts = 0
+        skew: ClockSkewError | None = None
+        for change in changes:
+            if change.seq <= acked:
+                self._check_replay(node, change, acked, receipts)
+                if change.seq in earlier_rejections:
+                    rejected.append((change, earlier_rejections[change.seq]))
+                continue
             try:
-                with write(self.db) as conn:
-                    acked = conn.execute(
-                        "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
-                    ).fetchone()[0]
-                    seq = self._last_seq(conn)
-                    hub_now = self._now()
-                    for change in changes:
-                        if change.seq <= acked:
-                            self._check_replay(conn, node, change, acked)
-                            continue
-                        self._check_clock(node, change, hub_now, acked)
-                        seq += 1
-                        conflicts += self._apply(conn, node, change, seq)
-                        applied += 1
-                        acked = change.seq
-                        self.clock.observe(change.ts.hlc)
-                        conn.execute(
-                            "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)",
-                            [node, change.seq, change.receipt],
-                        )
+                self._check_clock(node, change, hub_now, acked)
+            except ClockSkewError as exc:
+                skew = exc
+                break
+            try:
+                table = self._check_change(change)
+            except InvalidChangeError as exc:
+                rejected.append((change, str(exc)))
+                new_receipts.append((node, change.seq, change.receipt))
+                acked = change.seq
+                continue
+            key = table.pk_key(change.pk)
+            entry = dirty.get((table.name, key))
+            current = entry[2] if entry else states.get((table.name, key))
+            outcome = self._merge(table, current, change)
+            found = [
+                self._conflict_row(table.name, key, c, outcome.state) for c in outcome.conflicts
+            ]
+            seq += 1
+            origin = node if outcome.exact else None
+            if per_change:
+                conn.execute("SAVEPOINT change")
+                try:
+                    self._write_records(conn, [(table, change.pk, outcome.state, seq, origin)])
+                    self._write_conflicts(conn, found)
+                    conn.execute("RELEASE change")
+                except sqlite3.IntegrityError as exc:
+                    conn.execute("ROLLBACK TO change")
+                    conn.execute("RELEASE change")
+                    seq -= 1
+                    reason = f"the record would break a constraint of table {table.name} ({exc})"
+                    rejected.append((change, reason))
+                    new_receipts.append((node, change.seq, change.receipt))
+                    acked = change.seq
+                    continue
+            else:
+                conflict_rows.extend(found)
+            dirty[(table.name, key)] = (table, change.pk, outcome.state, seq, origin)
+            conflicts += len(found)
+            applied += 1
+            acked = change.seq
+            self.clock.observe(change.ts.hlc)
+            new_receipts.append((node, change.seq, change.receipt))
+        if not per_change:
+            self._write_records(conn, dirty.values())
+            self._write_conflicts(conn, conflict_rows)
+        conn.executemany(
+            "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)", new_receipts
+        )
+        now = _utcnow()
+        conn.executemany(
+            "INSERT OR IGNORE INTO _fieldsync_rejected (node, seq, tbl, pk, op, reason, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (node, c.seq, c.table, json.dumps(list(c.pk.values())), c.op, reason, now)
+                for c, reason in rejected
+            ],
+        )
+        conn.execute(
+            "UPDATE _fieldsync_nodes SET acked_seq = ?, last_seen_at = ?, last_push_at = ? "
+            "WHERE name = ?",
+            [acked, now, now, node],
+        )
+        self._save_meta(conn, seq)
+        return acked, applied, conflicts, self._rejections(conn, rejected), skew
+
+    def _rejections(
+        self, conn: sqlite3.Connection, rejected: list[tuple[Change, str]]
+    ) -> list[Rejection]:
+        """Each rejected change, with its record as the hub now holds it (None: unknown)."""
+        found = []
+        for change, reason in rejected:
+            record = None
+            table = self.schema.tables.get(change.table)
+            if table is not None:
+                try:
+                    key = table.pk_key(table.check_pk(change.pk))
+                except InvalidChangeError:
+                    key = None
+                row = (
                     conn.execute(
-                        "UPDATE _fieldsync_nodes SET acked_seq = ?, last_seen_at = ?, "
-                        "last_push_at = ? WHERE name = ?",
-                        [acked, _utcnow(), _utcnow(), node],
+                        "SELECT seq, deleted, vals, vers FROM _fieldsync_records "
+                        "WHERE tbl = ? AND pk = ?",
+                        [table.name, key],
+                    ).fetchone()
+                    if key is not None
+                    else None
+                )
+                if row is not None:
+                    record = self._pull_row(table, change.pk, *row)
+            found.append(Rejection(change.seq, reason, record))
+        return found
+
+    def _merge(self, table: Table, current: RecordState | None, change: Change) -> Outcome:
+        custom = self._custom.get(table.name)
+        try:
+            outcome = merge(current, change, table.policy, custom)
+        except Exception as exc:
+            if custom is None:
+                raise
+            # The hub's own merge function failed: nothing of the batch is applied and
+            # the office retries later; the message names the function, not the data.
+            raise FieldsyncError(
+                f"the custom merge function of table {table.name} ({table.policy}) failed "
+                f"with {type(exc).__name__}; fix it on the hub"
+            ) from exc
+        if custom is not None:
+            for name, value in outcome.state.values.items():
+                try:
+                    table.check_value(name, value)
+                except InvalidChangeError as exc:
+                    raise FieldsyncError(
+                        f"the custom merge function of table {table.name} returned a bad "
+                        f"record: {exc}; fix it on the hub"
+                    ) from None
+        return outcome
+
+    def _receipts(
+        self, conn: sqlite3.Connection, node: str, replays: Sequence[Change]
+    ) -> tuple[dict[int, int], dict[int, str]]:
+        """Receipts and earlier rejections of the replayed changes, by seq."""
+        if not replays:
+            return {}, {}
+        low, high = min(c.seq for c in replays), max(c.seq for c in replays)
+        receipts = dict(
+            conn.execute(
+                "SELECT seq, hlc FROM _fieldsync_receipts WHERE node = ? AND seq BETWEEN ? AND ?",
+                [node, low, high],
+            ).fetchall()
+        )
+        rejections = dict(
+            conn.execute(
+                "SELECT seq, reason FROM _fieldsync_rejected "
+                "WHERE node = ? AND seq BETWEEN ? AND ?",
+                [node, low, high],
+            ).fetchall()
+        )
+        return receipts, rejections
+
+    def _load_many(
+        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, dict[str, Any]]]
+    ) -> dict[tuple[str, str], RecordState]:
+        """The stored state of each record named, in a few queries."""
+        wanted: dict[str, set[str]] = {}
+        for name, pk in keys:
+            table = self.schema.tables[name]
+            try:
+                wanted.setdefault(name, set()).add(table.pk_key(pk))
+            except (KeyError, TypeError, ValueError):
+                continue  # a bad key: the change is rejected when it is checked
+        found: dict[tuple[str, str], RecordState] = {}
+        for name, names in wanted.items():
+            listed = sorted(names)
+            for start in range(0, len(listed), 500):
+                chunk = listed[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for pk, vals, vers, deleted in conn.execute(
+                    "SELECT pk, vals, vers, deleted FROM _fieldsync_records "
+                    f"WHERE tbl = ? AND pk IN ({marks})",
+                    [name, *chunk],
+                ):
+                    found[(name, pk)] = RecordState(
+                        json.loads(vals), json.loads(vers), bool(deleted)
                     )
-                    self._save_meta(conn, seq)
-            except sqlite3.IntegrityError as exc:
-                raise InvalidChangeError(
-                    f"the batch breaks a constraint of the hub database ({exc}); "
-                    "nothing of it was applied"
-                ) from exc
-        return PushResult(acked, applied, conflicts, self._now(), node)
+        return found
+
+    def _write_records(
+        self,
+        conn: sqlite3.Connection,
+        records: Iterable[tuple[Table, dict[str, Any], RecordState, int, str | None]],
+    ) -> None:
+        """Store records' states and mirror them into the real tables."""
+        rows = []
+        mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
+        for table, pk, state, seq, origin in records:
+            rows.append(
+                (
+                    table.name,
+                    table.pk_key(pk),
+                    seq,
+                    origin,
+                    int(state.deleted),
+                    json.dumps(state.values, ensure_ascii=False),
+                    json.dumps(state.versions),
+                )
+            )
+            mirrored.setdefault(table.name, []).append(
+                (pk, None if state.deleted else state.values)
+            )
+        conn.executemany(
+            "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "
+            "seq = excluded.seq, origin = excluded.origin, deleted = excluded.deleted, "
+            "vals = excluded.vals, vers = excluded.vers",
+            rows,
+        )
+        for name, records_of_table in mirrored.items():  # one entry per record
+            put_rows(conn, self.schema.tables[name], records_of_table)
 
     def _check_clock(self, node: str, change: Change, hub_now: int, acked: int) -> None:
         if change.ts.wall_ms <= hub_now + self.max_future_ms:
@@ -413,13 +644,10 @@ class SqliteHubStore:
         )
 
     def _check_replay(
-        self, conn: sqlite3.Connection, node: str, change: Change, acked: int
+        self, node: str, change: Change, acked: int, receipts: dict[int, int]
     ) -> None:
         """Pass a change the hub already committed; raise if its number was reused."""
-        row = conn.execute(
-            "SELECT hlc FROM _fieldsync_receipts WHERE node = ? AND seq = ?", [node, change.seq]
-        ).fetchone()
-        if row is not None and row[0] == change.receipt:
+        if receipts.get(change.seq) == change.receipt:
             return
         # Same number, other change: the office database was restored from an older
         # copy and numbers its new changes as the hub has already seen them.
@@ -452,103 +680,43 @@ class SqliteHubStore:
             return None
         return RecordState(json.loads(row[0]), json.loads(row[1]), bool(row[2]))
 
-    def _apply(self, conn: sqlite3.Connection, node: str, change: Change, seq: int) -> int:
-        table = self.schema.table(change.table)
-        key = table.pk_key(change.pk)
-        current = self._load(conn, table.name, key)
-        custom = self._custom.get(table.name)
-        try:
-            outcome = merge(current, change, table.policy, custom)
-        except Exception as exc:
-            if custom is None:
-                raise
-            # The hub's own merge function failed: nothing of the batch is applied and
-            # the office retries later; the message names the function, not the data.
-            raise FieldsyncError(
-                f"the custom merge function of table {table.name} ({table.policy}) failed "
-                f"with {type(exc).__name__}; fix it on the hub"
-            ) from exc
-        if custom is not None:
-            for name, value in outcome.state.values.items():
-                try:
-                    table.check_value(name, value)
-                except InvalidChangeError as exc:
-                    raise FieldsyncError(
-                        f"the custom merge function of table {table.name} returned a bad "
-                        f"record: {exc}; fix it on the hub"
-                    ) from None
-        self._store(
-            conn, table, change.pk, key, outcome.state, seq, node if outcome.exact else None
-        )
-        for conflict in outcome.conflicts:
-            self._log_conflict(conn, table.name, key, conflict, outcome.state)
-        return len(outcome.conflicts)
+    def _conflict_row(
+        self, table: str, key: str, conflict: Conflict, state: RecordState
+    ) -> list[Any]:
+        return [
+            _utcnow(),
+            table,
+            key,
+            conflict.kind,
+            conflict.column,
+            json.dumps(conflict.kept_value, ensure_ascii=False),
+            conflict.kept_version,
+            Timestamp.parse(conflict.kept_version).node if conflict.kept_version else None,
+            json.dumps(conflict.other_value, ensure_ascii=False),
+            conflict.other_version,
+            Timestamp.parse(conflict.other_version).node,
+            "open" if conflict.open else "logged",
+            json.dumps(conflict.merged, ensure_ascii=False) if conflict.kind == "custom" else None,
+            _fingerprint(state, conflict.column),
+        ]
 
-    def _store(
-        self,
-        conn: sqlite3.Connection,
-        table: Table,
-        pk: dict[str, Any],
-        key: str,
-        state: RecordState,
-        seq: int,
-        origin: str | None,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "
-            "seq = excluded.seq, origin = excluded.origin, deleted = excluded.deleted, "
-            "vals = excluded.vals, vers = excluded.vers",
-            [
-                table.name,
-                key,
-                seq,
-                origin,
-                int(state.deleted),
-                json.dumps(state.values, ensure_ascii=False),
-                json.dumps(state.versions),
-            ],
-        )
-        put_row(conn, table, pk, None if state.deleted else state.values)
-
-    def _log_conflict(
-        self,
-        conn: sqlite3.Connection,
-        table: str,
-        key: str,
-        conflict: Conflict,
-        state: RecordState,
-    ) -> None:
-        conn.execute(
+    def _write_conflicts(self, conn: sqlite3.Connection, rows: Sequence[list[Any]]) -> None:
+        conn.executemany(
             "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
             "kept_version, kept_node, other_value, other_version, other_node, status, "
             "merged, state_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                _utcnow(),
-                table,
-                key,
-                conflict.kind,
-                conflict.column,
-                json.dumps(conflict.kept_value, ensure_ascii=False),
-                conflict.kept_version,
-                Timestamp.parse(conflict.kept_version).node if conflict.kept_version else None,
-                json.dumps(conflict.other_value, ensure_ascii=False),
-                conflict.other_version,
-                Timestamp.parse(conflict.other_version).node,
-                "open" if conflict.open else "logged",
-                json.dumps(conflict.merged, ensure_ascii=False)
-                if conflict.kind == "custom"
-                else None,
-                _fingerprint(state, conflict.column),
-            ],
+            rows,
         )
 
     # -- pull -----------------------------------------------------------------
 
-    def pull(self, node: str, cursor: int, limit: int, *, include_own: bool = False) -> PullPage:
+    def pull(
+        self, node: str, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
+    ) -> PullPage:
         """Records changed after ``cursor``, except those ``node`` already has.
 
-        ``include_own`` sends those too: for an office rebuilding its copy.
+        ``include_own`` sends those too: for an office rebuilding its copy. ``count``
+        adds how many records changed after the cursor (the office's own included).
         """
         # IMMEDIATE: the read and the last-pull note are one consistent snapshot.
         with self._lock, write(self.db) as conn:
@@ -570,19 +738,62 @@ class SqliteHubStore:
             acked = conn.execute(
                 "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
             ).fetchone()[0]
+            remaining = None
+            if count:
+                remaining = conn.execute(
+                    "SELECT count(*) FROM _fieldsync_records WHERE seq > ?", [cursor]
+                ).fetchone()[0]
         more = len(rows) > limit
         rows = rows[:limit]
         page_rows = []
         for tbl, pk, seq, deleted, vals, vers in rows:
             table = self.schema.table(tbl)
             pk_dict = dict(zip(table.primary_key, json.loads(pk), strict=True))
-            values = None
-            if not deleted:
-                stored = json.loads(vals)
-                values = {c: stored.get(c) for c in table.column_names}
-            page_rows.append(PullRow(seq, tbl, pk_dict, values, json.loads(vers)))
+            page_rows.append(self._pull_row(table, pk_dict, seq, deleted, vals, vers))
         next_cursor = rows[-1][2] if more else last
-        return PullPage(page_rows, next_cursor, more, self._now(), node, acked)
+        return PullPage(page_rows, next_cursor, more, self._now(), node, acked, remaining)
+
+    def _pull_row(
+        self, table: Table, pk: dict[str, Any], seq: int, deleted: int, vals: str, vers: str
+    ) -> PullRow:
+        values = None
+        if not deleted:
+            stored = json.loads(vals)
+            values = {c: stored.get(c) for c in table.column_names}
+        return PullRow(seq, table.name, pk, values, json.loads(vers))
+
+    # -- rejected changes -----------------------------------------------------
+
+    def rejected(self, node: str | None = None) -> list[dict[str, Any]]:
+        """Changes the hub set aside, newest first: office, number, record key, reason.
+
+        The values stay at the office that made them; only the key and the reason
+        are kept here.
+        """
+        sql = (
+            "SELECT node, seq, tbl, pk, op, reason, created_at FROM _fieldsync_rejected"
+            + (" WHERE node = ?" if node else "")
+            + " ORDER BY created_at DESC, node, seq DESC"
+        )
+        with self._lock:
+            rows = self.db.conn.execute(sql, [node] if node else []).fetchall()
+        found = []
+        for office, seq, tbl, pk, op, reason, created_at in rows:
+            table = self.schema.tables.get(tbl)
+            keys = table.primary_key if table else ()
+            values = json.loads(pk)
+            found.append(
+                {
+                    "node": office,
+                    "seq": seq,
+                    "table": tbl,
+                    "pk": dict(zip(keys, values, strict=False)) if keys else values,
+                    "op": op,
+                    "reason": reason,
+                    "created_at": created_at,
+                }
+            )
+        return found
 
     # -- conflicts ------------------------------------------------------------
 
@@ -710,7 +921,7 @@ class SqliteHubStore:
                 state.versions[EXISTS] = ts
             if state != current:
                 seq = self._last_seq(conn) + 1
-                self._store(conn, table, record.pk, key, state, seq, None)
+                self._write_records(conn, [(table, record.pk, state, seq, None)])
                 self._save_meta(conn, seq)
             resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
             conn.execute(

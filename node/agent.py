@@ -47,20 +47,26 @@ def backoff_seconds(failures: int, interval_seconds: float, max_seconds: float) 
     return float(min(interval_seconds * 2 ** min(failures, 32), max_seconds))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SyncReport:
-    """What one sync did."""
+    """What one sync did (so far, while it runs)."""
 
-    pushed: int
-    pulled: int
-    conflicts: int
-    seconds: float
+    pushed: int = 0
+    pulled: int = 0
+    conflicts: int = 0
+    seconds: float = 0.0
+    rejected: int = 0
 
     def summary(self) -> str:
+        rejected = f", rejected {self.rejected}" if self.rejected else ""
         return (
-            f"pushed {self.pushed}, pulled {self.pulled}, conflicts {self.conflicts} "
-            f"({self.seconds:.1f} s)"
+            f"pushed {self.pushed}, pulled {self.pulled}, conflicts {self.conflicts}"
+            f"{rejected} ({self.seconds:.1f} s)"
         )
+
+
+# progress(phase, done, total): phase is "push" or "pull"; total may grow while pulling.
+Progress = Callable[[str, int, int], None]
 
 
 class SyncAgent:
@@ -87,7 +93,7 @@ class SyncAgent:
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
 
-    def sync_once(self) -> SyncReport:
+    def sync_once(self, progress: Progress | None = None) -> SyncReport:
         """Push every pending change, then pull until the hub has nothing more.
 
         Each acknowledged batch and each applied page is saved at once, so a sync
@@ -101,7 +107,7 @@ class SyncAgent:
                 f"another sync of {self.store.path} is running; try again when it ends"
             ) from None
         try:
-            return self._sync()
+            return self._sync(progress or (lambda phase, done, total: None))
         except sqlite3.Error as exc:
             # sqlite3 quotes undecodable text in its message: never pass that on.
             detail = str(exc).split(" with text ", 1)[0]
@@ -112,16 +118,20 @@ class SyncAgent:
         finally:
             self._lock.release()
 
-    def _sync(self) -> SyncReport:
+    def _sync(self, progress: Progress) -> SyncReport:
         started = time.monotonic()
-        pushed = pulled = conflicts = 0
+        report = SyncReport()
         try:
-            pushed, conflicts = self._push_all()
+            self._push_all(report, progress)
             checked = False
+            total = 0
             while True:
                 sent = self._now()
                 page = self.client.pull(
-                    self.store.cursor, self.page_size, include_own=self.store.repull
+                    self.store.cursor,
+                    self.page_size,
+                    include_own=self.store.repull,
+                    count=not checked,
                 )
                 self._check_identity(page.node)
                 self._learn_offset(sent, page.hub_time_ms)
@@ -133,26 +143,35 @@ class SyncAgent:
                     checked = True
                     continue
                 checked = True
-                pulled += self.store.apply_page(page)
+                total = max(total, page.remaining or 0)
+                report.pulled += self.store.apply_page(page)
+                progress("pull", report.pulled, max(total, report.pulled))
                 if not page.more:
                     break
         except FieldsyncError as exc:
+            report.seconds = time.monotonic() - started
             self.store.record_sync(
-                pushed=pushed, pulled=pulled, conflicts=conflicts, error=str(exc)
+                pushed=report.pushed,
+                pulled=report.pulled,
+                conflicts=report.conflicts,
+                error=str(exc),
             )
             raise
-        report = SyncReport(pushed, pulled, conflicts, time.monotonic() - started)
-        self.store.record_sync(pushed=pushed, pulled=pulled, conflicts=conflicts)
+        report.seconds = time.monotonic() - started
+        self.store.record_sync(
+            pushed=report.pushed, pulled=report.pulled, conflicts=report.conflicts
+        )
         return report
 
-    def _push_all(self) -> tuple[int, int]:
-        """Push what was pending when the sync began; return (applied, conflicts).
+    def _push_all(self, report: SyncReport, progress: Progress) -> None:
+        """Push what was pending when the sync began, counting into ``report``.
 
         Changes made while it runs wait for the next sync, so steady typing at the
         office cannot keep the agent from pulling.
         """
-        pushed = conflicts = 0
         stop_at = self.store.last_seq()
+        total = self.store.pending_count()
+        done = 0
         batch_size = self.batch_size
         restamped = renumbered = False
         while (batch := self.store.pending(batch_size)) and batch[0].seq <= stop_at:
@@ -200,15 +219,19 @@ class SyncAgent:
                 ) from exc
             self._check_identity(result.node)
             self._learn_offset(sent, result.hub_time_ms)
-            self.store.mark_acked(result.acked, batch)
-            pushed += result.applied
-            conflicts += result.conflicts
+            self.store.mark_acked(result.acked, batch, result.rejected)
+            for rejection in result.rejected:
+                log.warning("the hub rejected change %d: %s", rejection.seq, rejection.reason)
+            report.pushed += result.applied
+            report.conflicts += result.conflicts
+            report.rejected += len(result.rejected)
+            done += sum(1 for c in batch if c.seq <= result.acked)
+            progress("push", done, max(total, done))
             if result.acked < batch[-1].seq:
                 raise HubRejectedError(
                     f"the hub acknowledged changes up to {result.acked} of "
                     f"{batch[-1].seq}; the rest stay queued"
                 )
-        return pushed, conflicts
 
     def _check_identity(self, node: str) -> None:
         if node != self.store.node:

@@ -48,7 +48,9 @@ class HubClient(Protocol):
 
     def push(self, changes: Sequence[Change]) -> PushResult: ...
 
-    def pull(self, cursor: int, limit: int, *, include_own: bool = False) -> PullPage: ...
+    def pull(
+        self, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
+    ) -> PullPage: ...
 
     def close(self) -> None: ...
 
@@ -144,10 +146,13 @@ class HttpHubClient:
         _raise_for_status(response, action, self.url)
         return PushResult.from_json(self._json(response, action))
 
-    def pull(self, cursor: int, limit: int, *, include_own: bool = False) -> PullPage:
+    def pull(
+        self, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
+    ) -> PullPage:
         """Fetch the records changed after ``cursor``, at most ``limit`` of them.
 
-        ``include_own`` also fetches records whose latest state came from this office.
+        ``include_own`` also fetches records whose latest state came from this office;
+        ``count`` asks how many records are left to pull (for a progress bar).
         """
         action = "pull from"
         with _hub_errors(action, self.url):
@@ -158,6 +163,7 @@ class HttpHubClient:
                     "limit": limit,
                     **({"node": self.node} if self.node else {}),
                     **({"own": 1} if include_own else {}),
+                    **({"count": 1} if count else {}),
                 },
                 headers=self._headers,
             )

@@ -36,9 +36,9 @@ from typing import Any
 
 from shared.clock import Timestamp, check_node_name, wall_ms
 from shared.errors import InvalidChangeError, ProtocolError, StoreError
-from shared.protocol import Change, PullPage
+from shared.protocol import Change, PullPage, Rejection
 from shared.schema import EXISTS, Schema, Table, quote
-from shared.sqlite import connect, create_tables, put_row, table_rows, write
+from shared.sqlite import connect, create_tables, put_rows, table_rows, write
 
 _STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS _fieldsync_state (
@@ -63,13 +63,23 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     last_conflicts INTEGER
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     tbl TEXT NOT NULL,
     pk TEXT NOT NULL,
     op TEXT NOT NULL,
     hlc INTEGER NOT NULL,
     captured INTEGER NOT NULL,
     vals TEXT
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_rejected (
+    seq INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    op TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    vals TEXT,
+    reason TEXT NOT NULL,
+    rejected_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_versions (
     tbl TEXT NOT NULL,
@@ -85,11 +95,12 @@ _TICK = (
     "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + offset_ms) << 16);"
 )
 # hlc may be re-stamped later (a wrong clock); captured never changes: it names the
-# change in the hub's receipts.
+# change in the hub's receipts. An insert logs no values: they are read from the
+# record when the change is pushed (see NodeStore.pending), which halves the cost
+# of capturing it.
 _LOG = (
-    "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) VALUES "
-    "({table}, json_array({pk}), '{op}', (SELECT hlc FROM _fieldsync_state), "
-    "(SELECT hlc FROM _fieldsync_state), {vals});"
+    "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
+    "SELECT {table}, json_array({pk}), '{op}', s.hlc, s.hlc, {vals} FROM _fieldsync_state AS s;"
 )
 _TRIGGER = (
     "CREATE TRIGGER {name} AFTER {event} ON {table} "
@@ -136,12 +147,14 @@ _KINDS = {
 }
 
 
-def _guard(table: Table) -> str:
+def _guard(table: Table, strict: bool) -> str:
     """A statement that aborts a write the hub could never take.
 
     Such a change would otherwise wait at the head of the office's queue forever:
     a NULL key, a value of another type than the column's (tables that are not
-    STRICT let those in), a BLOB, an infinite number (JSON cannot carry it).
+    STRICT let those in), a BLOB, an infinite number (JSON cannot carry it), a
+    value or record too large to send. Cheap checks come first; the size of each
+    value is only looked at when the record as a whole is large.
     """
     cases: list[str] = []
 
@@ -156,19 +169,21 @@ def _guard(table: Table) -> str:
         kinds = _KINDS.get(col.type)
         if kinds is None:
             refuse(f"typeof({ref}) = 'blob'", "cannot hold a BLOB")
-        else:
+        elif not strict:  # a STRICT table refuses values of other types itself
             allowed = ", ".join(_lit(k) for k in (*kinds, "null"))
             refuse(f"typeof({ref}) NOT IN ({allowed})", f"takes {col.type} values")
         if kinds != ("text",):
             refuse(f"{ref} IN (9e999, -9e999)", "cannot hold an infinite number")
-        limit = MAX_VALUE_BYTES
-        refuse(
-            f"length(CAST({ref} AS BLOB)) > {limit}",
-            f"holds more than {limit // 2**20} MiB; keep files and scans outside the database",
-        )
     sizes = " + ".join(
         f"coalesce(length(CAST(NEW.{quote(c)} AS BLOB)), 0)" for c in table.column_names
     )
+    cases.append(f"WHEN {sizes} <= {MAX_VALUE_BYTES} THEN NULL")
+    for col in table.columns:
+        limit = MAX_VALUE_BYTES
+        refuse(
+            f"length(CAST(NEW.{quote(col.name)} AS BLOB)) > {limit}",
+            f"holds more than {limit // 2**20} MiB; keep files and scans outside the database",
+        )
     message = _lit(
         f"fieldsync: a {table.name} record holds more than {MAX_ROW_BYTES // 2**20} MiB; "
         "keep files and scans outside the database"
@@ -177,14 +192,17 @@ def _guard(table: Table) -> str:
     return f"SELECT CASE {' '.join(cases)} END;"
 
 
-def trigger_sql(table: Table) -> list[str]:
-    """The CREATE TRIGGER statements that capture writes to ``table``."""
+def trigger_sql(table: Table, strict: bool = False) -> list[str]:
+    """The CREATE TRIGGER statements that capture writes to ``table``.
+
+    ``strict``: the table is STRICT, so SQLite itself refuses values of other types.
+    """
     t = quote(table.name)
     name = table.name.replace('"', "")
     pk_new = ", ".join(f"NEW.{quote(c)}" for c in table.primary_key)
     pk_old = ", ".join(f"OLD.{quote(c)}" for c in table.primary_key)
     full_new = _json_object(table, "NEW", table.column_names)
-    guard = _guard(table)
+    guard = _guard(table, strict)
     others = [c for c in table.column_names if c not in table.primary_key]
     # COLLATE BINARY: under NOCASE, 'ivanov' -> 'Ivanov' would not count as a change.
     same_pk = " AND ".join(
@@ -211,7 +229,7 @@ def trigger_sql(table: Table) -> list[str]:
             event="INSERT",
             table=t,
             when="",
-            body=guard + _TICK + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
+            body=guard + _TICK + _LOG.format(**log, pk=pk_new, op="insert", vals="NULL"),
         ),
         _TRIGGER.format(
             name=quote(f"_fieldsync_{name}_update"),
@@ -229,7 +247,7 @@ def trigger_sql(table: Table) -> list[str]:
             + _TICK
             + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL")
             + _TICK
-            + _LOG.format(**log, pk=pk_new, op="insert", vals=full_new),
+            + _LOG.format(**log, pk=pk_new, op="insert", vals="NULL"),
         ),
         _TRIGGER.format(
             name=quote(f"_fieldsync_{name}_delete"),
@@ -239,6 +257,27 @@ def trigger_sql(table: Table) -> list[str]:
             body=_TICK + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL"),
         ),
     ]
+
+
+def _is_strict(conn: sqlite3.Connection, name: str) -> bool:
+    for row in conn.execute("PRAGMA table_list"):
+        if row[1] == name and row[0] == "main":
+            return bool(row[5])
+    return False
+
+
+def _upgrade(conn: sqlite3.Connection, schema: Schema) -> None:
+    """Bring a database made by fieldsync 0.1 up to date (same data, new triggers)."""
+    have = conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_rejected'").fetchone()
+    if have:
+        return
+    for statement in _STATE_TABLES.split(";"):
+        conn.execute(statement)
+    for table in schema.tables.values():
+        for sql in trigger_sql(table, _is_strict(conn, table.name)):
+            name = sql.split(" ", 3)[2]
+            conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+            conn.execute(sql)
 
 
 def _utcnow() -> str:
@@ -306,6 +345,11 @@ class NodeStore:
             )
         self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
         self.schema = Schema.from_toml(row[3], f"the schema stored in {self.path}")
+        if not self.db.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_rejected'"
+        ).fetchone():
+            with write(self.db) as conn:
+                _upgrade(conn, self.schema)
 
     @classmethod
     def init(
@@ -339,7 +383,7 @@ class NodeStore:
                     [node, hub_url.rstrip("/"), token, schema.source, _utcnow()],
                 )
                 for table in schema.tables.values():
-                    for sql in trigger_sql(table):
+                    for sql in trigger_sql(table, _is_strict(conn, table.name)):
                         conn.execute(sql)
                     _backfill(conn, table)
         finally:
@@ -361,39 +405,98 @@ class NodeStore:
 
     # -- push side --------------------------------------------------------------
 
+    # The change log keeps its last acknowledged entry (or a marker standing for it)
+    # so that new changes are numbered after every change the hub has committed:
+    # pending changes are those numbered above ``acked_seq``.
+    _PENDING = "seq > (SELECT acked_seq FROM _fieldsync_state)"
+
     def pending_count(self) -> int:
-        return int(self.db.conn.execute("SELECT count(*) FROM _fieldsync_changes").fetchone()[0])
+        return int(
+            self.db.conn.execute(
+                f"SELECT count(*) FROM _fieldsync_changes WHERE {self._PENDING}"
+            ).fetchone()[0]
+        )
 
     def pending(self, limit: int) -> list[Change]:
-        """The oldest ``limit`` unacknowledged changes, each with its base versions."""
+        """The oldest ``limit`` unacknowledged changes, each with its base versions.
+
+        An insert is sent with the record's values as they are now (the trigger
+        logs none); an insert of a record deleted since is sent as a delete, which
+        the delete that follows it in the log repeats.
+        """
         # Bytes, decoded here: text that is not UTF-8 (a CSV imported in another
         # encoding) gets a message that names the change, never its contents.
         rows = self.db.conn.execute(
             "SELECT seq, tbl, CAST(pk AS BLOB), op, hlc, captured, CAST(vals AS BLOB) "
-            "FROM _fieldsync_changes ORDER BY seq LIMIT ?",
+            f"FROM _fieldsync_changes WHERE {self._PENDING} ORDER BY seq LIMIT ?",
             [limit],
         ).fetchall()
-        versions: dict[tuple[str, str], dict[str, str]] = {}
+        if not rows:
+            return []
+        inserted = self._inserted_values(rows[0][0], rows[-1][0])
+        versions = self._versions_many(
+            (tbl, raw_key.decode("utf-8", "replace")) for _, tbl, raw_key, *_ in rows
+        )
         changes = []
         for seq, tbl, raw_key, op, hlc, captured, raw in rows:
             table = self.schema.table(tbl)
             try:
                 key = raw_key.decode("utf-8")
-                values = json.loads(raw.decode("utf-8")) if raw is not None else None
+                if raw is not None:
+                    values = json.loads(raw.decode("utf-8"))
+                elif op == "insert":
+                    values = inserted.get(seq)
+                    if values is None:  # deleted since
+                        op = "delete"
+                else:
+                    values = None
             except UnicodeDecodeError:
-                raise StoreError(
-                    f"change {seq} to table {tbl} holds text that is not UTF-8 (imported in "
-                    "another encoding?); re-enter that record's text as UTF-8, then run "
-                    f"`fieldsync node drop-change {self.path} {seq}` to discard the bad change"
-                ) from None
-            current = versions.get((tbl, key))
-            if current is None:
-                current = versions[(tbl, key)] = self._versions(tbl, key)
+                raise self._not_utf8(seq, tbl) from None
+            current = versions.setdefault((tbl, key), {})
             ts = Timestamp(hlc, self.node)
             pk = dict(zip(table.primary_key, json.loads(key), strict=True))
             changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured))
             _effect(current, op, values, str(ts))
         return changes
+
+    def _inserted_values(self, first: int, last: int) -> dict[int, dict[str, Any]]:
+        """The current values of records logged as inserts without values, by seq."""
+        found: dict[int, dict[str, Any]] = {}
+        for table in self.schema.tables.values():
+            join = " AND ".join(
+                f"t.{quote(c)} = json_extract(c.pk, '$[{i}]')"
+                for i, c in enumerate(table.primary_key)
+            )
+            # Text as bytes, decoded below (see pending).
+            cols = ", ".join(
+                f"CASE typeof(t.{quote(c)}) WHEN 'text' THEN CAST(t.{quote(c)} AS BLOB) "
+                f"ELSE t.{quote(c)} END"
+                for c in table.column_names
+            )
+            cursor = self.db.conn.execute(
+                f"SELECT c.seq, {cols} FROM _fieldsync_changes AS c "
+                f"JOIN {quote(table.name)} AS t ON {join} "
+                "WHERE c.seq BETWEEN ? AND ? AND c.tbl = ? AND c.op = 'insert' "
+                "AND c.vals IS NULL",
+                [first, last, table.name],
+            ).fetchall()
+            names = table.column_names
+            for seq, *values in cursor:
+                try:
+                    found[seq] = {
+                        name: value.decode("utf-8") if type(value) is bytes else value
+                        for name, value in zip(names, values, strict=True)
+                    }
+                except UnicodeDecodeError:
+                    raise self._not_utf8(seq, table.name) from None
+        return found
+
+    def _not_utf8(self, seq: int, tbl: str) -> StoreError:
+        return StoreError(
+            f"change {seq} to table {tbl} holds text that is not UTF-8 (imported in "
+            "another encoding?); re-enter that record's text as UTF-8, then run "
+            f"`fieldsync node drop-change {self.path} {seq}` to discard the bad change"
+        )
 
     def drop_change(self, seq: int) -> None:
         """Discard one queued change that can never be pushed.
@@ -403,7 +506,9 @@ class NodeStore:
         """
         with write(self.db) as conn:
             row = conn.execute(
-                "SELECT tbl, CAST(pk AS BLOB) FROM _fieldsync_changes WHERE seq = ?", [seq]
+                "SELECT tbl, CAST(pk AS BLOB) FROM _fieldsync_changes "
+                f"WHERE seq = ? AND {self._PENDING}",
+                [seq],
             ).fetchone()
             if row is None:
                 raise StoreError(f"there is no queued change {seq} in {self.path}")
@@ -412,35 +517,104 @@ class NodeStore:
             # The record as it is now (if it still exists), whole.
             _log_rows(conn, table, "update", "WHERE CAST(json_array({pk}) AS BLOB) = ?", [row[1]])
 
-    def _versions(self, tbl: str, key: str) -> dict[str, str]:
-        row = self.db.conn.execute(
-            "SELECT vers FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [tbl, key]
-        ).fetchone()
-        return dict(json.loads(row[0])) if row else {}
-
-    def mark_acked(self, acked: int, changes: Sequence[Change]) -> None:
-        """Forget the changes of ``changes`` the hub has committed (seq <= ``acked``).
+    def mark_acked(
+        self, acked: int, changes: Sequence[Change], rejected: Sequence[Rejection] = ()
+    ) -> None:
+        """Forget the changes of ``changes`` the hub has dealt with (seq <= ``acked``).
 
         Only changes that were sent are forgotten: a hub that has acknowledged more
-        (from an older copy of this database) says nothing about the rest.
+        (from an older copy of this database) says nothing about the rest. Changes
+        the hub ``rejected`` are kept aside with the hub's reason (see
+        :meth:`rejected`), and each such record, unless edited again since, is put
+        back as the hub holds it, so the office stays in step with the hub.
         """
         if not changes:
             return
         acked = min(acked, changes[-1].seq)
+        refused = {r.seq: r for r in rejected if r.seq <= acked}
         with write(self.db) as conn:
-            versions: dict[tuple[str, str], dict[str, str]] = {}
-            for change in changes:
-                if change.seq > acked:
-                    break
-                table = self.schema.table(change.table)
-                key = table.pk_key(change.pk)
-                current = versions.get((change.table, key))
-                if current is None:
-                    current = versions[(change.table, key)] = self._versions(change.table, key)
-                _effect(current, change.op, change.values, str(change.ts))
+            done = [c for c in changes if c.seq <= acked]
+            versions = self._versions_many(
+                (c.table, self.schema.table(c.table).pk_key(c.pk)) for c in done
+            )
+            set_aside = []
+            for change in done:
+                if change.seq in refused:
+                    set_aside.append(change)
+                    continue
+                key = (change.table, self.schema.table(change.table).pk_key(change.pk))
+                _effect(versions.setdefault(key, {}), change.op, change.values, str(change.ts))
             self._save_versions(conn, versions)
-            conn.execute("DELETE FROM _fieldsync_changes WHERE seq <= ?", [acked])
             conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
+            _forget_acked(conn)
+            if set_aside:
+                self._set_aside(conn, set_aside, refused)
+
+    def _set_aside(
+        self, conn: sqlite3.Connection, changes: list[Change], refused: dict[int, Rejection]
+    ) -> None:
+        now = _utcnow()
+        conn.executemany(
+            "INSERT OR REPLACE INTO _fieldsync_rejected "
+            "(seq, tbl, pk, op, hlc, vals, reason, rejected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    c.seq,
+                    c.table,
+                    self.schema.table(c.table).pk_key(c.pk),
+                    c.op,
+                    c.ts.hlc,
+                    json.dumps(c.values, ensure_ascii=False) if c.values is not None else None,
+                    refused[c.seq].reason,
+                    now,
+                )
+                for c in changes
+            ],
+        )
+        # Put each record back as the hub holds it, unless it has queued changes.
+        pending = self._pending_keys(conn)
+        latest: dict[tuple[str, str], tuple[Table, dict[str, Any], Rejection]] = {}
+        for change in changes:
+            table = self.schema.table(change.table)
+            latest[(table.name, table.pk_key(change.pk))] = (table, change.pk, refused[change.seq])
+        conn.execute("UPDATE _fieldsync_state SET applying = 1")
+        for (name, key), (table, pk, rejection) in latest.items():
+            if (name, key) in pending:
+                continue
+            record = rejection.record
+            put_rows(conn, table, [(pk, record.values if record else None)])
+            if record is None:
+                conn.execute(
+                    "DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [name, key]
+                )
+            else:
+                self._save_versions(conn, {(name, key): dict(record.versions)})
+        conn.execute("UPDATE _fieldsync_state SET applying = 0")
+
+    def _pending_keys(self, conn: sqlite3.Connection) -> set[tuple[str, str]]:
+        return {
+            (tbl, key)
+            for tbl, key in conn.execute(
+                f"SELECT DISTINCT tbl, pk FROM _fieldsync_changes WHERE {self._PENDING}"
+            )
+        }
+
+    def _versions_many(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        """The stored versions of each record named by (table, key), in a few queries."""
+        wanted = sorted(set(keys))
+        found: dict[tuple[str, str], dict[str, str]] = {}
+        for start in range(0, len(wanted), 400):
+            chunk = wanted[start : start + 400]
+            marks = ", ".join("(?, ?)" for _ in chunk)
+            for tbl, key, vers in self.db.conn.execute(
+                "SELECT tbl, pk, vers FROM _fieldsync_versions "
+                f"WHERE (tbl, pk) IN (VALUES {marks})",
+                [part for pair in chunk for part in pair],
+            ):
+                found[(tbl, key)] = json.loads(vers)
+        return found
 
     def _save_versions(
         self, conn: sqlite3.Connection, versions: dict[tuple[str, str], dict[str, str]]
@@ -452,11 +626,11 @@ class NodeStore:
         )
 
     def last_seq(self) -> int:
-        """The highest change-log number this database has given out."""
+        """The highest change-log number this database has given out (or had acknowledged)."""
         row = self.db.conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = '_fieldsync_changes'"
+            "SELECT max((SELECT max(seq) FROM _fieldsync_changes), acked_seq) FROM _fieldsync_state"
         ).fetchone()
-        return int(row[0]) if row else 0
+        return int(row[0] or 0)
 
     def renumber_after(self, acked: int) -> int:
         """Give pending changes numbers above ``acked``; return how many.
@@ -466,22 +640,22 @@ class NodeStore:
         already committed. Renumbered, they are sent as new.
         """
         with write(self.db) as conn:
-            rows = conn.execute("SELECT seq FROM _fieldsync_changes ORDER BY seq").fetchall()
+            rows = conn.execute(
+                f"SELECT seq FROM _fieldsync_changes WHERE {self._PENDING} ORDER BY seq"
+            ).fetchall()
+            conn.execute(f"DELETE FROM _fieldsync_changes WHERE NOT {self._PENDING}")
             # Above every number in use, so no renumbered change collides with another.
             start = max(acked, rows[-1][0] if rows else 0)
             conn.executemany(
                 "UPDATE _fieldsync_changes SET seq = ? WHERE seq = ?",
                 [(start + i + 1, seq) for i, (seq,) in enumerate(rows)],
             )
-            conn.execute(
-                "UPDATE sqlite_sequence SET seq = ? WHERE name = '_fieldsync_changes'",
-                [start + len(rows)],
-            )
             # Records this office sent since that copy was made are on the hub but no
             # longer here: pull everything again, its own records included.
             conn.execute(
                 "UPDATE _fieldsync_state SET acked_seq = ?, cursor = 0, repull = 1", [acked]
             )
+            _forget_acked(conn)
             return len(rows)
 
     def restamp(self, hub_now_ms: int, shift_ms: int, after_seq: int = 0) -> int:
@@ -499,7 +673,8 @@ class NodeStore:
             # Changes the hub has committed (seq <= after_seq) keep their stamps: their
             # receipts name them by number and stamp.
             bad = conn.execute(
-                "SELECT seq, hlc FROM _fieldsync_changes WHERE hlc > ? AND seq > ? ORDER BY seq",
+                "SELECT seq, hlc FROM _fieldsync_changes "
+                f"WHERE hlc > ? AND seq > ? AND {self._PENDING} ORDER BY seq",
                 [limit, after_seq],
             ).fetchall()
             if not bad:
@@ -558,19 +733,19 @@ class NodeStore:
         applied = 0
         with write(self.db) as conn:
             conn.execute("UPDATE _fieldsync_state SET applying = 1")
-            pending = {
-                (tbl, key)
-                for tbl, key in conn.execute("SELECT DISTINCT tbl, pk FROM _fieldsync_changes")
-            }
+            pending = self._pending_keys(conn)
             versions: dict[tuple[str, str], dict[str, str]] = {}
+            records: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
             newest_seen = 0
             for table, key, row, newest in plans:
                 newest_seen = max(newest_seen, newest)
                 if (table.name, key) in pending:
                     continue
-                put_row(conn, table, row.pk, row.values)
+                records.setdefault(table.name, []).append((row.pk, row.values))
                 versions[(table.name, key)] = dict(row.versions)
                 applied += 1
+            for name, rows in records.items():  # a page holds each record once
+                put_rows(conn, self.schema.table(name), rows)
             self._save_versions(conn, versions)
             conn.execute(
                 "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?), "
@@ -615,7 +790,9 @@ class NodeStore:
             "SELECT node, hub_url, last_sync_at, last_success_at, last_error, last_error_at, "
             "cursor, offset_ms FROM _fieldsync_state"
         ).fetchone()
-        count, oldest = conn.execute("SELECT count(*), min(hlc) FROM _fieldsync_changes").fetchone()
+        count, oldest = conn.execute(
+            f"SELECT count(*), min(hlc) FROM _fieldsync_changes WHERE {self._PENDING}"
+        ).fetchone()
         oldest_at = None
         if oldest is not None:
             oldest_at = datetime.fromtimestamp(wall_ms(oldest) / 1000, UTC).isoformat(
@@ -637,6 +814,19 @@ class NodeStore:
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of a synced table, ordered by primary key."""
         return table_rows(self.db.conn, self.schema.table(table))
+
+
+def _forget_acked(conn: sqlite3.Connection) -> None:
+    """Delete acknowledged changes, keeping a marker numbered ``acked_seq`` when the log
+    would otherwise end below it (so the next change is numbered after it)."""
+    acked = conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
+    conn.execute("DELETE FROM _fieldsync_changes WHERE seq <= ?", [acked])
+    conn.execute(
+        "INSERT INTO _fieldsync_changes (seq, tbl, pk, op, hlc, captured) "
+        "SELECT ?, '', '[]', 'acked', 0, 0 "
+        "WHERE NOT EXISTS (SELECT 1 FROM _fieldsync_changes WHERE seq > ?)",
+        [acked, acked],
+    )
 
 
 def _log_rows(

@@ -21,7 +21,7 @@ from typing import Any
 from shared.clock import Timestamp
 from shared.errors import ProtocolError, VersionMismatchError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 OPS = ("insert", "update", "delete")
 
 
@@ -114,14 +114,46 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
-class PushResult:
-    """The hub's answer to a push: what it committed and what it found."""
+class Rejection:
+    """A change the hub set aside, why, and the record as the hub holds it (if at all)."""
 
-    acked: int  # the highest change-log seq of this node the hub has committed
+    seq: int
+    reason: str
+    record: PullRow | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "reason": self.reason,
+            "record": self.record.to_json() if self.record else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Rejection:
+        if not isinstance(data, dict):
+            raise ProtocolError("a rejection must be an object")
+        record = data.get("record")
+        return cls(
+            _field(data, "seq", int, "rejection"),
+            _field(data, "reason", str, "rejection"),
+            PullRow.from_json(record) if record is not None else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """The hub's answer to a push: what it committed and what it found.
+
+    ``acked`` covers rejected changes too: the hub has dealt with them, and the
+    office keeps them aside (see ``rejected``) instead of sending them again.
+    """
+
+    acked: int  # the highest change-log seq of this node the hub has dealt with
     applied: int  # changes applied by this request (replays count zero)
     conflicts: int  # conflicts this request logged
     hub_time_ms: int
     node: str
+    rejected: list[Rejection] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,17 +163,22 @@ class PushResult:
             "conflicts": self.conflicts,
             "hub_time_ms": self.hub_time_ms,
             "node": self.node,
+            "rejected": [r.to_json() for r in self.rejected],
         }
 
     @classmethod
     def from_json(cls, data: Any) -> PushResult:
         check_version(data, "push result")
+        rejected = data.get("rejected", [])
+        if not isinstance(rejected, list):
+            raise ProtocolError("push result: field 'rejected' is not a list")
         return cls(
             _field(data, "acked", int, "push result"),
             _field(data, "applied", int, "push result"),
             _field(data, "conflicts", int, "push result"),
             _field(data, "hub_time_ms", int, "push result"),
             _field(data, "node", str, "push result"),
+            [Rejection.from_json(r) for r in rejected],
         )
 
 
@@ -192,6 +229,7 @@ class PullPage:
     hub_time_ms: int
     node: str
     acked: int = 0  # the highest change number of this office the hub has committed
+    remaining: int | None = None  # records left after the cursor (asked for with count)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -202,6 +240,7 @@ class PullPage:
             "hub_time_ms": self.hub_time_ms,
             "node": self.node,
             "acked": self.acked,
+            **({"remaining": self.remaining} if self.remaining is not None else {}),
         }
 
     @classmethod
@@ -215,6 +254,7 @@ class PullPage:
             _field(data, "hub_time_ms", int, "pull page"),
             _field(data, "node", str, "pull page"),
             _field(data, "acked", int, "pull page") if "acked" in data else 0,
+            _field(data, "remaining", int, "pull page") if "remaining" in data else None,
         )
 
 

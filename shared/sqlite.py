@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,29 +69,48 @@ def create_tables(conn: sqlite3.Connection, schema: Schema) -> None:
                 )
 
 
-def put_row(
-    conn: sqlite3.Connection, table: Table, pk: dict[str, Any], values: dict[str, Any] | None
-) -> None:
-    """Make ``table`` hold the record ``values`` under ``pk`` (None deletes it)."""
-    where = " AND ".join(f"{quote(c)} = ?" for c in table.primary_key)
-    if values is None:
-        conn.execute(
-            f"DELETE FROM {quote(table.name)} WHERE {where}", [pk[c] for c in table.primary_key]
-        )
-        return
-    row = {c: values.get(c) for c in table.column_names}
-    row.update(pk)
-    cols = ", ".join(quote(c) for c in row)
-    marks = ", ".join("?" for _ in row)
+@functools.lru_cache(maxsize=256)
+def upsert_sql(table: Table) -> str:
+    """INSERT … ON CONFLICT DO UPDATE of a whole record, columns in table order."""
+    cols = ", ".join(quote(c) for c in table.column_names)
+    marks = ", ".join("?" for _ in table.column_names)
     updates = ", ".join(
-        f"{quote(c)} = excluded.{quote(c)}" for c in row if c not in table.primary_key
+        f"{quote(c)} = excluded.{quote(c)}"
+        for c in table.column_names
+        if c not in table.primary_key
     )
     target = ", ".join(quote(c) for c in table.primary_key)
-    conn.execute(
-        f"INSERT INTO {quote(table.name)} ({cols}) VALUES ({marks}) "
-        f"ON CONFLICT ({target}) DO UPDATE SET {updates}",
-        list(row.values()),
+    action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+    return (
+        f"INSERT INTO {quote(table.name)} ({cols}) VALUES ({marks}) ON CONFLICT ({target}) {action}"
     )
+
+
+@functools.lru_cache(maxsize=256)
+def delete_sql(table: Table) -> str:
+    """DELETE of one record, key columns in primary-key order."""
+    where = " AND ".join(f"{quote(c)} = ?" for c in table.primary_key)
+    return f"DELETE FROM {quote(table.name)} WHERE {where}"
+
+
+def put_rows(
+    conn: sqlite3.Connection,
+    table: Table,
+    records: Iterable[tuple[dict[str, Any], dict[str, Any] | None]],
+) -> None:
+    """Make ``table`` hold each ``(pk, values)`` record (values None deletes it)."""
+    live: list[list[Any]] = []
+    gone: list[list[Any]] = []
+    for pk, values in records:
+        if values is None:
+            gone.append([pk[c] for c in table.primary_key])
+        else:
+            record = {**values, **pk}
+            live.append([record.get(c) for c in table.column_names])
+    if gone:
+        conn.executemany(delete_sql(table), gone)
+    if live:
+        conn.executemany(upsert_sql(table), live)
 
 
 def table_rows(conn: sqlite3.Connection, table: Table) -> list[dict[str, Any]]:

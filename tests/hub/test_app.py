@@ -204,7 +204,7 @@ def test_gzip_body_is_accepted(
     ("content", "message"),
     [
         pytest.param(b"this is not gzip", "corrupt", id="not-gzip"),
-        pytest.param(gzip.compress(b'{"protocol": 1, "changes": []}')[:-12], "cut short", id="cut"),
+        pytest.param(gzip.compress(b'{"protocol": 2, "changes": []}')[:-12], "cut short", id="cut"),
     ],
 )
 def test_corrupt_gzip_is_400(
@@ -219,7 +219,7 @@ def test_unknown_content_encoding_is_400(client: httpx.Client, tokens: dict[str,
     assert "Content-Encoding" in assert_error(response, 400, "bad_request")
 
 
-@pytest.mark.parametrize("protocol", [0, 2, None, "1"])
+@pytest.mark.parametrize("protocol", [0, 1, 3, None, "2"])
 def test_wrong_protocol_version(
     client: httpx.Client, hub_store: SqliteHubStore, tokens: dict[str, str], protocol: Any
 ) -> None:
@@ -233,12 +233,12 @@ def test_wrong_protocol_version(
     "data",
     [
         pytest.param([1, 2], id="not-an-object"),
-        pytest.param({"protocol": 1}, id="no-changes"),
-        pytest.param({"protocol": 1, "changes": {}}, id="changes-object"),
-        pytest.param({"protocol": 1, "changes": [insert(2, "a"), insert(1, "b")]}, id="unsorted"),
-        pytest.param({"protocol": 1, "changes": [insert(1, "a"), insert(1, "b")]}, id="dup-seq"),
-        pytest.param({"protocol": 1, "changes": [insert(1, "a") | {"op": "x"}]}, id="bad-op"),
-        pytest.param({"protocol": 1, "changes": [insert(1, "a") | {"ts": True}]}, id="bool-ts"),
+        pytest.param({"protocol": 2}, id="no-changes"),
+        pytest.param({"protocol": 2, "changes": {}}, id="changes-object"),
+        pytest.param({"protocol": 2, "changes": [insert(2, "a"), insert(1, "b")]}, id="unsorted"),
+        pytest.param({"protocol": 2, "changes": [insert(1, "a"), insert(1, "b")]}, id="dup-seq"),
+        pytest.param({"protocol": 2, "changes": [insert(1, "a") | {"op": "x"}]}, id="bad-op"),
+        pytest.param({"protocol": 2, "changes": [insert(1, "a") | {"ts": True}]}, id="bool-ts"),
     ],
 )
 def test_malformed_push_is_400(
@@ -270,7 +270,7 @@ def test_malformed_push_is_400(
         pytest.param(insert(1, "c1", status="stateless"), "constraint", id="check-constraint"),
     ],
 )
-def test_invalid_change_is_422_and_changes_nothing(
+def test_invalid_change_is_rejected_alone_and_changes_nothing(
     client: httpx.Client,
     hub_store: SqliteHubStore,
     tokens: dict[str, str],
@@ -281,13 +281,21 @@ def test_invalid_change_is_422_and_changes_nothing(
     before = hub_store.rows("cases")
     before_page = hub_store.pull("almaty", 0, 100)
     change = change | {"seq": 2}
-    detail = assert_error(push(client, tokens["astana"], change), 422, "invalid_change")
-    assert message in detail
+    response = push(client, tokens["astana"], change)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["acked"] == 2 and answer["applied"] == 0
+    [rejection] = answer["rejected"]
+    assert rejection["seq"] == 2 and message in rejection["reason"]
     assert hub_store.rows("cases") == before
     assert hub_store.pull("almaty", 0, 100).rows == before_page.rows
-    # nothing was acknowledged either: the same seq, fixed, is applied afterwards
-    fixed = push(client, tokens["astana"], insert(2, "c2"))
-    assert fixed.json()["applied"] == 1
+    # admins see it, with the office and the reason
+    [seen] = hub_store.rejected()
+    assert (seen["node"], seen["seq"], seen["table"]) == ("astana", 2, change["table"])
+    assert message in seen["reason"]
+    # sent again (its answer was lost), it is reported rejected again, not applied
+    again = push(client, tokens["astana"], change).json()
+    assert again["applied"] == 0 and [r["seq"] for r in again["rejected"]] == [2]
 
 
 @pytest.mark.parametrize(
@@ -297,16 +305,32 @@ def test_invalid_change_is_422_and_changes_nothing(
         pytest.param(insert(2, "c2", status="stateless"), id="sqlite-constraint"),
     ],
 )
-def test_batch_with_a_bad_second_change_applies_nothing(
+def test_a_bad_second_change_does_not_hold_back_the_rest(
     client: httpx.Client, hub_store: SqliteHubStore, tokens: dict[str, str], bad: dict[str, Any]
 ) -> None:
     response = push(client, tokens["astana"], insert(1, "c1"), bad, insert(3, "c3"))
-    assert_error(response, 422, "invalid_change")
-    assert hub_store.rows("cases") == []
-    assert pull(client, tokens["almaty"]).json()["rows"] == []
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["acked"], answer["applied"]) == (3, 2)
+    assert [(r["seq"], r["record"]) for r in answer["rejected"]] == [(2, None)]
+    assert [r["id"] for r in hub_store.rows("cases")] == ["c1", "c3"]
+    assert [r["pk"]["id"] for r in pull(client, tokens["almaty"]).json()["rows"]] == ["c1", "c3"]
     [astana] = [n for n in hub_store.nodes() if n["name"] == "astana"]
-    assert astana["acked_seq"] == 0
+    assert astana["acked_seq"] == 3
     assert hub_store.conflicts() == []
+
+
+def test_a_rejected_update_answers_with_the_record_as_the_hub_holds_it(
+    client: httpx.Client, hub_store: SqliteHubStore, tokens: dict[str, str]
+) -> None:
+    push(client, tokens["astana"], insert(1, "c1", status="refugee", family_name="Ali"))
+    bad = {**insert(2, "c1", status="stateless"), "op": "update"}
+    bad["values"] = {"status": "stateless"}
+    answer = push(client, tokens["astana"], bad).json()
+    [rejection] = answer["rejected"]
+    assert rejection["record"]["values"]["status"] == "refugee"
+    assert rejection["record"]["values"]["family_name"] == "Ali"
+    assert hub_store.rows("cases")[0]["status"] == "refugee"
 
 
 # -- limits ----------------------------------------------------------------------------
@@ -622,6 +646,9 @@ def test_refusals_never_quote_case_contents(
     client: httpx.Client, hub_store: SqliteHubStore, values: dict[str, Any]
 ) -> None:
     token = hub_store.add_node("astana")
-    detail = assert_error(push(client, token, insert(1, "c1", **values)), 422, "invalid_change")
-    assert "Karimova" not in detail
-    assert "cases." in detail  # it names the column instead
+    response = push(client, token, insert(1, "c1", **values))
+    assert response.status_code == 200, response.text
+    [rejection] = response.json()["rejected"]
+    assert "Karimova" not in response.text
+    assert "cases." in rejection["reason"]  # it names the column instead
+    assert "Karimova" not in json.dumps(hub_store.rejected())

@@ -262,8 +262,8 @@ def test_results_reject_malformed(reader: Any, data: Any) -> None:
 
 @pytest.mark.parametrize(
     "version",
-    [None, 0, 2, "1", True, 1.0],
-    ids=["missing", "zero", "two", "string", "bool", "float"],
+    [None, 0, 1, 3, "2", True, 2.0],
+    ids=["missing", "zero", "one", "three", "string", "bool", "float"],
 )
 @pytest.mark.parametrize("reader", [PushResult.from_json, PullPage.from_json], ids=["push", "pull"])
 def test_wrong_protocol_version_raises_version_mismatch(reader: Any, version: Any) -> None:
