@@ -108,6 +108,10 @@ CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (
 """
 
 
+# One encoder, made once: json.dumps with options builds a new one on every call.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def hash_token(token: str) -> str:
     """The form a token is stored in: its SHA-256, hex."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -166,6 +170,10 @@ class ConflictRecord:
             "resolved_at": self.resolved_at,
             "resolution": self.resolution,
         }
+
+
+# A record to write: table, key text, key, state, hub seq, origin office (or None).
+_Write = tuple[Table, str, dict[str, Any], RecordState, int, str | None]
 
 
 def _check_hub_file(path: Path, create: bool) -> None:
@@ -362,8 +370,7 @@ class SqliteHubStore:
             raise InvalidChangeError(f"there is no synced table {change.table!r}") from None
         table.check_pk(change.pk)
         if change.values is not None:
-            for name, value in change.values.items():
-                table.check_value(name, value)
+            table.check_values(change.values)
             for name in table.primary_key:
                 if change.values.get(name, change.pk[name]) != change.pk[name]:
                     raise InvalidChangeError(
@@ -416,9 +423,7 @@ class SqliteHubStore:
             conn,
             [(c.table, c.pk) for c in changes if c.seq > acked and c.table in self.schema.tables],
         )
-        dirty: dict[
-            tuple[str, str], tuple[Table, dict[str, Any], RecordState, int, str | None]
-        ] = {}
+        dirty: dict[tuple[str, str], _Write] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[str, int, int]] = []
         rejected: list[tuple[Change, str]] = []
@@ -444,7 +449,7 @@ class SqliteHubStore:
                 continue
             key = table.pk_key(change.pk)
             entry = dirty.get((table.name, key))
-            current = entry[2] if entry else states.get((table.name, key))
+            current = entry[3] if entry else states.get((table.name, key))
             outcome = self._merge(table, current, change)
             found = [
                 self._conflict_row(table.name, key, c, outcome.state) for c in outcome.conflicts
@@ -454,7 +459,7 @@ class SqliteHubStore:
             if per_change:
                 conn.execute("SAVEPOINT change")
                 try:
-                    self._write_records(conn, [(table, change.pk, outcome.state, seq, origin)])
+                    self._write_records(conn, [(table, key, change.pk, outcome.state, seq, origin)])
                     self._write_conflicts(conn, found)
                     conn.execute("RELEASE change")
                 except sqlite3.IntegrityError as exc:
@@ -468,7 +473,7 @@ class SqliteHubStore:
                     continue
             else:
                 conflict_rows.extend(found)
-            dirty[(table.name, key)] = (table, change.pk, outcome.state, seq, origin)
+            dirty[(table.name, key)] = (table, key, change.pk, outcome.state, seq, origin)
             conflicts += len(found)
             applied += 1
             acked = change.seq
@@ -600,21 +605,21 @@ class SqliteHubStore:
     def _write_records(
         self,
         conn: sqlite3.Connection,
-        records: Iterable[tuple[Table, dict[str, Any], RecordState, int, str | None]],
+        records: Iterable[_Write],
     ) -> None:
         """Store records' states and mirror them into the real tables."""
         rows = []
         mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
-        for table, pk, state, seq, origin in records:
+        for table, key, pk, state, seq, origin in records:
             rows.append(
                 (
                     table.name,
-                    table.pk_key(pk),
+                    key,
                     seq,
                     origin,
                     int(state.deleted),
-                    json.dumps(state.values, ensure_ascii=False),
-                    json.dumps(state.versions),
+                    _encode(state.values),
+                    _encode(state.versions),
                 )
             )
             mirrored.setdefault(table.name, []).append(
@@ -921,7 +926,7 @@ class SqliteHubStore:
                 state.versions[EXISTS] = ts
             if state != current:
                 seq = self._last_seq(conn) + 1
-                self._write_records(conn, [(table, record.pk, state, seq, None)])
+                self._write_records(conn, [(table, key, record.pk, state, seq, None)])
                 self._save_meta(conn, seq)
             resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
             conn.execute(

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.clock import Timestamp, check_node_name, wall_ms
+from shared.clock import Timestamp, check_node_name, is_stamp, wall_ms
 from shared.errors import InvalidChangeError, ProtocolError, StoreError
 from shared.protocol import Change, PullPage, Rejection
 from shared.schema import EXISTS, Schema, Table, quote
@@ -106,6 +106,10 @@ _TRIGGER = (
     "CREATE TRIGGER {name} AFTER {event} ON {table} "
     "WHEN (SELECT applying FROM _fieldsync_state) = 0{when} BEGIN {body} END"
 )
+
+
+# One encoder, made once: json.dumps with options builds a new one on every call.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def _lit(text: str) -> str:
@@ -603,17 +607,20 @@ class NodeStore:
         self, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], dict[str, str]]:
         """The stored versions of each record named by (table, key), in a few queries."""
-        wanted = sorted(set(keys))
+        wanted: dict[str, set[str]] = {}
+        for tbl, key in keys:
+            wanted.setdefault(tbl, set()).add(key)
         found: dict[tuple[str, str], dict[str, str]] = {}
-        for start in range(0, len(wanted), 400):
-            chunk = wanted[start : start + 400]
-            marks = ", ".join("(?, ?)" for _ in chunk)
-            for tbl, key, vers in self.db.conn.execute(
-                "SELECT tbl, pk, vers FROM _fieldsync_versions "
-                f"WHERE (tbl, pk) IN (VALUES {marks})",
-                [part for pair in chunk for part in pair],
-            ):
-                found[(tbl, key)] = json.loads(vers)
+        for tbl, names in wanted.items():
+            listed = sorted(names)
+            for start in range(0, len(listed), 500):
+                chunk = listed[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for key, vers in self.db.conn.execute(
+                    f"SELECT pk, vers FROM _fieldsync_versions WHERE tbl = ? AND pk IN ({marks})",
+                    [tbl, *chunk],
+                ):
+                    found[(tbl, key)] = json.loads(vers)
         return found
 
     def _save_versions(
@@ -622,7 +629,7 @@ class NodeStore:
         conn.executemany(
             "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
             "ON CONFLICT (tbl, pk) DO UPDATE SET vers = excluded.vers",
-            [(tbl, key, json.dumps(vers)) for (tbl, key), vers in versions.items()],
+            [(tbl, key, _encode(vers)) for (tbl, key), vers in versions.items()],
         )
 
     def last_seq(self) -> int:
@@ -722,9 +729,10 @@ class NodeStore:
                 table = self.schema.table(row.table)
                 key = table.pk_key(table.check_pk(row.pk))
                 if row.values is not None:
-                    for name, value in row.values.items():
-                        table.check_value(name, value)
-                newest = max((Timestamp.parse(v).hlc for v in row.versions.values()), default=0)
+                    table.check_values(row.values)
+                if not all(map(is_stamp, row.versions.values())):
+                    raise ValueError("a version is not a stamp")
+                newest = int(max(row.versions.values(), default="0")[:16], 16)
             except (ValueError, KeyError) as exc:
                 raise ProtocolError(
                     f"the hub sent a record this office cannot take: {exc}"

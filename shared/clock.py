@@ -27,6 +27,12 @@ from dataclasses import dataclass
 COUNTER_BITS = 16
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HLC_HEX = re.compile(r"[0-9a-f]{16}")
+_STAMP = re.compile(r"[0-9a-f]{16}-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_stamp(text: object) -> bool:
+    """True if ``text`` is the canonical text form of a Timestamp (cheaper than parse)."""
+    return type(text) is str and _STAMP.fullmatch(text) is not None
 
 
 def check_node_name(name: str) -> str:

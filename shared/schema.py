@@ -16,7 +16,7 @@ import re
 import sqlite3
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ POLICIES = ("merge", "record", "manual")
 _CUSTOM = re.compile(r"custom:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 # Pseudo-column that versions a record's existence (set by deletes and re-inserts).
 EXISTS = "~"
+
+
+_NUMERIC = ("INTEGER", "INT", "REAL", "FLOAT", "DOUBLE", "NUMERIC")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,17 @@ class Table:
     primary_key: tuple[str, ...]
     policy: str
     create: str
+    # Per column, the Python types whose values need no closer look (see check_values).
+    _fast: dict[str, frozenset[type]] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        for col in self.columns:
+            kind = col.type.upper()
+            # Numbers are always looked at closely (range, finite).
+            fast: set[type] = {type(None)} if kind in _NUMERIC else {str, type(None)}
+            self._fast[col.name] = frozenset(fast)
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -75,6 +89,17 @@ class Table:
                 raise InvalidChangeError(f"primary key column {self.name}.{name} is null")
             self.check_value(name, value)
         return pk
+
+    def check_values(self, values: Mapping[str, Any]) -> None:
+        """Raise InvalidChangeError unless every value fits its column (a fast path)."""
+        allowed = self._fast
+        for name, value in values.items():
+            kinds = allowed.get(name)
+            kind = type(value)
+            if kinds is None or kind not in kinds or kind is float or kind is int:
+                if value is None and kinds is not None:
+                    continue
+                self.check_value(name, value)  # the exact check, and its message
 
     def check_value(self, name: str, value: Any) -> None:
         """Raise InvalidChangeError unless ``value`` fits column ``name``.
@@ -140,9 +165,12 @@ def _names(pk: Any) -> str:
     return f"a {type(pk).__name__}"
 
 
+_KEY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def pk_key(values: list[Any]) -> str:
     """Canonical text of a primary key; byte-identical to SQLite's json_array()."""
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return _KEY_ENCODER.encode(values)
 
 
 @dataclass(frozen=True, slots=True)
