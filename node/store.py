@@ -311,6 +311,7 @@ class NodeStatus:
     last_error_at: str | None
     cursor: int
     clock_offset_ms: int
+    rejected: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -324,6 +325,7 @@ class NodeStatus:
             "last_error_at": self.last_error_at,
             "cursor": self.cursor,
             "clock_offset_ms": self.clock_offset_ms,
+            "rejected": self.rejected,
         }
 
 
@@ -502,13 +504,80 @@ class NodeStore:
             f"`fieldsync node drop-change {self.path} {seq}` to discard the bad change"
         )
 
-    def drop_change(self, seq: int) -> None:
-        """Discard one queued change that can never be pushed.
+    def rejected(self) -> list[dict[str, Any]]:
+        """Changes the hub rejected, oldest first, with their values and the reason."""
+        rows = self.db.conn.execute(
+            "SELECT seq, tbl, pk, op, hlc, vals, reason, rejected_at "
+            "FROM _fieldsync_rejected ORDER BY seq"
+        ).fetchall()
+        found = []
+        for seq, tbl, key, op, hlc, vals, reason, rejected_at in rows:
+            table = self.schema.table(tbl)
+            found.append(
+                {
+                    "seq": seq,
+                    "table": tbl,
+                    "pk": dict(zip(table.primary_key, json.loads(key), strict=True)),
+                    "op": op,
+                    "made_at": datetime.fromtimestamp(wall_ms(hlc) / 1000, UTC).isoformat(
+                        timespec="seconds"
+                    ),
+                    "values": json.loads(vals) if vals is not None else None,
+                    "reason": reason,
+                    "rejected_at": rejected_at,
+                }
+            )
+        return found
 
-        The record it belongs to is then logged again as it is now, whole, so the
-        hub still gets every column the dropped change carried (once fixed).
+    def retry_rejected(self, seq: int) -> None:
+        """Write a rejected change again, as a new local change, and forget the rejection.
+
+        Do this once the cause is gone (the record or the hub's rules were fixed);
+        otherwise the hub rejects it again.
         """
         with write(self.db) as conn:
+            row = conn.execute(
+                "SELECT tbl, pk, op, vals FROM _fieldsync_rejected WHERE seq = ?", [seq]
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"there is no rejected change {seq} in {self.path}")
+            table = self.schema.table(row[0])
+            pk = dict(zip(table.primary_key, json.loads(row[1]), strict=True))
+            values = json.loads(row[3]) if row[3] is not None else None
+            if row[2] == "delete" or values is None:
+                put_rows(conn, table, [(pk, None)])
+            else:
+                where = " AND ".join(f"{quote(c)} = ?" for c in table.primary_key)
+                exists = conn.execute(
+                    f"SELECT 1 FROM {quote(table.name)} WHERE {where}",
+                    [pk[c] for c in table.primary_key],
+                ).fetchone()
+                if exists:
+                    sets = ", ".join(f"{quote(c)} = ?" for c in values)
+                    conn.execute(
+                        f"UPDATE {quote(table.name)} SET {sets} WHERE {where}",
+                        [*values.values(), *(pk[c] for c in table.primary_key)],
+                    )
+                else:
+                    record = {**values, **pk}
+                    cols = ", ".join(quote(c) for c in record)
+                    marks = ", ".join("?" for _ in record)
+                    conn.execute(
+                        f"INSERT INTO {quote(table.name)} ({cols}) VALUES ({marks})",
+                        list(record.values()),
+                    )
+            conn.execute("DELETE FROM _fieldsync_rejected WHERE seq = ?", [seq])
+
+    def drop_change(self, seq: int) -> bool:
+        """Discard one queued change that can never be pushed, or one the hub rejected.
+
+        A queued change's record is then logged again as it is now, whole, so the
+        hub still gets every column the dropped change carried (once fixed). Returns
+        True for a queued change, False for a rejected one.
+        """
+        with write(self.db) as conn:
+            if conn.execute("DELETE FROM _fieldsync_rejected WHERE seq = ?", [seq]).rowcount:
+                return False
             row = conn.execute(
                 "SELECT tbl, CAST(pk AS BLOB) FROM _fieldsync_changes "
                 f"WHERE seq = ? AND {self._PENDING}",
@@ -520,6 +589,7 @@ class NodeStore:
             table = self.schema.table(row[0])
             # The record as it is now (if it still exists), whole.
             _log_rows(conn, table, "update", "WHERE CAST(json_array({pk}) AS BLOB) = ?", [row[1]])
+            return True
 
     def mark_acked(
         self, acked: int, changes: Sequence[Change], rejected: Sequence[Rejection] = ()
@@ -817,6 +887,7 @@ class NodeStore:
             last_error_at=state[5],
             cursor=state[6],
             clock_offset_ms=state[7],
+            rejected=conn.execute("SELECT count(*) FROM _fieldsync_rejected").fetchone()[0],
         )
 
     def rows(self, table: str) -> list[dict[str, Any]]:

@@ -182,6 +182,31 @@ def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
             click.echo(f"    resolved by {r.resolved_by} at {r.resolved_at}: kept {how}")
 
 
+@hub.command("rejected")
+@_hub_db
+@click.option("--office", help="Only this office's rejected changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
+    """List changes the hub rejected (the office keeps their values)."""
+    store = _open_hub(db_path)
+    try:
+        rejected = store.rejected(office)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(rejected, indent=2, ensure_ascii=False))
+        return
+    if not rejected:
+        click.echo("No rejected changes.")
+        return
+    for entry in rejected:
+        what = f"{entry['table']} {json.dumps(entry['pk'], ensure_ascii=False)}"
+        click.echo(
+            f"{entry['node']} change {entry['seq']} ({entry['op']} {what}) at "
+            f"{entry['created_at']}: {entry['reason']}"
+        )
+
+
 def _show(value: Any, kind: str) -> str:
     if kind == "delete" and value is None:
         return "(delete)"
@@ -290,17 +315,67 @@ _node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay
 @node.command("sync")
 @_node_db
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 10000))
-def node_sync(db_path: str, batch_size: int) -> None:
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar (default: when stderr is a terminal).",
+)
+def node_sync(db_path: str, batch_size: int, progress: bool | None) -> None:
     """Push and pull once, now."""
     agent = _agent(db_path, batch_size)
+    bar = _ProgressBar(sys.stderr.isatty() if progress is None else progress)
     try:
-        report = agent.sync_once()
+        report = agent.sync_once(bar.update)
     except FieldsyncError as exc:
         raise FieldsyncError(f"{exc}{_kept(agent.store.pending_count(), exc)}") from exc
     finally:
+        bar.close()
         agent.client.close()
         agent.store.close()
     click.echo(f"Synced {agent.store.node}: {report.summary()}")
+    if report.rejected:
+        click.echo(
+            f"The hub rejected {report.rejected} change{'' if report.rejected == 1 else 's'}; "
+            f"they are kept: see `fieldsync node rejected {db_path}`",
+            err=True,
+        )
+
+
+class _ProgressBar:
+    """One click progress bar per phase of a sync (push, then pull), on stderr.
+
+    Where stderr is not a terminal (a log file), each step is a line instead.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.phase = ""
+        self.bar: Any = None
+        self.done = 0
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        label = "Pushing changes" if phase == "push" else "Pulling records"
+        if not sys.stderr.isatty():
+            click.echo(f"{label}: {done}/{total}", err=True)
+            return
+        if phase != self.phase:
+            self.close()
+            self.bar = click.progressbar(
+                length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
+            )
+            self.bar.__enter__()
+            self.phase, self.done = phase, 0
+        if self.bar.length != total:
+            self.bar.length = total
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _kept(pending: int, exc: FieldsyncError) -> str:
@@ -332,13 +407,60 @@ def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
     click.echo(f"Office {store.node} now syncs with {store.hub_url}.")
 
 
+@node.command("rejected")
+@_node_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (values included).")
+def node_rejected(db_path: str, as_json: bool) -> None:
+    """List the changes the hub rejected: kept here, with the hub's reason."""
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        rejected = store.rejected()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(rejected, indent=2, ensure_ascii=False))
+        return
+    if not rejected:
+        click.echo("No rejected changes.")
+        return
+    for entry in rejected:
+        key = ", ".join(f"{k}={v}" for k, v in entry["pk"].items())
+        click.echo(
+            f"{entry['seq']}: {entry['op']} {entry['table']} {key}, made {entry['made_at']}, "
+            f"rejected {entry['rejected_at']}: {entry['reason']}"
+        )
+    click.echo(
+        "Fix the cause, then `fieldsync node retry NODE.db SEQ` writes the change again; "
+        "`fieldsync node drop-change NODE.db SEQ` forgets it.",
+        err=True,
+    )
+
+
+@node.command("retry")
+@_node_db
+@click.argument("seq", type=int)
+def node_retry(db_path: str, seq: int) -> None:
+    """Write rejected change SEQ again as a new change (once its cause is fixed)."""
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        store.retry_rejected(seq)
+    finally:
+        store.close()
+    click.echo(f"Change {seq} is written again and queued; it is sent on the next sync.")
+
+
 @node.command("drop-change")
 @_node_db
 @click.argument("seq", type=int)
 def node_drop_change(db_path: str, seq: int) -> None:
-    """Discard queued change SEQ that can never be pushed (fieldsync names it when so).
+    """Discard queued change SEQ that can never be pushed (fieldsync names it when so),
+    or rejected change SEQ (see `node rejected`).
 
-    The record is queued again as it is now, whole, so fix it first.
+    A queued change's record is queued again as it is now, whole, so fix it first.
     """
     from filelock import FileLock, Timeout
 
@@ -347,12 +469,15 @@ def node_drop_change(db_path: str, seq: int) -> None:
     store = NodeStore(db_path)
     try:
         with FileLock(f"{store.path}-sync.lock", timeout=0):
-            store.drop_change(seq)
+            queued = store.drop_change(seq)
     except Timeout:
         raise FieldsyncError(f"a sync of {db_path} is running; try again when it ends") from None
     finally:
         store.close()
-    click.echo(f"Dropped change {seq}; the record is queued again as it is now.")
+    if queued:
+        click.echo(f"Dropped change {seq}; the record is queued again as it is now.")
+    else:
+        click.echo(f"Forgot rejected change {seq}.")
 
 
 @node.command("run")
@@ -411,6 +536,11 @@ def node_status(db_path: str, as_json: bool) -> None:
     click.echo(f"Last success:      {status.last_success_at or 'never'}")
     if status.last_error:
         click.echo(f"Last error:        {status.last_error} ({status.last_error_at})")
+    if status.rejected:
+        click.echo(
+            f"Rejected changes:  {status.rejected}, kept here "
+            f"(see `fieldsync node rejected {db_path}`)"
+        )
     if abs(status.clock_offset_ms) >= LARGE_OFFSET_MS:
         direction = "behind" if status.clock_offset_ms > 0 else "ahead of"
         click.echo(

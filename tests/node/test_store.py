@@ -651,6 +651,7 @@ def test_status_numbers(store: NodeStore, path: Path) -> None:
         "last_error_at",
         "cursor",
         "clock_offset_ms",
+        "rejected",
     }
 
 
