@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -31,6 +32,7 @@ from shared.errors import (
     HubUnavailableError,
     StoreError,
 )
+from shared.protocol import PullPage
 
 log = logging.getLogger("fieldsync.agent")
 
@@ -123,31 +125,7 @@ class SyncAgent:
         report = SyncReport()
         try:
             self._push_all(report, progress)
-            checked = False
-            total = 0
-            while True:
-                sent = self._now()
-                page = self.client.pull(
-                    self.store.cursor,
-                    self.page_size,
-                    include_own=self.store.repull,
-                    count=not checked,
-                )
-                self._check_identity(page.node)
-                self._learn_offset(sent, page.hub_time_ms)
-                if not checked and page.acked > self.store.last_seq():
-                    # The hub holds changes of ours this database never made: it is
-                    # an older copy. Number new work past them and rebuild from the hub.
-                    self.store.renumber_after(page.acked)
-                    log.warning("%s is an older copy of office %s", self.store.path, page.node)
-                    checked = True
-                    continue
-                checked = True
-                total = max(total, page.remaining or 0)
-                report.pulled += self.store.apply_page(page)
-                progress("pull", report.pulled, max(total, report.pulled))
-                if not page.more:
-                    break
+            self._pull_all(report, progress)
         except FieldsyncError as exc:
             report.seconds = time.monotonic() - started
             self.store.record_sync(
@@ -163,6 +141,49 @@ class SyncAgent:
         )
         return report
 
+    def _pull_all(self, report: SyncReport, progress: Progress) -> None:
+        """Pull pages until the hub has nothing more, counting into ``report``."""
+        checked = False
+        total = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
+            ahead: tuple[Future[PullPage], int] | None = None
+            while True:
+                if ahead is not None:
+                    request, sent = ahead
+                    page = request.result()
+                else:
+                    sent = self._now()
+                    page = self.client.pull(
+                        self.store.cursor,
+                        self.page_size,
+                        include_own=self.store.repull,
+                        count=not checked,
+                    )
+                ahead = None
+                self._check_identity(page.node)
+                self._learn_offset(sent, page.hub_time_ms)
+                if not checked and page.acked > self.store.last_seq():
+                    # The hub holds changes of ours this database never made: it is
+                    # an older copy. Number new work past them and rebuild from the hub.
+                    self.store.renumber_after(page.acked)
+                    log.warning("%s is an older copy of office %s", self.store.path, page.node)
+                    checked = True
+                    continue
+                checked = True
+                if page.more:  # fetch the next page while this one is applied
+                    repull = self.store.repull
+                    ahead = (
+                        pool.submit(
+                            self.client.pull, page.cursor, self.page_size, include_own=repull
+                        ),
+                        self._now(),
+                    )
+                total = max(total, page.remaining or 0)
+                report.pulled += self.store.apply_page(page)
+                progress("pull", report.pulled, max(total, report.pulled))
+                if not page.more:
+                    break
+
     def _push_all(self, report: SyncReport, progress: Progress) -> None:
         """Push what was pending when the sync began, counting into ``report``.
 
@@ -174,64 +195,81 @@ class SyncAgent:
         done = 0
         batch_size = self.batch_size
         restamped = renumbered = False
-        while (batch := self.store.pending(batch_size)) and batch[0].seq <= stop_at:
-            sent = self._now()
-            try:
-                result = self.client.push(batch)
-            except ClockSkewError as exc:
-                if restamped or exc.hub_time_ms is None:
-                    raise
-                # Our clock is wrong: learn by how much, re-stamp, send again.
-                before = self.store.clock_offset_ms
-                self._learn_offset(sent, exc.hub_time_ms)
-                acked = exc.details.get("acked")
-                self.store.restamp(
-                    exc.hub_time_ms,
-                    self.store.clock_offset_ms - before,
-                    acked if isinstance(acked, int) else 0,
-                )
-                restamped = True
-                log.warning("%s; re-stamped the queued changes with the hub's time", exc)
-                continue
-            except DivergedError as exc:
-                acked, first = exc.details.get("acked"), exc.details.get("diverged_at")
-                if renumbered or not isinstance(acked, int) or not isinstance(first, int):
-                    raise
-                # Changes before the first reused number are the hub's own receipts:
-                # committed. The rest are new work and get fresh numbers.
-                self.store.mark_acked(first - 1, [c for c in batch if c.seq < first])
-                moved = self.store.renumber_after(acked)
-                stop_at = self.store.last_seq()
-                renumbered = True
-                log.warning("%s: %d queued changes renumbered", exc, moved)
-                continue
-            except HubRejectedError as exc:
-                if exc.code != "too_large" and exc.status != 413:  # 413: maybe a proxy
-                    raise
-                if len(batch) > 1:
-                    batch_size = max(1, len(batch) // 2)  # send smaller requests
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-push") as pool:
+            batch = self.store.pending(batch_size)
+            while batch and batch[0].seq <= stop_at:
+                sent = self._now()
+                request = pool.submit(self.client.push, batch)
+                # Read the next batch while the hub works on this one.
+                ahead = None
+                if batch[-1].seq < stop_at:
+                    try:
+                        ahead = self.store.pending(batch_size, batch)
+                    except StoreError:
+                        pass  # met again, and reported, when it is that batch's turn
+                try:
+                    result = request.result()
+                except ClockSkewError as exc:
+                    if restamped or exc.hub_time_ms is None:
+                        raise
+                    # Our clock is wrong: learn by how much, re-stamp, send again.
+                    before = self.store.clock_offset_ms
+                    self._learn_offset(sent, exc.hub_time_ms)
+                    acked = exc.details.get("acked")
+                    self.store.restamp(
+                        exc.hub_time_ms,
+                        self.store.clock_offset_ms - before,
+                        acked if isinstance(acked, int) else 0,
+                    )
+                    restamped = True
+                    log.warning("%s; re-stamped the queued changes with the hub's time", exc)
+                    batch = self.store.pending(batch_size)
                     continue
-                raise HubRejectedError(
-                    f"change {batch[0].seq} ({batch[0].table} {batch[0].pk}) is larger than "
-                    f"the hub accepts in one request: {exc}",
-                    exc.code,
-                    exc.status,
-                ) from exc
-            self._check_identity(result.node)
-            self._learn_offset(sent, result.hub_time_ms)
-            self.store.mark_acked(result.acked, batch, result.rejected)
-            for rejection in result.rejected:
-                log.warning("the hub rejected change %d: %s", rejection.seq, rejection.reason)
-            report.pushed += result.applied
-            report.conflicts += result.conflicts
-            report.rejected += len(result.rejected)
-            done += sum(1 for c in batch if c.seq <= result.acked)
-            progress("push", done, max(total, done))
-            if result.acked < batch[-1].seq:
-                raise HubRejectedError(
-                    f"the hub acknowledged changes up to {result.acked} of "
-                    f"{batch[-1].seq}; the rest stay queued"
-                )
+                except DivergedError as exc:
+                    acked, first = exc.details.get("acked"), exc.details.get("diverged_at")
+                    if renumbered or not isinstance(acked, int) or not isinstance(first, int):
+                        raise
+                    # Changes before the first reused number are the hub's own receipts:
+                    # committed. The rest are new work and get fresh numbers.
+                    self.store.mark_acked(first - 1, [c for c in batch if c.seq < first])
+                    moved = self.store.renumber_after(acked)
+                    stop_at = self.store.last_seq()
+                    renumbered = True
+                    log.warning("%s: %d queued changes renumbered", exc, moved)
+                    batch = self.store.pending(batch_size)
+                    continue
+                except HubRejectedError as exc:
+                    if exc.code != "too_large" and exc.status != 413:  # 413: maybe a proxy
+                        raise
+                    if len(batch) > 1:
+                        batch_size = max(1, len(batch) // 2)  # send smaller requests
+                        batch = self.store.pending(batch_size)
+                        continue
+                    raise HubRejectedError(
+                        f"change {batch[0].seq} ({batch[0].table} {batch[0].pk}) is larger "
+                        f"than the hub accepts in one request: {exc}",
+                        exc.code,
+                        exc.status,
+                    ) from exc
+                self._check_identity(result.node)
+                self._learn_offset(sent, result.hub_time_ms)
+                self.store.mark_acked(result.acked, batch, result.rejected)
+                for rejection in result.rejected:
+                    log.warning("the hub rejected change %d: %s", rejection.seq, rejection.reason)
+                report.pushed += result.applied
+                report.conflicts += result.conflicts
+                report.rejected += len(result.rejected)
+                done += sum(1 for c in batch if c.seq <= result.acked)
+                progress("push", done, max(total, done))
+                if result.acked < batch[-1].seq:
+                    raise HubRejectedError(
+                        f"the hub acknowledged changes up to {result.acked} of "
+                        f"{batch[-1].seq}; the rest stay queued"
+                    )
+                if ahead is None or result.rejected:
+                    # Rejected records were put back as the hub holds them: read again.
+                    ahead = self.store.pending(batch_size)
+                batch = ahead
 
     def _check_identity(self, node: str) -> None:
         if node != self.store.node:

@@ -329,6 +329,16 @@ class NodeStatus:
         }
 
 
+class Pending(list[Change]):
+    """A batch of pending changes, and each record's versions once they are applied."""
+
+    def __init__(
+        self, changes: list[Change], versions: dict[tuple[str, str], dict[str, str]]
+    ) -> None:
+        super().__init__(changes)
+        self.versions = versions
+
+
 class NodeStore:
     """An office's database: synced tables, change log and sync state."""
 
@@ -423,27 +433,31 @@ class NodeStore:
             ).fetchone()[0]
         )
 
-    def pending(self, limit: int) -> list[Change]:
+    def pending(self, limit: int, after: Pending | None = None) -> Pending:
         """The oldest ``limit`` unacknowledged changes, each with its base versions.
 
         An insert is sent with the record's values as they are now (the trigger
         logs none); an insert of a record deleted since is sent as a delete, which
         the delete that follows it in the log repeats.
+
+        ``after``: the batch before, still on its way to the hub; this one follows it
+        and its bases take the effects of that batch into account.
         """
         # Bytes, decoded here: text that is not UTF-8 (a CSV imported in another
         # encoding) gets a message that names the change, never its contents.
         rows = self.db.conn.execute(
             "SELECT seq, tbl, CAST(pk AS BLOB), op, hlc, captured, CAST(vals AS BLOB) "
-            f"FROM _fieldsync_changes WHERE {self._PENDING} ORDER BY seq LIMIT ?",
-            [limit],
+            f"FROM _fieldsync_changes WHERE {self._PENDING} AND seq > ? ORDER BY seq LIMIT ?",
+            [after[-1].seq if after else 0, limit],
         ).fetchall()
         if not rows:
-            return []
+            return Pending([], {})
         inserted = self._inserted_values(rows[0][0], rows[-1][0])
-        versions = self._versions_many(
-            (tbl, raw_key.decode("utf-8", "replace")) for _, tbl, raw_key, *_ in rows
-        )
-        changes = []
+        keys = {(tbl, raw_key.decode("utf-8", "replace")) for _, tbl, raw_key, *_ in rows}
+        carried = after.versions if after else {}
+        versions = self._versions_many(k for k in keys if k not in carried)
+        versions.update({k: dict(carried[k]) for k in keys if k in carried})
+        changes = Pending([], versions)
         for seq, tbl, raw_key, op, hlc, captured, raw in rows:
             table = self.schema.table(tbl)
             try:
