@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo check test lint clean
+.PHONY: install demo check test lint clean bench
 
 $(BIN)/fieldsync: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ check: install
 
 test: install
 	$(BIN)/pytest
+
+# Benchmark (several minutes; see bench/README.md). Options: make bench BENCH_ARGS=--quick
+bench: install
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff format node hub shared tests

@@ -138,7 +138,14 @@ def create_app(
             raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "protocol": PROTOCOL_VERSION, "version": __version__})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "protocol": PROTOCOL_VERSION,
+                "version": __version__,
+                "hub_time_ms": now_ms(),
+            }
+        )
 
     async def push(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
@@ -218,7 +225,8 @@ def create_app(
             Route("/v1/pull", pull),
             Route("/v1/openapi.json", openapi),
         ],
-        middleware=[Middleware(GZipMiddleware, minimum_size=1024)],
+        # Level 3: a tenth of level 9's CPU for about 20% more bytes (see README).
+        middleware=[Middleware(GZipMiddleware, minimum_size=1024, compresslevel=3)],
         exception_handlers={
             FieldsyncError: fieldsync_error,
             HTTPException: http_error,

@@ -124,6 +124,7 @@ class SyncAgent:
         started = time.monotonic()
         report = SyncReport()
         try:
+            self._correct_clock()
             self._push_all(report, progress)
             self._pull_all(report, progress)
         except FieldsyncError as exc:
@@ -140,6 +141,29 @@ class SyncAgent:
             pushed=report.pushed, pulled=report.pulled, conflicts=report.conflicts
         )
         return report
+
+    def _correct_clock(self) -> None:
+        """Learn the clock's error from the hub and, if it changed, re-stamp queued work.
+
+        Done before pushing, so that no change stamped by a wrong clock reaches the
+        hub while the office could know better.
+        """
+        sent = self._now()
+        hub_now = self.client.hub_time()
+        before = self.store.clock_offset_ms
+        self._learn_offset(sent, hub_now)
+        shift = self.store.clock_offset_ms - before
+        if shift:
+            moved = self.store.restamp(hub_now, shift, every=True)
+            large = abs(self.store.clock_offset_ms) >= LARGE_OFFSET_MS
+            log.log(
+                logging.WARNING if large else logging.INFO,
+                "the clock of %s is %.0f s %s the hub's; %d queued changes re-stamped",
+                self.store.path,
+                abs(self.store.clock_offset_ms) / 1000,
+                "behind" if self.store.clock_offset_ms > 0 else "ahead of",
+                moved,
+            )
 
     def _pull_all(self, report: SyncReport, progress: Progress) -> None:
         """Pull pages until the hub has nothing more, counting into ``report``."""

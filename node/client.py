@@ -52,6 +52,8 @@ class HubClient(Protocol):
         self, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
     ) -> PullPage: ...
 
+    def hub_time(self) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -136,7 +138,7 @@ class HttpHubClient:
         with _hub_errors(action, self.url):
             response = self._client.post(
                 f"{self.url}/v1/push",
-                content=gzip.compress(body, compresslevel=6),
+                content=gzip.compress(body, compresslevel=3),
                 headers={
                     **self._headers,
                     "Content-Type": "application/json",
@@ -169,6 +171,17 @@ class HttpHubClient:
             )
         _raise_for_status(response, action, self.url)
         return PullPage.from_json(self._json(response, action))
+
+    def hub_time(self) -> int:
+        """The hub's clock, in milliseconds since the epoch (from its health check)."""
+        action = "reach"
+        with _hub_errors(action, self.url):
+            response = self._client.get(f"{self.url}/v1/health", headers=self._headers)
+        _raise_for_status(response, action, self.url)
+        value = self._json(response, action).get("hub_time_ms")
+        if type(value) is not int:
+            raise ProtocolError(f"cannot {action} {self.url}: its health check has no hub time")
+        return value
 
     def _json(self, response: httpx.Response, action: str) -> Any:
         try:

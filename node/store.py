@@ -749,15 +749,20 @@ class NodeStore:
             _forget_acked(conn)
             return len(rows)
 
-    def restamp(self, hub_now_ms: int, shift_ms: int, after_seq: int = 0) -> int:
-        """Move pending changes stamped in the hub's future by ``shift_ms``; return how many.
+    def restamp(
+        self, hub_now_ms: int, shift_ms: int, after_seq: int = 0, *, every: bool = False
+    ) -> int:
+        """Move pending changes by ``shift_ms``, the error of the office's clock.
 
-        A wrong clock (hours or years ahead) stamps changes the hub must refuse, and
-        the clock, which never goes back, would keep doing so. Once the office knows
-        how wrong its clock was (``shift_ms``, the change in its learned offset), the
-        changes it has not yet pushed get the stamps they should have had: their real
-        time, so they win or lose conflicts fairly, kept in order, later than every
-        stamp seen from other offices, and never past the hub's time.
+        A wrong clock stamps changes wrongly: too far ahead and the hub refuses them;
+        a little ahead and they would win conflicts they should lose; behind and they
+        would lose ones they should win. Once the office knows how wrong its clock
+        was (``shift_ms``, the change in its learned offset), the changes it has not
+        yet pushed get the stamps they should have had: their real time, kept in
+        order, later than every stamp seen from other offices, and never past the
+        hub's time. Only changes in the hub's future are moved, unless ``every``.
+        The office's clock is set back too, so that it stamps the right time again.
+        Returns how many changes were moved.
         """
         with write(self.db) as conn:
             limit = hub_now_ms << 16
@@ -765,23 +770,22 @@ class NodeStore:
             # receipts name them by number and stamp.
             bad = conn.execute(
                 "SELECT seq, hlc FROM _fieldsync_changes "
-                f"WHERE hlc > ? AND seq > ? AND {self._PENDING} ORDER BY seq",
-                [limit, after_seq],
+                f"WHERE (hlc > ? OR ?) AND seq > ? AND {self._PENDING} ORDER BY seq",
+                [limit, every, after_seq],
             ).fetchall()
-            if not bad:
+            if not bad and not every:
                 return 0
             seen = conn.execute(
                 "SELECT max(substr(j.value, 1, 16)) FROM _fieldsync_versions AS v, "
                 "json_each(v.vers) AS j WHERE substr(j.value, 18) != ?",
                 [self.node],
             ).fetchone()[0]
-            floor = (
-                conn.execute(
-                    "SELECT max(hlc) FROM _fieldsync_changes WHERE hlc <= ?", [limit]
-                ).fetchone()[0]
-                or 0
-            )
-            floor = max(floor, int(seen, 16) if seen else 0)
+            kept = conn.execute(
+                "SELECT max(hlc) FROM _fieldsync_changes WHERE hlc <= ? AND NOT (seq > ? AND "
+                f"{self._PENDING} AND (hlc > ? OR ?))",
+                [limit, after_seq, limit, every],
+            ).fetchone()[0]
+            floor = max(kept or 0, int(seen, 16) if seen else 0)
             stamps = []
             for seq, hlc in bad:
                 floor = max(floor + 1, min(hlc + (shift_ms << 16), limit))

@@ -12,6 +12,7 @@ import pytest
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
+from shared.clock import now_ms
 from shared.errors import HubRejectedError, HubUnavailableError
 from tests.faults import FlakyTransport
 from tests.integration.test_sync import write
@@ -120,16 +121,17 @@ def test_new_laptop_for_an_existing_office_gets_its_records(hub, make_office, tm
 
 
 def test_restamping_leaves_changes_the_hub_committed_alone(hub, make_office):
-    transport = FlakyTransport(lambda n, request: "drop" if n == 1 else "ok")
+    # Request 1 asks the hub's time; request 2 is the first push.
+    transport = FlakyTransport(lambda n, request: "drop" if n == 2 else "ok")
     astana, almaty = make_office("astana", transport=transport), make_office("almaty")
-    astana.store.set_clock_offset(4 * 60_000)  # 4 min fast: still accepted
+    astana.store.set_clock_offset(4 * 60_000)  # 4 min off: c1 is re-stamped before its push
     insert(astana, "c1")
     with pytest.raises(HubUnavailableError):
         astana.sync()  # the hub commits c1; the answer is lost
     almaty.sync()
     write(almaty, "DELETE FROM cases WHERE id = 'c1'")
     almaty.sync()
-    astana.store.set_clock_offset(10 * 60_000)  # now too fast: refused, re-stamped
+    astana.store.set_clock_offset(10 * 60_000)  # off again: c1 (committed) and c2 re-stamped
     insert(astana, "c2")
     astana.sync()
     almaty.sync()
@@ -141,6 +143,8 @@ def test_413_from_a_proxy_also_splits_the_batch(tmp_path):
     sizes: list[int] = []
 
     def proxy(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/health"):
+            return httpx.Response(200, json={"status": "ok", "hub_time_ms": now_ms()})
         sizes.append(len(request.content))
         return httpx.Response(413, text="<html><body>413 Request Entity Too Large</body></html>")
 

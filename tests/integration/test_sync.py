@@ -313,10 +313,15 @@ def test_admin_resolution_reaches_every_office(hub, make_office):
 
 
 def test_lost_push_answer_is_replayed_without_double_effect(hub, make_office):
-    transport = FlakyTransport(
-        lambda n, req: "drop" if req.url.path == "/v1/push" and n == 1 else "ok"
-    )
-    astana = make_office("astana", transport=transport)
+    pushes: list[int] = []
+
+    def plan(n, req):
+        if req.url.path == "/v1/push":
+            pushes.append(n)
+            return "drop" if len(pushes) == 1 else "ok"
+        return "ok"
+
+    astana = make_office("astana", transport=FlakyTransport(plan))
     almaty = make_office("almaty")
     add_case(astana, "c1")
     write(astana, "UPDATE cases SET household_size = household_size + 1 WHERE id = 'c1'")
