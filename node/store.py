@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.clock import Timestamp, check_node_name, is_stamp, wall_ms
+from shared.clock import Timestamp, are_stamps, check_node_name, wall_ms
 from shared.errors import InvalidChangeError, ProtocolError, StoreError
 from shared.protocol import Change, PullPage, Rejection
 from shared.schema import EXISTS, Schema, Table, quote
@@ -622,16 +622,18 @@ class NodeStore:
         refused = {r.seq: r for r in rejected if r.seq <= acked}
         with write(self.db) as conn:
             done = [c for c in changes if c.seq <= acked]
-            versions = self._versions_many(
-                (c.table, self.schema.table(c.table).pk_key(c.pk)) for c in done
-            )
-            set_aside = []
-            for change in done:
-                if change.seq in refused:
-                    set_aside.append(change)
-                    continue
-                key = (change.table, self.schema.table(change.table).pk_key(change.pk))
-                _effect(versions.setdefault(key, {}), change.op, change.values, str(change.ts))
+            set_aside = [c for c in done if c.seq in refused]
+            if isinstance(changes, Pending) and len(done) == len(changes) and not set_aside:
+                versions = changes.versions  # worked out when the batch was read
+            else:
+                versions = self._versions_many(
+                    (c.table, self.schema.table(c.table).pk_key(c.pk)) for c in done
+                )
+                for change in done:
+                    if change.seq in refused:
+                        continue
+                    key = (change.table, self.schema.table(change.table).pk_key(change.pk))
+                    _effect(versions.setdefault(key, {}), change.op, change.values, str(change.ts))
             self._save_versions(conn, versions)
             conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
             _forget_acked(conn)
@@ -818,7 +820,7 @@ class NodeStore:
                 key = table.pk_key(table.check_pk(row.pk))
                 if row.values is not None:
                     table.check_values(row.values)
-                if not all(map(is_stamp, row.versions.values())):
+                if not are_stamps(row.versions.values()):
                     raise ValueError("a version is not a stamp")
                 newest = int(max(row.versions.values(), default="0")[:16], 16)
             except (ValueError, KeyError) as exc:

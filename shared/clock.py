@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 COUNTER_BITS = 16
@@ -30,9 +30,19 @@ _HLC_HEX = re.compile(r"[0-9a-f]{16}")
 _STAMP = re.compile(r"[0-9a-f]{16}-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def is_stamp(text: object) -> bool:
-    """True if ``text`` is the canonical text form of a Timestamp (cheaper than parse)."""
-    return type(text) is str and _STAMP.fullmatch(text) is not None
+_STAMPS = re.compile(rf"(?:{_STAMP.pattern}\n)*{_STAMP.pattern}")
+
+
+def are_stamps(texts: Iterable[object]) -> bool:
+    """True if every item is the canonical text form of a Timestamp (cheaper than parse)."""
+    items = list(texts)
+    if not items:
+        return True
+    try:
+        joined = "\n".join(items)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return joined.count("\n") == len(items) - 1 and _STAMPS.fullmatch(joined) is not None
 
 
 def check_node_name(name: str) -> str:

@@ -59,8 +59,15 @@ class Table:
     def __post_init__(self) -> None:
         for col in self.columns:
             kind = col.type.upper()
-            # Numbers are always looked at closely (range, finite).
-            fast: set[type] = {type(None)} if kind in _NUMERIC else {str, type(None)}
+            fast: set[type] = {type(None)}
+            if kind == "TEXT":
+                fast.add(str)
+            elif kind in ("INTEGER", "INT"):
+                fast.add(int)
+            elif kind in _NUMERIC:
+                fast.update((int, float))
+            else:
+                fast.update((str, int, float))
             self._fast[col.name] = frozenset(fast)
 
     @property
@@ -96,10 +103,16 @@ class Table:
         for name, value in values.items():
             kinds = allowed.get(name)
             kind = type(value)
-            if kinds is None or kind not in kinds or kind is float or kind is int:
-                if value is None and kinds is not None:
+            if kinds is not None and kind in kinds:
+                if kind is int:
+                    if -(2**63) <= value < 2**63:
+                        continue
+                elif kind is float:
+                    if value - value == 0:  # finite: inf - inf and nan - nan are nan
+                        continue
+                else:
                     continue
-                self.check_value(name, value)  # the exact check, and its message
+            self.check_value(name, value)  # the exact check, and its message
 
     def check_value(self, name: str, value: Any) -> None:
         """Raise InvalidChangeError unless ``value`` fits column ``name``.
