@@ -419,17 +419,16 @@ class SqliteHubStore:
         hub_now = self._now()
         replays = [c for c in changes if c.seq <= acked]
         receipts, earlier_rejections = self._receipts(conn, node, replays)
-        states = self._load_many(
-            conn,
-            [(c.table, c.pk) for c in changes if c.seq > acked and c.table in self.schema.tables],
-        )
+        keys = self._keys(changes)
+        fresh = [k for k, c in zip(keys, changes, strict=True) if c.seq > acked]
+        states = self._load_many(conn, fresh)
         dirty: dict[tuple[str, str], _Write] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[str, int, int]] = []
         rejected: list[tuple[Change, str]] = []
         applied = conflicts = 0
         skew: ClockSkewError | None = None
-        for change in changes:
+        for index, change in enumerate(changes):
             if change.seq <= acked:
                 self._check_replay(node, change, acked, receipts)
                 if change.seq in earlier_rejections:
@@ -447,9 +446,10 @@ class SqliteHubStore:
                 new_receipts.append((node, change.seq, change.receipt))
                 acked = change.seq
                 continue
-            key = table.pk_key(change.pk)
-            entry = dirty.get((table.name, key))
-            current = entry[3] if entry else states.get((table.name, key))
+            ref = keys[index] or (table.name, table.pk_key(change.pk))
+            key = ref[1]
+            entry = dirty.get(ref)
+            current = entry[3] if entry else states.get(ref)
             outcome = self._merge(table, current, change)
             found = [
                 self._conflict_row(table.name, key, c, outcome.state) for c in outcome.conflicts
@@ -473,7 +473,7 @@ class SqliteHubStore:
                     continue
             else:
                 conflict_rows.extend(found)
-            dirty[(table.name, key)] = (table, key, change.pk, outcome.state, seq, origin)
+            dirty[ref] = (table, key, change.pk, outcome.state, seq, origin)
             conflicts += len(found)
             applied += 1
             acked = change.seq
@@ -575,17 +575,25 @@ class SqliteHubStore:
         )
         return receipts, rejections
 
-    def _load_many(
-        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, dict[str, Any]]]
-    ) -> dict[tuple[str, str], RecordState]:
-        """The stored state of each record named, in a few queries."""
-        wanted: dict[str, set[str]] = {}
-        for name, pk in keys:
-            table = self.schema.tables[name]
+    def _keys(self, changes: Sequence[Change]) -> list[tuple[str, str] | None]:
+        """Each change's (table, key text); None where the table or key is bad."""
+        found: list[tuple[str, str] | None] = []
+        for change in changes:
+            table = self.schema.tables.get(change.table)
             try:
-                wanted.setdefault(name, set()).add(table.pk_key(pk))
+                found.append((table.name, table.pk_key(change.pk)) if table else None)
             except (KeyError, TypeError, ValueError):
-                continue  # a bad key: the change is rejected when it is checked
+                found.append(None)  # rejected when the change is checked
+        return found
+
+    def _load_many(
+        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str] | None]
+    ) -> dict[tuple[str, str], RecordState]:
+        """The stored state of each record named by (table, key text), in a few queries."""
+        wanted: dict[str, set[str]] = {}
+        for ref in keys:
+            if ref is not None:
+                wanted.setdefault(ref[0], set()).add(ref[1])
         found: dict[tuple[str, str], RecordState] = {}
         for name, names in wanted.items():
             listed = sorted(names)

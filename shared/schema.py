@@ -55,8 +55,10 @@ class Table:
     _fast: dict[str, frozenset[type]] = field(
         default_factory=dict, init=False, compare=False, hash=False, repr=False
     )
+    _names: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_names", tuple(c.name for c in self.columns))
         for col in self.columns:
             kind = col.type.upper()
             fast: set[type] = {type(None)}
@@ -72,7 +74,7 @@ class Table:
 
     @property
     def column_names(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.columns)
+        return self._names
 
     def column(self, name: str) -> Column:
         for col in self.columns:
