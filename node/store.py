@@ -206,6 +206,9 @@ def trigger_sql(table: Table, strict: bool = False) -> list[str]:
     pk_new = ", ".join(f"NEW.{quote(c)}" for c in table.primary_key)
     pk_old = ", ".join(f"OLD.{quote(c)}" for c in table.primary_key)
     full_new = _json_object(table, "NEW", table.column_names)
+    # A delete logs the record as it was: the values of its insert, if that is still
+    # queued (an insert logs none, see _LOG).
+    full_old = _json_object(table, "OLD", table.column_names)
     guard = _guard(table, strict)
     others = [c for c in table.column_names if c not in table.primary_key]
     # COLLATE BINARY: under NOCASE, 'ivanov' -> 'Ivanov' would not count as a change.
@@ -249,7 +252,7 @@ def trigger_sql(table: Table, strict: bool = False) -> list[str]:
             when=f" AND NOT ({same_pk})",
             body=guard
             + _TICK
-            + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL")
+            + _LOG.format(**log, pk=pk_old, op="delete", vals=full_old)
             + _TICK
             + _LOG.format(**log, pk=pk_new, op="insert", vals="NULL"),
         ),
@@ -258,7 +261,7 @@ def trigger_sql(table: Table, strict: bool = False) -> list[str]:
             event="DELETE",
             table=t,
             when="",
-            body=_TICK + _LOG.format(**log, pk=pk_old, op="delete", vals="NULL"),
+            body=_TICK + _LOG.format(**log, pk=pk_old, op="delete", vals=full_old),
         ),
     ]
 
@@ -437,8 +440,7 @@ class NodeStore:
         """The oldest ``limit`` unacknowledged changes, each with its base versions.
 
         An insert is sent with the record's values as they are now (the trigger
-        logs none); an insert of a record deleted since is sent as a delete, which
-        the delete that follows it in the log repeats.
+        logs none), or, for a record deleted since, as the delete logged them.
 
         ``after``: the batch before, still on its way to the hub; this one follows it
         and its bases take the effects of that batch into account.
@@ -462,14 +464,16 @@ class NodeStore:
             table = self.schema.table(tbl)
             try:
                 key = raw_key.decode("utf-8")
-                if raw is not None:
-                    values = json.loads(raw.decode("utf-8"))
-                elif op == "insert":
-                    values = inserted.get(seq)
-                    if values is None:  # deleted since
-                        op = "delete"
-                else:
+                if op == "delete":
                     values = None
+                elif raw is not None:
+                    values = json.loads(raw.decode("utf-8"))
+                elif seq in inserted:
+                    values = inserted[seq]
+                else:  # deleted since: as it was when deleted
+                    values = self._deleted_values(tbl, raw_key, seq)
+                    if values is None:
+                        op = "delete"
             except UnicodeDecodeError:
                 raise self._not_utf8(seq, tbl) from None
             current = versions.setdefault((tbl, key), {})
@@ -478,6 +482,17 @@ class NodeStore:
             changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured))
             _effect(current, op, values, str(ts))
         return changes
+
+    def _deleted_values(self, tbl: str, raw_key: bytes, seq: int) -> dict[str, Any] | None:
+        """The record as the first delete after change ``seq`` logged it (None: none)."""
+        row = self.db.conn.execute(
+            "SELECT CAST(vals AS BLOB) FROM _fieldsync_changes WHERE seq > ? AND tbl = ? "
+            "AND CAST(pk AS BLOB) = ? AND op = 'delete' ORDER BY seq LIMIT 1",
+            [seq, tbl, raw_key],
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return dict(json.loads(row[0].decode("utf-8")))
 
     def _inserted_values(self, first: int, last: int) -> dict[int, dict[str, Any]]:
         """The current values of records logged as inserts without values, by seq."""

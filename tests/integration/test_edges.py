@@ -543,3 +543,25 @@ def test_key_that_is_not_utf8_is_named_too(hub, make_office):
     conn.close()
     with pytest.raises(StoreError, match="not UTF-8.*drop-change"):
         astana.sync()
+
+
+def test_insert_update_delete_before_a_sync_leaves_no_record(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    write(astana, "INSERT INTO cases (id, family_name, status) VALUES ('c1', 'Ali', 'refugee')")
+    write(astana, "UPDATE cases SET family_name = 'Aliyev' WHERE id = 'c1'")
+    write(astana, "DELETE FROM cases WHERE id = 'c1'")
+    sync_all(astana, almaty)
+    assert hub.store.rows("cases") == []
+    assert astana.store.rows("cases") == [] and almaty.store.rows("cases") == []
+    assert hub.store.conflicts() == []  # its own delete is no conflict
+
+
+def test_insert_then_rename_before_a_sync_moves_the_whole_record(hub, make_office):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    write(astana, "INSERT INTO cases (id, family_name, status) VALUES ('c1', 'Ali', 'refugee')")
+    write(astana, "UPDATE cases SET id = 'c2', notes = 'renumbered' WHERE id = 'c1'")
+    write(astana, "UPDATE cases SET household_size = 4 WHERE id = 'c2'")
+    sync_all(astana, almaty)
+    assert [r["id"] for r in hub.store.rows("cases")] == ["c2"]
+    assert case(almaty, "c2")["family_name"] == "Ali" and case(almaty, "c2")["household_size"] == 4
+    assert hub.store.conflicts() == []

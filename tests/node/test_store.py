@@ -216,7 +216,14 @@ def test_python_sqlite3_writes_are_captured(store: NodeStore, path: Path) -> Non
     assert ops(store) == [
         ("cases", "insert", ["c1"], None),
         ("cases", "update", ["c1"], {"household_size": 4}),
-        ("cases", "delete", ["c1"], None),
+        # a delete logs the record as it was (its queued insert logged nothing)
+        ("cases", "delete", ["c1"], full(id="c1", family_name="Ali", household_size=4)),
+    ]
+    # the insert travels with the record as it was when deleted
+    assert [(c.op, c.values) for c in store.pending(10)] == [
+        ("insert", full(id="c1", family_name="Ali", household_size=4)),
+        ("update", {"household_size": 4}),
+        ("delete", None),
     ]
     assert store.rows("cases") == []
 
@@ -234,7 +241,12 @@ def test_sqlite_utils_writes_are_captured(store: NodeStore, path: Path) -> None:
         ("cases", "update", ["c1"], {"notes": "visited"}),
         ("cases", "update", ["c1"], {"status": "closed"}),
         ("cases", "insert", ["c2"], None),
-        ("cases", "delete", ["c1"], None),
+        (
+            "cases",
+            "delete",
+            ["c1"],
+            full(id="c1", family_name="Ali", status="closed", notes="visited"),
+        ),
     ]
     assert [r["id"] for r in store.rows("cases")] == ["c2"]
 
@@ -249,7 +261,7 @@ def test_replace_is_captured_as_the_whole_new_row(store: NodeStore, path: Path) 
         db["cases"].insert({"id": "c1", "family_name": "C"}, replace=True)
     assert ops(store)[1:] == [
         ("cases", "insert", ["c1"], None),
-        ("cases", "delete", ["c1"], None),
+        ("cases", "delete", ["c1"], full(id="c1", family_name="B")),
         ("cases", "insert", ["c1"], None),
     ]
     assert store.rows("cases") == [full(id="c1", family_name="C")]
@@ -418,12 +430,12 @@ def test_changing_a_primary_key_logs_delete_then_insert(store: NodeStore, path: 
         conn.execute("UPDATE cases SET id = 'c9', notes = 'renumbered' WHERE id = 'c1'")
     assert ops(store) == [
         ("cases", "insert", ["c1"], None),
-        ("cases", "delete", ["c1"], None),
+        ("cases", "delete", ["c1"], full(id="c1", family_name="Ali")),
         ("cases", "insert", ["c9"], None),
     ]
     pushed = [(c.op, c.pk, c.values) for c in store.pending(10)]
     assert pushed == [
-        ("delete", {"id": "c1"}, None),  # c1 is gone: its insert travels as a delete
+        ("insert", {"id": "c1"}, full(id="c1", family_name="Ali")),  # as it was when renamed
         ("delete", {"id": "c1"}, None),
         ("insert", {"id": "c9"}, full(id="c9", family_name="Ali", notes="renumbered")),
     ]
