@@ -26,6 +26,7 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -49,7 +50,6 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     node TEXT NOT NULL,
     hub_url TEXT NOT NULL,
     token TEXT NOT NULL,
-    schema TEXT NOT NULL,
     cursor INTEGER NOT NULL DEFAULT 0,
     repull INTEGER NOT NULL DEFAULT 0,
     acked_seq INTEGER NOT NULL DEFAULT 0,
@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     last_pushed INTEGER,
     last_pulled INTEGER,
     last_conflicts INTEGER
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_schema (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    source TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_changes (
     seq INTEGER PRIMARY KEY,
@@ -176,13 +180,14 @@ def _guard(table: Table, strict: bool) -> str:
         elif not strict:  # a STRICT table refuses values of other types itself
             allowed = ", ".join(_lit(k) for k in (*kinds, "null"))
             refuse(f"typeof({ref}) NOT IN ({allowed})", f"takes {col.type} values")
-        if kinds != ("text",):
+        if kinds is None or "real" in kinds:  # the type checks keep inf out of the others
             refuse(f"{ref} IN (9e999, -9e999)", "cannot hold an infinite number")
-    sizes = " + ".join(
-        f"coalesce(length(CAST(NEW.{quote(c)} AS BLOB)), 0)" for c in table.column_names
-    )
+    # Numbers are small; only text (and untyped values) can be large.
+    large = [c for c in table.columns if _KINDS.get(c.type) in (None, ("text",))]
+    sizes = " + ".join(f"coalesce(length(CAST(NEW.{quote(c.name)} AS BLOB)), 0)" for c in large)
+    sizes = sizes or "0"
     cases.append(f"WHEN {sizes} <= {MAX_VALUE_BYTES} THEN NULL")
-    for col in table.columns:
+    for col in large:
         limit = MAX_VALUE_BYTES
         refuse(
             f"length(CAST(NEW.{quote(col.name)} AS BLOB)) > {limit}",
@@ -280,6 +285,11 @@ def _upgrade(conn: sqlite3.Connection, schema: Schema) -> None:
         return
     for statement in _STATE_TABLES.split(";"):
         conn.execute(statement)
+    # The schema moves out of the state row (which every captured write updates).
+    conn.execute(
+        "INSERT OR IGNORE INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
+    )
+    conn.execute("UPDATE _fieldsync_state SET schema = ''")
     for table in schema.tables.values():
         for sql in trigger_sql(table, _is_strict(conn, table.name)):
             name = sql.split(" ", 3)[2]
@@ -350,20 +360,23 @@ class NodeStore:
         if not self.path.exists():
             raise StoreError(f"{self.path} does not exist; create it with `fieldsync node init`")
         self.db = connect(self.path)
-        try:
-            row = self.db.conn.execute(
-                "SELECT node, hub_url, token, schema FROM _fieldsync_state"
-            ).fetchone()
-        except sqlite3.Error:
-            row = None
-        if row is None:
+        conn = self.db.conn
+        row = source = None
+        with contextlib.suppress(sqlite3.Error):
+            row = conn.execute("SELECT node, hub_url, token FROM _fieldsync_state").fetchone()
+        if row is not None:
+            try:  # kept apart from the state row, which every captured write updates
+                source = conn.execute("SELECT source FROM _fieldsync_schema").fetchone()
+            except sqlite3.Error:  # made by fieldsync 0.1
+                source = conn.execute("SELECT schema FROM _fieldsync_state").fetchone()
+        if row is None or source is None:
             self.db.conn.close()
             raise StoreError(
                 f"{self.path} is not a fieldsync office database; "
                 "create one with `fieldsync node init`"
             )
         self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
-        self.schema = Schema.from_toml(row[3], f"the schema stored in {self.path}")
+        self.schema = Schema.from_toml(source[0], f"the schema stored in {self.path}")
         if not self.db.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_rejected'"
         ).fetchone():
@@ -397,9 +410,12 @@ class NodeStore:
                     conn.execute(statement)
                 create_tables(conn, schema)
                 conn.execute(
-                    "INSERT INTO _fieldsync_state (id, node, hub_url, token, schema, created_at) "
-                    "VALUES (1, ?, ?, ?, ?, ?)",
-                    [node, hub_url.rstrip("/"), token, schema.source, _utcnow()],
+                    "INSERT INTO _fieldsync_state (id, node, hub_url, token, created_at) "
+                    "VALUES (1, ?, ?, ?, ?)",
+                    [node, hub_url.rstrip("/"), token, _utcnow()],
+                )
+                conn.execute(
+                    "INSERT INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
                 )
                 for table in schema.tables.values():
                     for sql in trigger_sql(table, _is_strict(conn, table.name)):

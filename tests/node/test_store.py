@@ -683,3 +683,35 @@ def test_write_helper_rolls_back_on_error(store: NodeStore) -> None:
         raise RuntimeError("boom")
     assert store.rows("cases") == []
     assert log(store) == []
+
+
+def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) -> None:
+    schema = Schema.load()
+    NodeStore.init(path, "astana", HUB_URL, "tok").close()
+    with plain(path) as conn:  # as 0.1 left it: schema in the state row, no rejected table
+        conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN schema TEXT NOT NULL DEFAULT ''")
+        conn.execute("UPDATE _fieldsync_state SET schema = ?", [schema.source])
+        conn.execute("DROP TABLE _fieldsync_schema")
+        conn.execute("DROP TABLE _fieldsync_rejected")
+        conn.execute("DROP TRIGGER _fieldsync_cases_insert")
+        conn.execute(  # 0.1 logged an insert with its values
+            "CREATE TRIGGER _fieldsync_cases_insert AFTER INSERT ON cases BEGIN "
+            "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
+            "VALUES ('cases', json_array(NEW.id), 'insert', 1, 1, "
+            "json_object('id', NEW.id, 'family_name', NEW.family_name)); END"
+        )
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('old', 'Queued before')")
+    store = NodeStore(path)
+    try:
+        assert store.schema.source == schema.source
+        with plain(path) as conn:
+            conn.execute("INSERT INTO cases (id, family_name) VALUES ('new', 'After')")
+        assert [c["values"] for c in log(store)] == [
+            {"id": "old", "family_name": "Queued before"},
+            None,
+        ]
+        assert [c.values["family_name"] for c in store.pending(10)] == ["Queued before", "After"]
+        assert store.rejected() == [] and store.status().rejected == 0
+    finally:
+        store.close()
+    NodeStore(path).close()  # opens again without upgrading twice
