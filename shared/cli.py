@@ -207,6 +207,40 @@ def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
         )
 
 
+@hub.command("export")
+@click.argument("table")
+@_hub_db
+@click.option("--format", "fmt", required=True, metavar="csv|json", help="csv or json.")
+@click.option(
+    "--office",
+    help="Only records whose latest change came from this office (hub: an admin's).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    default="-",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="The file to write (replaced only once complete); default or -: standard output.",
+)
+def hub_export(table: str, db_path: str, fmt: str, office: str | None, out_path: str) -> None:
+    """Write the consolidated records of TABLE as CSV or JSON, in key order.
+
+    Reads the hub database read-only, row by row: safe while the hub serves, and
+    fit for tables of millions of records.
+    """
+    from hub.export import export_rows, export_to_path
+
+    if out_path == "-":
+        stdout = getattr(sys.stdout, "buffer", sys.stdout)  # UTF-8 bytes, whatever the locale
+        export_rows(db_path, table, fmt.lower(), stdout, office)
+        stdout.flush()
+        return
+    count = export_to_path(db_path, table, fmt.lower(), out_path, office)
+    click.echo(
+        f"Exported {count} row{'' if count == 1 else 's'} of {table} to {out_path}", err=True
+    )
+
+
 def _show(value: Any, kind: str) -> str:
     if kind == "delete" and value is None:
         return "(delete)"

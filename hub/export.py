@@ -1,0 +1,318 @@
+"""
+Export the hub's consolidated records of one table as CSV or JSON, streamed.
+
+The export reads the real table the hub mirrors live records into (see
+:mod:`hub.store`), ordered by primary key, through its own read-only connection
+(``mode=ro``): in WAL mode a reader never blocks the serving hub's writes, and the
+export never writes. Rows are fetched in chunks and written as they come, so a table
+of millions of rows takes the memory of one chunk. The whole export reads one
+snapshot: records the hub commits meanwhile are not in it.
+
+CSV: a header row of the synced columns in table order, then one row per record
+(``csv`` module defaults: comma, ``"`` quoting where needed, CRLF line ends), UTF-8;
+NULL is an empty field (so is an empty text: JSON keeps them apart). JSON: an array
+written incrementally, one object per line, UTF-8 (``ensure_ascii=False``); numbers are
+numbers, REAL values exactly as Python's ``repr`` writes them, NULL is ``null``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO, cast
+
+from hub.store import SqliteHubStore
+from shared.errors import FieldsyncError
+from shared.schema import Schema, Table, quote
+
+FORMATS = ("csv", "json")
+CHUNK_ROWS = 1000
+# The office that issued the newest version stamp of a record (text form
+# ``<16 hex digits>-<office>``; the text sorts like the stamp).
+_LAST_OFFICE = "substr((SELECT max(value) FROM json_each(r.vers)), 18)"
+# Conflict resolutions made on the hub are stamped by this name.
+HUB_NAME = "hub"
+
+HubSource = str | os.PathLike[str] | sqlite3.Connection | SqliteHubStore
+
+
+def export_rows(
+    source: HubSource,
+    table: str,
+    fmt: str,
+    out: BinaryIO | TextIO,
+    office: str | None = None,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+) -> int:
+    """Write the live records of ``table`` to ``out`` as ``fmt`` (csv or json); return
+    how many records were written.
+
+    ``source`` is the hub database: a path, a :class:`SqliteHubStore` (its file is
+    opened again, read-only) or an open ``sqlite3`` connection (used as it is, never
+    written). ``out`` is a binary stream (UTF-8 is written) or a text stream.
+
+    ``office`` keeps only the records whose **newest version stamp** was issued by
+    that office. Of the stamps in the record's ``vers`` (one per column written, and
+    one for its existence once deleted or re-inserted), the latest names the office
+    whose change is the most recent one still visible in the record, whether that
+    change was applied as it was or merged with other offices' edits. (The ``origin``
+    column is only set for changes applied exactly, so it would miss merged ones; the
+    ``office`` column of the default schema is user data.) A change that lost every
+    conflict left no stamp, so it does not count. ``hub`` selects the records an
+    admin's conflict resolution wrote last. The filter joins the mirrored table with
+    ``_fieldsync_records`` through the latter's primary-key index, row by row in key
+    order: no sort, no temporary table, no scan of ``_fieldsync_records``.
+
+    Everything is checked before the first byte is written: an unknown table, office
+    or format raises :class:`FieldsyncError` naming the ones there are.
+    """
+    if fmt not in FORMATS:
+        raise FieldsyncError(f"unknown export format {fmt!r}; use csv or json")
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be at least 1")
+    with _reading(source) as conn:
+        schema = _hub_schema(conn, source)
+        spec = schema.table(table)
+        if office is not None:
+            _check_office(conn, office)
+        cursor = conn.execute(*export_query(spec, office))
+        chunks = _chunks(cursor, chunk_rows)
+        if fmt == "csv":
+            return _write_csv(spec, chunks, _Sink(out))
+        return _write_json(spec, chunks, _Sink(out))
+
+
+def export_query(table: Table, office: str | None = None) -> tuple[str, list[Any]]:
+    """The SELECT (and its parameters) that reads ``table``'s records in key order."""
+    columns = ", ".join(f"t.{quote(c)}" for c in table.column_names)
+    order = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    if office is None:
+        return f"SELECT {columns} FROM {quote(table.name)} AS t ORDER BY {order}", []
+    # CROSS JOIN keeps the mirrored table outside, read through its key index in key
+    # order; each record's state is then one lookup in the (tbl, pk) key of
+    # _fieldsync_records, whose pk is json_array() of the key columns (pk_key).
+    key = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    return (
+        f"SELECT {columns} FROM {quote(table.name)} AS t "
+        "CROSS JOIN _fieldsync_records AS r "
+        f"ON r.tbl = ? AND r.pk = json_array({key}) "
+        f"WHERE r.deleted = 0 AND {_LAST_OFFICE} = ? ORDER BY {order}",
+        [table.name, office],
+    )
+
+
+def export_to_path(
+    source: HubSource,
+    table: str,
+    fmt: str,
+    path: str | os.PathLike[str],
+    office: str | None = None,
+) -> int:
+    """:func:`export_rows` into the file ``path``, whole or not at all.
+
+    The rows go to a temporary file beside ``path`` (readable by its owner only: it
+    holds case data), which is synced and renamed over ``path`` once complete; if the
+    export fails, the temporary file is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    if fmt not in FORMATS:  # before any file is made
+        raise FieldsyncError(f"unknown export format {fmt!r}; use csv or json")
+    _refuse_database(source, target)
+    directory = target.parent
+    if not directory.is_dir():
+        raise FieldsyncError(f"cannot write {target}: directory {directory} does not exist")
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            count = export_rows(source, table, fmt, out, office)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where possible
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return count
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _reading(source: HubSource) -> Iterator[sqlite3.Connection]:
+    """A connection holding one read transaction (a snapshot) for the export."""
+    if isinstance(source, sqlite3.Connection):
+        began = not source.in_transaction
+        if began:
+            source.execute("BEGIN")
+        try:
+            yield source
+        finally:
+            if began and source.in_transaction:
+                source.execute("ROLLBACK")  # a read: nothing to keep
+        return
+    path = Path(source.path if isinstance(source, SqliteHubStore) else source)
+    if not path.is_file():
+        raise FieldsyncError(f"hub database {path} does not exist")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise FieldsyncError(f"cannot open hub database {path} to read: {exc}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("BEGIN")
+        yield conn
+    finally:
+        conn.close()
+
+
+def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:
+    """The schema stored in the hub database; raise if it is not a hub database."""
+    name = "the database" if isinstance(source, sqlite3.Connection) else str(_path(source))
+    try:
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        row = (
+            conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'schema'").fetchone()
+            if "_fieldsync_meta" in tables
+            else None
+        )
+    except sqlite3.Error as exc:
+        raise FieldsyncError(f"{name} is not a fieldsync hub database ({exc})") from None
+    if row is None:
+        if "_fieldsync_state" in tables:
+            raise FieldsyncError(f"{name} is an office database, not a hub database")
+        raise FieldsyncError(f"{name} is not a fieldsync hub database")
+    return Schema.from_toml(row[0], f"the schema stored in {name}")
+
+
+def _check_office(conn: sqlite3.Connection, office: str) -> None:
+    offices = [row[0] for row in conn.execute("SELECT name FROM _fieldsync_nodes ORDER BY name")]
+    if office not in offices and office != HUB_NAME:
+        known = ", ".join(offices) if offices else "none registered"
+        raise FieldsyncError(
+            f"unknown office {office!r}; offices are {known} "
+            f"(and {HUB_NAME}, for records an admin's conflict resolution wrote last)"
+        )
+
+
+def _chunks(cursor: sqlite3.Cursor, size: int) -> Iterator[list[Any]]:
+    while True:
+        rows = cursor.fetchmany(size)
+        if not rows:
+            return
+        yield rows
+
+
+def _path(source: HubSource) -> Path:
+    if isinstance(source, SqliteHubStore):
+        return source.path
+    if isinstance(source, sqlite3.Connection):
+        raise TypeError("a connection has no path")
+    return Path(source)
+
+
+def _refuse_database(source: HubSource, target: Path) -> None:
+    """Refuse to write the export over the hub database (or its WAL files)."""
+    if isinstance(source, sqlite3.Connection):
+        return
+    db = _path(source).resolve()
+    resolved = target.resolve()
+    for name in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        if resolved == name or (
+            resolved.exists() and name.exists() and os.path.samefile(resolved, name)
+        ):
+            raise FieldsyncError(f"cannot write the export to {target}: it is the hub database")
+
+
+# -- writing --------------------------------------------------------------------------
+
+
+class _Sink:
+    """Collects text and writes it to a binary (as UTF-8) or text stream, per chunk."""
+
+    def __init__(self, out: BinaryIO | TextIO) -> None:
+        self.parts: list[str] = []
+        self.write = self.parts.append  # what csv.writer calls
+        self._text = isinstance(out, io.TextIOBase)
+        self._out = out
+
+    def flush(self) -> None:
+        text = "".join(self.parts)
+        self.parts.clear()
+        if not text:
+            return
+        if self._text:
+            cast(TextIO, self._out).write(text)
+        else:
+            cast(BinaryIO, self._out).write(text.encode("utf-8"))
+
+
+def _write_csv(table: Table, chunks: Iterator[list[Any]], sink: _Sink) -> int:
+    writer = csv.writer(sink)
+    writer.writerow(table.column_names)
+    sink.flush()
+    count = 0
+    for rows in chunks:
+        writer.writerows(rows)  # None is written as an empty field
+        sink.flush()
+        count += len(rows)
+    return count
+
+
+def _write_json(table: Table, chunks: Iterator[list[Any]], sink: _Sink) -> int:
+    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=_no_blob).encode
+    names = table.column_names
+    sink.write("[")
+    count = 0
+    for rows in chunks:
+        try:
+            text = ",\n".join([encode(dict(zip(names, row, strict=True))) for row in rows])
+        except ValueError:
+            raise FieldsyncError(_not_finite(table, rows, count)) from None
+        sink.write(",\n" if count else "\n")
+        sink.write(text)
+        sink.flush()
+        count += len(rows)
+    sink.write("\n]\n")
+    sink.flush()
+    return count
+
+
+def _no_blob(value: Any) -> Any:
+    # The hub stores no BLOBs (schemas refuse them); another program wrote this one.
+    raise FieldsyncError(f"a record holds a {type(value).__name__} value, which JSON cannot hold")
+
+
+def _not_finite(table: Table, rows: Sequence[Sequence[Any]], before: int) -> str:
+    """Why a chunk cannot be JSON; names columns, never values (they are case data)."""
+    for number, row in enumerate(rows, before + 1):
+        bad = [
+            name
+            for name, value in zip(table.column_names, row, strict=True)
+            if isinstance(value, float) and not math.isfinite(value)
+        ]
+        if bad:
+            return (
+                f"record {number} of table {table.name} holds an infinite number in "
+                f"{', '.join(bad)}, which JSON cannot write (CSV can); the hub never "
+                "stores one, so another program wrote it"
+            )
+    return f"table {table.name} holds a value JSON cannot write"
