@@ -20,6 +20,7 @@ def connect(path: str | Path, *, synchronous: str = "NORMAL") -> sqlite_utils.Da
     try:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA cache_size = -32768")  # KiB: 32 MiB, for large syncs
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
     except sqlite3.Error as exc:
