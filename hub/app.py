@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -112,11 +112,22 @@ def create_app(
             raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise _TooLargeError(
+                        f"the request body is over the {max_body_bytes} byte limit"
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # A bad link: the office sends it again. Nothing was applied.
+            log.info(
+                "%s %s: the office went away before its request arrived whole",
+                request.method,
+                request.url.path,
+            )
+            raise ProtocolError("the request was cut off before it arrived whole") from None
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding == "gzip":

@@ -565,3 +565,28 @@ def test_insert_then_rename_before_a_sync_moves_the_whole_record(hub, make_offic
     assert [r["id"] for r in hub.store.rows("cases")] == ["c2"]
     assert case(almaty, "c2")["family_name"] == "Ali" and case(almaty, "c2")["household_size"] == 4
     assert hub.store.conflicts() == []
+
+
+def test_a_push_cut_off_mid_body_is_no_hub_error(hub, make_office, caplog):
+    import socket
+    from urllib.parse import urlsplit
+
+    astana = make_office("astana")
+    url = urlsplit(hub.url)
+    with caplog.at_level("INFO", logger="fieldsync.hub"):
+        sock = socket.create_connection((url.hostname, url.port), timeout=5)
+        sock.sendall(
+            b"POST /v1/push HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + astana.store.token.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+            + b'{"protocol": 2, "changes": ['
+        )
+        sock.close()  # the link drops mid-body
+        deadline = time.monotonic() + 5
+        while "arrived whole" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "went away before its request arrived whole" in caplog.text
+    assert "internal error" not in caplog.text and "Traceback" not in caplog.text
+    add_case(astana, "c1")
+    astana.sync()  # and the hub serves on
+    assert case(hub, "c1") is not None
