@@ -14,7 +14,6 @@ person can act on. The office is always the token's owner, never read from the b
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from typing import Any
@@ -26,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
 
 from hub.store import HubStore
@@ -38,7 +37,7 @@ from shared.errors import (
     HubRejectedError,
     ProtocolError,
 )
-from shared.protocol import PROTOCOL_VERSION, Change, check_version
+from shared.protocol import PROTOCOL_VERSION, Change, check_version, dumps, loads
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -59,6 +58,13 @@ ERROR_CODES = {
     "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
     "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,
 }
+
+
+class JSONResponse(StarletteJSONResponse):
+    """JSON answers rendered with orjson (compact, UTF-8)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
 
 
 class _TooLargeError(ProtocolError):
@@ -144,7 +150,7 @@ def create_app(
         elif encoding != "identity":
             raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip")
         try:
-            return json.loads(body)
+            return loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
 

@@ -35,7 +35,15 @@ from shared.errors import (
     InvalidChangeError,
 )
 from shared.merge import Conflict, Outcome, RecordState, merge
-from shared.protocol import Change, PullPage, PullRow, PushResult, Rejection
+from shared.protocol import (
+    Change,
+    PullPage,
+    PullRow,
+    PushResult,
+    Rejection,
+    dumps_text,
+    loads,
+)
 from shared.schema import EXISTS, Schema, Table, load_custom
 from shared.sqlite import connect, create_tables, put_rows, table_rows, write
 
@@ -109,7 +117,7 @@ CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (
 
 
 # One encoder, made once: json.dumps with options builds a new one on every call.
-_encode = json.JSONEncoder(ensure_ascii=False).encode
+_encode = dumps_text
 
 
 def hash_token(token: str) -> str:
@@ -605,9 +613,7 @@ class SqliteHubStore:
                     f"WHERE tbl = ? AND pk IN ({marks})",
                     [name, *chunk],
                 ):
-                    found[(name, pk)] = RecordState(
-                        json.loads(vals), json.loads(vers), bool(deleted)
-                    )
+                    found[(name, pk)] = RecordState(loads(vals), loads(vers), bool(deleted))
         return found
 
     def _write_records(
@@ -771,9 +777,9 @@ class SqliteHubStore:
     ) -> PullRow:
         values = None
         if not deleted:
-            stored = json.loads(vals)
+            stored = loads(vals)
             values = {c: stored.get(c) for c in table.column_names}
-        return PullRow(seq, table.name, pk, values, json.loads(vers))
+        return PullRow(seq, table.name, pk, values, loads(vers))
 
     # -- rejected changes -----------------------------------------------------
 

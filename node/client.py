@@ -10,7 +10,6 @@ answers become :class:`HubRejectedError` subclasses chosen by the JSON ``error``
 from __future__ import annotations
 
 import gzip
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from shared.errors import (
     HubUnavailableError,
     ProtocolError,
 )
-from shared.protocol import PROTOCOL_VERSION, Change, PullPage, PushResult
+from shared.protocol import PROTOCOL_VERSION, Change, PullPage, PushResult, dumps, loads
 
 # Every error code the hub answers with, and the exception it becomes here.
 ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
@@ -125,15 +124,13 @@ class HttpHubClient:
 
     def push(self, changes: Sequence[Change]) -> PushResult:
         """Send a batch of changes; return what the hub committed."""
-        body = json.dumps(
+        body = dumps(
             {
                 "protocol": PROTOCOL_VERSION,
                 **({"node": self.node} if self.node else {}),
                 "changes": [c.to_json() for c in changes],
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        ).encode("utf-8")
+            }
+        )
         action = f"push {len(changes)} change{'' if len(changes) == 1 else 's'} to"
         with _hub_errors(action, self.url):
             response = self._client.post(
@@ -185,7 +182,7 @@ class HttpHubClient:
 
     def _json(self, response: httpx.Response, action: str) -> Any:
         try:
-            return response.json()
+            return loads(response.content)
         except ValueError as exc:
             raise ProtocolError(
                 f"cannot {action} {self.url}: the answer is not JSON; is this a fieldsync hub?"

@@ -37,7 +37,7 @@ from typing import Any
 
 from shared.clock import Timestamp, are_stamps, check_node_name, wall_ms
 from shared.errors import InvalidChangeError, ProtocolError, StoreError
-from shared.protocol import Change, PullPage, Rejection
+from shared.protocol import Change, PullPage, Rejection, dumps_text, loads
 from shared.schema import EXISTS, Schema, Table, quote
 from shared.sqlite import connect, create_tables, put_rows, table_rows, write
 
@@ -113,7 +113,7 @@ _TRIGGER = (
 
 
 # One encoder, made once: json.dumps with options builds a new one on every call.
-_encode = json.JSONEncoder(ensure_ascii=False).encode
+_encode = dumps_text
 
 
 def _lit(text: str) -> str:
@@ -483,7 +483,7 @@ class NodeStore:
                 if op == "delete":
                     values = None
                 elif raw is not None:
-                    values = json.loads(raw.decode("utf-8"))
+                    values = loads(raw)
                 elif seq in inserted:
                     values = inserted[seq]
                 else:  # deleted since: as it was when deleted
@@ -737,7 +737,7 @@ class NodeStore:
                     f"SELECT pk, vers FROM _fieldsync_versions WHERE tbl = ? AND pk IN ({marks})",
                     [tbl, *chunk],
                 ):
-                    found[(tbl, key)] = json.loads(vers)
+                    found[(tbl, key)] = loads(vers)
         return found
 
     def _save_versions(

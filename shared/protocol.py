@@ -18,10 +18,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from shared.clock import Timestamp
 from shared.errors import ProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION = 2
+
+
+def dumps(data: Any) -> bytes:
+    """JSON as UTF-8 bytes, compact (orjson: about ten times json.dumps' speed).
+
+    Floats are written as Python's repr writes them, so they read back exactly.
+    """
+    return orjson.dumps(data)
+
+
+def dumps_text(data: Any) -> str:
+    """:func:`dumps`, as text (for SQLite TEXT columns)."""
+    return orjson.dumps(data).decode("utf-8")
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; raise ValueError (orjson.JSONDecodeError) if it is not valid."""
+    return orjson.loads(data)
+
+
 OPS = ("insert", "update", "delete")
 
 
