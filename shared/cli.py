@@ -333,13 +333,15 @@ def node_init(db_path: str, name: str, hub_url: str, token: str, schema_path: st
         click.echo(f"{pending} existing rows will be pushed on the first sync.")
 
 
-def _agent(db_path: str, batch_size: int = 1000) -> Any:
+def _agent(db_path: str, batch_size: int | None = None) -> Any:
     from node.agent import SyncAgent
     from node.client import HttpHubClient
     from node.store import NodeStore
 
     store = NodeStore(db_path)
     client = HttpHubClient(store.hub_url, store.token, node=store.node)
+    if batch_size is None:
+        return SyncAgent(store, client)
     return SyncAgent(store, client, batch_size=batch_size)
 
 
@@ -348,7 +350,13 @@ _node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay
 
 @node.command("sync")
 @_node_db
-@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 10000))
+@click.option(
+    "--batch-size",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1, 10000),
+    help="Changes per push request; less on a very slow or often-cut link.",
+)
 @click.option(
     "--progress/--no-progress",
     default=None,

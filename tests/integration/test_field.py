@@ -269,7 +269,9 @@ def test_node_sync_shows_a_progress_bar(hub, make_office):
     # Elsewhere (a log file), only when asked for, one line per step.
     for i in range(2500, 3700):
         add_case(astana, f"c{i}")
-    logged = CliRunner().invoke(cli, ["node", "sync", str(astana.path), "--progress"])
+    logged = CliRunner().invoke(
+        cli, ["node", "sync", str(astana.path), "--progress", "--batch-size", "1000"]
+    )
     assert logged.exit_code == 0, logged.output
     assert "Pushing changes: 1000/1200\nPushing changes: 1200/1200" in logged.stderr
     quiet = CliRunner().invoke(cli, ["node", "sync", str(astana.path)])
