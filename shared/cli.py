@@ -377,8 +377,9 @@ def node_sync(db_path: str, batch_size: int, progress: bool | None) -> None:
     click.echo(f"Synced {agent.store.node}: {report.summary()}")
     if report.rejected:
         click.echo(
-            f"The hub rejected {report.rejected} change{'' if report.rejected == 1 else 's'}; "
-            f"they are kept: see `fieldsync node rejected {db_path}`",
+            f"The hub rejected {report.rejected} change"
+            + (" (it is" if report.rejected == 1 else "s (they are")
+            + f" kept here): see `fieldsync node rejected {db_path}`",
             err=True,
         )
 
