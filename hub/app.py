@@ -305,9 +305,13 @@ OPENAPI: dict[str, Any] = {
                     }
                 },
                 "responses": {
-                    "200": {"description": "committed: acked, applied, conflicts, hub_time_ms"},
+                    "200": {
+                        "description": "committed: acked (rejected changes included), "
+                        "applied, conflicts, rejected (seq, reason, record), hub_time_ms"
+                    },
                     "4XX": {
-                        "description": "refused; nothing applied",
+                        "description": "refused; nothing applied (422 clock_skew: what came "
+                        "before the first change stamped too far ahead is, as acked says)",
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
                         },
@@ -332,8 +336,16 @@ OPENAPI: dict[str, Any] = {
                         "this office (to rebuild its copy)",
                         "schema": {"type": "integer", "enum": [0, 1]},
                     },
+                    {
+                        "name": "count",
+                        "in": "query",
+                        "description": "1: say how many records are left (for a progress bar)",
+                        "schema": {"type": "integer", "enum": [0, 1]},
+                    },
                 ],
-                "responses": {"200": {"description": "rows, cursor, more, hub_time_ms"}},
+                "responses": {
+                    "200": {"description": "rows, cursor, more, hub_time_ms, acked, remaining"}
+                },
             }
         },
     },
