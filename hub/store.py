@@ -116,10 +116,6 @@ CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (
 """
 
 
-# One encoder, made once: json.dumps with options builds a new one on every call.
-_encode = dumps_text
-
-
 def hash_token(token: str) -> str:
     """The form a token is stored in: its SHA-256, hex."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -632,8 +628,8 @@ class SqliteHubStore:
                     seq,
                     origin,
                     int(state.deleted),
-                    _encode(state.values),
-                    _encode(state.versions),
+                    dumps_text(state.values),
+                    dumps_text(state.versions),
                 )
             )
             mirrored.setdefault(table.name, []).append(
@@ -691,13 +687,7 @@ class SqliteHubStore:
         )
 
     def _load(self, conn: sqlite3.Connection, table: str, pk: str) -> RecordState | None:
-        row = conn.execute(
-            "SELECT vals, vers, deleted FROM _fieldsync_records WHERE tbl = ? AND pk = ?",
-            [table, pk],
-        ).fetchone()
-        if row is None:
-            return None
-        return RecordState(json.loads(row[0]), json.loads(row[1]), bool(row[2]))
+        return self._load_many(conn, [(table, pk)]).get((table, pk))
 
     def _conflict_row(
         self, table: str, key: str, conflict: Conflict, state: RecordState

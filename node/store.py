@@ -112,10 +112,6 @@ _TRIGGER = (
 )
 
 
-# One encoder, made once: json.dumps with options builds a new one on every call.
-_encode = dumps_text
-
-
 def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -746,7 +742,7 @@ class NodeStore:
         conn.executemany(
             "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
             "ON CONFLICT (tbl, pk) DO UPDATE SET vers = excluded.vers",
-            [(tbl, key, _encode(vers)) for (tbl, key), vers in versions.items()],
+            [(tbl, key, dumps_text(vers)) for (tbl, key), vers in versions.items()],
         )
 
     def last_seq(self) -> int:
