@@ -725,7 +725,7 @@ class SqliteHubStore:
         """Records changed after ``cursor``, except those ``node`` already has.
 
         ``include_own`` sends those too: for an office rebuilding its copy. ``count``
-        adds how many records changed after the cursor (the office's own included).
+        adds how many records the office has left to pull.
         """
         # IMMEDIATE: the read and the last-pull note are one consistent snapshot.
         with self._lock, write(self.db) as conn:
@@ -750,7 +750,9 @@ class SqliteHubStore:
             remaining = None
             if count:
                 remaining = conn.execute(
-                    "SELECT count(*) FROM _fieldsync_records WHERE seq > ?", [cursor]
+                    "SELECT count(*) FROM _fieldsync_records "
+                    "WHERE seq > ? AND (origin IS NULL OR origin != ?)",
+                    [cursor, "" if include_own else node],
                 ).fetchone()[0]
         more = len(rows) > limit
         rows = rows[:limit]

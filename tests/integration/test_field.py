@@ -274,5 +274,7 @@ def test_node_sync_shows_a_progress_bar(hub, make_office):
     )
     assert logged.exit_code == 0, logged.output
     assert "Pushing changes: 1000/1200\nPushing changes: 1200/1200" in logged.stderr
+    # its own records are not pulled back, nor counted as left to pull
+    assert "Pulling records: 0/0" in logged.stderr
     quiet = CliRunner().invoke(cli, ["node", "sync", str(astana.path)])
     assert "Pushing" not in quiet.stderr and "Synced astana" in quiet.output
