@@ -6,6 +6,7 @@ Routes (protocol v1):
 - ``GET  /v1/health``   liveness, no token needed
 - ``POST /v1/push``     a batch of an office's changes (bearer token; gzip body welcome)
 - ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
+- ``POST /v1/status``   the office's state and its recent syncs, after each sync
 - ``GET  /v1/openapi.json``
 
 Every error is JSON, ``{"error": CODE, "detail": MESSAGE}``, with a message a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from datetime import timedelta
 from typing import Any
 
 from starlette import status
@@ -28,6 +30,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
 
+from hub.admin import admin_routes
+from hub.dashboard import dashboard_routes
 from hub.store import HubStore
 from shared import __version__
 from shared.clock import now_ms
@@ -37,7 +41,14 @@ from shared.errors import (
     HubRejectedError,
     ProtocolError,
 )
-from shared.protocol import PROTOCOL_VERSION, Change, check_version, dumps, loads
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Change,
+    StatusReport,
+    check_version,
+    dumps,
+    loads,
+)
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -54,6 +65,7 @@ ERROR_CODES = {
     "not_found": status.HTTP_404_NOT_FOUND,
     "method_not_allowed": status.HTTP_405_METHOD_NOT_ALLOWED,
     "diverged": status.HTTP_409_CONFLICT,
+    "refused": status.HTTP_409_CONFLICT,
     "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
     "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
     "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -86,8 +98,13 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
+    stale_after: timedelta | None = None,
 ) -> Starlette:
-    """Build the hub application around ``store``."""
+    """Build the hub application around ``store``.
+
+    ``stale_after``: how long without a successful sync makes an office stale (by
+    default three of its sync intervals).
+    """
 
     def authenticate(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -99,7 +116,9 @@ def create_app(
                 "unauthorized",
                 401,
             )
-        return store.authenticate(token.strip())
+        node = store.authenticate(token.strip())
+        request.state.node = node  # for the office's status: see fieldsync_error
+        return node
 
     def check_claim(node: str, claimed: Any) -> None:
         # The token decides who the office is; a different claim means a mix-up of
@@ -209,10 +228,24 @@ def create_app(
         )
         return JSONResponse(page.to_json())
 
+    async def report_status(request: Request) -> JSONResponse:
+        node = await run_in_threadpool(authenticate, request)
+        data = await read_json(request)
+        check_claim(node, data.get("node") if isinstance(data, dict) else None)
+        report = StatusReport.from_json(data)
+        await run_in_threadpool(store.record_status, node, report)
+        return JSONResponse({"status": "ok", "hub_time_ms": now_ms()})
+
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(OPENAPI)
 
     async def fieldsync_error(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, HubRejectedError | ProtocolError):
+            node = getattr(request.state, "node", None)
+            code = exc.code
+            if node is not None and code != "unauthorized":
+                # Admins see why an office's syncs fail, even when it cannot report.
+                await run_in_threadpool(store.note_error, node, code, str(exc))
         if isinstance(exc, HubRejectedError):
             return _error(exc.code, str(exc), exc.status, exc.details)
         if isinstance(exc, ProtocolError):
@@ -237,9 +270,12 @@ def create_app(
 
     return Starlette(
         routes=[
+            *admin_routes(store, stale_after=stale_after),
+            *dashboard_routes(store, stale_after=stale_after),
             Route("/v1/health", health),
             Route("/v1/push", push, methods=["POST"]),
             Route("/v1/pull", pull),
+            Route("/v1/status", report_status, methods=["POST"]),
             Route("/v1/openapi.json", openapi),
         ],
         # Level 3: a tenth of level 9's CPU for about 20% more bytes (see README).

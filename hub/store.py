@@ -14,7 +14,6 @@ not sent back to X.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -22,10 +21,21 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from hub import report
+from hub.monitor import (
+    MONITOR_TABLES,
+    MonitorStore,
+    OfficeStatus,
+    count_pull,
+    count_push,
+    hash_token,
+    stamp_time,
+    utcnow,
+)
 from shared.clock import HybridClock, Timestamp, check_node_name, now_ms
 from shared.errors import (
     AuthError,
@@ -41,6 +51,7 @@ from shared.protocol import (
     PullRow,
     PushResult,
     Rejection,
+    StatusReport,
     dumps_text,
     loads,
 )
@@ -116,15 +127,6 @@ CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (
 """
 
 
-def hash_token(token: str) -> str:
-    """The form a token is stored in: its SHA-256, hex."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 @dataclass(frozen=True, slots=True)
 class ConflictRecord:
     """One entry of the hub's conflict log, as admins see it."""
@@ -160,13 +162,13 @@ class ConflictRecord:
                 "value": self.kept_value,
                 "office": self.kept_node,
                 "version": self.kept_version,
-                "time": _version_time(self.kept_version),
+                "time": stamp_time(self.kept_version),
             },
             "other": {
                 "value": self.other_value,
                 "office": self.other_node,
                 "version": self.other_version,
-                "time": _version_time(self.other_version),
+                "time": stamp_time(self.other_version),
             },
             **({"merged": self.merged} if self.kind == "custom" else {}),
             "status": self.status,
@@ -220,18 +222,11 @@ def _check_unchanged(conflict_id: int, record: ConflictRecord, current: RecordSt
             else max(current.versions.values(), default=None)
         )
         stamp = Timestamp.parse(latest) if latest else None
-        since = f"{stamp.node} changed it at {_version_time(latest)}" if stamp else "it changed"
+        since = f"{stamp.node} changed it at {stamp_time(latest)}" if stamp else "it changed"
     raise FieldsyncError(
         f"conflict {conflict_id}: the record changed after the conflict was logged "
         f"({since}); check it, then resolve again with --force to apply anyway"
     )
-
-
-def _version_time(version: str | None) -> str | None:
-    if not version:
-        return None
-    ms = Timestamp.parse(version).wall_ms
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 class HubStore(Protocol):
@@ -265,8 +260,43 @@ class HubStore(Protocol):
 
     def close(self) -> None: ...
 
+    # -- admins, office status and history (see hub/monitor.py) ---------------
 
-class SqliteHubStore:
+    def add_admin(self, name: str) -> str: ...
+
+    def admins(self) -> list[str]: ...
+
+    def authenticate_admin(self, token: str) -> str: ...
+
+    def start_session(self, admin: str) -> tuple[str, str]: ...
+
+    def session(self, token: str) -> tuple[str, str] | None: ...
+
+    def end_session(self, token: str) -> None: ...
+
+    def record_status(self, node: str, report: StatusReport) -> None: ...
+
+    def note_error(self, node: str, code: str, detail: str) -> None: ...
+
+    def offices(
+        self, *, stale_after: timedelta | None = None, now: datetime | None = None
+    ) -> list[OfficeStatus]: ...
+
+    def office(
+        self,
+        name: str,
+        *,
+        stale_after: timedelta | None = None,
+        now: datetime | None = None,
+        events: int = 50,
+    ) -> OfficeStatus: ...
+
+    def record_history(self, table: str, pk: Sequence[Any]) -> list[dict[str, Any]]: ...
+
+    def figures(self) -> dict[str, Any]: ...
+
+
+class SqliteHubStore(MonitorStore):
     """Hub storage in one SQLite file (WAL, synchronous=FULL: an ack means durable)."""
 
     def __init__(
@@ -292,7 +322,7 @@ class SqliteHubStore:
         self.max_future_ms = max_future_ms
         self.clock = HybridClock("hub", now)
         with self._lock, write(self.db) as conn:
-            for statement in _HUB_TABLES.split(";"):
+            for statement in (_HUB_TABLES + MONITOR_TABLES).split(";"):
                 if statement.strip():
                     conn.execute(statement)
             stored = conn.execute(
@@ -338,7 +368,7 @@ class SqliteHubStore:
                 raise FieldsyncError(f"office {name!r} is already registered")
             conn.execute(
                 "INSERT INTO _fieldsync_nodes (name, token_hash, created_at) VALUES (?, ?, ?)",
-                [name, hash_token(token), _utcnow()],
+                [name, hash_token(token), utcnow()],
             )
         return token
 
@@ -358,6 +388,12 @@ class SqliteHubStore:
                 "SELECT name, revoked_at FROM _fieldsync_nodes WHERE token_hash = ?",
                 [hash_token(token)],
             ).fetchone()
+        if row is None and self.is_admin_token(token):
+            raise AuthError(
+                "an admin token cannot push or pull; the office syncs with its own token",
+                "forbidden",
+                403,
+            )
         if row is None or row[1] is not None:
             raise AuthError("unknown or revoked token", "unauthorized", 401)
         return str(row[0])
@@ -429,6 +465,7 @@ class SqliteHubStore:
         dirty: dict[tuple[str, str], _Write] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[str, int, int]] = []
+        history: list[tuple[str, str, int, str, str, str, str | None]] = []
         rejected: list[tuple[Change, str]] = []
         applied = conflicts = 0
         skew: ClockSkewError | None = None
@@ -478,6 +515,17 @@ class SqliteHubStore:
             else:
                 conflict_rows.extend(found)
             dirty[ref] = (table, key, change.pk, outcome.state, seq, origin)
+            history.append(
+                (
+                    table.name,
+                    key,
+                    seq,
+                    node,
+                    str(change.ts),
+                    change.op,
+                    None if change.values is None else dumps_text(change.values),
+                )
+            )
             conflicts += len(found)
             applied += 1
             acked = change.seq
@@ -489,7 +537,9 @@ class SqliteHubStore:
         conn.executemany(
             "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)", new_receipts
         )
-        now = _utcnow()
+        now = utcnow()
+        _write_history(conn, history, now)
+        count_push(conn, node, applied)
         conn.executemany(
             "INSERT OR IGNORE INTO _fieldsync_rejected (node, seq, tbl, pk, op, reason, "
             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -693,7 +743,7 @@ class SqliteHubStore:
         self, table: str, key: str, conflict: Conflict, state: RecordState
     ) -> list[Any]:
         return [
-            _utcnow(),
+            utcnow(),
             table,
             key,
             conflict.kind,
@@ -742,11 +792,13 @@ class SqliteHubStore:
             ).fetchall()
             conn.execute(
                 "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
-                [_utcnow(), _utcnow(), node],
+                [utcnow(), utcnow(), node],
             )
             acked = conn.execute(
                 "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
             ).fetchone()[0]
+            served = rows[:limit]
+            count_pull(conn, node, len(served), served[-1][2] if len(rows) > limit else last)
             remaining = None
             if count:
                 remaining = conn.execute(
@@ -934,16 +986,49 @@ class SqliteHubStore:
                 seq = self._last_seq(conn) + 1
                 self._write_records(conn, [(table, key, record.pk, state, seq, None)])
                 self._save_meta(conn, seq)
+                change = {"deleted": True} if state.deleted else chosen
+                _write_history(
+                    conn, [(table.name, key, seq, f"admin {by}", ts, "resolve", dumps_text(change))]
+                )
             resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
             conn.execute(
                 "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
                 "resolved_at = ?, resolution = ? WHERE id = ?",
-                [by, _utcnow(), json.dumps(resolution, ensure_ascii=False), conflict_id],
+                [by, utcnow(), json.dumps(resolution, ensure_ascii=False), conflict_id],
             )
 
     # -- consolidated data ----------------------------------------------------
+
+    def record_history(self, table: str, pk: Sequence[Any]) -> list[dict[str, Any]]:
+        """Every version of one record the hub took, oldest first: who, when, what."""
+        found = self.schema.table(table)
+        if len(pk) != len(found.primary_key):
+            raise InvalidChangeError(
+                f"the key of {table} has {len(found.primary_key)} part(s): "
+                f"{', '.join(found.primary_key)}"
+            )
+        return self._history(table, found.pk_key(dict(zip(found.primary_key, pk, strict=True))))
+
+    def figures(self) -> dict[str, Any]:
+        """Consolidated figures for headquarters (see hub/report.py)."""
+        with self._lock:
+            return report.figures(self.db.conn, self.schema)
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every live record of ``table``, ordered by primary key."""
         with self._lock:
             return table_rows(self.db.conn, self.schema.table(table))
+
+
+def _write_history(
+    conn: sqlite3.Connection,
+    rows: Sequence[tuple[str, str, int, str, str, str, str | None]],
+    at: str | None = None,
+) -> None:
+    """Keep each version a record went through: table, key, hub seq, who, stamp, op, values."""
+    at = at or utcnow()
+    conn.executemany(
+        "INSERT INTO _fieldsync_history (tbl, pk, seq, actor, ts, op, vals, at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*row, at) for row in rows],
+    )

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from filelock import FileLock, Timeout
@@ -31,6 +31,7 @@ from shared.errors import (
     HubRejectedError,
     HubUnavailableError,
     StoreError,
+    error_code,
 )
 from shared.protocol import PullPage
 
@@ -95,6 +96,7 @@ class SyncAgent:
         self.batch_size = batch_size
         self.page_size = page_size
         self._now = now
+        self.interval_seconds: float | None = None  # set by run(), reported to the hub
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
 
@@ -118,32 +120,59 @@ class SyncAgent:
             detail = str(exc).split(" with text ", 1)[0]
             error = StoreError(f"cannot sync {self.store.path}: local database error: {detail}")
             with contextlib.suppress(sqlite3.Error):
-                self.store.record_sync(pushed=0, pulled=0, conflicts=0, error=str(error))
+                self.store.record_sync(
+                    pushed=0, pulled=0, conflicts=0, error=str(error), error_code=error_code(error)
+                )
             raise error from exc
         finally:
             self._lock.release()
 
     def _sync(self, progress: Progress) -> SyncReport:
         started = time.monotonic()
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        sent, received = self.client.traffic()
         report = SyncReport()
+
+        def record(error: FieldsyncError | None = None) -> None:
+            report.seconds = time.monotonic() - started
+            now_sent, now_received = self.client.traffic()
+            self.store.record_sync(
+                pushed=report.pushed,
+                pulled=report.pulled,
+                conflicts=report.conflicts,
+                rejected=report.rejected,
+                error=None if error is None else str(error),
+                error_code=None if error is None else error_code(error),
+                started_at=started_at,
+                seconds=report.seconds,
+                bytes_sent=now_sent - sent,
+                bytes_received=now_received - received,
+            )
+
         try:
             self._correct_clock()
             self._push_all(report, progress)
             self._pull_all(report, progress)
         except FieldsyncError as exc:
-            report.seconds = time.monotonic() - started
-            self.store.record_sync(
-                pushed=report.pushed,
-                pulled=report.pulled,
-                conflicts=report.conflicts,
-                error=str(exc),
-            )
+            record(exc)
+            if not isinstance(exc, HubUnavailableError):
+                self._report_status()
             raise
-        report.seconds = time.monotonic() - started
-        self.store.record_sync(
-            pushed=report.pushed, pulled=report.pulled, conflicts=report.conflicts
-        )
+        record()
+        self._report_status()
         return report
+
+    def _report_status(self) -> None:
+        """Tell the hub how this office is, with the syncs it has not heard of yet.
+
+        Best effort: a report that does not arrive is sent with the next one.
+        """
+        try:
+            report = self.store.status_report(self.interval_seconds)
+            if self.client.report_status(report) and report.events:
+                self.store.mark_reported(report.events[-1].id)
+        except FieldsyncError as exc:
+            log.debug("could not report this office's status to the hub: %s", exc)
 
     def _correct_clock(self) -> None:
         """Learn the clock's error from the hub and, if it changed, re-stamp queued work.
@@ -330,6 +359,7 @@ class SyncAgent:
         this returns.
         """
         stop = stop or threading.Event()
+        self.interval_seconds = interval_seconds
         jitter = interval_seconds / 10 if jitter_seconds is None else jitter_seconds
         scheduler = BackgroundScheduler()
         failures = 0

@@ -10,6 +10,7 @@ answers become :class:`HubRejectedError` subclasses chosen by the JSON ``error``
 from __future__ import annotations
 
 import gzip
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -25,7 +26,15 @@ from shared.errors import (
     HubUnavailableError,
     ProtocolError,
 )
-from shared.protocol import PROTOCOL_VERSION, Change, PullPage, PushResult, dumps, loads
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Change,
+    PullPage,
+    PushResult,
+    StatusReport,
+    dumps,
+    loads,
+)
 
 # Every error code the hub answers with, and the exception it becomes here.
 ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
@@ -39,6 +48,7 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
     "forbidden": AuthError,
     "clock_skew": ClockSkewError,
     "diverged": DivergedError,
+    "refused": HubRejectedError,
 }
 
 
@@ -52,6 +62,10 @@ class HubClient(Protocol):
     ) -> PullPage: ...
 
     def hub_time(self) -> int: ...
+
+    def report_status(self, report: StatusReport) -> bool: ...
+
+    def traffic(self) -> tuple[int, int]: ...
 
     def close(self) -> None: ...
 
@@ -108,6 +122,9 @@ class HttpHubClient:
         # The office this client speaks for; the hub refuses a token of another office.
         self.node = node
         self._client = client or httpx.Client(timeout=timeout_seconds)
+        self.bytes_sent = 0  # request and answer bodies, as on the wire
+        self.bytes_received = 0
+        self._traffic_lock = threading.Lock()
         self._headers = {
             "Authorization": f"Bearer {token}",
             "User-Agent": f"fieldsync/{__version__}",
@@ -132,16 +149,18 @@ class HttpHubClient:
             }
         )
         action = f"push {len(changes)} change{'' if len(changes) == 1 else 's'} to"
+        content = gzip.compress(body, compresslevel=3)
         with _hub_errors(action, self.url):
             response = self._client.post(
                 f"{self.url}/v1/push",
-                content=gzip.compress(body, compresslevel=3),
+                content=content,
                 headers={
                     **self._headers,
                     "Content-Type": "application/json",
                     "Content-Encoding": "gzip",
                 },
             )
+        self._count(response, len(content))
         _raise_for_status(response, action, self.url)
         return PushResult.from_json(self._json(response, action))
 
@@ -166,6 +185,7 @@ class HttpHubClient:
                 },
                 headers=self._headers,
             )
+        self._count(response, 0)
         _raise_for_status(response, action, self.url)
         return PullPage.from_json(self._json(response, action))
 
@@ -179,6 +199,35 @@ class HttpHubClient:
         if type(value) is not int:
             raise ProtocolError(f"cannot {action} {self.url}: its health check has no hub time")
         return value
+
+    def report_status(self, report: StatusReport) -> bool:
+        """Tell the hub how this office is; False if the hub is too old to listen."""
+        action = "report to"
+        content = gzip.compress(dumps(report.to_json()), compresslevel=3)
+        with _hub_errors(action, self.url):
+            response = self._client.post(
+                f"{self.url}/v1/status",
+                content=content,
+                headers={
+                    **self._headers,
+                    "Content-Type": "application/json",
+                    "Content-Encoding": "gzip",
+                },
+            )
+        self._count(response, len(content))
+        if response.status_code == 404:
+            return False
+        _raise_for_status(response, action, self.url)
+        return True
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes of request and answer bodies so far, as sent on the wire."""
+        return self.bytes_sent, self.bytes_received
+
+    def _count(self, response: httpx.Response, sent: int) -> None:
+        with self._traffic_lock:  # a pull page may be fetched ahead, in another thread
+            self.bytes_sent += sent
+            self.bytes_received += response.num_bytes_downloaded
 
     def _json(self, response: httpx.Response, action: str) -> Any:
         try:

@@ -27,17 +27,28 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shared import __version__
 from shared.clock import Timestamp, are_stamps, check_node_name, wall_ms
 from shared.errors import InvalidChangeError, ProtocolError, StoreError
-from shared.protocol import Change, PullPage, Rejection, dumps_text, loads
+from shared.protocol import (
+    MAX_EVENTS_PER_REPORT,
+    Change,
+    PullPage,
+    Rejection,
+    StatusReport,
+    SyncEvent,
+    dumps_text,
+    loads,
+)
 from shared.schema import EXISTS, Schema, Table, quote
 from shared.sqlite import connect, create_tables, put_rows, table_rows, write
 
@@ -92,6 +103,26 @@ CREATE TABLE IF NOT EXISTS _fieldsync_versions (
     PRIMARY KEY (tbl, pk)
 ) WITHOUT ROWID
 """
+
+# One row per sync, for the hub's history of this office (sent with the next report).
+_SYNC_LOG = """
+CREATE TABLE IF NOT EXISTS _fieldsync_sync_log (
+    id INTEGER PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    pushed INTEGER NOT NULL,
+    pulled INTEGER NOT NULL,
+    conflicts INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    bytes_sent INTEGER NOT NULL,
+    bytes_received INTEGER NOT NULL,
+    error TEXT,
+    error_code TEXT,
+    reported INTEGER NOT NULL DEFAULT 0
+)
+"""
+SYNC_LOG_KEPT = 200
 
 # The hybrid logical clock, in SQL (see shared/clock.py).
 _TICK = (
@@ -374,10 +405,11 @@ class NodeStore:
         self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
         self.schema = Schema.from_toml(source[0], f"the schema stored in {self.path}")
         if not self.db.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_rejected'"
+            "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_sync_log'"
         ).fetchone():
             with write(self.db) as conn:
                 _upgrade(conn, self.schema)
+                conn.execute(_SYNC_LOG)
 
     @classmethod
     def init(
@@ -404,6 +436,7 @@ class NodeStore:
                     raise StoreError(f"{path} is already a fieldsync office database")
                 for statement in _STATE_TABLES.split(";"):
                     conn.execute(statement)
+                conn.execute(_SYNC_LOG)
                 create_tables(conn, schema)
                 conn.execute(
                     "INSERT INTO _fieldsync_state (id, node, hub_url, token, created_at) "
@@ -891,9 +924,20 @@ class NodeStore:
             conn.execute("UPDATE _fieldsync_state SET offset_ms = ?", [offset_ms])
 
     def record_sync(
-        self, *, pushed: int, pulled: int, conflicts: int, error: str | None = None
+        self,
+        *,
+        pushed: int,
+        pulled: int,
+        conflicts: int,
+        error: str | None = None,
+        error_code: str | None = None,
+        rejected: int = 0,
+        started_at: str | None = None,
+        seconds: float = 0.0,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
     ) -> None:
-        """Remember the outcome of a sync for `node status`."""
+        """Remember the outcome of a sync for `node status` and the hub's history."""
         now = _utcnow()
         with write(self.db) as conn:
             if error is None:
@@ -908,6 +952,74 @@ class NodeStore:
                     "last_error_at = ?",
                     [now, error, now],
                 )
+            conn.execute(
+                "INSERT INTO _fieldsync_sync_log (started_at, seconds, outcome, pushed, pulled, "
+                "conflicts, rejected, bytes_sent, bytes_received, error, error_code) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    started_at or now,
+                    seconds,
+                    "ok" if error is None else "error",
+                    pushed,
+                    pulled,
+                    conflicts,
+                    rejected,
+                    bytes_sent,
+                    bytes_received,
+                    error,
+                    error_code,
+                ],
+            )
+            conn.execute(
+                "DELETE FROM _fieldsync_sync_log WHERE id <= (SELECT max(id) FROM "
+                "_fieldsync_sync_log) - ?",
+                [SYNC_LOG_KEPT],
+            )
+
+    def status_report(self, interval_seconds: float | None = None) -> StatusReport:
+        """What to tell the hub about this office: its state and unreported syncs."""
+        status = self.status()
+        state = self.db.conn.execute("SELECT last_error_at FROM _fieldsync_state").fetchone()
+        events = [
+            SyncEvent(*row)
+            for row in self.db.conn.execute(
+                "SELECT id, started_at, seconds, outcome, pushed, pulled, conflicts, rejected, "
+                "bytes_sent, bytes_received, error, error_code FROM ("
+                "SELECT * FROM _fieldsync_sync_log WHERE reported = 0 ORDER BY id DESC LIMIT ?"
+                ") ORDER BY id",
+                [MAX_EVENTS_PER_REPORT],
+            )
+        ]
+        last_code = None
+        if status.last_error is not None:
+            row = self.db.conn.execute(
+                "SELECT error_code FROM _fieldsync_sync_log WHERE outcome = 'error' "
+                "ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            last_code = row[0] if row else None
+        # Times in the hub's clock: this office's may be wrong by hours or years.
+        offset = status.clock_offset_ms
+        events = [dataclasses.replace(e, started_at=_shifted(e.started_at, offset)) for e in events]
+        return StatusReport(
+            pending=status.pending,
+            oldest_pending_at=status.oldest_pending_at,
+            rejected=status.rejected,
+            clock_offset_ms=status.clock_offset_ms,
+            version=__version__,
+            interval_seconds=interval_seconds,
+            last_error=status.last_error,
+            last_error_code=last_code,
+            last_error_at=_shifted(state[0], offset) if status.last_error is not None else None,
+            events=events,
+        )
+
+    def mark_reported(self, last_id: int) -> None:
+        """The hub has the sync events up to ``last_id``."""
+        with write(self.db) as conn:
+            conn.execute(
+                "UPDATE _fieldsync_sync_log SET reported = 1 WHERE id <= ? AND reported = 0",
+                [last_id],
+            )
 
     def status(self) -> NodeStatus:
         conn = self.db.conn
@@ -940,6 +1052,12 @@ class NodeStore:
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of a synced table, ordered by primary key."""
         return table_rows(self.db.conn, self.schema.table(table))
+
+
+def _shifted(text: str, offset_ms: int) -> str:
+    """An ISO time of this office's clock, as the hub's clock read it."""
+    moved = datetime.fromisoformat(text) + timedelta(milliseconds=offset_ms)
+    return moved.isoformat(timespec="seconds")
 
 
 def _forget_acked(conn: sqlite3.Connection) -> None:

@@ -86,3 +86,46 @@ class ClockSkewError(HubRejectedError):
 
 class DivergedError(HubRejectedError):
     """The office reuses change numbers the hub committed for other changes."""
+
+
+# What an admin can do about each kind of failure an office reports, by error code.
+ADVICE: dict[str, str] = {
+    "hub_unavailable": "The office could not reach the hub. Check its network link and that "
+    "the hub is up; its changes are kept and sent once the link is back.",
+    "unauthorized": "The hub does not accept the office's token (revoked or mistyped). Give "
+    "the office a valid token: `fieldsync node set DB --token TOKEN`.",
+    "forbidden": "The office's database and token do not match. Use the token made for "
+    "this office.",
+    "clock_skew": "The office computer's clock is far ahead of the hub's. Set its date and "
+    "time right; its changes stay queued until then.",
+    "diverged": "The office database was restored from an older copy. fieldsync renumbers "
+    "its new work by itself; if this repeats, two copies may sync with one token.",
+    "too_large": "A change is larger than the hub accepts in one request. Raise the hub's "
+    "--max-body-bytes, or drop the change at the office (`node drop-change`).",
+    "version_mismatch": "The office and the hub run fieldsync versions that cannot talk. "
+    "Upgrade the older one.",
+    "invalid_change": "The hub refused the office's changes as malformed. Upgrade the "
+    "office's fieldsync, or check its schema matches the hub's.",
+    "bad_request": "The hub refused a malformed request. Upgrade the office's fieldsync.",
+    "local_database": "The office's own database failed (disk full, locked or damaged). "
+    "Check the disk, then run `PRAGMA integrity_check` on it.",
+    "stalled": "Changes wait at the office but none reach the hub. Check that its sync "
+    "agent runs (`fieldsync node run`) and look at its last errors.",
+    "stale": "No successful sync for a while. Check that the office's sync agent runs "
+    "and that its network link works.",
+}
+
+
+def error_code(exc: BaseException) -> str:
+    """The code an error is reported to the hub under (a key of :data:`ADVICE`)."""
+    if isinstance(exc, HubUnavailableError):
+        return "hub_unavailable"
+    if isinstance(exc, StoreError):
+        return "local_database"
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) else "error"
+
+
+def advice(code: str | None) -> str | None:
+    """What to do about an error code, or None when there is nothing specific."""
+    return ADVICE.get(code or "")

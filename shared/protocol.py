@@ -7,6 +7,8 @@ Version 1 (paths under ``/v1``):
   welcome) and answers a :class:`PushResult`.
 - ``GET /v1/pull?cursor=N&limit=M`` answers a :class:`PullPage`: the current state of
   every record changed after ``cursor``, one entry per record however often it changed.
+- ``POST /v1/status`` takes a :class:`StatusReport` (added within version 2: an older
+  hub answers 404 and the office carries on).
 
 A change's stamp travels without its node name: the hub takes the node from the
 bearer token, so an office can only ever write as itself.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -289,4 +292,151 @@ def check_version(data: Any, what: str) -> None:
         raise VersionMismatchError(
             f"{what} speaks protocol {version!r}, this side speaks {PROTOCOL_VERSION}; "
             "upgrade fieldsync so both sides match"
+        )
+
+
+# -- status reports (POST /v1/status) ----------------------------------------------
+
+MAX_EVENTS_PER_REPORT = 100
+MAX_ERROR_CHARS = 1000
+OUTCOMES = ("ok", "error")
+
+
+def _optional(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if data.get(name) is None:
+        return None
+    return _field(data, name, kind, what)
+
+
+def _count(data: Mapping[str, Any], name: str, what: str) -> int:
+    value = _field(data, name, int, what)
+    if value < 0:
+        raise ProtocolError(f"{what}: field {name!r} must not be negative")
+    return int(value)
+
+
+def _time_text(data: Mapping[str, Any], name: str, what: str, required: bool = False) -> Any:
+    value = _field(data, name, str, what) if required else _optional(data, name, str, what)
+    if value is not None:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ProtocolError(f"{what}: field {name!r} is not an ISO 8601 time") from None
+    return value
+
+
+def _error_text(value: str | None) -> str | None:
+    return None if value is None else value[:MAX_ERROR_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncEvent:
+    """One sync as the office saw it: when, how long, how much, and how it ended."""
+
+    id: int  # the office's own number for it: reports are idempotent
+    started_at: str
+    seconds: float
+    outcome: str  # ok or error
+    pushed: int = 0
+    pulled: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    error: str | None = None
+    error_code: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "started_at": self.started_at,
+            "seconds": self.seconds,
+            "outcome": self.outcome,
+            "pushed": self.pushed,
+            "pulled": self.pulled,
+            "conflicts": self.conflicts,
+            "rejected": self.rejected,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "error": self.error,
+            "error_code": self.error_code,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> SyncEvent:
+        what = "a sync event"
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{what} must be an object")
+        seconds = _field(data, "seconds", (int, float), what)
+        outcome = _field(data, "outcome", str, what)
+        if outcome not in OUTCOMES or not 0 <= seconds < 10**7:
+            raise ProtocolError(f"{what}: outcome must be ok or error, seconds >= 0")
+        return cls(
+            id=_count(data, "id", what),
+            started_at=_time_text(data, "started_at", what, required=True),
+            seconds=float(seconds),
+            outcome=outcome,
+            pushed=_count(data, "pushed", what),
+            pulled=_count(data, "pulled", what),
+            conflicts=_count(data, "conflicts", what),
+            rejected=_count(data, "rejected", what),
+            bytes_sent=_count(data, "bytes_sent", what),
+            bytes_received=_count(data, "bytes_received", what),
+            error=_error_text(_optional(data, "error", str, what)),
+            error_code=_optional(data, "error_code", str, what),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """What an office tells the hub about itself after each sync (never case data)."""
+
+    pending: int  # changes waiting to be pushed
+    oldest_pending_at: str | None  # when the oldest of them was made
+    rejected: int  # changes the hub rejected, kept aside at the office
+    clock_offset_ms: int  # how far the office clock is behind the hub's
+    version: str  # the office's fieldsync version
+    interval_seconds: float | None = None  # its sync interval, when it runs the agent
+    last_error: str | None = None
+    last_error_code: str | None = None
+    last_error_at: str | None = None
+    events: list[SyncEvent] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "pending": self.pending,
+            "oldest_pending_at": self.oldest_pending_at,
+            "rejected": self.rejected,
+            "clock_offset_ms": self.clock_offset_ms,
+            "version": self.version,
+            "interval_seconds": self.interval_seconds,
+            "last_error": self.last_error,
+            "last_error_code": self.last_error_code,
+            "last_error_at": self.last_error_at,
+            "events": [e.to_json() for e in self.events],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> StatusReport:
+        what = "the status report"
+        check_version(data, what)
+        events = _field(data, "events", list, what)
+        if len(events) > MAX_EVENTS_PER_REPORT:
+            raise ProtocolError(f"{what} carries over {MAX_EVENTS_PER_REPORT} sync events")
+        interval = _optional(data, "interval_seconds", (int, float), what)
+        if interval is not None and not 0 < interval < 10**7:
+            raise ProtocolError(f"{what}: interval_seconds must be positive")
+        version = _field(data, "version", str, what)
+        return cls(
+            pending=_count(data, "pending", what),
+            oldest_pending_at=_time_text(data, "oldest_pending_at", what),
+            rejected=_count(data, "rejected", what),
+            clock_offset_ms=_field(data, "clock_offset_ms", int, what),
+            version=version[:40],
+            interval_seconds=None if interval is None else float(interval),
+            last_error=_error_text(_optional(data, "last_error", str, what)),
+            last_error_code=_optional(data, "last_error_code", str, what),
+            last_error_at=_time_text(data, "last_error_at", what),
+            events=[SyncEvent.from_json(e) for e in events],
         )

@@ -1,0 +1,300 @@
+"""
+The admin HTTP API (JSON, ``/v1/admin/...``) and ``GET /metrics`` (Prometheus).
+
+Both take an admin token as a bearer token (``fieldsync hub add-admin NAME``); an
+office token gets 403, a missing or unknown one 401. Routes:
+
+- ``GET  /v1/admin/offices``                 every office, with its health
+- ``GET  /v1/admin/offices/{name}``          one office and its recent syncs
+- ``GET  /v1/admin/conflicts?status=&limit=`` the conflict log (``unsettled``: open + logged)
+- ``GET  /v1/admin/conflicts/{id}``
+- ``POST /v1/admin/conflicts/{id}/resolve``  ``{"keep": "kept"|"other"|"value", "value", "force"}``
+- ``GET  /v1/admin/rejected?office=``        changes the hub set aside (no values)
+- ``GET  /v1/admin/history/{table}?COLUMN=VALUE`` every version of one record
+- ``GET  /v1/admin/figures``                 consolidated figures for headquarters
+- ``GET  /v1/admin/export/{table}?format=csv|json&office=`` streamed download
+- ``GET  /metrics``                          per-office gauges, Prometheus text format
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse as StarletteJSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from hub.monitor import HEALTH_STATES
+from hub.store import HubStore
+from shared import __version__
+from shared.errors import AuthError, FieldsyncError, HubRejectedError, ProtocolError
+from shared.protocol import dumps, loads
+
+CONFLICT_STATUSES = ("open", "logged", "resolved", "unsettled")
+MAX_CONFLICTS = 1000
+
+
+class _JSON(StarletteJSONResponse):
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def authenticate_admin(store: HubStore, request: Request) -> str:
+    """The admin making ``request`` (bearer token); AuthError otherwise."""
+    token = bearer_token(request)
+    if token is None:
+        raise AuthError(
+            "this needs an admin token: send 'Authorization: Bearer TOKEN' "
+            "(make one with `fieldsync hub add-admin NAME`)",
+            "unauthorized",
+            401,
+        )
+    return store.authenticate_admin(token)
+
+
+def not_found(message: str) -> HubRejectedError:
+    return HubRejectedError(message, "not_found", 404)
+
+
+def conflicts_of(store: HubStore, status: str, limit: int) -> list[Any]:
+    """The conflict log filtered by ``status`` (see CONFLICT_STATUSES), newest first."""
+    if status not in CONFLICT_STATUSES:
+        raise ProtocolError(f"status must be one of {', '.join(CONFLICT_STATUSES)}")
+    if status == "unsettled":
+        found = store.conflicts("open") + store.conflicts("logged")
+        found.sort(key=lambda c: c.id, reverse=True)
+    else:
+        found = store.conflicts(status)
+    return found[:limit]
+
+
+def resolve(store: HubStore, conflict_id: int, admin: str, data: Any) -> Any:
+    """Settle a conflict as ``admin`` from a decision ``{"keep", "value", "force"}``."""
+    if not isinstance(data, dict) or data.get("keep") not in ("kept", "other", "value"):
+        raise ProtocolError('send {"keep": "kept" | "other" | "value", "value": ...}')
+    if data["keep"] == "value" and "value" not in data:
+        raise ProtocolError("keep 'value' needs a 'value'")
+    try:
+        store.conflict(conflict_id)
+    except FieldsyncError:
+        raise not_found(f"there is no conflict {conflict_id}") from None
+    try:
+        return store.resolve(
+            conflict_id, data["keep"], admin, data.get("value"), force=data.get("force") is True
+        )
+    except ProtocolError:
+        raise
+    except FieldsyncError as exc:  # already resolved, or the record changed since
+        raise HubRejectedError(str(exc), "refused", 409) from None
+
+
+def record_history(store: HubStore, table: str, params: dict[str, str]) -> dict[str, Any]:
+    """Every version of the record of ``table`` whose key ``params`` give, oldest first."""
+    found = store.schema.tables.get(table)
+    if found is None:
+        raise not_found(f"there is no synced table {table!r}")
+    missing = [c for c in found.primary_key if c not in params]
+    if missing:
+        raise ProtocolError(f"name the record by its key: {', '.join(found.primary_key)}")
+    values: list[Any] = []
+    for column in found.primary_key:
+        text = params[column]
+        kind = found.column(column).type.upper()
+        try:
+            values.append(int(text) if "INT" in kind else text)
+        except ValueError:
+            raise ProtocolError(f"{column} must be a whole number") from None
+    versions = store.record_history(table, values)
+    return {
+        "table": table,
+        "pk": dict(zip(found.primary_key, values, strict=True)),
+        "versions": versions,
+    }
+
+
+class _OfficeCollector:
+    """Reads every office's status at each scrape (nothing is cached between scrapes)."""
+
+    def __init__(self, store: HubStore, stale_after: timedelta | None) -> None:
+        self.store = store
+        self.stale_after = stale_after
+
+    def collect(self) -> Iterator[Metric]:
+        now = datetime.now(UTC)
+        offices = self.store.offices(stale_after=self.stale_after, now=now)
+        label = ["office"]
+        gauges = {
+            "pending": GaugeMetricFamily(
+                "fieldsync_office_pending_changes",
+                "Changes waiting at the office, as it last reported",
+                labels=label,
+            ),
+            "lag": GaugeMetricFamily(
+                "fieldsync_office_lag_changes",
+                "Hub changes the office has not pulled yet",
+                labels=label,
+            ),
+            "since": GaugeMetricFamily(
+                "fieldsync_office_seconds_since_last_sync",
+                "Seconds since the office's last successful sync (absent: never synced)",
+                labels=label,
+            ),
+            "conflicts": GaugeMetricFamily(
+                "fieldsync_office_open_conflicts",
+                "Conflicts on the office's records that no admin has settled",
+                labels=label,
+            ),
+            "rejected": GaugeMetricFamily(
+                "fieldsync_office_rejected_changes",
+                "Changes of the office the hub rejected",
+                labels=label,
+            ),
+            "offset": GaugeMetricFamily(
+                "fieldsync_office_clock_offset_seconds",
+                "How far the office clock is behind the hub's (negative: ahead)",
+                labels=label,
+            ),
+        }
+        state = GaugeMetricFamily(
+            "fieldsync_office_health",
+            "1 for the office's health state, 0 for the others",
+            labels=["office", "state"],
+        )
+        pushed = CounterMetricFamily(
+            "fieldsync_office_pushed_changes", "Changes the office pushed", labels=label
+        )
+        pulled = CounterMetricFamily(
+            "fieldsync_office_pulled_changes", "Records the office pulled", labels=label
+        )
+        for office in offices:
+            name = [office.name]
+            if office.pending is not None:
+                gauges["pending"].add_metric(name, office.pending)
+            gauges["lag"].add_metric(name, office.lag)
+            since = office.seconds_since_success(now)
+            if since is not None:
+                gauges["since"].add_metric(name, since)
+            gauges["conflicts"].add_metric(name, office.open_conflicts)
+            gauges["rejected"].add_metric(name, office.rejected)
+            if office.clock_offset_ms is not None:
+                gauges["offset"].add_metric(name, office.clock_offset_ms / 1000)
+            for health in HEALTH_STATES:
+                state.add_metric([office.name, health], 1.0 if office.health == health else 0.0)
+            pushed.add_metric(name, office.pushed)
+            pulled.add_metric(name, office.pulled)
+        info = GaugeMetricFamily("fieldsync_hub_info", "The hub's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield from gauges.values()
+        yield state
+        yield pushed
+        yield pulled
+        yield info
+
+
+def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> list[BaseRoute]:
+    """The admin API and /metrics, for :func:`hub.app.create_app`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_OfficeCollector(store, stale_after))
+
+    async def admin(request: Request) -> str:
+        return await run_in_threadpool(authenticate_admin, store, request)
+
+    def int_param(request: Request, name: str, default: int, high: int) -> int:
+        try:
+            value = int(request.query_params.get(name, default))
+        except ValueError:
+            raise ProtocolError(f"{name} must be a whole number") from None
+        if not 1 <= value <= high:
+            raise ProtocolError(f"{name} must be between 1 and {high}")
+        return value
+
+    async def offices(request: Request) -> _JSON:
+        await admin(request)
+        found = await run_in_threadpool(lambda: store.offices(stale_after=stale_after))
+        return _JSON({"offices": [o.to_json() for o in found]})
+
+    async def office(request: Request) -> _JSON:
+        await admin(request)
+        name = request.path_params["name"]
+        events = int_param(request, "events", 50, 200)
+
+        def load() -> Any:
+            try:
+                return store.office(name, stale_after=stale_after, events=events)
+            except FieldsyncError:
+                raise not_found(f"there is no office {name!r}") from None
+
+        return _JSON((await run_in_threadpool(load)).to_json())
+
+    async def conflicts(request: Request) -> _JSON:
+        await admin(request)
+        status = request.query_params.get("status", "unsettled")
+        limit = int_param(request, "limit", 100, MAX_CONFLICTS)
+        found = await run_in_threadpool(conflicts_of, store, status, limit)
+        return _JSON({"conflicts": [c.to_json() for c in found]})
+
+    async def conflict(request: Request) -> _JSON:
+        await admin(request)
+        conflict_id = request.path_params["id"]
+
+        def load() -> Any:
+            try:
+                return store.conflict(conflict_id)
+            except FieldsyncError:
+                raise not_found(f"there is no conflict {conflict_id}") from None
+
+        return _JSON((await run_in_threadpool(load)).to_json())
+
+    async def resolve_conflict(request: Request) -> _JSON:
+        who = await admin(request)
+        try:
+            data = loads(await request.body())
+        except ValueError:
+            raise ProtocolError("the request body is not valid JSON") from None
+        done = await run_in_threadpool(resolve, store, request.path_params["id"], who, data)
+        return _JSON(done.to_json())
+
+    async def rejected(request: Request) -> _JSON:
+        await admin(request)
+        office = request.query_params.get("office") or None
+        found = await run_in_threadpool(store.rejected, office)
+        return _JSON({"rejected": found})
+
+    async def history(request: Request) -> _JSON:
+        await admin(request)
+        params = dict(request.query_params)
+        found = await run_in_threadpool(record_history, store, request.path_params["table"], params)
+        return _JSON(found)
+
+    async def figures(request: Request) -> _JSON:
+        await admin(request)
+        return _JSON(await run_in_threadpool(store.figures))
+
+    async def metrics(request: Request) -> Response:
+        await admin(request)
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/v1/admin/offices", offices),
+        Route("/v1/admin/offices/{name}", office),
+        Route("/v1/admin/conflicts", conflicts),
+        Route("/v1/admin/conflicts/{id:int}", conflict),
+        Route("/v1/admin/conflicts/{id:int}/resolve", resolve_conflict, methods=["POST"]),
+        Route("/v1/admin/rejected", rejected),
+        Route("/v1/admin/history/{table}", history),
+        Route("/v1/admin/figures", figures),
+        Route("/metrics", metrics),
+    ]
