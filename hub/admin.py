@@ -191,7 +191,8 @@ class _OfficeCollector:
             if office.clock_offset_ms is not None:
                 gauges["offset"].add_metric(name, office.clock_offset_ms / 1000)
             for health in HEALTH_STATES:
-                state.add_metric([office.name, health], 1.0 if office.health == health else 0.0)
+                value = 1.0 if office.health == health else 0.0
+                state.add_metric([office.name, health.replace(" ", "_")], value)
             pushed.add_metric(name, office.pushed)
             pulled.add_metric(name, office.pulled)
         info = GaugeMetricFamily("fieldsync_hub_info", "The hub's version", labels=["version"])

@@ -236,7 +236,8 @@ def health(
     """
     success = _time(last_success_at)
     error_at = _time(last_error_at)
-    if error_at is not None and (success is None or error_at > success):
+    # Times have whole seconds: an error in the second of the last success counts.
+    if error_at is not None and (success is None or error_at >= success):
         return "failing", f"failed {ago(last_error_at, now)}: {last_error or 'unknown error'}"
     if success is None:
         return "never synced", "has not synced yet"
@@ -522,11 +523,13 @@ def count_push(conn: sqlite3.Connection, node: str, applied: int) -> None:
 
 
 def count_pull(conn: sqlite3.Connection, node: str, rows: int, served_seq: int) -> None:
-    """Add to an office's pulled count and note how far it has been served."""
+    """Add to an office's pulled count, note how far it has been served, and forget the
+    hub's last refusal of it."""
     conn.execute(
         "INSERT INTO _fieldsync_office_stats (node, pulled, pulled_seq) VALUES (?, ?, ?) "
         "ON CONFLICT (node) DO UPDATE SET pulled = pulled + excluded.pulled, "
-        "pulled_seq = excluded.pulled_seq",
+        "pulled_seq = excluded.pulled_seq, "
+        "hub_error = NULL, hub_error_code = NULL, hub_error_at = NULL",
         [node, rows, served_seq],
     )
 

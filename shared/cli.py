@@ -90,6 +90,21 @@ def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False
     return SqliteHubStore(db_path, _load_schema(schema_path), create=create)
 
 
+_stale_after = click.option(
+    "--stale-after",
+    type=click.IntRange(1),
+    metavar="SECONDS",
+    help="An office with no successful sync for this long is stale "
+    "[default: 3 of its sync intervals; 3 minutes when it has not said].",
+)
+
+
+def _stale(seconds: int | None) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds) if seconds else None
+
+
 @hub.command("serve")
 @_hub_db
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -101,11 +116,17 @@ def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False
     type=int,
     help="Refuse changes stamped further than this ahead of the hub's clock.",
 )
+@_stale_after
 @_schema
 def hub_serve(
-    db_path: str, host: str, port: int, max_future_seconds: int, schema_path: str | None
+    db_path: str,
+    host: str,
+    port: int,
+    max_future_seconds: int,
+    stale_after: int | None,
+    schema_path: str | None,
 ) -> None:
-    """Serve the hub over HTTP (under uvicorn)."""
+    """Serve the hub over HTTP (under uvicorn): the sync API, and the admin dashboard at /."""
     import uvicorn
 
     from hub.app import create_app
@@ -117,7 +138,8 @@ def hub_serve(
     store.max_future_ms = max_future_seconds * 1000
     click.echo(f"fieldsync hub {__version__}: {db_path} on http://{host}:{port}", err=True)
     try:
-        uvicorn.run(create_app(store), host=host, port=port, log_level="info")
+        app = create_app(store, stale_after=_stale(stale_after))
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         store.close()
 
@@ -135,6 +157,70 @@ def hub_add_node(name: str, db_path: str, schema_path: str | None) -> None:
         store.close()
     click.echo(f"Registered office {name!r}. Its token (shown once, stored only as a hash):")
     click.echo(token)
+
+
+@hub.command("add-admin")
+@click.argument("name")
+@_hub_db
+def hub_add_admin(name: str, db_path: str) -> None:
+    """Make an admin; print the admin token on the last line (keep it secret).
+
+    The token signs in to the dashboard at the hub's address and is the bearer
+    token of the admin API and /metrics.
+    """
+    store = _open_hub(db_path, create=True)
+    try:
+        token = store.add_admin(name)
+    finally:
+        store.close()
+    click.echo(f"Made admin {name!r}. The token (shown once, stored only as a hash):")
+    click.echo(token)
+
+
+@hub.command("status")
+@_hub_db
+@_stale_after
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
+    """Show how every office syncs: health, last sync, pending, lag, conflicts, errors."""
+    from hub.monitor import ago
+
+    store = _open_hub(db_path)
+    try:
+        offices = store.offices(stale_after=_stale(stale_after))
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([o.to_json() for o in offices], indent=2, ensure_ascii=False))
+        return
+    if not offices:
+        click.echo("No offices yet; register one with `fieldsync hub add-node NAME`.")
+        return
+    header = ("OFFICE", "HEALTH", "LAST SYNC", "PENDING", "LAG", "CONFLICTS", "REJECTED")
+    rows = [
+        (
+            o.name,
+            o.health,
+            ago(o.last_success_at),
+            "?" if o.pending is None else str(o.pending),
+            str(o.lag),
+            str(o.open_conflicts),
+            str(o.rejected),
+        )
+        for o in offices
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        click.echo("  ".join(cells).rstrip())
+    for o in offices:
+        if o.health != "ok":
+            click.echo(f"\n{o.name}: {o.health}: {o.health_reason}")
+            if o.advice:
+                click.echo(f"  What to do: {o.advice}")
 
 
 @hub.command("conflicts")
@@ -594,11 +680,33 @@ def node_status(db_path: str, as_json: bool) -> None:
 
 @cli.command("demo")
 @click.option("--keep", "keep_dir", type=click.Path(file_okay=False), help="Keep files in DIR.")
-def demo(keep_dir: str | None) -> None:
-    """Show two offices and a hub syncing, with an outage and a conflict."""
+@click.option(
+    "--serve", is_flag=True, help="Keep the hub and its dashboard up afterwards (Ctrl-C stops)."
+)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="With --serve: the loopback port of the hub (0: any free one).",
+)
+def demo(keep_dir: str | None, serve: bool, port: int) -> None:
+    """Show two offices and a hub syncing, with an outage and a conflict.
+
+    It ends with the address of the admin dashboard and an admin token.
+    """
     from shared.demo import run_demo
 
-    run_demo(click.echo, keep_dir)
+    stop = threading.Event()
+    if serve:
+
+        def on_signal(signum: int, frame: Any) -> None:
+            click.echo(f"Stopping the demo ({signal.Signals(signum).name}).", err=True)
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    run_demo(click.echo, keep_dir, serve_port=port if serve else None, stop=stop)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -54,22 +54,32 @@ STATUSES = ("asylum_seeker", "refugee", "rejected", "closed")
 AID = {"cash": (20000, 90000), "food": (10, 50), "hygiene_kit": (1, 4), "winter_kit": (1, 3)}
 
 
-def run_demo(echo: Echo, keep_dir: str | None = None) -> None:
-    """Run the demo, printing what happens through ``echo``."""
+def run_demo(
+    echo: Echo,
+    keep_dir: str | None = None,
+    *,
+    serve_port: int | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the demo, printing what happens through ``echo``.
+
+    With ``serve_port`` the hub listens on that loopback port and stays up, with
+    both offices syncing every few seconds, until ``stop`` is set.
+    """
     quiet = logging.getLogger("fieldsync")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the hub logs every push at INFO
     try:
         if keep_dir is None:
             with tempfile.TemporaryDirectory(prefix="fieldsync-demo-") as tmp:
-                _story(echo, Path(tmp))
+                _story(echo, Path(tmp), serve_port, stop)
             return
         base = Path(keep_dir)
         base.mkdir(parents=True, exist_ok=True)
         if any((base / f"{name}.db").exists() for name in ("hub", "astana", "almaty")):
             raise FieldsyncError(f"{base} already holds demo databases; choose an empty folder")
-        _story(echo, base)
-        echo(f"Files kept in {base}")
+        echo(f"Files are kept in {base}")
+        _story(echo, base, serve_port, stop)
     finally:
         quiet.setLevel(level)
 
@@ -98,13 +108,13 @@ class Office:
         self.store.close()
 
 
-def _story(echo: Echo, base: Path) -> None:
+def _story(echo: Echo, base: Path, serve_port: int | None, stop: threading.Event | None) -> None:
     rng = random.Random(2024)
     with contextlib.ExitStack() as stack:
         hub = SqliteHubStore(base / "hub.db")
         stack.callback(hub.close)
         tokens = {name: hub.add_node(name) for name in ("astana", "almaty")}
-        url = stack.enter_context(_serve(create_app(hub)))
+        url = stack.enter_context(_serve(create_app(hub), serve_port or 0))
         echo(f"1. The hub serves {url} from {base / 'hub.db'};")
         echo("   offices astana and almaty are registered (their tokens are stored as hashes).")
         offices = [Office(base, name, url, token) for name, token in tokens.items()]
@@ -175,6 +185,24 @@ def _story(echo: Echo, base: Path) -> None:
                 raise FieldsyncError(f"the offices and the hub disagree on {table}")
         echo("   Astana, Almaty and the hub hold exactly the same data.")
 
+        token = hub.add_admin("demo")
+        echo(f"8. The admin dashboard is at {url}/ : offices, conflicts, headquarters figures.")
+        if serve_port is None:
+            echo("   (The hub stops with the demo; `fieldsync demo --serve` keeps it up.)")
+        else:
+            echo("   The hub stays up and both offices sync every 10 s; Ctrl-C stops.")
+            for office in offices:
+                agent = SyncAgent(office.store, office.client)
+                thread = threading.Thread(
+                    target=agent.run, args=(10.0,), kwargs={"stop": stop}, daemon=True
+                )
+                thread.start()
+                stack.callback(thread.join, 30)
+        echo("   Sign in with the admin token on the last line (stored only as a hash):")
+        echo(token)
+        if serve_port is not None and stop is not None:
+            stop.wait()
+
 
 def _register(office: Office, rng: random.Random, count: int, days_back: int) -> str:
     """Register ``count`` cases with some assistance in ``office``; say how many."""
@@ -213,10 +241,14 @@ def _register(office: Office, rng: random.Random, count: int, days_back: int) ->
 
 
 @contextlib.contextmanager
-def _serve(app: Starlette) -> Iterator[str]:
-    """Serve ``app`` under uvicorn on a free loopback port, in a thread, while open."""
+def _serve(app: Starlette, port: int = 0) -> Iterator[str]:
+    """Serve ``app`` under uvicorn on a loopback port (0: a free one), in a thread."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise FieldsyncError(f"cannot serve the demo hub on 127.0.0.1:{port}: {exc}") from None
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="demo-hub")
     thread.start()

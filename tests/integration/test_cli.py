@@ -445,10 +445,14 @@ def test_demo_shows_the_conflict_and_converges(tmp_path: Path, keep: bool) -> No
     assert set(sums) == {"cases", "assistance"}, out
     for table, (n1, d1, n2, d2, n3, d3) in sums.items():
         assert n1 == n2 == n3 and d1 == d2 == d3 and int(n1) > 40, table
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32,}", lines[-1]), "the admin token is the last line"
+    assert re.search(r"dashboard is at http://127\.0\.0\.1:\d+/", out), out
+    assert "--serve" in out  # how to keep it up
     if not keep:
-        assert "Files kept" not in out
+        assert "Files are kept" not in out
         return
-    assert out.strip().splitlines()[-1] == f"Files kept in {keep_dir}"
+    assert lines[0] == f"Files are kept in {keep_dir}"
     for table, (count, digest, *_) in sums.items():
         for name in ("astana", "almaty", "hub"):
             assert _digest(keep_dir / f"{name}.db", table) == (int(count), digest), name
