@@ -288,11 +288,26 @@ def create_app(
     )
 
 
+ADMIN_PATHS = [
+    ("/v1/admin/offices", "get", "Every office: status and health"),
+    ("/v1/admin/offices/{name}", "get", "One office and its recent syncs (?events=N)"),
+    ("/v1/admin/conflicts", "get", "The conflict log (?status=unsettled|open|logged|resolved)"),
+    ("/v1/admin/conflicts/{id}", "get", "One conflict"),
+    ("/v1/admin/conflicts/{id}/resolve", "post", "Settle a conflict: keep, value, force"),
+    ("/v1/admin/rejected", "get", "Changes the hub rejected (?office=NAME)"),
+    ("/v1/admin/history/{table}", "get", "Every version of one record (?COLUMN=KEY)"),
+    ("/v1/admin/figures", "get", "Consolidated figures for headquarters"),
+    ("/metrics", "get", "Per-office gauges in the Prometheus text format"),
+]
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "fieldsync hub", "version": __version__},
     "components": {
-        "securitySchemes": {"office": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "office": {"type": "http", "scheme": "bearer"},
+            "admin": {"type": "http", "scheme": "bearer"},
+        },
         "schemas": {
             "Error": {
                 "type": "object",
@@ -320,6 +335,28 @@ OPENAPI: dict[str, Any] = {
     "security": [{"office": []}],
     "paths": {
         "/v1/health": {"get": {"security": [], "responses": {"200": {"description": "up"}}}},
+        "/v1/status": {
+            "post": {
+                "summary": "The office's state after a sync, and its syncs since the last "
+                "report (pending, oldest_pending_at, rejected, clock_offset_ms, version, "
+                "interval_seconds, last_error, last_error_code, last_error_at, events)",
+                "responses": {"200": {"description": "kept"}},
+            }
+        },
+        **{
+            path: {
+                method: {
+                    "summary": summary,
+                    "security": [{"admin": []}],
+                    "responses": {
+                        "200": {"description": "JSON (text for /metrics)"},
+                        "401": {"description": "no or unknown admin token"},
+                        "403": {"description": "an office token"},
+                    },
+                }
+            }
+            for path, method, summary in ADMIN_PATHS
+        },
         "/v1/push": {
             "post": {
                 "summary": "Push a batch of changes (idempotent per change seq)",

@@ -291,3 +291,22 @@ def test_conflicts_resolved_through_the_api_reach_both_offices(hub, make_office)
         "records": 1,
         "by_office": [{"office": None, "records": 1}],
     }
+
+
+def test_openapi_documents_every_api_route(tmp_path) -> None:
+    from starlette.routing import Route
+
+    from hub.app import OPENAPI, create_app
+    from hub.store import SqliteHubStore
+
+    store = SqliteHubStore(tmp_path / "hub.db")
+    try:
+        app = create_app(store)
+    finally:
+        store.close()
+    api = {
+        r.path.replace("{id:int}", "{id}")
+        for r in app.routes
+        if isinstance(r, Route) and (r.path.startswith("/v1/") or r.path == "/metrics")
+    }
+    assert api - {"/v1/openapi.json"} == set(OPENAPI["paths"])
