@@ -979,7 +979,6 @@ class NodeStore:
     def status_report(self, interval_seconds: float | None = None) -> StatusReport:
         """What to tell the hub about this office: its state and unreported syncs."""
         status = self.status()
-        state = self.db.conn.execute("SELECT last_error_at FROM _fieldsync_state").fetchone()
         events = [
             SyncEvent(*row)
             for row in self.db.conn.execute(
@@ -1009,7 +1008,11 @@ class NodeStore:
             interval_seconds=interval_seconds,
             last_error=status.last_error,
             last_error_code=last_code,
-            last_error_at=_shifted(state[0], offset) if status.last_error is not None else None,
+            last_error_at=(
+                _shifted(status.last_error_at, offset)
+                if status.last_error is not None and status.last_error_at
+                else None
+            ),
             events=events,
         )
 

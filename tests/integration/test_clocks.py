@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,12 @@ def test_wrong_clock_is_learned_and_corrected_and_never_wins_unfairly(
     assert abs(learned + offset) < SLACK_MS, f"learned offset {learned} ms for a clock {clock}"
     assert pending == 0, "a change is left queued"
     assert case(hub, "c3") is not None and case(hub, "c3")["family_name"] == "Abenova"
+    # The office's report reaches the hub in the hub's time, whatever its clock says.
+    office = hub.store.office("astana")
+    assert office.clock_offset_ms is not None and abs(office.clock_offset_ms + offset) < SLACK_MS
+    [event] = office.events
+    reported = datetime.fromisoformat(event["started_at"]).timestamp() * 1000
+    assert before - SLACK_MS < reported < now_ms() + SLACK_MS, event["started_at"]
     # The hub keeps the stamp the change was captured with in its receipt...
     assert receipts(hub, "astana") == [(1, captured)]
     # ...and applied it re-stamped with its real time, whichever way the clock was off.
