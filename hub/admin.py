@@ -72,12 +72,7 @@ def conflicts_of(store: HubStore, status: str, limit: int) -> list[Any]:
     """The conflict log filtered by ``status`` (see CONFLICT_STATUSES), newest first."""
     if status not in CONFLICT_STATUSES:
         raise ProtocolError(f"status must be one of {', '.join(CONFLICT_STATUSES)}")
-    if status == "unsettled":
-        found = store.conflicts("open") + store.conflicts("logged")
-        found.sort(key=lambda c: c.id, reverse=True)
-    else:
-        found = store.conflicts(status)
-    return found[:limit]
+    return store.conflicts(("open", "logged") if status == "unsettled" else status, limit)
 
 
 def resolve(store: HubStore, conflict_id: int, admin: str, data: Any) -> Any:

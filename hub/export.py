@@ -6,7 +6,8 @@ The export reads the real table the hub mirrors live records into (see
 (``mode=ro``): in WAL mode a reader never blocks the serving hub's writes, and the
 export never writes. Rows are fetched in chunks and written as they come, so a table
 of millions of rows takes the memory of one chunk. The whole export reads one
-snapshot: records the hub commits meanwhile are not in it.
+snapshot: records the hub commits meanwhile are not in it. :func:`stream_export` gives
+the same bytes as an iterator of chunks, for a download served by the dashboard.
 
 CSV: a header row of the synced columns in table order, then one row per record
 (``csv`` module defaults: comma, ``"`` quoting where needed, CRLF line ends), UTF-8;
@@ -25,7 +26,7 @@ import math
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 
@@ -85,10 +86,43 @@ def export_rows(
         if office is not None:
             _check_office(conn, office)
         cursor = conn.execute(*export_query(spec, office))
-        chunks = _chunks(cursor, chunk_rows)
-        if fmt == "csv":
-            return _write_csv(spec, chunks, _Sink(out))
-        return _write_json(spec, chunks, _Sink(out))
+        return _write(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), _Sink(out))
+
+
+def stream_export(
+    source: HubSource,
+    table: str,
+    fmt: str,
+    office: str | None = None,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+) -> tuple[str, Generator[bytes, None, None]]:
+    """:func:`export_rows` as a download: the file name (``TABLE.FORMAT``) and an iterator
+    of UTF-8 chunks, byte for byte what :func:`export_rows` writes.
+
+    Everything is checked before this returns (unknown table, office or format raise
+    :class:`FieldsyncError`), so a web handler can still answer with an error. The
+    iterator holds one read-only connection and its snapshot, one chunk of rows at a
+    time; it may be advanced from any thread (one at a time), and closing it (or
+    reading it to the end) closes the connection.
+    """
+    if fmt not in FORMATS:
+        raise FieldsyncError(f"unknown export format {fmt!r}; use csv or json")
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be at least 1")
+    stack = contextlib.ExitStack()
+    try:
+        conn = stack.enter_context(_reading(source, check_same_thread=False))
+        spec = _hub_schema(conn, source).table(table)
+        if office is not None:
+            _check_office(conn, office)
+        cursor = conn.execute(*export_query(spec, office))
+    except BaseException:
+        stack.close()
+        raise
+    chunks = _encoded(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), stack)
+    next(chunks)  # started: closing it unread now closes the connection too
+    return f"{spec.name}.{fmt}", chunks
 
 
 def export_query(table: Table, office: str | None = None) -> tuple[str, list[Any]]:
@@ -154,8 +188,11 @@ def export_to_path(
 
 
 @contextlib.contextmanager
-def _reading(source: HubSource) -> Iterator[sqlite3.Connection]:
-    """A connection holding one read transaction (a snapshot) for the export."""
+def _reading(source: HubSource, *, check_same_thread: bool = True) -> Iterator[sqlite3.Connection]:
+    """A connection holding one read transaction (a snapshot) for the export.
+
+    ``check_same_thread=False`` lets a stream be read on by other threads (one at a time).
+    """
     if isinstance(source, sqlite3.Connection):
         began = not source.in_transaction
         if began:
@@ -170,7 +207,12 @@ def _reading(source: HubSource) -> Iterator[sqlite3.Connection]:
     if not path.is_file():
         raise FieldsyncError(f"hub database {path} does not exist")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+        )
     except sqlite3.Error as exc:
         raise FieldsyncError(f"cannot open hub database {path} to read: {exc}") from None
     try:
@@ -246,17 +288,13 @@ def _refuse_database(source: HubSource, target: Path) -> None:
 
 
 class _Sink:
-    """Collects text and writes it to a binary (as UTF-8) or text stream, per chunk."""
+    """Writes text to a binary (as UTF-8) or text stream."""
 
     def __init__(self, out: BinaryIO | TextIO) -> None:
-        self.parts: list[str] = []
-        self.write = self.parts.append  # what csv.writer calls
         self._text = isinstance(out, io.TextIOBase)
         self._out = out
 
-    def flush(self) -> None:
-        text = "".join(self.parts)
-        self.parts.clear()
+    def write(self, text: str) -> None:
         if not text:
             return
         if self._text:
@@ -265,34 +303,72 @@ class _Sink:
             cast(BinaryIO, self._out).write(text.encode("utf-8"))
 
 
-def _write_csv(table: Table, chunks: Iterator[list[Any]], sink: _Sink) -> int:
-    writer = csv.writer(sink)
+class _Parts:
+    """What ``csv.writer`` writes to: collects text until it is taken."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.write = self.parts.append
+
+    def take(self) -> str:
+        text = "".join(self.parts)
+        self.parts.clear()
+        return text
+
+
+# Each writer yields its text one piece per chunk of rows and returns how many records.
+_Pieces = Generator[str, None, int]
+
+
+def _pieces(table: Table, fmt: str, chunks: Iterator[list[Any]]) -> _Pieces:
+    return _csv_pieces(table, chunks) if fmt == "csv" else _json_pieces(table, chunks)
+
+
+def _write(pieces: _Pieces, sink: _Sink) -> int:
+    """Write every piece to ``sink``; return the writer's count of records."""
+    while True:
+        try:
+            sink.write(next(pieces))
+        except StopIteration as done:
+            return int(done.value)
+
+
+def _encoded(pieces: _Pieces, stack: contextlib.ExitStack) -> Generator[bytes, None, None]:
+    """The pieces as UTF-8; ``stack`` (the connection) is closed when they end or stop."""
+    with stack:
+        yield b""  # where stream_export starts it
+        for text in pieces:
+            if text:
+                yield text.encode("utf-8")
+
+
+def _csv_pieces(table: Table, chunks: Iterator[list[Any]]) -> _Pieces:
+    parts = _Parts()
+    writer = csv.writer(parts)
     writer.writerow(table.column_names)
-    sink.flush()
+    yield parts.take()
     count = 0
     for rows in chunks:
         writer.writerows(rows)  # None is written as an empty field
-        sink.flush()
+        yield parts.take()
         count += len(rows)
     return count
 
 
-def _write_json(table: Table, chunks: Iterator[list[Any]], sink: _Sink) -> int:
+def _json_pieces(table: Table, chunks: Iterator[list[Any]]) -> _Pieces:
     encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=_no_blob).encode
     names = table.column_names
-    sink.write("[")
+    opening = "["
     count = 0
     for rows in chunks:
         try:
             text = ",\n".join([encode(dict(zip(names, row, strict=True))) for row in rows])
         except ValueError:
             raise FieldsyncError(_not_finite(table, rows, count)) from None
-        sink.write(",\n" if count else "\n")
-        sink.write(text)
-        sink.flush()
+        yield opening + (",\n" if count else "\n") + text
+        opening = ""
         count += len(rows)
-    sink.write("\n]\n")
-    sink.flush()
+    yield opening + "\n]\n"
     return count
 
 

@@ -244,7 +244,11 @@ class HubStore(Protocol):
         self, node: str, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
     ) -> PullPage: ...
 
-    def conflicts(self, status: str | None = None) -> list[ConflictRecord]: ...
+    def conflicts(
+        self, status: str | Sequence[str] | None = None, limit: int | None = None
+    ) -> list[ConflictRecord]: ...
+
+    def conflict_counts(self) -> dict[str, int]: ...
 
     def conflict(self, conflict_id: int) -> ConflictRecord: ...
 
@@ -860,17 +864,32 @@ class SqliteHubStore(MonitorStore):
 
     # -- conflicts ------------------------------------------------------------
 
-    def conflicts(self, status: str | None = None) -> list[ConflictRecord]:
-        """The conflict log, newest first; ``status`` filters (logged, open, resolved)."""
+    def conflicts(
+        self, status: str | Sequence[str] | None = None, limit: int | None = None
+    ) -> list[ConflictRecord]:
+        """The conflict log, newest first; ``status`` filters (logged, open, resolved;
+        one or several), ``limit`` keeps the newest ones."""
         sql = "SELECT * FROM _fieldsync_conflicts"
         params: list[Any] = []
         if status is not None:
-            sql += " WHERE status = ?"
-            params.append(status)
+            statuses = [status] if isinstance(status, str) else list(status)
+            sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            params.extend(statuses)
         sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
         with self._lock:
             rows = self.db.conn.execute(sql, params).fetchall()
         return [self._conflict(row) for row in rows]
+
+    def conflict_counts(self) -> dict[str, int]:
+        """How many conflicts the log holds, by status (open, logged, resolved)."""
+        with self._lock:
+            rows = self.db.conn.execute(
+                "SELECT status, count(*) FROM _fieldsync_conflicts GROUP BY status"
+            ).fetchall()
+        return {"open": 0, "logged": 0, "resolved": 0, **dict(rows)}
 
     def conflict(self, conflict_id: int) -> ConflictRecord:
         with self._lock:

@@ -404,9 +404,14 @@ class NodeStore:
             )
         self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
         self.schema = Schema.from_toml(source[0], f"the schema stored in {self.path}")
-        if not self.db.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_sync_log'"
-        ).fetchone():
+        have = {
+            row[0]
+            for row in self.db.conn.execute(
+                "SELECT name FROM sqlite_master WHERE name IN "
+                "('_fieldsync_rejected', '_fieldsync_sync_log')"
+            )
+        }
+        if len(have) < 2:  # made by an older fieldsync
             with write(self.db) as conn:
                 _upgrade(conn, self.schema)
                 conn.execute(_SYNC_LOG)

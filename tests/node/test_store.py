@@ -693,6 +693,7 @@ def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) ->
         conn.execute("UPDATE _fieldsync_state SET schema = ?", [schema.source])
         conn.execute("DROP TABLE _fieldsync_schema")
         conn.execute("DROP TABLE _fieldsync_rejected")
+        conn.execute("DROP TABLE _fieldsync_sync_log")
         conn.execute("DROP TRIGGER _fieldsync_cases_insert")
         conn.execute(  # 0.1 logged an insert with its values
             "CREATE TRIGGER _fieldsync_cases_insert AFTER INSERT ON cases BEGIN "
@@ -712,6 +713,8 @@ def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) ->
         ]
         assert [c.values["family_name"] for c in store.pending(10)] == ["Queued before", "After"]
         assert store.rejected() == [] and store.status().rejected == 0
+        store.record_sync(pushed=1, pulled=0, conflicts=0)
+        assert [e.pushed for e in store.status_report().events] == [1]
     finally:
         store.close()
     NodeStore(path).close()  # opens again without upgrading twice
