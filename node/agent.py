@@ -171,7 +171,7 @@ class SyncAgent:
             report = self.store.status_report(self.interval_seconds)
             if self.client.report_status(report) and report.events:
                 self.store.mark_reported(report.events[-1].id)
-        except FieldsyncError as exc:
+        except (FieldsyncError, sqlite3.Error) as exc:  # the sync itself is done
             log.debug("could not report this office's status to the hub: %s", exc)
 
     def _correct_clock(self) -> None:
