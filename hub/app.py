@@ -83,6 +83,10 @@ class _TooLargeError(ProtocolError):
     code = "too_large"
 
 
+class _CutOffError(ProtocolError):
+    """The office went away mid-request: a bad link, not something for admins to fix."""
+
+
 def _error(
     code: str, detail: str, status_code: int | None = None, details: dict[str, Any] | None = None
 ) -> JSONResponse:
@@ -152,7 +156,7 @@ def create_app(
                 request.method,
                 request.url.path,
             )
-            raise ProtocolError("the request was cut off before it arrived whole") from None
+            raise _CutOffError("the request was cut off before it arrived whole") from None
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding == "gzip":
@@ -243,7 +247,7 @@ def create_app(
         if isinstance(exc, HubRejectedError | ProtocolError):
             node = getattr(request.state, "node", None)
             code = exc.code
-            if node is not None and code != "unauthorized":
+            if node is not None and code != "unauthorized" and not isinstance(exc, _CutOffError):
                 # Admins see why an office's syncs fail, even when it cannot report.
                 await run_in_threadpool(store.note_error, node, code, str(exc))
         if isinstance(exc, HubRejectedError):
