@@ -24,7 +24,8 @@ What it measures (each figure is the median of ``--repeat`` repetitions):
   default) where both offices sync as ``fieldsync node sync`` subprocesses: peak RSS
   is VmHWM from /proc, sampled every 10 ms for the offices, read at the end for the hub.
 
-Run ``make bench`` or ``.venv/bin/python bench/bench.py --help``.
+Run ``make bench`` or ``.venv/bin/python bench/bench.py --help``; ``--only capture`` measures
+the change-capture overhead alone (no hub, no sync, no memory run).
 """
 
 from __future__ import annotations
@@ -618,6 +619,26 @@ def throughput_run(rows: Sequence[tuple[Any, ...]], workdir: Path) -> dict[str, 
     }
 
 
+def capture_run(
+    rows: Sequence[tuple[Any, ...]], workdir: Path, captured_first: bool
+) -> dict[str, Any]:
+    """One repetition of the capture figure alone: plain insert and captured insert (no hub).
+
+    ``captured_first``: which goes first, so that alternating repetitions cancel drift.
+    """
+    workdir.mkdir()
+    office = workdir / f"{OFFICE_A}.db"
+    NodeStore.init(office, OFFICE_A, f"http://{HOST}:9", "unused").close()
+    create = Schema.load().table("cases").create
+    if captured_first:
+        capture = timed_insert(office, rows)
+        plain = timed_insert(workdir / "plain.db", rows, create)
+    else:
+        plain = timed_insert(workdir / "plain.db", rows, create)
+        capture = timed_insert(office, rows)
+    return {"plain_s": plain, "capture_s": capture}
+
+
 def memory_run(count: int, seed: int, workdir: Path, timeout: float) -> dict[str, Any]:
     """``count`` changes from A to B with both offices as `fieldsync node sync` processes."""
     workdir.mkdir()
@@ -735,6 +756,15 @@ def throughput_metrics(n: int, run: dict[str, Any]) -> dict[str, float]:
         "plain_s": run["plain_s"],
         "capture_s": run["capture_s"],
         "relayed_rate": n / run["relayed_sync_s"],
+    }
+
+
+def capture_metrics(n: int, run: dict[str, Any]) -> dict[str, float]:
+    return {
+        "raw_rate": n / run["plain_s"],
+        "capture_overhead": run["capture_s"] / run["plain_s"],
+        "plain_s": run["plain_s"],
+        "capture_s": run["capture_s"],
     }
 
 
@@ -873,6 +903,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: smaller defaults, under a minute"
     )
+    parser.add_argument(
+        "--only",
+        choices=["capture"],
+        help="measure one figure alone: capture = the change-capture overhead (no hub, no "
+        "sync, no memory run)",
+    )
     parser.add_argument("--seed", type=int, default=2024, help="random seed of the case rows")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--tmpdir", help="where to put the temporary databases (default: $TMPDIR)")
@@ -905,7 +941,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fieldsync-bench-", dir=args.tmpdir) as tmp:
             started = time.perf_counter()
             rows = list(case_rows(args.changes, args.seed))
-            for i in range(args.repeat):
+            for i in range(args.repeat if args.only == "capture" else 0):
+                workdir = Path(tmp) / f"capture-{i + 1}"
+                run = capture_run(rows, workdir, captured_first=i % 2 == 1)
+                shutil.rmtree(workdir)
+                metrics.append(capture_metrics(args.changes, run))
+                progress(
+                    f"capture {i + 1}/{args.repeat}: plain {run['plain_s']:.2f} s, captured "
+                    f"{run['capture_s']:.2f} s, {run['capture_s'] / run['plain_s']:.2f}×"
+                )
+            for i in range(0 if args.only else args.repeat):
                 workdir = Path(tmp) / f"throughput-{i + 1}"
                 run = throughput_run(rows, workdir)
                 shutil.rmtree(workdir)
@@ -917,8 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"pull {run['pull_s']:.1f} s, through relays {run['relayed_sync_s']:.1f} s"
                 )
             del rows
-            seconds["throughput"] = time.perf_counter() - started
-            for i in range(args.memory_repeat if args.memory_changes else 0):
+            seconds[args.only or "throughput"] = time.perf_counter() - started
+            for i in range(args.memory_repeat if args.memory_changes and not args.only else 0):
                 started = time.perf_counter()
                 progress(f"memory {i + 1}/{args.memory_repeat}: {sizes['m']} changes")
                 workdir = Path(tmp) / f"memory-{i + 1}"
@@ -950,15 +995,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory_note = (
         f"{sizes['m']} changes, runs: {args.memory_repeat}; offices as `fieldsync node sync` "
         "subprocesses straight to the hub"
-        if args.memory_changes
+        if args.memory_changes and not args.only
         else "skipped"
     )
-    print(
-        f"- throughput and wire: N = {sizes['n']} case inserts, median of {args.repeat}; "
-        "hub: `fieldsync hub serve` subprocess on 127.0.0.1; offices sync in this process "
-        "(SyncAgent + HttpHubClient) straight to the hub, then again from scratch with each "
-        "office through its own byte-counting relay process for the wire figures"
-    )
+    if args.only == "capture":
+        print(
+            f"- capture only: N = {sizes['n']} case inserts, median of {args.repeat}; plain and "
+            "captured inserts alternate which goes first; no hub, no sync"
+        )
+    else:
+        print(
+            f"- throughput and wire: N = {sizes['n']} case inserts, median of {args.repeat}; "
+            "hub: `fieldsync hub serve` subprocess on 127.0.0.1; offices sync in this process "
+            "(SyncAgent + HttpHubClient) straight to the hub, then again from scratch with each "
+            "office through its own byte-counting relay process for the wire figures"
+        )
     print(f"- memory: {memory_note}\n")
     print(markdown_table(table))
     parts = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items() if name != "total")
