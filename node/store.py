@@ -7,13 +7,17 @@ shell, sqlite-utils, Datasette), and a rolled-back write leaves nothing. The tri
 use only built-in SQL functions, and stamp each change with the hybrid logical clock
 of ``shared/clock.py`` computed in SQL::
 
-    hlc = max(hlc + 1, (now_ms + offset_ms) << 16)
+    hlc = max(last + 1, floor + 1, (now_ms + offset_ms) << 16)
 
-where ``offset_ms`` is what the node learned of its clock error from the hub.
+where ``last`` is the stamp of the newest change in the log, ``floor`` the clock kept
+in the state row (raised by what the log does not show: stamps pulled from other
+offices, the newest change once it leaves the log; set back by a re-stamp), and
+``offset_ms`` what the node learned of its clock error from the hub. A write only
+reads the state row, so capturing it costs one INSERT.
 
 Tables fieldsync owns (all prefixed ``_fieldsync_``):
 
-- ``_fieldsync_state``: one row: office name, hub URL and token, clock, pull cursor,
+- ``_fieldsync_state``: one row: office name, hub URL and token, clock floor, pull cursor,
   the ``applying`` flag that silences the triggers while pulled changes are applied
   (so they are not captured again), and the outcome of the last sync;
 - ``_fieldsync_changes``: the change log; a change leaves it once the hub has
@@ -124,18 +128,25 @@ CREATE TABLE IF NOT EXISTS _fieldsync_sync_log (
 """
 SYNC_LOG_KEPT = 200
 
-# The hybrid logical clock, in SQL (see shared/clock.py).
-_TICK = (
-    "UPDATE _fieldsync_state SET hlc = MAX(hlc + 1, "
-    "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + offset_ms) << 16);"
+# The stamp of the newest change in the log (0 if it is empty).
+_LAST = "coalesce((SELECT hlc FROM _fieldsync_changes ORDER BY seq DESC LIMIT 1), 0)"
+# The hybrid logical clock, in SQL (see shared/clock.py and the module docstring):
+# the next stamp, after the newest change's and after the state row's floor. It is
+# worked out from the log rather than kept up to date in the state row: an UPDATE of
+# that row on every captured write cost more than the INSERT into the log.
+_STAMP = (
+    f"(SELECT MAX(s.hlc + 1, {_LAST} + 1, "
+    "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + s.offset_ms) << 16) "
+    "FROM _fieldsync_state AS s)"
 )
 # hlc may be re-stamped later (a wrong clock); captured never changes: it names the
 # change in the hub's receipts. An insert logs no values: they are read from the
 # record when the change is pushed (see NodeStore.pending), which halves the cost
-# of capturing it.
+# of capturing it. VALUES, not INSERT … SELECT: a SELECT that reads the table it
+# inserts into goes through a temporary table.
 _LOG = (
     "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
-    "SELECT {table}, json_array({pk}), '{op}', s.hlc, s.hlc, {vals} FROM _fieldsync_state AS s;"
+    "VALUES ({table}, json_array({pk}), '{op}', " + _STAMP + ", " + _STAMP + ", {vals});"
 )
 _TRIGGER = (
     "CREATE TRIGGER {name} AFTER {event} ON {table} "
@@ -228,8 +239,8 @@ def _guard(table: Table, strict: bool) -> str:
     return f"SELECT CASE {' '.join(cases)} END;"
 
 
-def trigger_sql(table: Table, strict: bool = False) -> list[str]:
-    """The CREATE TRIGGER statements that capture writes to ``table``.
+def trigger_sql(table: Table, strict: bool = False) -> dict[str, str]:
+    """The CREATE TRIGGER statements that capture writes to ``table``, by trigger name.
 
     ``strict``: the table is STRICT, so SQLite itself refuses values of other types.
     """
@@ -262,40 +273,28 @@ def trigger_sql(table: Table, strict: bool = False) -> list[str]:
         )
         changed_vals = f"json_remove({_json_object(table, 'NEW', others)}, {removals})"
     log = dict(table=_lit(table.name))
-    return [
-        _TRIGGER.format(
-            name=quote(f"_fieldsync_{name}_insert"),
-            event="INSERT",
-            table=t,
-            when="",
-            body=guard + _TICK + _LOG.format(**log, pk=pk_new, op="insert", vals="NULL"),
+    bodies = {
+        "insert": ("INSERT", "", guard + _LOG.format(**log, pk=pk_new, op="insert", vals="NULL")),
+        "update": (
+            "UPDATE",
+            f" AND {same_pk} AND ({some_changed})",
+            guard + _LOG.format(**log, pk=pk_new, op="update", vals=changed_vals),
         ),
-        _TRIGGER.format(
-            name=quote(f"_fieldsync_{name}_update"),
-            event="UPDATE",
-            table=t,
-            when=f" AND {same_pk} AND ({some_changed})",
-            body=guard + _TICK + _LOG.format(**log, pk=pk_new, op="update", vals=changed_vals),
-        ),
-        _TRIGGER.format(
-            name=quote(f"_fieldsync_{name}_rekey"),
-            event="UPDATE",
-            table=t,
-            when=f" AND NOT ({same_pk})",
-            body=guard
-            + _TICK
+        "rekey": (
+            "UPDATE",
+            f" AND NOT ({same_pk})",
+            guard
             + _LOG.format(**log, pk=pk_old, op="delete", vals=full_old)
-            + _TICK
             + _LOG.format(**log, pk=pk_new, op="insert", vals="NULL"),
         ),
-        _TRIGGER.format(
-            name=quote(f"_fieldsync_{name}_delete"),
-            event="DELETE",
-            table=t,
-            when="",
-            body=_TICK + _LOG.format(**log, pk=pk_old, op="delete", vals=full_old),
-        ),
-    ]
+        "delete": ("DELETE", "", _LOG.format(**log, pk=pk_old, op="delete", vals=full_old)),
+    }
+    return {
+        f"_fieldsync_{name}_{kind}": _TRIGGER.format(
+            name=quote(f"_fieldsync_{name}_{kind}"), event=event, table=t, when=when, body=body
+        )
+        for kind, (event, when, body) in bodies.items()
+    }
 
 
 def _is_strict(conn: sqlite3.Connection, name: str) -> bool:
@@ -305,23 +304,45 @@ def _is_strict(conn: sqlite3.Connection, name: str) -> bool:
     return False
 
 
+def _stale_triggers(conn: sqlite3.Connection, schema: Schema) -> dict[str, str]:
+    """This version's capture triggers that the database lacks or has in another form."""
+    have = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+    return {
+        name: sql
+        for table in schema.tables.values()
+        for name, sql in trigger_sql(table, _is_strict(conn, table.name)).items()
+        if have.get(name) != sql
+    }
+
+
+def _needs_upgrade(conn: sqlite3.Connection, schema: Schema) -> bool:
+    have = {
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE name IN "
+            "('_fieldsync_rejected', '_fieldsync_sync_log')"
+        )
+    }
+    return len(have) < 2 or bool(_stale_triggers(conn, schema))
+
+
 def _upgrade(conn: sqlite3.Connection, schema: Schema) -> None:
-    """Bring a database made by fieldsync 0.1 up to date (same data, new triggers)."""
+    """Bring a database made by an older fieldsync up to date (same data, new triggers)."""
     have = conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_rejected'").fetchone()
-    if have:
-        return
-    for statement in _STATE_TABLES.split(";"):
-        conn.execute(statement)
-    # The schema moves out of the state row (which every captured write updates).
-    conn.execute(
-        "INSERT OR IGNORE INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
-    )
-    conn.execute("UPDATE _fieldsync_state SET schema = ''")
-    for table in schema.tables.values():
-        for sql in trigger_sql(table, _is_strict(conn, table.name)):
-            name = sql.split(" ", 3)[2]
-            conn.execute(f"DROP TRIGGER IF EXISTS {name}")
-            conn.execute(sql)
+    if not have:  # made by fieldsync 0.1
+        for statement in _STATE_TABLES.split(";"):
+            conn.execute(statement)
+        # The schema moves out of the state row (which 0.1 updated on every write).
+        conn.execute(
+            "INSERT OR IGNORE INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
+        )
+        conn.execute("UPDATE _fieldsync_state SET schema = ''")
+    conn.execute(_SYNC_LOG)
+    # Triggers of older versions kept the clock in the state row, updated on every
+    # write; that row's clock is where the new ones start from (see _STAMP).
+    for name, sql in _stale_triggers(conn, schema).items():
+        conn.execute(f"DROP TRIGGER IF EXISTS {quote(name)}")
+        conn.execute(sql)
 
 
 def _utcnow() -> str:
@@ -392,7 +413,7 @@ class NodeStore:
         with contextlib.suppress(sqlite3.Error):
             row = conn.execute("SELECT node, hub_url, token FROM _fieldsync_state").fetchone()
         if row is not None:
-            try:  # kept apart from the state row, which every captured write updates
+            try:  # kept apart from the state row, which older versions updated on every write
                 source = conn.execute("SELECT source FROM _fieldsync_schema").fetchone()
             except sqlite3.Error:  # made by fieldsync 0.1
                 source = conn.execute("SELECT schema FROM _fieldsync_state").fetchone()
@@ -404,17 +425,9 @@ class NodeStore:
             )
         self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
         self.schema = Schema.from_toml(source[0], f"the schema stored in {self.path}")
-        have = {
-            row[0]
-            for row in self.db.conn.execute(
-                "SELECT name FROM sqlite_master WHERE name IN "
-                "('_fieldsync_rejected', '_fieldsync_sync_log')"
-            )
-        }
-        if len(have) < 2:  # made by an older fieldsync
+        if _needs_upgrade(self.db.conn, self.schema):
             with write(self.db) as conn:
                 _upgrade(conn, self.schema)
-                conn.execute(_SYNC_LOG)
 
     @classmethod
     def init(
@@ -452,7 +465,7 @@ class NodeStore:
                     "INSERT INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
                 )
                 for table in schema.tables.values():
-                    for sql in trigger_sql(table, _is_strict(conn, table.name)):
+                    for sql in trigger_sql(table, _is_strict(conn, table.name)).values():
                         conn.execute(sql)
                     _backfill(conn, table)
         finally:
@@ -664,6 +677,7 @@ class NodeStore:
             ).fetchone()
             if row is None:
                 raise StoreError(f"there is no queued change {seq} in {self.path}")
+            _hold_clock(conn)
             conn.execute("DELETE FROM _fieldsync_changes WHERE seq = ?", [seq])
             table = self.schema.table(row[0])
             # The record as it is now (if it still exists), whole.
@@ -801,6 +815,7 @@ class NodeStore:
             rows = conn.execute(
                 f"SELECT seq FROM _fieldsync_changes WHERE {self._PENDING} ORDER BY seq"
             ).fetchall()
+            _hold_clock(conn)
             conn.execute(f"DELETE FROM _fieldsync_changes WHERE NOT {self._PENDING}")
             # Above every number in use, so no renumbered change collides with another.
             start = max(acked, rows[-1][0] if rows else 0)
@@ -1068,9 +1083,16 @@ def _shifted(text: str, offset_ms: int) -> str:
     return moved.isoformat(timespec="seconds")
 
 
+def _hold_clock(conn: sqlite3.Connection) -> None:
+    """Before changes leave the log: raise the clock's floor to the newest change's stamp,
+    so that new stamps still follow it (see _STAMP)."""
+    conn.execute(f"UPDATE _fieldsync_state SET hlc = MAX(hlc, {_LAST})")
+
+
 def _forget_acked(conn: sqlite3.Connection) -> None:
     """Delete acknowledged changes, keeping a marker numbered ``acked_seq`` when the log
     would otherwise end below it (so the next change is numbered after it)."""
+    _hold_clock(conn)
     acked = conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
     conn.execute("DELETE FROM _fieldsync_changes WHERE seq <= ?", [acked])
     conn.execute(
@@ -1084,16 +1106,18 @@ def _forget_acked(conn: sqlite3.Connection) -> None:
 def _log_rows(
     conn: sqlite3.Connection, table: Table, op: str, where: str = "", params: Sequence[Any] = ()
 ) -> None:
-    """Log rows of ``table`` as they are now, whole (as the insert trigger would)."""
-    conn.execute(_TICK)
+    """Log rows of ``table`` as they are now, whole (as the insert trigger would).
+
+    They all get the same stamp, the clock's next.
+    """
+    stamp = conn.execute(f"SELECT {_STAMP}").fetchone()[0]
     pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     conn.execute(
         "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
-        f"SELECT ?, json_array({pk}), ?, (SELECT hlc FROM _fieldsync_state), "
-        "(SELECT hlc FROM _fieldsync_state), "
+        f"SELECT ?, json_array({pk}), ?, ?, ?, "
         f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t "
         + where.format(pk=pk),
-        [table.name, op, *params],
+        [table.name, op, stamp, stamp, *params],
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlite_utils
 
-from node.store import NodeStore
+from node.store import NodeStore, trigger_sql
 from shared.clock import COUNTER_BITS, Timestamp
 from shared.errors import ProtocolError, StoreError
 from shared.protocol import PullPage, PullRow
@@ -424,6 +424,32 @@ def test_clock_offset_shifts_stamps(store: NodeStore, path: Path) -> None:
     assert expected - 60_000 < wall <= expected
 
 
+def test_the_clock_never_goes_back_when_changes_leave_the_log(store: NodeStore, path: Path) -> None:
+    # New stamps follow the newest change in the log; once it has left the log (acked,
+    # dropped, renumbered away), the state row holds its stamp for them.
+    store.set_clock_offset(3_600_000)  # believed an hour behind the hub...
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, household_size) VALUES ('c1', 1)")
+        conn.execute("UPDATE cases SET household_size = 2")
+    first, second = store.pending(10)
+    store.set_clock_offset(0)  # ...then not
+    assert store.drop_change(second.seq)
+    [_, relogged] = store.pending(10)
+    assert relogged.ts.hlc > second.ts.hlc
+    store.mark_acked(relogged.seq, store.pending(10))
+    assert log(store) == []
+    with plain(path) as conn:
+        conn.execute("UPDATE cases SET household_size = 3")
+    [after_ack] = store.pending(10)
+    assert after_ack.ts.hlc > relogged.ts.hlc
+    assert store.renumber_after(after_ack.seq + 5) == 1
+    with plain(path) as conn:
+        conn.execute("UPDATE cases SET household_size = 4")
+    stamps = [c.ts.hlc for c in store.pending(10)]
+    assert stamps[0] == after_ack.ts.hlc < stamps[1]
+    assert all(c.captured in (None, c.ts.hlc) for c in store.pending(10))
+
+
 def test_changing_a_primary_key_logs_delete_then_insert(store: NodeStore, path: Path) -> None:
     with plain(path) as conn:
         conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali')")
@@ -718,3 +744,62 @@ def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) ->
     finally:
         store.close()
     NodeStore(path).close()  # opens again without upgrading twice
+
+
+# The capture trigger of the version before 0.x kept the clock in the state row,
+# updating it on every write (the value checks left out here).
+_OLD_INSERT_TRIGGER = (
+    "CREATE TRIGGER _fieldsync_cases_insert AFTER INSERT ON cases "
+    "WHEN (SELECT applying FROM _fieldsync_state) = 0 BEGIN "
+    "UPDATE _fieldsync_state SET hlc = MAX(hlc + 1, "
+    "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + offset_ms) << 16);"
+    "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
+    "SELECT 'cases', json_array(NEW.id), 'insert', s.hlc, s.hlc, NULL "
+    "FROM _fieldsync_state AS s; END"
+)
+
+
+def test_older_capture_triggers_are_replaced_when_opened(path: Path) -> None:
+    NodeStore.init(path, "astana", HUB_URL, "tok").close()
+    future = now_hlc() + (3_600_000 << COUNTER_BITS)  # its clock ran an hour ahead
+    with plain(path) as conn:
+        conn.execute("DROP TRIGGER _fieldsync_cases_insert")
+        conn.execute(_OLD_INSERT_TRIGGER)
+        conn.execute("UPDATE _fieldsync_state SET hlc = ?", [future])
+        conn.execute("INSERT INTO cases (id) VALUES ('old1')")
+        conn.execute("INSERT INTO cases (id) VALUES ('old2')")
+    store = NodeStore(path)
+    try:
+        triggers = dict(
+            store.db.conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        )
+        wanted = {
+            name: sql
+            for table in store.schema.tables.values()
+            for name, sql in trigger_sql(table, strict=True).items()
+        }
+        assert triggers == wanted
+        old = store.pending(10)
+        assert [c.ts.hlc for c in old] == [future + 1, future + 2]
+        with plain(path) as conn:
+            conn.execute("INSERT INTO cases (id) VALUES ('new1')")
+        store.mark_acked(old[-1].seq, old)  # the old changes leave the log
+        with plain(path) as conn:
+            conn.execute("INSERT INTO cases (id, family_name) VALUES ('new2', 'Ali')")
+            conn.execute("UPDATE cases SET family_name = 'Aliev' WHERE id = 'new2'")
+        new = store.pending(10)
+        assert [(c.op, c.pk["id"]) for c in new] == [
+            ("insert", "new1"),
+            ("insert", "new2"),
+            ("update", "new2"),
+        ]
+        stamps = [c.ts.hlc for c in new]
+        assert future + 2 < stamps[0] < stamps[1] < stamps[2]
+        assert all(c.captured in (None, c.ts.hlc) for c in new)
+    finally:
+        store.close()
+    with plain(path) as conn:
+        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    NodeStore(path).close()  # opens again without replacing them twice
+    with plain(path) as conn:
+        assert conn.execute("PRAGMA schema_version").fetchone()[0] == version
