@@ -139,14 +139,15 @@ _STAMP = (
     "(CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) + s.offset_ms) << 16) "
     "FROM _fieldsync_state AS s)"
 )
-# hlc may be re-stamped later (a wrong clock); captured never changes: it names the
-# change in the hub's receipts. An insert logs no values: they are read from the
-# record when the change is pushed (see NodeStore.pending), which halves the cost
-# of capturing it. VALUES, not INSERT … SELECT: a SELECT that reads the table it
-# inserts into goes through a temporary table.
+# hlc may be re-stamped later (a wrong clock); the stamp a change was captured with
+# names it in the hub's receipts. captured is 0 while that stamp is hlc (so the
+# trigger works it out once); a re-stamp first copies it there. An insert logs no
+# values: they are read from the record when the change is pushed (see
+# NodeStore.pending), which halves the cost of capturing it. VALUES, not INSERT …
+# SELECT: a SELECT that reads the table it inserts into goes through a temporary table.
 _LOG = (
     "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
-    "VALUES ({table}, json_array({pk}), '{op}', " + _STAMP + ", " + _STAMP + ", {vals});"
+    "VALUES ({table}, json_array({pk}), '{op}', " + _STAMP + ", 0, {vals});"
 )
 _TRIGGER = (
     "CREATE TRIGGER {name} AFTER {event} ON {table} "
@@ -542,7 +543,7 @@ class NodeStore:
             current = versions.setdefault((tbl, key), {})
             ts = Timestamp(hlc, self.node)
             pk = dict(zip(table.primary_key, json.loads(key), strict=True))
-            changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured))
+            changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured or hlc))
             _effect(current, op, values, str(ts))
         return changes
 
@@ -872,7 +873,11 @@ class NodeStore:
             for seq, hlc in bad:
                 floor = max(floor + 1, min(hlc + (shift_ms << 16), limit))
                 stamps.append((floor, seq))
-            conn.executemany("UPDATE _fieldsync_changes SET hlc = ? WHERE seq = ?", stamps)
+            conn.executemany(
+                "UPDATE _fieldsync_changes SET captured = CASE captured WHEN 0 THEN hlc "
+                "ELSE captured END, hlc = ? WHERE seq = ?",
+                stamps,
+            )
             conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
             return len(bad)
 
@@ -1114,10 +1119,10 @@ def _log_rows(
     pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     conn.execute(
         "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
-        f"SELECT ?, json_array({pk}), ?, ?, ?, "
+        f"SELECT ?, json_array({pk}), ?, ?, 0, "
         f"{_json_object(table, 't', table.column_names)} FROM {quote(table.name)} AS t "
         + where.format(pk=pk),
-        [table.name, op, stamp, stamp, *params],
+        [table.name, op, stamp, *params],
     )
 
 

@@ -450,6 +450,24 @@ def test_the_clock_never_goes_back_when_changes_leave_the_log(store: NodeStore, 
     assert all(c.captured in (None, c.ts.hlc) for c in store.pending(10))
 
 
+def test_a_restamped_change_keeps_the_stamp_it_was_captured_with(
+    store: NodeStore, path: Path
+) -> None:
+    store.set_clock_offset(3_600_000)  # believed an hour behind the hub, wrongly
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id) VALUES ('c1')")
+        conn.execute("INSERT INTO cases (id) VALUES ('c2')")
+    before = store.pending(10)
+    assert [c.captured for c in before] == [c.ts.hlc for c in before]
+    store.set_clock_offset(0)
+    assert store.restamp(time.time_ns() // 1_000_000, -3_600_000, every=True) == 2
+    after = store.pending(10)
+    assert [c.captured for c in after] == [c.ts.hlc for c in before]
+    assert after[0].ts.hlc < after[1].ts.hlc < before[0].ts.hlc
+    assert store.restamp(time.time_ns() // 1_000_000, -1, every=True) == 2  # again
+    assert [c.captured for c in store.pending(10)] == [c.ts.hlc for c in before]
+
+
 def test_changing_a_primary_key_logs_delete_then_insert(store: NodeStore, path: Path) -> None:
     with plain(path) as conn:
         conn.execute("INSERT INTO cases (id, family_name) VALUES ('c1', 'Ali')")
