@@ -33,7 +33,7 @@ from shared.errors import (
     StoreError,
     error_code,
 )
-from shared.protocol import PullPage
+from shared.protocol import PullPage, PushResult
 
 log = logging.getLogger("fieldsync.agent")
 
@@ -253,9 +253,12 @@ class SyncAgent:
         restamped = renumbered = False
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-push") as pool:
             batch = self.store.pending(batch_size)
+            request: Future[PushResult] | None = None
+            sent = 0
             while batch and batch[0].seq <= stop_at:
-                sent = self._now()
-                request = pool.submit(self.client.push, batch)
+                if request is None:
+                    sent = self._now()
+                    request = pool.submit(self.client.push, batch)
                 # Read the next batch while the hub works on this one.
                 ahead = None
                 if batch[-1].seq < stop_at:
@@ -307,8 +310,22 @@ class SyncAgent:
                         exc.code,
                         exc.status,
                     ) from exc
+                finally:
+                    request = None
                 self._check_identity(result.node)
                 self._learn_offset(sent, result.hub_time_ms)
+                if (
+                    ahead
+                    and ahead[0].seq <= stop_at
+                    and not result.rejected
+                    and result.acked >= batch[-1].seq
+                ):
+                    # The hub took the whole batch: send the next one now, and save
+                    # the acknowledgement while the hub works on it. Its bases already
+                    # count this batch's effects; a crash in between only makes the
+                    # next sync send both again, which the hub's receipts pass.
+                    sent = self._now()
+                    request = pool.submit(self.client.push, ahead)
                 self.store.mark_acked(result.acked, batch, result.rejected)
                 for rejection in result.rejected:
                     log.warning("the hub rejected change %d: %s", rejection.seq, rejection.reason)
