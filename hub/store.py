@@ -178,8 +178,9 @@ class ConflictRecord:
         }
 
 
-# A record to write: table, key text, key, state, hub seq, origin office (or None).
-_Write = tuple[Table, str, dict[str, Any], RecordState, int, str | None]
+# A record to write: table, key text, key, state, hub seq, origin office (or None),
+# and the JSON text of the state's values if already made (or None).
+_Write = tuple[Table, str, dict[str, Any], RecordState, int, str | None, str | None]
 
 
 def _check_hub_file(path: Path, create: bool) -> None:
@@ -469,9 +470,10 @@ class SqliteHubStore(MonitorStore):
         dirty: dict[tuple[str, str], _Write] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[str, int, int]] = []
-        history: list[tuple[str, str, int, str, str, str, str | None]] = []
+        history: list[tuple[str, str, int, str, str, str, str | None, str]] = []
         rejected: list[tuple[Change, str]] = []
-        applied = conflicts = 0
+        applied = conflicts = newest = 0
+        now = utcnow()
         skew: ClockSkewError | None = None
         for index, change in enumerate(changes):
             if change.seq <= acked:
@@ -501,10 +503,15 @@ class SqliteHubStore(MonitorStore):
             ]
             seq += 1
             origin = node if outcome.exact else None
+            vals = None if change.values is None else dumps_text(change.values)
+            # A record new to the hub holds just the change's values: the same text.
+            same = vals if current is None else None
             if per_change:
                 conn.execute("SAVEPOINT change")
                 try:
-                    self._write_records(conn, [(table, key, change.pk, outcome.state, seq, origin)])
+                    self._write_records(
+                        conn, [(table, key, change.pk, outcome.state, seq, origin, same)]
+                    )
                     self._write_conflicts(conn, found)
                     conn.execute("RELEASE change")
                 except sqlite3.IntegrityError as exc:
@@ -518,31 +525,21 @@ class SqliteHubStore(MonitorStore):
                     continue
             else:
                 conflict_rows.extend(found)
-            dirty[ref] = (table, key, change.pk, outcome.state, seq, origin)
-            history.append(
-                (
-                    table.name,
-                    key,
-                    seq,
-                    node,
-                    str(change.ts),
-                    change.op,
-                    None if change.values is None else dumps_text(change.values),
-                )
-            )
+            dirty[ref] = (table, key, change.pk, outcome.state, seq, origin, same)
+            history.append((table.name, key, seq, node, str(change.ts), change.op, vals, now))
             conflicts += len(found)
             applied += 1
             acked = change.seq
-            self.clock.observe(change.ts.hlc)
+            newest = max(newest, change.ts.hlc)
             new_receipts.append((node, change.seq, change.receipt))
+        self.clock.observe(newest)
         if not per_change:
             self._write_records(conn, dirty.values())
             self._write_conflicts(conn, conflict_rows)
         conn.executemany(
             "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)", new_receipts
         )
-        now = utcnow()
-        _write_history(conn, history, now)
+        _write_history(conn, history)
         count_push(conn, node, applied)
         conn.executemany(
             "INSERT OR IGNORE INTO _fieldsync_rejected (node, seq, tbl, pk, op, reason, "
@@ -674,7 +671,7 @@ class SqliteHubStore(MonitorStore):
         """Store records' states and mirror them into the real tables."""
         rows = []
         mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
-        for table, key, pk, state, seq, origin in records:
+        for table, key, pk, state, seq, origin, vals in records:
             rows.append(
                 (
                     table.name,
@@ -682,7 +679,7 @@ class SqliteHubStore(MonitorStore):
                     seq,
                     origin,
                     int(state.deleted),
-                    dumps_text(state.values),
+                    dumps_text(state.values) if vals is None else vals,
                     dumps_text(state.versions),
                 )
             )
@@ -1003,11 +1000,23 @@ class SqliteHubStore(MonitorStore):
                 state.versions[EXISTS] = ts
             if state != current:
                 seq = self._last_seq(conn) + 1
-                self._write_records(conn, [(table, key, record.pk, state, seq, None)])
+                self._write_records(conn, [(table, key, record.pk, state, seq, None, None)])
                 self._save_meta(conn, seq)
                 change = {"deleted": True} if state.deleted else chosen
                 _write_history(
-                    conn, [(table.name, key, seq, f"admin {by}", ts, "resolve", dumps_text(change))]
+                    conn,
+                    [
+                        (
+                            table.name,
+                            key,
+                            seq,
+                            f"admin {by}",
+                            ts,
+                            "resolve",
+                            dumps_text(change),
+                            utcnow(),
+                        )
+                    ],
                 )
             resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
             conn.execute(
@@ -1041,13 +1050,12 @@ class SqliteHubStore(MonitorStore):
 
 def _write_history(
     conn: sqlite3.Connection,
-    rows: Sequence[tuple[str, str, int, str, str, str, str | None]],
-    at: str | None = None,
+    rows: Sequence[tuple[str, str, int, str, str, str, str | None, str]],
 ) -> None:
-    """Keep each version a record went through: table, key, hub seq, who, stamp, op, values."""
-    at = at or utcnow()
+    """Keep each version a record went through: table, key, hub seq, who, stamp, op, values,
+    time received."""
     conn.executemany(
         "INSERT INTO _fieldsync_history (tbl, pk, seq, actor, ts, op, vals, at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(*row, at) for row in rows],
+        rows,
     )

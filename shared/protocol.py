@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from shared.clock import Timestamp
+from shared.clock import Timestamp, are_stamps
 from shared.errors import ProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION = 2
@@ -48,6 +48,13 @@ def loads(data: bytes | str) -> Any:
 
 
 OPS = ("insert", "update", "delete")
+_WRITES = ("insert", "update")
+_NO_BASE: dict[str, str] = {}
+
+
+def _good_base(base: dict[Any, Any]) -> bool:
+    """True if ``base`` maps column names to canonical version stamps."""
+    return all(type(k) is str for k in base) and are_stamps(base.values())
 
 
 def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -105,6 +112,28 @@ class Change:
     @classmethod
     def from_json(cls, data: Any, node: str) -> Change:
         """Read a change pushed by ``node``; raise ProtocolError if malformed."""
+        if type(data) is dict:
+            # The common shape, checked in one go; anything else takes the long way,
+            # which names what is wrong.
+            seq, table, pk, op, hlc = (data.get(k) for k in ("seq", "table", "pk", "op", "ts"))
+            base = data.get("base", _NO_BASE)
+            values = data.get("values")
+            if (
+                type(seq) is int
+                and type(table) is str
+                and type(pk) is dict
+                and type(hlc) is int
+                and 0 < hlc < 2**63
+                and type(base) is dict
+                and "captured" not in data
+                and (op == "delete" or (op in _WRITES and type(values) is dict and values))
+                and (not base or _good_base(base))
+            ):
+                if op == "delete":
+                    values = None
+                if base is _NO_BASE:
+                    base = {}
+                return cls(seq, table, pk, op, Timestamp(hlc, node), values, base)
         if not isinstance(data, dict):
             raise ProtocolError(f"a change must be an object, got {type(data).__name__}")
         seq = _field(data, "seq", int, "change")

@@ -56,9 +56,11 @@ class Table:
         default_factory=dict, init=False, compare=False, hash=False, repr=False
     )
     _names: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
+    _pk_names: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_names", tuple(c.name for c in self.columns))
+        object.__setattr__(self, "_pk_names", frozenset(self.primary_key))
         for col in self.columns:
             kind = col.type.upper()
             fast: set[type] = {type(None)}
@@ -84,10 +86,21 @@ class Table:
 
     def pk_key(self, pk: Mapping[str, Any]) -> str:
         """Return the canonical text key of a primary key: a compact JSON array."""
+        if len(self.primary_key) == 1:
+            value = pk[self.primary_key[0]]
+            kind = type(value)
+            # The common keys, spelled as the JSON encoder would (see pk_key below).
+            if kind is str and value.isprintable() and '"' not in value and "\\" not in value:
+                return f'["{value}"]'
+            if kind is int:
+                return f"[{value}]"
         return pk_key([pk[name] for name in self.primary_key])
 
     def check_pk(self, pk: Any) -> dict[str, Any]:
         """Return ``pk`` if it names exactly this table's key columns with scalar values."""
+        if type(pk) is dict and pk.keys() == self._pk_names and None not in pk.values():
+            self.check_values(pk)  # the same checks as check_value, faster
+            return pk
         if not isinstance(pk, dict) or set(pk) != set(self.primary_key):
             raise InvalidChangeError(
                 f"primary key of {self.name} must name exactly "
