@@ -905,9 +905,13 @@ class NodeStore:
                 key = table.pk_key(table.check_pk(row.pk))
                 if row.values is not None:
                     table.check_values(row.values)
-                if not are_stamps(row.versions.values()):
+                try:
+                    stamps: set[Any] = set(row.versions.values())  # mostly one: an insert's
+                except TypeError:  # not text: refused just below
+                    stamps = {None}
+                if not are_stamps(stamps):
                     raise ValueError("a version is not a stamp")
-                newest = int(max(row.versions.values(), default="0")[:16], 16)
+                newest = int(max(stamps, default="0")[:16], 16)
             except (ValueError, KeyError) as exc:
                 raise ProtocolError(
                     f"the hub sent a record this office cannot take: {exc}"

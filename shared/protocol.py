@@ -259,6 +259,18 @@ class PullRow:
 
     @classmethod
     def from_json(cls, data: Any) -> PullRow:
+        if type(data) is dict:  # the common shape in one go; the long way names faults
+            seq, table, pk, values, versions = (
+                data.get(k) for k in ("seq", "table", "pk", "values", "versions")
+            )
+            if (
+                type(seq) is int
+                and type(table) is str
+                and type(pk) is dict
+                and (values is None or type(values) is dict)
+                and type(versions) is dict
+            ):
+                return cls(seq, table, pk, values, versions)
         if not isinstance(data, dict):
             raise ProtocolError("a pulled row must be an object")
         values = data.get("values")
