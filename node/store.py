@@ -509,17 +509,31 @@ class NodeStore:
         ``after``: the batch before, still on its way to the hub; this one follows it
         and its bases take the effects of that batch into account.
         """
-        # Bytes, decoded here: text that is not UTF-8 (a CSV imported in another
-        # encoding) gets a message that names the change, never its contents.
-        rows = self.db.conn.execute(
-            "SELECT seq, tbl, CAST(pk AS BLOB), op, hlc, captured, CAST(vals AS BLOB) "
-            f"FROM _fieldsync_changes WHERE {self._PENDING} AND seq > ? ORDER BY seq LIMIT ?",
-            [after[-1].seq if after else 0, limit],
-        ).fetchall()
-        if not rows:
-            return Pending([], {})
-        inserted = self._inserted_values(rows[0][0], rows[-1][0])
-        keys = {(tbl, raw_key.decode("utf-8", "replace")) for _, tbl, raw_key, *_ in rows}
+        # Text as SQLite gives it; only where some is not UTF-8 (a CSV imported in
+        # another encoding) as bytes, decoded here, so that the message names the
+        # change, never its contents.
+        sql = (
+            "SELECT seq, tbl, {pk}, op, hlc, captured, {vals} FROM _fieldsync_changes "
+            f"WHERE {self._PENDING} AND seq > ? ORDER BY seq LIMIT ?"
+        )
+        params = [after[-1].seq if after else 0, limit]
+        rows: list[Any]
+        try:
+            rows = self.db.conn.execute(sql.format(pk="pk", vals="vals"), params).fetchall()
+            if not rows:
+                return Pending([], {})
+            inserted = self._inserted_values(rows[0][0], rows[-1][0], as_bytes=False)
+        except sqlite3.OperationalError:  # text that is not UTF-8
+            rows = self.db.conn.execute(
+                sql.format(pk="CAST(pk AS BLOB)", vals="CAST(vals AS BLOB)"), params
+            ).fetchall()
+            if not rows:
+                return Pending([], {})
+            inserted = self._inserted_values(rows[0][0], rows[-1][0])
+        keys = {
+            (tbl, raw_key if type(raw_key) is str else raw_key.decode("utf-8", "replace"))
+            for _, tbl, raw_key, *_ in rows
+        }
         carried = after.versions if after else {}
         versions = self._versions_many(k for k in keys if k not in carried)
         versions.update({k: dict(carried[k]) for k in keys if k in carried})
@@ -527,7 +541,7 @@ class NodeStore:
         for seq, tbl, raw_key, op, hlc, captured, raw in rows:
             table = self.schema.table(tbl)
             try:
-                key = raw_key.decode("utf-8")
+                key = raw_key if type(raw_key) is str else raw_key.decode("utf-8")
                 if op == "delete":
                     values = None
                 elif raw is not None:
@@ -535,14 +549,14 @@ class NodeStore:
                 elif seq in inserted:
                     values = inserted[seq]
                 else:  # deleted since: as it was when deleted
-                    values = self._deleted_values(tbl, raw_key, seq)
+                    values = self._deleted_values(tbl, key.encode("utf-8"), seq)
                     if values is None:
                         op = "delete"
             except UnicodeDecodeError:
                 raise self._not_utf8(seq, tbl) from None
             current = versions.setdefault((tbl, key), {})
             ts = Timestamp(hlc, self.node)
-            pk = dict(zip(table.primary_key, json.loads(key), strict=True))
+            pk = dict(zip(table.primary_key, _key_values(key), strict=True))
             changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured or hlc))
             _effect(current, op, values, str(ts))
         return changes
@@ -558,18 +572,25 @@ class NodeStore:
             return None
         return dict(json.loads(row[0].decode("utf-8")))
 
-    def _inserted_values(self, first: int, last: int) -> dict[int, dict[str, Any]]:
-        """The current values of records logged as inserts without values, by seq."""
+    def _inserted_values(
+        self, first: int, last: int, *, as_bytes: bool = True
+    ) -> dict[int, dict[str, Any]]:
+        """The current values of records logged as inserts without values, by seq.
+
+        ``as_bytes``: text is read as bytes and decoded here (see pending); otherwise
+        text that is not UTF-8 raises sqlite3.OperationalError.
+        """
         found: dict[int, dict[str, Any]] = {}
         for table in self.schema.tables.values():
             join = " AND ".join(
                 f"t.{quote(c)} = json_extract(c.pk, '$[{i}]')"
                 for i, c in enumerate(table.primary_key)
             )
-            # Text as bytes, decoded below (see pending).
             cols = ", ".join(
                 f"CASE typeof(t.{quote(c)}) WHEN 'text' THEN CAST(t.{quote(c)} AS BLOB) "
                 f"ELSE t.{quote(c)} END"
+                if as_bytes
+                else f"t.{quote(c)}"
                 for c in table.column_names
             )
             cursor = self.db.conn.execute(
@@ -580,6 +601,10 @@ class NodeStore:
                 [first, last, table.name],
             ).fetchall()
             names = table.column_names
+            if not as_bytes:
+                for seq, *values in cursor:
+                    found[seq] = dict(zip(names, values, strict=True))
+                continue
             for seq, *values in cursor:
                 try:
                     found[seq] = {
@@ -1084,6 +1109,14 @@ class NodeStore:
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of a synced table, ordered by primary key."""
         return table_rows(self.db.conn, self.schema.table(table))
+
+
+def _key_values(key: str) -> list[Any]:
+    """The values of a key text (a JSON array, as SQLite's json_array() writes it)."""
+    try:
+        return list(loads(key))
+    except ValueError:  # beyond what orjson reads (an integer past 64 bits)
+        return list(json.loads(key))
 
 
 def _shifted(text: str, offset_ms: int) -> str:
