@@ -183,6 +183,66 @@ class ConflictRecord:
 _Write = tuple[Table, str, dict[str, Any], RecordState, int, str | None, str | None]
 
 
+# Pages the WAL may reach before a committing writer copies it into the database
+# itself; normally the checkpoint thread does it first, off the write path.
+WAL_AUTOCHECKPOINT_PAGES = 8000
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file in a thread of its own, after each push.
+
+    A PASSIVE checkpoint takes no lock a writer needs, so the next push commits while
+    it runs; it syncs as the hub's connection does (synchronous=FULL). The thread
+    starts with the first push, so short-lived stores (the CLI) never start one.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def poke(self) -> None:
+        with self._start_lock:
+            if self._stopping:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="fieldsync-checkpoint", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            log.warning("no background checkpoints of %s: %s", self._path, exc)
+            return
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the writer checkpoints by itself then
+                    log.debug("background checkpoint of %s failed: %s", self._path, exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with self._start_lock:
+            self._stopping = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout=60)
+
+
 def _check_hub_file(path: Path, create: bool) -> None:
     """Refuse to turn a database that is not a hub into one (read-only look first)."""
     try:
@@ -322,6 +382,8 @@ class SqliteHubStore(MonitorStore):
         if self.path.exists():
             _check_hub_file(self.path, create)
         self.db = connect(self.path, synchronous="FULL")
+        self.db.conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+        self._checkpointer = _Checkpointer(self.path)
         self._lock = threading.Lock()
         self._now = now
         self.max_future_ms = max_future_ms
@@ -357,6 +419,7 @@ class SqliteHubStore(MonitorStore):
                 self.clock.observe(int(row[0]))
 
     def close(self) -> None:
+        self._checkpointer.close()
         with self._lock:
             self.db.conn.close()
 
@@ -449,6 +512,7 @@ class SqliteHubStore(MonitorStore):
                     conn.execute("RELEASE batch")
                     outcome = self._push(conn, node, changes, per_change=True)
                 acked, applied, conflicts, rejected, skew = outcome
+        self._checkpointer.poke()
         if skew is not None:
             # What came before the skewed change is committed: its acked says so.
             raise skew
