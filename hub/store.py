@@ -56,7 +56,7 @@ from shared.protocol import (
     loads,
 )
 from shared.schema import EXISTS, Schema, Table, load_custom
-from shared.sqlite import connect, create_tables, put_rows, table_rows, write
+from shared.sqlite import Checkpointer, connect, create_tables, put_rows, table_rows, write
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
 
@@ -181,66 +181,6 @@ class ConflictRecord:
 # A record to write: table, key text, key, state, hub seq, origin office (or None),
 # and the JSON text of the state's values if already made (or None).
 _Write = tuple[Table, str, dict[str, Any], RecordState, int, str | None, str | None]
-
-
-# Pages the WAL may reach before a committing writer copies it into the database
-# itself; normally the checkpoint thread does it first, off the write path.
-WAL_AUTOCHECKPOINT_PAGES = 8000
-
-
-class _Checkpointer:
-    """Copies the WAL into the database file in a thread of its own, after each push.
-
-    A PASSIVE checkpoint takes no lock a writer needs, so the next push commits while
-    it runs; it syncs as the hub's connection does (synchronous=FULL). The thread
-    starts with the first push, so short-lived stores (the CLI) never start one.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    def poke(self) -> None:
-        with self._start_lock:
-            if self._stopping:
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="fieldsync-checkpoint", daemon=True
-                )
-                self._thread.start()
-        self._wake.set()
-
-    def _run(self) -> None:
-        try:
-            conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
-            log.warning("no background checkpoints of %s: %s", self._path, exc)
-            return
-        try:
-            while True:
-                self._wake.wait()
-                self._wake.clear()
-                if self._stopping:
-                    return
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # the writer checkpoints by itself then
-                    log.debug("background checkpoint of %s failed: %s", self._path, exc)
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        with self._start_lock:
-            self._stopping = True
-            thread = self._thread
-        self._wake.set()
-        if thread is not None:
-            thread.join(timeout=60)
 
 
 def _check_hub_file(path: Path, create: bool) -> None:
@@ -382,8 +322,7 @@ class SqliteHubStore(MonitorStore):
         if self.path.exists():
             _check_hub_file(self.path, create)
         self.db = connect(self.path, synchronous="FULL")
-        self.db.conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-        self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer = Checkpointer(self.db, self.path, synchronous="FULL")
         self._lock = threading.Lock()
         self._now = now
         self.max_future_ms = max_future_ms

@@ -54,7 +54,7 @@ from shared.protocol import (
     loads,
 )
 from shared.schema import EXISTS, Schema, Table, quote
-from shared.sqlite import connect, create_tables, put_rows, table_rows, write
+from shared.sqlite import Checkpointer, connect, create_tables, put_rows, table_rows, write
 
 _STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS _fieldsync_state (
@@ -425,6 +425,7 @@ class NodeStore:
                 "create one with `fieldsync node init`"
             )
         self.node, self.hub_url, self.token = str(row[0]), str(row[1]), str(row[2])
+        self._checkpointer = Checkpointer(self.db, self.path, synchronous="NORMAL")
         self.schema = Schema.from_toml(source[0], f"the schema stored in {self.path}")
         if _needs_upgrade(self.db.conn, self.schema):
             with write(self.db) as conn:
@@ -474,6 +475,7 @@ class NodeStore:
         return cls(path)
 
     def close(self) -> None:
+        self._checkpointer.close()
         self.db.conn.close()
 
     def set_hub(self, hub_url: str | None = None, token: str | None = None) -> None:
@@ -744,6 +746,7 @@ class NodeStore:
             _forget_acked(conn)
             if set_aside:
                 self._set_aside(conn, set_aside, refused)
+        self._checkpointer.poke()
 
     def _set_aside(
         self, conn: sqlite3.Connection, changes: list[Change], refused: dict[int, Rejection]
@@ -964,6 +967,7 @@ class NodeStore:
                 "repull = repull AND ?",
                 [page.cursor, newest_seen, page.more],
             )
+        self._checkpointer.poke()
         return applied
 
     # -- clock and status -------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,8 @@ import sqlite_utils
 
 from shared.errors import StoreError
 from shared.schema import Schema, Table, quote, unique_constraints
+
+log = logging.getLogger("fieldsync.sqlite")
 
 
 def connect(path: str | Path, *, synchronous: str = "NORMAL") -> sqlite_utils.Database:
@@ -26,6 +30,70 @@ def connect(path: str | Path, *, synchronous: str = "NORMAL") -> sqlite_utils.Da
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     return sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+
+
+# Pages the WAL may reach before a committing writer copies it into the database
+# itself; normally a Checkpointer thread does it first, off the write path.
+WAL_AUTOCHECKPOINT_PAGES = 8000
+
+
+class Checkpointer:
+    """Copies the WAL of ``db`` into the database file in a thread of its own.
+
+    Large syncs :meth:`poke` it after each commit. A PASSIVE checkpoint takes no lock
+    a writer needs, so the next batch commits while it runs; it syncs as the
+    writer's connection does. The thread starts with the first poke, so short-lived
+    uses (the CLI) never start one; ``db``'s own connection checkpoints by itself
+    only past WAL_AUTOCHECKPOINT_PAGES, should the thread fall behind.
+    """
+
+    def __init__(self, db: sqlite_utils.Database, path: Path, *, synchronous: str) -> None:
+        db.conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+        self._path = path
+        self._synchronous = synchronous
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def poke(self) -> None:
+        with self._start_lock:
+            if self._stopping:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="fieldsync-checkpoint", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error as exc:
+            log.warning("no background checkpoints of %s: %s", self._path, exc)
+            return
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the writer checkpoints by itself then
+                    log.debug("background checkpoint of %s failed: %s", self._path, exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with self._start_lock:
+            self._stopping = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout=60)
 
 
 @contextmanager
