@@ -276,13 +276,6 @@ class MonitorStore:
             )
         return token
 
-    def admins(self) -> list[str]:
-        with self._lock:
-            rows = self.db.conn.execute(
-                "SELECT name FROM _fieldsync_admins WHERE revoked_at IS NULL ORDER BY name"
-            ).fetchall()
-        return [row[0] for row in rows]
-
     def authenticate_admin(self, token: str) -> str:
         """Return the admin who owns ``token``; AuthError 401 (unknown) or 403 (an office's)."""
         digest = hash_token(token)
