@@ -266,15 +266,8 @@ class MonitorStore:
     def add_admin(self, name: str) -> str:
         """Register an admin and return a new token (only its hash is stored)."""
         check_node_name(name)
-        token = secrets.token_urlsafe(32)
         with self._lock, write(self.db) as conn:
-            if conn.execute("SELECT 1 FROM _fieldsync_admins WHERE name = ?", [name]).fetchone():
-                raise FieldsyncError(f"admin {name!r} already exists")
-            conn.execute(
-                "INSERT INTO _fieldsync_admins (name, token_hash, created_at) VALUES (?, ?, ?)",
-                [name, hash_token(token), utcnow()],
-            )
-        return token
+            return new_token(conn, "_fieldsync_admins", name, f"admin {name!r} already exists")
 
     def authenticate_admin(self, token: str) -> str:
         """Return the admin who owns ``token``; AuthError 401 (unknown) or 403 (an office's)."""
@@ -499,6 +492,21 @@ class MonitorStore:
             }
             for seq, actor, ts, op, vals, at in rows
         ]
+
+
+def new_token(conn: sqlite3.Connection, table: str, name: str, taken: str) -> str:
+    """Add ``name`` to ``table`` (offices or admins) with a new token; return the token.
+
+    Only the token's hash is stored; ``taken`` is the error when the name is.
+    """
+    if conn.execute(f"SELECT 1 FROM {table} WHERE name = ?", [name]).fetchone():
+        raise FieldsyncError(taken)
+    token = secrets.token_urlsafe(32)
+    conn.execute(
+        f"INSERT INTO {table} (name, token_hash, created_at) VALUES (?, ?, ?)",
+        [name, hash_token(token), utcnow()],
+    )
+    return token
 
 
 def _ensure_stats(conn: sqlite3.Connection, node: str) -> None:

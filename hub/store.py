@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ from hub.monitor import (
     count_pull,
     count_push,
     hash_token,
+    new_token,
     stamp_time,
     utcnow,
 )
@@ -367,15 +367,10 @@ class SqliteHubStore(MonitorStore):
         check_node_name(name)
         if name == "hub":
             raise ValueError("the office name 'hub' is reserved")
-        token = secrets.token_urlsafe(32)
         with self._lock, write(self.db) as conn:
-            if conn.execute("SELECT 1 FROM _fieldsync_nodes WHERE name = ?", [name]).fetchone():
-                raise FieldsyncError(f"office {name!r} is already registered")
-            conn.execute(
-                "INSERT INTO _fieldsync_nodes (name, token_hash, created_at) VALUES (?, ?, ?)",
-                [name, hash_token(token), utcnow()],
+            return new_token(
+                conn, "_fieldsync_nodes", name, f"office {name!r} is already registered"
             )
-        return token
 
     def nodes(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -149,18 +149,7 @@ class HttpHubClient:
             }
         )
         action = f"push {len(changes)} change{'' if len(changes) == 1 else 's'} to"
-        content = gzip.compress(body, compresslevel=3)
-        with _hub_errors(action, self.url):
-            response = self._client.post(
-                f"{self.url}/v1/push",
-                content=content,
-                headers={
-                    **self._headers,
-                    "Content-Type": "application/json",
-                    "Content-Encoding": "gzip",
-                },
-            )
-        self._count(response, len(content))
+        response = self._post("/v1/push", body, action)
         _raise_for_status(response, action, self.url)
         return PushResult.from_json(self._json(response, action))
 
@@ -203,10 +192,18 @@ class HttpHubClient:
     def report_status(self, report: StatusReport) -> bool:
         """Tell the hub how this office is; False if the hub is too old to listen."""
         action = "report to"
-        content = gzip.compress(dumps(report.to_json()), compresslevel=3)
+        response = self._post("/v1/status", dumps(report.to_json()), action)
+        if response.status_code == 404:
+            return False
+        _raise_for_status(response, action, self.url)
+        return True
+
+    def _post(self, path: str, body: bytes, action: str) -> httpx.Response:
+        """POST a JSON body, gzipped, and count its bytes."""
+        content = gzip.compress(body, compresslevel=3)
         with _hub_errors(action, self.url):
             response = self._client.post(
-                f"{self.url}/v1/status",
+                f"{self.url}{path}",
                 content=content,
                 headers={
                     **self._headers,
@@ -215,10 +212,7 @@ class HttpHubClient:
                 },
             )
         self._count(response, len(content))
-        if response.status_code == 404:
-            return False
-        _raise_for_status(response, action, self.url)
-        return True
+        return response
 
     def traffic(self) -> tuple[int, int]:
         """Bytes of request and answer bodies so far, as sent on the wire."""
