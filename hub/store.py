@@ -651,12 +651,13 @@ class SqliteHubStore(MonitorStore):
             for start in range(0, len(listed), 500):
                 chunk = listed[start : start + 500]
                 marks = ", ".join("?" * len(chunk))
+                unpack = self.schema.tables[name].unpack_versions
                 for pk, vals, vers, deleted in conn.execute(
                     "SELECT pk, vals, vers, deleted FROM _fieldsync_records "
                     f"WHERE tbl = ? AND pk IN ({marks})",
                     [name, *chunk],
                 ):
-                    found[(name, pk)] = RecordState(loads(vals), loads(vers), bool(deleted))
+                    found[(name, pk)] = RecordState(loads(vals), unpack(vers), bool(deleted))
         return found
 
     def _write_records(
@@ -676,7 +677,7 @@ class SqliteHubStore(MonitorStore):
                     origin,
                     int(state.deleted),
                     dumps_text(state.values) if vals is None else vals,
-                    dumps_text(state.versions),
+                    table.pack_versions(state.versions),
                 )
             )
             mirrored.setdefault(table.name, []).append(
@@ -820,7 +821,7 @@ class SqliteHubStore(MonitorStore):
         if not deleted:
             stored = loads(vals)
             values = {c: stored.get(c) for c in table.column_names}
-        return PullRow(seq, table.name, pk, values, loads(vers))
+        return PullRow(seq, table.name, pk, values, table.unpack_versions(vers))
 
     # -- rejected changes -----------------------------------------------------
 

@@ -50,7 +50,6 @@ from shared.protocol import (
     Rejection,
     StatusReport,
     SyncEvent,
-    dumps_text,
     loads,
 )
 from shared.schema import EXISTS, Schema, Table, quote
@@ -810,11 +809,12 @@ class NodeStore:
             for start in range(0, len(listed), 500):
                 chunk = listed[start : start + 500]
                 marks = ", ".join("?" * len(chunk))
+                unpack = self.schema.table(tbl).unpack_versions
                 for key, vers in self.db.conn.execute(
                     f"SELECT pk, vers FROM _fieldsync_versions WHERE tbl = ? AND pk IN ({marks})",
                     [tbl, *chunk],
                 ):
-                    found[(tbl, key)] = loads(vers)
+                    found[(tbl, key)] = unpack(vers)
         return found
 
     def _save_versions(
@@ -823,7 +823,10 @@ class NodeStore:
         conn.executemany(
             "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
             "ON CONFLICT (tbl, pk) DO UPDATE SET vers = excluded.vers",
-            [(tbl, key, dumps_text(vers)) for (tbl, key), vers in versions.items()],
+            [
+                (tbl, key, self.schema.table(tbl).pack_versions(vers))
+                for (tbl, key), vers in versions.items()
+            ],
         )
 
     def last_seq(self) -> int:

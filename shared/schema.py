@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from shared.errors import InvalidChangeError, SchemaError
 
 POLICIES = ("merge", "record", "manual")
@@ -57,9 +59,11 @@ class Table:
     )
     _names: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
     _pk_names: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
+    _name_set: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_names", tuple(c.name for c in self.columns))
+        object.__setattr__(self, "_name_set", frozenset(self._names))
         object.__setattr__(self, "_pk_names", frozenset(self.primary_key))
         for col in self.columns:
             kind = col.type.upper()
@@ -83,6 +87,26 @@ class Table:
             if col.name == name:
                 return col
         raise KeyError(name)
+
+    def pack_versions(self, versions: Mapping[str, str]) -> str:
+        """The stored text of a record's versions (column -> stamp), as JSON.
+
+        A record written once (every column at one stamp, its existence never
+        versioned) is stored as that stamp alone: a fifteenth of the bytes, and most
+        records are like that. Anything else is stored as the object.
+        """
+        if len(versions) == len(self._names):
+            stamps = set(versions.values())
+            if len(stamps) == 1 and versions.keys() == self._name_set:
+                return orjson.dumps(stamps.pop()).decode("utf-8")
+        return orjson.dumps(versions).decode("utf-8")
+
+    def unpack_versions(self, text: str | bytes) -> dict[str, str]:
+        """The versions :meth:`pack_versions` stored (either form)."""
+        found: dict[str, str] | str = orjson.loads(text)
+        if isinstance(found, str):
+            return dict.fromkeys(self._names, found)
+        return found
 
     def pk_key(self, pk: Mapping[str, Any]) -> str:
         """Return the canonical text key of a primary key: a compact JSON array."""

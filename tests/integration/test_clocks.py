@@ -33,6 +33,7 @@ import pytest
 
 from node.store import NodeStore
 from shared.clock import Timestamp, now_ms, wall_ms
+from shared.schema import Schema
 from tests.integration.test_sync import add_case, case, write
 
 pytestmark = pytest.mark.integration
@@ -136,7 +137,7 @@ def hub_version(hub: Any, case_id: str, column: str) -> Timestamp:
         "SELECT vers FROM _fieldsync_records WHERE tbl = 'cases' AND pk = ?",
         json.dumps([case_id]),
     )
-    return Timestamp.parse(json.loads(vers)[column])
+    return Timestamp.parse(Schema.load().table("cases").unpack_versions(vers)[column])
 
 
 def receipts(hub: Any, node: str) -> list[tuple[int, int]]:

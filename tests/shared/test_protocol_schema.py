@@ -565,3 +565,25 @@ def test_auto_numbered_integer_keys_are_refused() -> None:
         _toml("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT) WITHOUT ROWID")
     )
     assert schema.tables["t"].primary_key == ("id",)
+
+
+def test_versions_of_a_record_written_once_are_stored_as_one_stamp() -> None:
+    table = Schema.load().table("cases")
+    stamp = str(Timestamp(0x19ABCDEF0000 << 16 | 3, "astana"))
+    once = dict.fromkeys(table.column_names, stamp)
+    packed = table.pack_versions(once)
+    assert json.loads(packed) == stamp
+    assert table.unpack_versions(packed) == once
+    # Anything else keeps every column's stamp, and reads back the same.
+    other = str(Timestamp(0x19ABCDEF0000 << 16 | 4, "almaty"))
+    for versions in (
+        {**once, "status": other},  # one column written later
+        {**once, EXISTS: stamp},  # existence versioned (a re-insert or delete)
+        {name: stamp for name in table.column_names[:-1]},  # a column never written
+        {},
+    ):
+        packed = table.pack_versions(versions)
+        assert json.loads(packed) == versions
+        assert table.unpack_versions(packed) == versions
+    # The form stored by earlier versions (always the object) still reads.
+    assert table.unpack_versions(json.dumps(once)) == once
