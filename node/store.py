@@ -127,6 +127,11 @@ CREATE TABLE IF NOT EXISTS _fieldsync_sync_log (
 """
 SYNC_LOG_KEPT = 200
 
+_SAVE_VERSIONS = (
+    "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
+    "ON CONFLICT (tbl, pk) DO UPDATE SET vers = excluded.vers"
+)
+
 # The stamp of the newest change in the log (0 if it is empty).
 _LAST = "coalesce((SELECT hlc FROM _fieldsync_changes ORDER BY seq DESC LIMIT 1), 0)"
 # The hybrid logical clock, in SQL (see shared/clock.py and the module docstring):
@@ -821,8 +826,7 @@ class NodeStore:
         self, conn: sqlite3.Connection, versions: dict[tuple[str, str], dict[str, str]]
     ) -> None:
         conn.executemany(
-            "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
-            "ON CONFLICT (tbl, pk) DO UPDATE SET vers = excluded.vers",
+            _SAVE_VERSIONS,
             [
                 (tbl, key, self.schema.table(tbl).pack_versions(vers))
                 for (tbl, key), vers in versions.items()
@@ -930,6 +934,7 @@ class NodeStore:
         and pushed next, and the hub decides. Returns how many records were applied.
         """
         plans = []
+        top = ""  # the newest stamp in the page (text sorts as stamps do)
         for row in page.rows:
             try:
                 table = self.schema.table(row.table)
@@ -942,33 +947,34 @@ class NodeStore:
                     stamps = {None}
                 if not are_stamps(stamps):
                     raise ValueError("a version is not a stamp")
-                newest = int(max(stamps, default="0")[:16], 16)
             except (ValueError, KeyError) as exc:
                 raise ProtocolError(
                     f"the hub sent a record this office cannot take: {exc}"
                 ) from exc
-            plans.append((table, key, row, newest))
+            if stamps:
+                newest = max(stamps)
+                if newest > top:
+                    top = newest
+            plans.append((table, key, row, table.pack_versions(row.versions, stamps)))
         applied = 0
         with write(self.db) as conn:
             conn.execute("UPDATE _fieldsync_state SET applying = 1")
             pending = self._pending_keys(conn)
-            versions: dict[tuple[str, str], dict[str, str]] = {}
+            versions: list[tuple[str, str, str]] = []
             records: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
-            newest_seen = 0
-            for table, key, row, newest in plans:
-                newest_seen = max(newest_seen, newest)
-                if (table.name, key) in pending:
+            for table, key, row, packed in plans:
+                if pending and (table.name, key) in pending:
                     continue
                 records.setdefault(table.name, []).append((row.pk, row.values))
-                versions[(table.name, key)] = dict(row.versions)
+                versions.append((table.name, key, packed))
                 applied += 1
             for name, rows in records.items():  # a page holds each record once
                 put_rows(conn, self.schema.table(name), rows)
-            self._save_versions(conn, versions)
+            conn.executemany(_SAVE_VERSIONS, versions)
             conn.execute(
                 "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?), "
                 "repull = repull AND ?",
-                [page.cursor, newest_seen, page.more],
+                [page.cursor, int(top[:16], 16) if top else 0, page.more],
             )
         self._checkpointer.poke()
         return applied

@@ -60,10 +60,14 @@ class Table:
     _names: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
     _pk_names: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
     _name_set: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
+    _key_at: tuple[tuple[int, str], ...] = field(default=(), init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_names", tuple(c.name for c in self.columns))
         object.__setattr__(self, "_name_set", frozenset(self._names))
+        object.__setattr__(
+            self, "_key_at", tuple((self._names.index(name), name) for name in self.primary_key)
+        )
         object.__setattr__(self, "_pk_names", frozenset(self.primary_key))
         for col in self.columns:
             kind = col.type.upper()
@@ -88,17 +92,19 @@ class Table:
                 return col
         raise KeyError(name)
 
-    def pack_versions(self, versions: Mapping[str, str]) -> str:
+    def pack_versions(self, versions: Mapping[str, str], stamps: set[Any] | None = None) -> str:
         """The stored text of a record's versions (column -> stamp), as JSON.
 
         A record written once (every column at one stamp, its existence never
         versioned) is stored as that stamp alone: a fifteenth of the bytes, and most
-        records are like that. Anything else is stored as the object.
+        records are like that. Anything else is stored as the object. ``stamps``:
+        the set of the versions' values, if the caller has it already.
         """
         if len(versions) == len(self._names):
-            stamps = set(versions.values())
+            if stamps is None:
+                stamps = set(versions.values())
             if len(stamps) == 1 and versions.keys() == self._name_set:
-                return orjson.dumps(stamps.pop()).decode("utf-8")
+                return orjson.dumps(next(iter(stamps))).decode("utf-8")
         return orjson.dumps(versions).decode("utf-8")
 
     def unpack_versions(self, text: str | bytes) -> dict[str, str]:
@@ -107,6 +113,14 @@ class Table:
         if isinstance(found, str):
             return dict.fromkeys(self._names, found)
         return found
+
+    def row(self, pk: Mapping[str, Any], values: Mapping[str, Any]) -> list[Any]:
+        """The record's column values in table order: ``values``, with the key ``pk``
+        names (a column ``values`` lacks is None)."""
+        row = list(map(values.get, self._names))
+        for index, name in self._key_at:
+            row[index] = pk[name]
+        return row
 
     def pk_key(self, pk: Mapping[str, Any]) -> str:
         """Return the canonical text key of a primary key: a compact JSON array."""

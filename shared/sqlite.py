@@ -174,8 +174,7 @@ def put_rows(
         if values is None:
             gone.append([pk[c] for c in table.primary_key])
         else:
-            record = {**values, **pk}
-            live.append([record.get(c) for c in table.column_names])
+            live.append(table.row(pk, values))
     if gone:
         conn.executemany(delete_sql(table), gone)
     if live:
