@@ -259,13 +259,16 @@ class SyncAgent:
                 if request is None:
                     sent = self._now()
                     request = pool.submit(self.client.push, batch)
-                # Read the next batch while the hub works on this one.
+                # Read and encode the next batch while the hub works on this one.
                 ahead = None
+                body = None
                 if batch[-1].seq < stop_at:
                     try:
                         ahead = self.store.pending(batch_size, batch)
                     except StoreError:
                         pass  # met again, and reported, when it is that batch's turn
+                    if ahead and ahead[0].seq <= stop_at:
+                        body = self.client.prepare_push(ahead)
                 try:
                     result = request.result()
                 except ClockSkewError as exc:
@@ -325,7 +328,7 @@ class SyncAgent:
                     # count this batch's effects; a crash in between only makes the
                     # next sync send both again, which the hub's receipts pass.
                     sent = self._now()
-                    request = pool.submit(self.client.push, ahead)
+                    request = pool.submit(self.client.push, ahead, body)
                 self.store.mark_acked(result.acked, batch, result.rejected)
                 for rejection in result.rejected:
                     log.warning("the hub rejected change %d: %s", rejection.seq, rejection.reason)

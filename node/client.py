@@ -55,7 +55,9 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
 class HubClient(Protocol):
     """What the sync agent needs from a hub."""
 
-    def push(self, changes: Sequence[Change]) -> PushResult: ...
+    def prepare_push(self, changes: Sequence[Change]) -> bytes: ...
+
+    def push(self, changes: Sequence[Change], body: bytes | None = None) -> PushResult: ...
 
     def pull(
         self, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
@@ -68,6 +70,11 @@ class HubClient(Protocol):
     def traffic(self) -> tuple[int, int]: ...
 
     def close(self) -> None: ...
+
+
+def _gzip(body: bytes) -> bytes:
+    """A request body as sent: gzip level 3 (most of the gain of 9, at a third of the CPU)."""
+    return gzip.compress(body, compresslevel=3)
 
 
 @contextmanager
@@ -139,15 +146,29 @@ class HttpHubClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def push(self, changes: Sequence[Change]) -> PushResult:
-        """Send a batch of changes; return what the hub committed."""
-        body = dumps(
-            {
-                "protocol": PROTOCOL_VERSION,
-                **({"node": self.node} if self.node else {}),
-                "changes": [c.to_json() for c in changes],
-            }
+    def prepare_push(self, changes: Sequence[Change]) -> bytes:
+        """The request body of a push of ``changes``, gzipped.
+
+        The agent makes it for the next batch while the hub works on the one before,
+        so that the hub is not kept waiting for it.
+        """
+        return _gzip(
+            dumps(
+                {
+                    "protocol": PROTOCOL_VERSION,
+                    **({"node": self.node} if self.node else {}),
+                    "changes": [c.to_json() for c in changes],
+                }
+            )
         )
+
+    def push(self, changes: Sequence[Change], body: bytes | None = None) -> PushResult:
+        """Send a batch of changes; return what the hub committed.
+
+        ``body``: what :meth:`prepare_push` made of ``changes``, if it was made ahead.
+        """
+        if body is None:
+            body = self.prepare_push(changes)
         action = f"push {len(changes)} change{'' if len(changes) == 1 else 's'} to"
         response = self._post("/v1/push", body, action)
         _raise_for_status(response, action, self.url)
@@ -192,15 +213,14 @@ class HttpHubClient:
     def report_status(self, report: StatusReport) -> bool:
         """Tell the hub how this office is; False if the hub is too old to listen."""
         action = "report to"
-        response = self._post("/v1/status", dumps(report.to_json()), action)
+        response = self._post("/v1/status", _gzip(dumps(report.to_json())), action)
         if response.status_code == 404:
             return False
         _raise_for_status(response, action, self.url)
         return True
 
-    def _post(self, path: str, body: bytes, action: str) -> httpx.Response:
-        """POST a JSON body, gzipped, and count its bytes."""
-        content = gzip.compress(body, compresslevel=3)
+    def _post(self, path: str, content: bytes, action: str) -> httpx.Response:
+        """POST a gzipped JSON body (see :func:`_gzip`) and count its bytes."""
         with _hub_errors(action, self.url):
             response = self._client.post(
                 f"{self.url}{path}",
