@@ -87,18 +87,50 @@ CREATE TABLE IF NOT EXISTS _fieldsync_sync_events (
     PRIMARY KEY (node, id)
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_history (
-    id INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY,
+    prev INTEGER,
     tbl TEXT NOT NULL,
     pk TEXT NOT NULL,
-    seq INTEGER NOT NULL,
     actor TEXT NOT NULL,
     ts TEXT NOT NULL,
     op TEXT NOT NULL,
     vals TEXT,
     at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS _fieldsync_history_record ON _fieldsync_history (tbl, pk, id);
 """
+# Record history is keyed by hub seq, each version naming the one before it (prev), so
+# that a version is appended at the end of one b-tree: an index by record, over keys
+# as random as UUIDs, cost a page write per change on a large hub. Earlier hubs
+# keep it as (id, tbl, pk, seq, ...) with that index; upgrade_history converts them.
+_HISTORY_UPGRADE = """
+ALTER TABLE _fieldsync_history RENAME TO _fieldsync_history_old;
+DROP INDEX IF EXISTS _fieldsync_history_record;
+CREATE TABLE _fieldsync_history (
+    seq INTEGER PRIMARY KEY,
+    prev INTEGER,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    op TEXT NOT NULL,
+    vals TEXT,
+    at TEXT NOT NULL
+);
+INSERT INTO _fieldsync_history (seq, prev, tbl, pk, actor, ts, op, vals, at)
+    SELECT seq, lag(seq) OVER (PARTITION BY tbl, pk ORDER BY id), tbl, pk, actor, ts, op,
+        vals, at
+    FROM _fieldsync_history_old;
+DROP TABLE _fieldsync_history_old
+"""
+
+
+def upgrade_history(conn: sqlite3.Connection) -> None:
+    """Convert a record history kept by an index (earlier hubs) to the chain by seq."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(_fieldsync_history)")}
+    if "id" in columns:
+        for statement in _HISTORY_UPGRADE.split(";"):
+            conn.execute(statement)
+
 
 HEALTH_STATES = ("ok", "stale", "failing", "never synced")
 
@@ -475,9 +507,15 @@ class MonitorStore:
 
     def _history(self, table: str, key: str) -> list[dict[str, Any]]:
         with self._lock:
+            # From the record's current version back along the chain.
             rows = self.db.conn.execute(
-                "SELECT seq, actor, ts, op, vals, at FROM _fieldsync_history "
-                "WHERE tbl = ? AND pk = ? ORDER BY id",
+                "WITH RECURSIVE chain (seq) AS ("
+                " SELECT seq FROM _fieldsync_records WHERE tbl = ? AND pk = ?"
+                " UNION ALL"
+                " SELECT h.prev FROM _fieldsync_history AS h JOIN chain ON h.seq = chain.seq"
+                " WHERE h.prev IS NOT NULL) "
+                "SELECT h.seq, h.actor, h.ts, h.op, h.vals, h.at FROM chain "
+                "JOIN _fieldsync_history AS h ON h.seq = chain.seq ORDER BY h.seq",
                 [table, key],
             ).fetchall()
         return [

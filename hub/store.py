@@ -34,6 +34,7 @@ from hub.monitor import (
     hash_token,
     new_token,
     stamp_time,
+    upgrade_history,
     utcnow,
 )
 from shared.clock import HybridClock, Timestamp, check_node_name, now_ms
@@ -326,6 +327,7 @@ class SqliteHubStore(MonitorStore):
         self.max_future_ms = max_future_ms
         self.clock = HybridClock("hub", now)
         with self._lock, write(self.db) as conn:
+            upgrade_history(conn)
             for statement in (_HUB_TABLES + MONITOR_TABLES).split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -462,11 +464,12 @@ class SqliteHubStore(MonitorStore):
         receipts, earlier_rejections = self._receipts(conn, node, replays)
         keys = self._keys(changes)
         fresh = [k for k, c in zip(keys, changes, strict=True) if c.seq > acked]
-        states = self._load_many(conn, fresh)
+        seqs: dict[tuple[str, str], int] = {}
+        states = self._load_many(conn, fresh, seqs)
         dirty: dict[tuple[str, str], _Write] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[str, int, int]] = []
-        history: list[tuple[str, str, int, str, str, str, str | None, str]] = []
+        history: list[_Version] = []
         rejected: list[tuple[Change, str]] = []
         applied = conflicts = newest = 0
         now = utcnow()
@@ -493,6 +496,7 @@ class SqliteHubStore(MonitorStore):
             key = ref[1]
             entry = dirty.get(ref)
             current = entry[3] if entry else states.get(ref)
+            prev = entry[4] if entry else seqs.get(ref)
             outcome = self._merge(table, current, change)
             found = [
                 self._conflict_row(table.name, key, c, outcome.state) for c in outcome.conflicts
@@ -522,7 +526,7 @@ class SqliteHubStore(MonitorStore):
             else:
                 conflict_rows.extend(found)
             dirty[ref] = (table, key, change.pk, outcome.state, seq, origin, same)
-            history.append((table.name, key, seq, node, str(change.ts), change.op, vals, now))
+            history.append((seq, prev, table.name, key, node, str(change.ts), change.op, vals, now))
             conflicts += len(found)
             applied += 1
             acked = change.seq
@@ -638,9 +642,15 @@ class SqliteHubStore(MonitorStore):
         return found
 
     def _load_many(
-        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str] | None]
+        self,
+        conn: sqlite3.Connection,
+        keys: Sequence[tuple[str, str] | None],
+        seqs: dict[tuple[str, str], int] | None = None,
     ) -> dict[tuple[str, str], RecordState]:
-        """The stored state of each record named by (table, key text), in a few queries."""
+        """The stored state of each record named by (table, key text), in a few queries.
+
+        ``seqs``, if given, gets each found record's hub seq.
+        """
         wanted: dict[str, set[str]] = {}
         for ref in keys:
             if ref is not None:
@@ -652,12 +662,14 @@ class SqliteHubStore(MonitorStore):
                 chunk = listed[start : start + 500]
                 marks = ", ".join("?" * len(chunk))
                 unpack = self.schema.tables[name].unpack_versions
-                for pk, vals, vers, deleted in conn.execute(
-                    "SELECT pk, vals, vers, deleted FROM _fieldsync_records "
+                for pk, vals, vers, deleted, seq in conn.execute(
+                    "SELECT pk, vals, vers, deleted, seq FROM _fieldsync_records "
                     f"WHERE tbl = ? AND pk IN ({marks})",
                     [name, *chunk],
                 ):
                     found[(name, pk)] = RecordState(loads(vals), unpack(vers), bool(deleted))
+                    if seqs is not None:
+                        seqs[(name, pk)] = seq
         return found
 
     def _write_records(
@@ -996,6 +1008,10 @@ class SqliteHubStore(MonitorStore):
                 state.deleted = False
                 state.versions[EXISTS] = ts
             if state != current:
+                prev = conn.execute(
+                    "SELECT seq FROM _fieldsync_records WHERE tbl = ? AND pk = ?",
+                    [table.name, key],
+                ).fetchone()[0]
                 seq = self._last_seq(conn) + 1
                 self._write_records(conn, [(table, key, record.pk, state, seq, None, None)])
                 self._save_meta(conn, seq)
@@ -1004,9 +1020,10 @@ class SqliteHubStore(MonitorStore):
                     conn,
                     [
                         (
+                            seq,
+                            prev,
                             table.name,
                             key,
-                            seq,
                             f"admin {by}",
                             ts,
                             "resolve",
@@ -1045,14 +1062,15 @@ class SqliteHubStore(MonitorStore):
             return table_rows(self.db.conn, self.schema.table(table))
 
 
-def _write_history(
-    conn: sqlite3.Connection,
-    rows: Sequence[tuple[str, str, int, str, str, str, str | None, str]],
-) -> None:
-    """Keep each version a record went through: table, key, hub seq, who, stamp, op, values,
-    time received."""
+# A version of a record for its history: hub seq, the seq of the record's version before
+# (None: the first), table, key, who, stamp, op, the values the change set, time received.
+_Version = tuple[int, int | None, str, str, str, str, str, str | None, str]
+
+
+def _write_history(conn: sqlite3.Connection, rows: Sequence[_Version]) -> None:
+    """Keep each version a record went through (see _Version)."""
     conn.executemany(
-        "INSERT INTO _fieldsync_history (tbl, pk, seq, actor, ts, op, vals, at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO _fieldsync_history (seq, prev, tbl, pk, actor, ts, op, vals, at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )

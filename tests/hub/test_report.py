@@ -513,3 +513,76 @@ def test_long_labels_are_cut_but_kept_whole_in_the_tooltip() -> None:
     assert any(t.startswith("hygiene kit") and t.endswith("…") for t in texts(root))
     tooltips = [e.text or "" for g in root.iter(f"{SVG}g") for e in g.iter(f"{SVG}title")]
     assert f"{label}: 1" in tooltips
+
+
+def _stamp(counter: int, node: str) -> Timestamp:
+    return Timestamp((now_ms() << COUNTER_BITS) + counter, node)
+
+
+def _history(store: SqliteHubStore, pk: str) -> list[tuple[str, str, Any]]:
+    return [(v["actor"], v["op"], v["values"]) for v in store.record_history("cases", [pk])]
+
+
+def test_record_history_follows_every_version_and_survives_the_old_layout(
+    tmp_path: Path,
+) -> None:
+    store = SqliteHubStore(tmp_path / "hub.db")
+    try:
+        for office in ("astana", "almaty"):
+            store.add_node(office)
+        one, two = _stamp(1, "astana"), _stamp(2, "astana")
+        # Two versions of c1 in one batch (the second follows the first), and c2.
+        store.push(
+            "astana",
+            [
+                Change(1, "cases", {"id": "c1"}, "insert", one, {"id": "c1", "notes": "a"}),
+                Change(2, "cases", {"id": "c2"}, "insert", one, {"id": "c2", "notes": "x"}),
+                Change(
+                    3, "cases", {"id": "c1"}, "update", two, {"notes": "b"}, {"notes": str(one)}
+                ),
+            ],
+        )
+        # A concurrent edit from another office, then an admin's decision.
+        late = _stamp(3, "almaty")
+        store.push(
+            "almaty",
+            [Change(1, "cases", {"id": "c1"}, "update", late, {"notes": "c"}, {"notes": str(one)})],
+        )
+        [conflict] = store.conflicts()
+        store.resolve(conflict.id, "value", "ops", "d")
+        expected = [
+            ("astana", "insert", {"id": "c1", "notes": "a"}),
+            ("astana", "update", {"notes": "b"}),
+            ("almaty", "update", {"notes": "c"}),
+            ("admin ops", "resolve", {"notes": "d"}),
+        ]
+        assert _history(store, "c1") == expected
+        assert _history(store, "c2") == [("astana", "insert", {"id": "c2", "notes": "x"})]
+        assert _history(store, "nope") == []
+    finally:
+        store.close()
+    # The layout of earlier hubs (an id per version and an index by record) is
+    # converted when the hub opens, keeping every version in order.
+    with sqlite3.connect(tmp_path / "hub.db") as conn:
+        conn.executescript(
+            """
+            CREATE TABLE old (id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, pk TEXT NOT NULL,
+                seq INTEGER NOT NULL, actor TEXT NOT NULL, ts TEXT NOT NULL, op TEXT NOT NULL,
+                vals TEXT, at TEXT NOT NULL);
+            INSERT INTO old (tbl, pk, seq, actor, ts, op, vals, at)
+                SELECT tbl, pk, seq, actor, ts, op, vals, at FROM _fieldsync_history
+                ORDER BY seq;
+            DROP TABLE _fieldsync_history;
+            ALTER TABLE old RENAME TO _fieldsync_history;
+            CREATE INDEX _fieldsync_history_record ON _fieldsync_history (tbl, pk, id);
+            """
+        )
+    store = SqliteHubStore(tmp_path / "hub.db")
+    try:
+        assert _history(store, "c1") == expected
+        assert _history(store, "c2") == [("astana", "insert", {"id": "c2", "notes": "x"})]
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "hub.db") as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "_fieldsync_history_record" not in names and "_fieldsync_history_old" not in names
