@@ -227,8 +227,9 @@ def create_app(
             raise ProtocolError(f"cursor must be >= 0 and limit between 1 and {MAX_PAGE}")
         own = request.query_params.get("own") == "1"
         count = request.query_params.get("count") == "1"
+        packed = request.query_params.get("packed") == "1"
         page = await run_in_threadpool(
-            lambda: store.pull(node, cursor, limit, include_own=own, count=count)
+            lambda: store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
         )
         return JSONResponse(page.to_json())
 
@@ -417,6 +418,13 @@ OPENAPI: dict[str, Any] = {
                         "name": "count",
                         "in": "query",
                         "description": "1: say how many records are left (for a progress bar)",
+                        "schema": {"type": "integer", "enum": [0, 1]},
+                    },
+                    {
+                        "name": "packed",
+                        "in": "query",
+                        "description": "1: a record whose columns all carry one version gets "
+                        "that version alone as its versions (a string, not an object)",
                         "schema": {"type": "integer", "enum": [0, 1]},
                     },
                 ],

@@ -243,7 +243,14 @@ class HubStore(Protocol):
     def push(self, node: str, changes: Sequence[Change]) -> PushResult: ...
 
     def pull(
-        self, node: str, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
+        self,
+        node: str,
+        cursor: int,
+        limit: int,
+        *,
+        include_own: bool = False,
+        count: bool = False,
+        packed: bool = False,
     ) -> PullPage: ...
 
     def conflicts(
@@ -780,12 +787,20 @@ class SqliteHubStore(MonitorStore):
     # -- pull -----------------------------------------------------------------
 
     def pull(
-        self, node: str, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
+        self,
+        node: str,
+        cursor: int,
+        limit: int,
+        *,
+        include_own: bool = False,
+        count: bool = False,
+        packed: bool = False,
     ) -> PullPage:
         """Records changed after ``cursor``, except those ``node`` already has.
 
         ``include_own`` sends those too: for an office rebuilding its copy. ``count``
-        adds how many records the office has left to pull.
+        adds how many records the office has left to pull. ``packed``: a record whose
+        columns all carry one version gets that version alone (see PullRow).
         """
         # IMMEDIATE: the read and the last-pull note are one consistent snapshot.
         with self._lock, write(self.db) as conn:
@@ -822,18 +837,29 @@ class SqliteHubStore(MonitorStore):
         for tbl, pk, seq, deleted, vals, vers in rows:
             table = self.schema.table(tbl)
             pk_dict = dict(zip(table.primary_key, json.loads(pk), strict=True))
-            page_rows.append(self._pull_row(table, pk_dict, seq, deleted, vals, vers))
+            page_rows.append(self._pull_row(table, pk_dict, seq, deleted, vals, vers, packed))
         next_cursor = rows[-1][2] if more else last
         return PullPage(page_rows, next_cursor, more, self._now(), node, acked, remaining)
 
     def _pull_row(
-        self, table: Table, pk: dict[str, Any], seq: int, deleted: int, vals: str, vers: str
+        self,
+        table: Table,
+        pk: dict[str, Any],
+        seq: int,
+        deleted: int,
+        vals: str,
+        vers: str,
+        packed: bool = False,
     ) -> PullRow:
         values = None
         if not deleted:
             stored = loads(vals)
-            values = {c: stored.get(c) for c in table.column_names}
-        return PullRow(seq, table.name, pk, values, table.unpack_versions(vers))
+            columns = table.column_names
+            # Stored values name known columns only: all of them when as many.
+            values = stored if len(stored) == len(columns) else {c: stored.get(c) for c in columns}
+        # Stored versions are packed already (Table.pack_versions).
+        versions = loads(vers) if packed else table.unpack_versions(vers)
+        return PullRow(seq, table.name, pk, values, versions)
 
     # -- rejected changes -----------------------------------------------------
 

@@ -192,6 +192,7 @@ class HttpHubClient:
                     **({"node": self.node} if self.node else {}),
                     **({"own": 1} if include_own else {}),
                     **({"count": 1} if count else {}),
+                    "packed": 1,
                 },
                 headers=self._headers,
             )

@@ -47,6 +47,7 @@ from shared.protocol import (
     MAX_EVENTS_PER_REPORT,
     Change,
     PullPage,
+    PullRow,
     Rejection,
     StatusReport,
     SyncEvent,
@@ -790,7 +791,7 @@ class NodeStore:
                     "DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [name, key]
                 )
             else:
-                self._save_versions(conn, {(name, key): dict(record.versions)})
+                self._save_versions(conn, {(name, key): _versions_of(table, record)})
         conn.execute("UPDATE _fieldsync_state SET applying = 0")
 
     def _pending_keys(self, conn: sqlite3.Connection) -> set[tuple[str, str]]:
@@ -941,10 +942,15 @@ class NodeStore:
                 key = table.pk_key(table.check_pk(row.pk))
                 if row.values is not None:
                     table.check_values(row.values)
-                try:
-                    stamps: set[Any] = set(row.versions.values())  # mostly one: an insert's
-                except TypeError:  # not text: refused just below
-                    stamps = {None}
+                given = row.versions
+                if isinstance(given, str):  # packed: every column has this one
+                    stamps: set[Any] = {given}
+                    given = dict.fromkeys(table.column_names, given)
+                else:
+                    try:
+                        stamps = set(given.values())  # mostly one: an insert's
+                    except TypeError:  # not text: refused just below
+                        stamps = {None}
                 if not are_stamps(stamps):
                     raise ValueError("a version is not a stamp")
             except (ValueError, KeyError) as exc:
@@ -955,7 +961,7 @@ class NodeStore:
                 newest = max(stamps)
                 if newest > top:
                     top = newest
-            plans.append((table, key, row, table.pack_versions(row.versions, stamps)))
+            plans.append((table, key, row, table.pack_versions(given, stamps)))
         applied = 0
         with write(self.db) as conn:
             conn.execute("UPDATE _fieldsync_state SET applying = 1")
@@ -1122,6 +1128,13 @@ class NodeStore:
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of a synced table, ordered by primary key."""
         return table_rows(self.db.conn, self.schema.table(table))
+
+
+def _versions_of(table: Table, row: PullRow) -> dict[str, str]:
+    """A pulled row's versions, column by column (a packed one names every column)."""
+    if isinstance(row.versions, str):
+        return dict.fromkeys(table.column_names, row.versions)
+    return dict(row.versions)
 
 
 def _key_values(key: str) -> list[Any]:

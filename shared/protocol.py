@@ -7,6 +7,8 @@ Version 1 (paths under ``/v1``):
   welcome) and answers a :class:`PushResult`.
 - ``GET /v1/pull?cursor=N&limit=M`` answers a :class:`PullPage`: the current state of
   every record changed after ``cursor``, one entry per record however often it changed.
+  With ``packed=1`` (added within version 2; an older hub ignores it), a record whose
+  columns all carry one version has that version alone as its ``versions``.
 - ``POST /v1/status`` takes a :class:`StatusReport` (added within version 2: an older
   hub answers 404 and the office carries on).
 
@@ -244,7 +246,9 @@ class PullRow:
     table: str
     pk: dict[str, Any]
     values: dict[str, Any] | None  # every column; None when the record is deleted
-    versions: dict[str, str]  # column -> version (text form of a Timestamp)
+    # column -> version (text form of a Timestamp); or, when asked for (packed), one
+    # version alone for a record whose every column has it (one only ever inserted)
+    versions: dict[str, str] | str
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -268,7 +272,7 @@ class PullRow:
                 and type(table) is str
                 and type(pk) is dict
                 and (values is None or type(values) is dict)
-                and type(versions) is dict
+                and (type(versions) is dict or type(versions) is str)
             ):
                 return cls(seq, table, pk, values, versions)
         if not isinstance(data, dict):
@@ -281,7 +285,7 @@ class PullRow:
             _field(data, "table", str, "pulled row"),
             _field(data, "pk", dict, "pulled row"),
             values,
-            _field(data, "versions", dict, "pulled row"),
+            _field(data, "versions", (dict, str), "pulled row"),
         )
 
 

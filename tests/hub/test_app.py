@@ -24,6 +24,7 @@ from shared.errors import (
     VersionMismatchError,
 )
 from shared.protocol import PROTOCOL_VERSION, Change, PullPage, PushResult
+from shared.schema import Schema
 from tests.asgi import client as asgi_client
 
 
@@ -443,6 +444,36 @@ def test_pull_rows_carry_values_and_versions(client: httpx.Client, tokens: dict[
     assert row.values["household_size"] == 3
     assert row.values["notes"] is None  # every column travels
     assert row.versions["family_name"] == str(Timestamp(change["ts"], "astana"))
+
+
+def test_packed_pull_sends_one_version_for_a_record_written_once(
+    client: httpx.Client, tokens: dict[str, str]
+) -> None:
+    every = dict.fromkeys(Schema.load().table("cases").column_names[1:])  # but id
+    first = insert(1, "c1", **{**every, "family_name": "Ali"})
+    other = insert(2, "c2", **{**every, "family_name": "Bek"})
+    v1 = str(Timestamp(first["ts"], "astana"))
+    edit = {
+        "seq": 3,
+        "table": "cases",
+        "pk": {"id": "c2"},
+        "op": "update",
+        "ts": other["ts"] + 10,
+        "values": {"notes": "moved"},
+        "base": {"notes": str(Timestamp(other["ts"], "astana"))},
+    }
+    push(client, tokens["astana"], first, other, edit)
+    params = {"cursor": 0, "limit": 10, "packed": 1}
+    answer = client.get("/v1/pull", params=params, headers=auth(tokens["almaty"])).json()
+    by_id = {row["pk"]["id"]: row for row in answer["rows"]}
+    assert by_id["c1"]["versions"] == v1  # every column at one version: that version
+    assert by_id["c2"]["versions"]["notes"] == str(Timestamp(edit["ts"], "astana"))
+    assert by_id["c2"]["versions"]["family_name"] == str(Timestamp(other["ts"], "astana"))
+    # Without packed=1 (an office of an earlier version) every row names every column.
+    plain_rows = pull(client, tokens["almaty"]).json()["rows"]
+    assert all(isinstance(row["versions"], dict) for row in plain_rows)
+    [c1] = [row for row in plain_rows if row["pk"]["id"] == "c1"]
+    assert set(c1["versions"]) == set(c1["values"]) and set(c1["versions"].values()) == {v1}
 
 
 def test_many_edits_to_a_record_travel_as_one_row(

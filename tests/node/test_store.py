@@ -105,7 +105,7 @@ def versions(store: NodeStore, table: str, pk: list[Any]) -> dict[str, str] | No
     row = store.db.conn.execute(
         "SELECT vers FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [table, json.dumps(pk)]
     ).fetchone()
-    return json.loads(row[0]) if row else None
+    return store.schema.table(table).unpack_versions(row[0]) if row else None
 
 
 def now_hlc() -> int:
@@ -577,6 +577,23 @@ def test_apply_page_rejects_a_bad_record_and_writes_nothing(store: NodeStore) ->
         store.apply_page(_page([good, bad_version], 2))
     assert store.rows("cases") == []
     assert store.cursor == 0
+
+
+def test_apply_page_takes_a_packed_version_for_every_column(store: NodeStore) -> None:
+    stamp = str(Timestamp(now_hlc(), "almaty"))
+    packed = PullRow(1, "cases", {"id": "c1"}, full(id="c1", family_name="A"), stamp)
+    assert store.apply_page(_page([packed], 1)) == 1
+    assert versions(store, "cases", ["c1"]) == dict.fromkeys(full(id="c1"), stamp)
+    stored = store.db.conn.execute("SELECT vers FROM _fieldsync_versions").fetchone()[0]
+    assert json.loads(stored) == stamp  # stored packed too
+    assert store.rows("cases") == [full(id="c1", family_name="A")]
+    # A packed version is checked like any other, and a bad one writes nothing.
+    for bad in ("yesterday", ""):
+        row = PullRow(2, "cases", {"id": "c2"}, full(id="c2"), bad)
+        with pytest.raises(ProtocolError, match="cannot take"):
+            store.apply_page(_page([row], 2))
+    assert [r["id"] for r in store.rows("cases")] == ["c1"]
+    assert store.cursor == 1
 
 
 def test_apply_page_with_no_rows_saves_the_cursor(store: NodeStore) -> None:

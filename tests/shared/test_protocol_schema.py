@@ -587,3 +587,12 @@ def test_versions_of_a_record_written_once_are_stored_as_one_stamp() -> None:
         assert table.unpack_versions(packed) == versions
     # The form stored by earlier versions (always the object) still reads.
     assert table.unpack_versions(json.dumps(once)) == once
+
+
+def test_pulled_row_versions_may_be_packed_into_one_stamp() -> None:
+    stamp = str(Timestamp(5 << 16, "astana"))
+    row = PullRow(1, "cases", {"id": "c1"}, {"id": "c1"}, stamp)
+    assert PullRow.from_json(json.loads(json.dumps(row.to_json()))) == row
+    for bad in (5, None, ["x"]):
+        with pytest.raises(ProtocolError):
+            PullRow.from_json({**row.to_json(), "versions": bad})
