@@ -37,7 +37,7 @@ from hub.monitor import (
     upgrade_history,
     utcnow,
 )
-from shared.clock import HybridClock, Timestamp, check_node_name, now_ms
+from shared.clock import COUNTER_BITS, HybridClock, Timestamp, check_node_name, now_ms
 from shared.errors import (
     AuthError,
     ClockSkewError,
@@ -411,12 +411,7 @@ class SqliteHubStore(MonitorStore):
 
     def _check_change(self, change: Change) -> Table:
         """Return the change's table; raise InvalidChangeError if the schema cannot take it."""
-        try:
-            table = self.schema.table(change.table)
-        except InvalidChangeError:
-            raise
-        except KeyError:
-            raise InvalidChangeError(f"there is no synced table {change.table!r}") from None
+        table = self.schema.tables.get(change.table) or self.schema.table(change.table)
         table.check_pk(change.pk)
         if change.values is not None:
             table.check_values(change.values)
@@ -467,6 +462,7 @@ class SqliteHubStore(MonitorStore):
         ).fetchone()[0]
         seq = self._last_seq(conn)
         hub_now = self._now()
+        future = hub_now + self.max_future_ms  # a change stamped past it is refused
         replays = [c for c in changes if c.seq <= acked]
         receipts, earlier_rejections = self._receipts(conn, node, replays)
         keys = self._keys(changes)
@@ -487,11 +483,12 @@ class SqliteHubStore(MonitorStore):
                 if change.seq in earlier_rejections:
                     rejected.append((change, earlier_rejections[change.seq]))
                 continue
-            try:
-                self._check_clock(node, change, hub_now, acked)
-            except ClockSkewError as exc:
-                skew = exc
-                break
+            if change.ts.hlc >> COUNTER_BITS > future:
+                try:
+                    self._check_clock(node, change, hub_now, acked)
+                except ClockSkewError as exc:
+                    skew = exc
+                    break
             try:
                 table = self._check_change(change)
             except InvalidChangeError as exc:
@@ -504,7 +501,8 @@ class SqliteHubStore(MonitorStore):
             entry = dirty.get(ref)
             current = entry[3] if entry else states.get(ref)
             prev = entry[4] if entry else seqs.get(ref)
-            outcome = self._merge(table, current, change)
+            stamp = str(change.ts)
+            outcome = self._merge(table, current, change, stamp)
             found = [
                 self._conflict_row(table.name, key, c, outcome.state) for c in outcome.conflicts
             ]
@@ -533,7 +531,7 @@ class SqliteHubStore(MonitorStore):
             else:
                 conflict_rows.extend(found)
             dirty[ref] = (table, key, change.pk, outcome.state, seq, origin, same)
-            history.append((seq, prev, table.name, key, node, str(change.ts), change.op, vals, now))
+            history.append((seq, prev, table.name, key, node, stamp, change.op, vals, now))
             conflicts += len(found)
             applied += 1
             acked = change.seq
@@ -591,10 +589,12 @@ class SqliteHubStore(MonitorStore):
             found.append(Rejection(change.seq, reason, record))
         return found
 
-    def _merge(self, table: Table, current: RecordState | None, change: Change) -> Outcome:
+    def _merge(
+        self, table: Table, current: RecordState | None, change: Change, stamp: str
+    ) -> Outcome:
         custom = self._custom.get(table.name)
         try:
-            outcome = merge(current, change, table.policy, custom)
+            outcome = merge(current, change, table.policy, custom, stamp=stamp)
         except Exception as exc:
             if custom is None:
                 raise

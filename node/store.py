@@ -945,7 +945,6 @@ class NodeStore:
                 given = row.versions
                 if isinstance(given, str):  # packed: every column has this one
                     stamps: set[Any] = {given}
-                    given = dict.fromkeys(table.column_names, given)
                 else:
                     try:
                         stamps = set(given.values())  # mostly one: an insert's
@@ -961,7 +960,9 @@ class NodeStore:
                 newest = max(stamps)
                 if newest > top:
                     top = newest
-            plans.append((table, key, row, table.pack_versions(given, stamps)))
+            # Stored as Table.pack_versions would; a stamp needs no JSON escapes.
+            packed = f'"{given}"' if isinstance(given, str) else table.pack_versions(given, stamps)
+            plans.append((table, key, row, packed))
         applied = 0
         with write(self.db) as conn:
             conn.execute("UPDATE _fieldsync_state SET applying = 1")

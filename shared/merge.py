@@ -110,13 +110,16 @@ def merge(
     change: Change,
     policy: str = "merge",
     custom: CustomMerge | None = None,
+    *,
+    stamp: str | None = None,
 ) -> Outcome:
     """Apply ``change`` to ``current`` (None if the hub has never seen the record).
 
     ``custom`` is the function of a ``custom:`` policy; it decides the record when
     the change is concurrent with another office's edit of the same field.
+    ``stamp``: ``str(change.ts)``, if the caller has it already.
     """
-    ts = str(change.ts)
+    ts = stamp if stamp is not None else str(change.ts)
     if current is None:
         if change.values is None:
             state = RecordState({}, {EXISTS: ts}, deleted=True)
