@@ -47,7 +47,6 @@ from shared.protocol import (
     MAX_EVENTS_PER_REPORT,
     Change,
     PullPage,
-    PullRow,
     Rejection,
     StatusReport,
     SyncEvent,
@@ -791,7 +790,7 @@ class NodeStore:
                     "DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", [name, key]
                 )
             else:
-                self._save_versions(conn, {(name, key): _versions_of(table, record)})
+                self._save_versions(conn, {(name, key): table.expand_versions(record.versions)})
         conn.execute("UPDATE _fieldsync_state SET applying = 0")
 
     def _pending_keys(self, conn: sqlite3.Connection) -> set[tuple[str, str]]:
@@ -1129,13 +1128,6 @@ class NodeStore:
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of a synced table, ordered by primary key."""
         return table_rows(self.db.conn, self.schema.table(table))
-
-
-def _versions_of(table: Table, row: PullRow) -> dict[str, str]:
-    """A pulled row's versions, column by column (a packed one names every column)."""
-    if isinstance(row.versions, str):
-        return dict.fromkeys(table.column_names, row.versions)
-    return dict(row.versions)
 
 
 def _key_values(key: str) -> list[Any]:

@@ -114,6 +114,12 @@ class Table:
             return dict.fromkeys(self._names, found)
         return found
 
+    def expand_versions(self, versions: Mapping[str, str] | str) -> dict[str, str]:
+        """Versions column by column, from either form (one stamp names every column)."""
+        if isinstance(versions, str):
+            return dict.fromkeys(self._names, versions)
+        return dict(versions)
+
     def row(self, pk: Mapping[str, Any], values: Mapping[str, Any]) -> list[Any]:
         """The record's column values in table order: ``values``, with the key ``pk``
         names (a column ``values`` lacks is None)."""

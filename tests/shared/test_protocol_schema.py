@@ -587,6 +587,9 @@ def test_versions_of_a_record_written_once_are_stored_as_one_stamp() -> None:
         assert table.unpack_versions(packed) == versions
     # The form stored by earlier versions (always the object) still reads.
     assert table.unpack_versions(json.dumps(once)) == once
+    # Either form, as a pulled row carries it, column by column.
+    assert table.expand_versions(stamp) == once
+    assert table.expand_versions({"status": other}) == {"status": other}
 
 
 def test_pulled_row_versions_may_be_packed_into_one_stamp() -> None:
