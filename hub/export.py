@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, TextIO, cast
 from hub.store import SqliteHubStore
 from shared.errors import FieldsyncError
 from shared.schema import Schema, Table, quote
+from shared.sqlite import read_snapshot
 
 FORMATS = ("csv", "json")
 CHUNK_ROWS = 1000
@@ -206,22 +207,8 @@ def _reading(source: HubSource, *, check_same_thread: bool = True) -> Iterator[s
     path = Path(source.path if isinstance(source, SqliteHubStore) else source)
     if not path.is_file():
         raise FieldsyncError(f"hub database {path} does not exist")
-    try:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            isolation_level=None,
-            check_same_thread=check_same_thread,
-        )
-    except sqlite3.Error as exc:
-        raise FieldsyncError(f"cannot open hub database {path} to read: {exc}") from None
-    try:
-        conn.execute("PRAGMA busy_timeout = 10000")
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("BEGIN")
+    with read_snapshot(path, check_same_thread=check_same_thread) as conn:
         yield conn
-    finally:
-        conn.close()
 
 
 def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -28,7 +29,7 @@ import sqlite_utils
 from shared.clock import Timestamp, check_node_name
 from shared.errors import ADVICE, AuthError, FieldsyncError
 from shared.protocol import StatusReport
-from shared.sqlite import write
+from shared.sqlite import read_snapshot, write
 
 # How long the hub keeps each office's sync events, and a dashboard session.
 EVENTS_KEPT = 200
@@ -287,11 +288,13 @@ def health(
 class MonitorStore:
     """Office status, sync history, record history and admin access, in SQLite.
 
-    A mixin: the class using it provides ``db`` (sqlite-utils Database) and ``_lock``.
+    A mixin: the class using it provides ``db`` (sqlite-utils Database), ``_lock`` and
+    ``path`` (the database file).
     """
 
     db: sqlite_utils.Database
     _lock: threading.Lock
+    path: Path
 
     # -- admins and sessions --------------------------------------------------
 
@@ -466,8 +469,9 @@ class MonitorStore:
         self, name: str | None, stale_after: timedelta | None, now: datetime | None, events: int
     ) -> list[OfficeStatus]:
         now = now or datetime.now(UTC)
-        with self._lock:
-            conn = self.db.conn
+        # A snapshot of its own, not the store's connection: counting each office's lag
+        # reads as many records as it is behind, and the hub's writes need not wait.
+        with read_snapshot(self.path) as conn:
             cursor = conn.execute(
                 "SELECT n.name, n.created_at, n.revoked_at, n.last_seen_at, n.last_push_at, "
                 "n.last_pull_at, s.pushed, s.pulled, s.pulled_seq, s.reported_at, s.pending, "

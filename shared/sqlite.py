@@ -114,6 +114,36 @@ def write(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+@contextmanager
+def read_snapshot(
+    path: str | Path, *, check_same_thread: bool = True
+) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to ``path`` holding one read transaction (a snapshot).
+
+    In WAL mode a reader never blocks the writer, nor the writer it: long reads (an
+    export, counting an office's lag) run beside a serving hub's commits.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"database {path} does not exist")
+    try:
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+        )
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path} to read: {exc}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("BEGIN")
+        yield conn
+    finally:
+        conn.close()
+
+
 def create_tables(conn: sqlite3.Connection, schema: Schema) -> None:
     """Create each synced table of ``schema`` that does not exist yet."""
     existing = {
