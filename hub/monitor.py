@@ -38,7 +38,21 @@ SESSION_HOURS = 12
 DEFAULT_INTERVAL_SECONDS = 60.0
 STALE_INTERVALS = 3
 
-MONITOR_TABLES = """
+# Record history, one row per version the hub took (see _HISTORY_UPGRADE).
+_HISTORY_TABLE = """CREATE TABLE IF NOT EXISTS _fieldsync_history (
+    seq INTEGER PRIMARY KEY,
+    prev INTEGER,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    op TEXT NOT NULL,
+    vals TEXT,
+    at TEXT NOT NULL
+)"""
+
+MONITOR_TABLES = (
+    """
 CREATE TABLE IF NOT EXISTS _fieldsync_admins (
     name TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL UNIQUE,
@@ -87,36 +101,18 @@ CREATE TABLE IF NOT EXISTS _fieldsync_sync_events (
     error_code TEXT,
     PRIMARY KEY (node, id)
 );
-CREATE TABLE IF NOT EXISTS _fieldsync_history (
-    seq INTEGER PRIMARY KEY,
-    prev INTEGER,
-    tbl TEXT NOT NULL,
-    pk TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    ts TEXT NOT NULL,
-    op TEXT NOT NULL,
-    vals TEXT,
-    at TEXT NOT NULL
-);
 """
+    + _HISTORY_TABLE
+    + ";"
+)
 # Record history is keyed by hub seq, each version naming the one before it (prev), so
 # that a version is appended at the end of one b-tree: an index by record, over keys
 # as random as UUIDs, cost a page write per change on a large hub. Earlier hubs
 # keep it as (id, tbl, pk, seq, ...) with that index; upgrade_history converts them.
-_HISTORY_UPGRADE = """
+_HISTORY_UPGRADE = f"""
 ALTER TABLE _fieldsync_history RENAME TO _fieldsync_history_old;
 DROP INDEX IF EXISTS _fieldsync_history_record;
-CREATE TABLE _fieldsync_history (
-    seq INTEGER PRIMARY KEY,
-    prev INTEGER,
-    tbl TEXT NOT NULL,
-    pk TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    ts TEXT NOT NULL,
-    op TEXT NOT NULL,
-    vals TEXT,
-    at TEXT NOT NULL
-);
+{_HISTORY_TABLE};
 INSERT INTO _fieldsync_history (seq, prev, tbl, pk, actor, ts, op, vals, at)
     SELECT seq, lag(seq) OVER (PARTITION BY tbl, pk ORDER BY id), tbl, pk, actor, ts, op,
         vals, at
