@@ -94,6 +94,13 @@ CREATE TABLE IF NOT EXISTS _fieldsync_receipts (
     hlc INTEGER NOT NULL,
     PRIMARY KEY (node, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _fieldsync_receipt_batches (
+    node TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    receipts TEXT NOT NULL,
+    PRIMARY KEY (node, last_seq)
+);
 CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
     id INTEGER PRIMARY KEY,
     created_at TEXT NOT NULL,
@@ -471,7 +478,7 @@ class SqliteHubStore(MonitorStore):
         states = self._load_many(conn, fresh, seqs)
         dirty: dict[tuple[str, str], _Write] = {}
         conflict_rows: list[list[Any]] = []
-        new_receipts: list[tuple[str, int, int]] = []
+        new_receipts: list[tuple[int, int]] = []
         history: list[_Version] = []
         rejected: list[tuple[Change, str]] = []
         applied = conflicts = newest = 0
@@ -493,7 +500,7 @@ class SqliteHubStore(MonitorStore):
                 table = self._check_change(change)
             except InvalidChangeError as exc:
                 rejected.append((change, str(exc)))
-                new_receipts.append((node, change.seq, change.receipt))
+                new_receipts.append((change.seq, change.receipt))
                 acked = change.seq
                 continue
             ref = keys[index] or (table.name, table.pk_key(change.pk))
@@ -525,7 +532,7 @@ class SqliteHubStore(MonitorStore):
                     seq -= 1
                     reason = f"the record would break a constraint of table {table.name} ({exc})"
                     rejected.append((change, reason))
-                    new_receipts.append((node, change.seq, change.receipt))
+                    new_receipts.append((change.seq, change.receipt))
                     acked = change.seq
                     continue
             else:
@@ -536,14 +543,12 @@ class SqliteHubStore(MonitorStore):
             applied += 1
             acked = change.seq
             newest = max(newest, change.ts.hlc)
-            new_receipts.append((node, change.seq, change.receipt))
+            new_receipts.append((change.seq, change.receipt))
         self.clock.observe(newest)
         if not per_change:
             self._write_records(conn, dirty.values())
             self._write_conflicts(conn, conflict_rows)
-        conn.executemany(
-            "INSERT INTO _fieldsync_receipts (node, seq, hlc) VALUES (?, ?, ?)", new_receipts
-        )
+        _write_receipts(conn, node, new_receipts)
         _write_history(conn, history)
         count_push(conn, node, applied)
         conn.executemany(
@@ -628,6 +633,12 @@ class SqliteHubStore(MonitorStore):
                 [node, low, high],
             ).fetchall()
         )
+        for (text,) in conn.execute(
+            "SELECT receipts FROM _fieldsync_receipt_batches "
+            "WHERE node = ? AND last_seq >= ? AND first_seq <= ?",
+            [node, low, high],
+        ):
+            receipts.update((seq, hlc) for seq, hlc in loads(text) if low <= seq <= high)
         rejections = dict(
             conn.execute(
                 "SELECT seq, reason FROM _fieldsync_rejected "
@@ -1091,6 +1102,30 @@ class SqliteHubStore(MonitorStore):
 # A version of a record for its history: hub seq, the seq of the record's version before
 # (None: the first), table, key, who, stamp, op, the values the change set, time received.
 _Version = tuple[int, int | None, str, str, str, str, str, str | None, str]
+
+
+# Every receipt, either way it is kept: (office, change number, stamp as captured).
+ALL_RECEIPTS = (
+    "SELECT node, seq, hlc FROM _fieldsync_receipts UNION ALL "
+    "SELECT b.node, r.value ->> 0, r.value ->> 1 "
+    "FROM _fieldsync_receipt_batches AS b, json_each(b.receipts) AS r"
+)
+
+
+def _write_receipts(
+    conn: sqlite3.Connection, node: str, receipts: Sequence[tuple[int, int]]
+) -> None:
+    """Keep the (number, stamp as captured) of each change of a batch the hub dealt with.
+
+    One row per batch: a row per change cost the hub a tenth of its time per push.
+    Hubs before it kept them a row each in _fieldsync_receipts, still read.
+    """
+    if receipts:
+        conn.execute(
+            "INSERT INTO _fieldsync_receipt_batches (node, last_seq, first_seq, receipts) "
+            "VALUES (?, ?, ?, ?)",
+            [node, receipts[-1][0], receipts[0][0], dumps_text(receipts)],
+        )
 
 
 def _write_history(conn: sqlite3.Connection, rows: Sequence[_Version]) -> None:

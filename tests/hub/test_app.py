@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from hub.app import ERROR_CODES, create_app
-from hub.store import SqliteHubStore
+from hub.store import ALL_RECEIPTS, SqliteHubStore
 from node.client import ERROR_CLASSES
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
 from shared.errors import (
@@ -389,6 +389,32 @@ def test_replayed_push_changes_the_hub_once(
     # a batch overlapping the acknowledged part applies only the new change
     third = push(client, tokens["astana"], changes[1], insert(3, "c3"))
     assert (third.json()["acked"], third.json()["applied"]) == (3, 1)
+
+
+@pytest.mark.parametrize("older_hub", [False, True], ids=["batch-receipts", "row-receipts"])
+def test_replays_are_checked_against_the_receipts_of_earlier_batches(
+    client: httpx.Client, hub_store: SqliteHubStore, tokens: dict[str, str], older_hub: bool
+) -> None:
+    token = tokens["astana"]
+    first, second = (insert(1, "c1"), insert(2, "c2")), (insert(3, "c3"),)
+    push(client, token, *first)
+    push(client, token, *second)
+    conn = hub_store.db.conn
+    if older_hub:  # receipts kept a row per change, as hubs before batch receipts did
+        conn.execute(
+            "INSERT INTO _fieldsync_receipts SELECT b.node, r.value ->> 0, r.value ->> 1 "
+            "FROM _fieldsync_receipt_batches AS b, json_each(b.receipts) AS r"
+        )
+        conn.execute("DELETE FROM _fieldsync_receipt_batches")
+    kept = sorted(conn.execute(ALL_RECEIPTS).fetchall())
+    assert kept == [("astana", c["seq"], c["ts"]) for c in first + second]
+    # a replay across both batches, with one new change: only the new one applies
+    again = push(client, token, first[1], second[0], insert(4, "c4"))
+    assert (again.json()["acked"], again.json()["applied"]) == (4, 1)
+    # number 2 again, but another change: the office database is an older copy
+    other = insert(2, "c2", family_name="Other") | {"ts": first[1]["ts"] + 1}
+    assert_error(push(client, token, other, insert(5, "c5")), 409, "diverged")
+    assert [r["id"] for r in hub_store.rows("cases")] == ["c1", "c2", "c3", "c4"]
 
 
 def test_change_stamped_far_in_the_future_is_clock_skew(

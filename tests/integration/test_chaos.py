@@ -60,7 +60,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hub.store import ConflictRecord, SqliteHubStore
+from hub.store import ALL_RECEIPTS, ConflictRecord, SqliteHubStore
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
@@ -801,7 +801,7 @@ def check(chaos: Chaos) -> dict[str, Any]:
         hub_digest = {t: digest(hub, t) for t in UNIQUE}
         acked = dict(hub.execute("SELECT name, acked_seq FROM _fieldsync_nodes"))
         receipts: dict[str, Counter[tuple[int, int]]] = defaultdict(Counter)
-        for node, seq, hlc in hub.execute("SELECT node, seq, hlc FROM _fieldsync_receipts"):
+        for node, seq, hlc in hub.execute(ALL_RECEIPTS):
             receipts[node][(seq, hlc)] += 1
         known = {
             (t, json.loads(k)[0]) for t, k in hub.execute("SELECT tbl, pk FROM _fieldsync_records")

@@ -31,6 +31,7 @@ from typing import Any
 import libfaketime
 import pytest
 
+from hub.store import ALL_RECEIPTS
 from node.store import NodeStore
 from shared.clock import Timestamp, now_ms, wall_ms
 from shared.schema import Schema
@@ -145,7 +146,7 @@ def receipts(hub: Any, node: str) -> list[tuple[int, int]]:
     return [
         (seq, hlc)
         for seq, hlc in hub_query(
-            hub, "SELECT seq, hlc FROM _fieldsync_receipts WHERE node = ? ORDER BY seq", node
+            hub, f"SELECT seq, hlc FROM ({ALL_RECEIPTS}) WHERE node = ? ORDER BY seq", node
         )
     ]
 
