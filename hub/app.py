@@ -49,7 +49,6 @@ from shared.protocol import (
     dumps,
     loads,
 )
-from shared.runtime import fewer_collections
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -189,10 +188,6 @@ def create_app(
         )
 
     async def push(request: Request) -> JSONResponse:
-        with fewer_collections():
-            return await _push(request)
-
-    async def _push(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
         data = await read_json(request)
         check_version(data, "the push")
@@ -233,11 +228,10 @@ def create_app(
         own = request.query_params.get("own") == "1"
         count = request.query_params.get("count") == "1"
         packed = request.query_params.get("packed") == "1"
-        with fewer_collections():
-            page = await run_in_threadpool(
-                lambda: store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
-            )
-            return JSONResponse(page.to_json())
+        page = await run_in_threadpool(
+            lambda: store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
+        )
+        return JSONResponse(page.to_json())
 
     async def report_status(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)

@@ -34,7 +34,6 @@ from shared.errors import (
     error_code,
 )
 from shared.protocol import PullPage, PushResult
-from shared.runtime import fewer_collections
 
 log = logging.getLogger("fieldsync.agent")
 
@@ -115,8 +114,7 @@ class SyncAgent:
                 f"another sync of {self.store.path} is running; try again when it ends"
             ) from None
         try:
-            with fewer_collections():
-                return self._sync(progress or (lambda phase, done, total: None))
+            return self._sync(progress or (lambda phase, done, total: None))
         except sqlite3.Error as exc:
             # sqlite3 quotes undecodable text in its message: never pass that on.
             detail = str(exc).split(" with text ", 1)[0]
