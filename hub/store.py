@@ -57,7 +57,15 @@ from shared.protocol import (
     loads,
 )
 from shared.schema import EXISTS, Schema, Table, load_custom
-from shared.sqlite import Checkpointer, connect, create_tables, put_rows, table_rows, write
+from shared.sqlite import (
+    Checkpointer,
+    connect,
+    create_tables,
+    put_rows,
+    read_snapshot,
+    table_rows,
+    write,
+)
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
 
@@ -813,8 +821,10 @@ class SqliteHubStore(MonitorStore):
         adds how many records the office has left to pull. ``packed``: a record whose
         columns all carry one version gets that version alone (see PullRow).
         """
-        # IMMEDIATE: the read and the last-pull note are one consistent snapshot.
-        with self._lock, write(self.db) as conn:
+        # The page, and what is left after it (as many records as the office is behind),
+        # are read on a snapshot of their own, so a long read holds up no push; only
+        # the note of the pull waits for the store.
+        with read_snapshot(self.path) as conn:
             last = self._last_seq(conn)
             if cursor > last:
                 # A cursor from the future: this hub was restored from an older
@@ -826,15 +836,9 @@ class SqliteHubStore(MonitorStore):
                 "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
                 [cursor, "" if include_own else node, limit + 1],
             ).fetchall()
-            conn.execute(
-                "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
-                [utcnow(), utcnow(), node],
-            )
             acked = conn.execute(
                 "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
             ).fetchone()[0]
-            served = rows[:limit]
-            count_pull(conn, node, len(served), served[-1][2] if len(rows) > limit else last)
             remaining = None
             if count:
                 remaining = conn.execute(
@@ -844,6 +848,12 @@ class SqliteHubStore(MonitorStore):
                 ).fetchone()[0]
         more = len(rows) > limit
         rows = rows[:limit]
+        with self._lock, write(self.db) as conn:
+            conn.execute(
+                "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
+                [utcnow(), utcnow(), node],
+            )
+            count_pull(conn, node, len(rows), rows[-1][2] if more else last)
         page_rows = []
         for tbl, pk, seq, deleted, vals, vers in rows:
             table = self.schema.table(tbl)

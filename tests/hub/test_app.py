@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,28 @@ def test_push_result_carries_hub_time(client: httpx.Client, tokens: dict[str, st
 
 
 # -- pull ------------------------------------------------------------------------------
+
+
+def test_pull_reads_on_a_snapshot_of_its_own(
+    client: httpx.Client, hub_store: SqliteHubStore, tokens: dict[str, str]
+) -> None:
+    # Counting what an office has left reads as many records as it is behind: on the
+    # store's connection, under its lock, every push would wait for it.
+    push(client, tokens["astana"], *(insert(i, f"c{i}") for i in range(1, 4)))
+
+    def no_reading_records(action: int, table: str | None, *_: Any) -> int:
+        refused = action == sqlite3.SQLITE_READ and table == "_fieldsync_records"
+        return sqlite3.SQLITE_DENY if refused else sqlite3.SQLITE_OK
+
+    hub_store.db.conn.set_authorizer(no_reading_records)
+    try:
+        page = hub_store.pull("almaty", 0, 2, count=True)
+    finally:
+        hub_store.db.conn.set_authorizer(None)
+    assert [row.pk["id"] for row in page.rows] == ["c1", "c2"]
+    assert (page.more, page.remaining) == (True, 3)
+    [almaty] = [o for o in hub_store.offices() if o.name == "almaty"]
+    assert almaty.last_pull_at is not None  # the pull was noted all the same
 
 
 def test_pull_pages_through_everything(
