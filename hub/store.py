@@ -857,7 +857,7 @@ class SqliteHubStore(MonitorStore):
         page_rows = []
         for tbl, pk, seq, deleted, vals, vers in rows:
             table = self.schema.table(tbl)
-            pk_dict = dict(zip(table.primary_key, json.loads(pk), strict=True))
+            pk_dict = dict(zip(table.primary_key, loads(pk), strict=True))
             page_rows.append(self._pull_row(table, pk_dict, seq, deleted, vals, vers, packed))
         next_cursor = rows[-1][2] if more else last
         return PullPage(page_rows, next_cursor, more, self._now(), node, acked, remaining)
