@@ -1127,8 +1127,8 @@ def _write_receipts(
 ) -> None:
     """Keep the (number, stamp as captured) of each change of a batch the hub dealt with.
 
-    One row per batch: a row per change cost the hub a tenth of its time per push.
-    Hubs before it kept them a row each in _fieldsync_receipts, still read.
+    One row per batch: a row per change cost the hub about 4% of its CPU per pushed
+    change. Hubs before it kept them a row each in _fieldsync_receipts, still read.
     """
     if receipts:
         conn.execute(
