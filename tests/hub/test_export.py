@@ -481,11 +481,18 @@ def test_failed_export_leaves_no_file(store: SqliteHubStore, tmp_path: Path) -> 
 
 
 def test_out_refuses_the_hub_database(store: SqliteHubStore) -> None:
+    # Closed first: an open store's checkpoint thread may still be copying its WAL
+    # into the file, which would change its bytes with no export involved.
+    store.close()
     before = store.path.read_bytes()
     result = export(store, "cases", "--format", "csv", "--out", store.path)
     assert_one_line_error(result, "is the hub database")
     assert store.path.read_bytes() == before
-    assert store.rows("cases")
+    reopened = SqliteHubStore(store.path)
+    try:
+        assert reopened.rows("cases")
+    finally:
+        reopened.close()
 
 
 def test_out_in_a_missing_directory(store: SqliteHubStore, tmp_path: Path) -> None:
