@@ -606,8 +606,15 @@ class SqliteHubStore(MonitorStore):
         self, table: Table, current: RecordState | None, change: Change, stamp: str
     ) -> Outcome:
         custom = self._custom.get(table.name)
+        decided = None
+        if custom is not None and current is not None:
+            # A value the function decides is the hub's write, stamped after the change.
+            self.clock.observe(change.ts.hlc)
+            decided = str(self.clock.tick())
         try:
-            outcome = merge(current, change, table.policy, custom, stamp=stamp)
+            outcome = merge(
+                current, change, table.policy, custom, stamp=stamp, decided_stamp=decided
+            )
         except Exception as exc:
             if custom is None:
                 raise

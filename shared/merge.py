@@ -112,12 +112,17 @@ def merge(
     custom: CustomMerge | None = None,
     *,
     stamp: str | None = None,
+    decided_stamp: str | None = None,
 ) -> Outcome:
     """Apply ``change`` to ``current`` (None if the hub has never seen the record).
 
     ``custom`` is the function of a ``custom:`` policy; it decides the record when
     the change is concurrent with another office's edit of the same field.
     ``stamp``: ``str(change.ts)``, if the caller has it already.
+    ``decided_stamp``: the version of a value the custom function decides other than
+    the incoming one: a stamp later than the change's that no office holds (the hub
+    issues it), so that both offices take the decided value back. Without it, the
+    change's own stamp, which its office already holds with its own value.
     """
     ts = stamp if stamp is not None else str(change.ts)
     if current is None:
@@ -209,7 +214,10 @@ def merge(
                 Conflict("custom", col, state.values.get(col), have, value, ts, False, decided[col])
             )
             state.values[col] = decided[col]
-            state.versions[col] = ts
+            if decided[col] == value or decided_stamp is None:
+                state.versions[col] = ts
+            else:
+                state.versions[col] = decided_stamp
             changed = True
             continue
         if change.base.get(col) == have or have is None:

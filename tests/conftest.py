@@ -109,3 +109,27 @@ def make_office(tmp_path: Path, hub: Hub) -> Iterator[Callable[..., Office]]:
     for office in offices:
         office.client.close()
         office.store.close()
+
+
+def schema_with_policy(policy: str) -> Schema:
+    """The default schema, its cases table under ``policy``."""
+    text = Schema.load().source.replace(
+        '[tables.cases]\npolicy = "merge"', f'[tables.cases]\npolicy = "{policy}"'
+    )
+    schema = Schema.from_toml(text)
+    assert schema.tables["cases"].policy == policy
+    return schema
+
+
+@pytest.fixture
+def policy_hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Hub, Schema]]:
+    """A hub whose cases table uses the policy given by indirect parametrisation."""
+    schema = schema_with_policy(request.param)
+    store = SqliteHubStore(tmp_path / "policy-hub.db", schema)
+    gen = serve(create_app(store))
+    url = next(gen)
+    try:
+        yield Hub(url, store, tmp_path / "policy-hub.db"), schema
+    finally:
+        gen.close()
+        store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -13,7 +14,6 @@ from node.client import HttpHubClient
 from node.store import NodeStore
 from shared.clock import Timestamp
 from shared.errors import ClockSkewError, HubUnavailableError
-from shared.schema import Schema
 from tests.faults import FlakyTransport
 
 pytestmark = pytest.mark.integration
@@ -155,31 +155,6 @@ def test_reinsert_after_seen_delete_brings_record_back(hub, make_office):
     assert hub.store.conflicts() == []
 
 
-def _schema_with_policy(policy: str) -> Schema:
-    text = Schema.load().source.replace(
-        '[tables.cases]\npolicy = "merge"', f'[tables.cases]\npolicy = "{policy}"'
-    )
-    schema = Schema.from_toml(text)
-    assert schema.tables["cases"].policy == policy
-    return schema
-
-
-@pytest.fixture
-def policy_hub(request, tmp_path):
-    """A hub whose cases table uses the policy given by indirect parametrisation."""
-    from hub.app import create_app
-    from hub.store import SqliteHubStore
-    from tests.conftest import Hub, serve
-
-    schema = _schema_with_policy(request.param)
-    store = SqliteHubStore(tmp_path / "policy-hub.db", schema)
-    gen = serve(create_app(store))
-    url = next(gen)
-    yield Hub(url, store, tmp_path / "policy-hub.db"), schema
-    gen.close()
-    store.close()
-
-
 def _offices(policy_hub, tmp_path):
     from node.agent import SyncAgent
     from node.client import HttpHubClient
@@ -242,6 +217,41 @@ def test_custom_policy_function_merges_on_the_hub(policy_hub, tmp_path):
             ("astana", 6),
             ("almaty", 4),
         }
+    finally:
+        for office in (astana, almaty):
+            office.client.close()
+            office.store.close()
+
+
+@pytest.mark.parametrize(
+    "policy_hub", ["custom:tests.custom_merge:larger_household"], indirect=True
+)
+def test_custom_decision_reaches_the_office_that_edits_the_record_again(policy_hub, tmp_path):
+    """The function's value is the hub's write: the office whose value lost takes it
+    back even when its next change to the record comes before its next pull."""
+    hub, (astana, almaty) = _offices(policy_hub, tmp_path)
+    try:
+        add_case(astana, "c1", household_size=3)
+        sync_all(astana, almaty)
+        write(almaty, "UPDATE cases SET household_size = 6 WHERE id = 'c1'")
+        almaty.sync()
+        write(astana, "UPDATE cases SET household_size = 4 WHERE id = 'c1'")
+        write(astana, "UPDATE cases SET notes = 'second save' WHERE id = 'c1'")
+        for _ in range(3):
+            sync_all(astana, almaty)
+        assert_converged(hub, astana, almaty)
+        assert (case(astana, "c1")["household_size"], case(astana, "c1")["notes"]) == (
+            6,
+            "second save",
+        )
+        (size,) = hub.store.conflicts()
+        assert (size.kind, size.other_value, size.merged) == ("custom", 4, 6)
+        # Stamped by the hub, after the change it decided on.
+        state = hub.store.db.conn.execute(
+            "SELECT vers FROM _fieldsync_records WHERE pk = '[\"c1\"]'"
+        ).fetchone()[0]
+        assert json.loads(state)["household_size"].endswith("-hub")
+        assert json.loads(state)["household_size"] > size.other_version
     finally:
         for office in (astana, almaty):
             office.client.close()

@@ -533,6 +533,25 @@ def test_custom_function_decides_concurrent_edits_and_incoming_is_logged() -> No
     assert out.exact is False
 
 
+def test_a_decided_value_other_than_the_incoming_one_takes_the_hubs_stamp() -> None:
+    def choose(value: int) -> Any:
+        return lambda request: {**request.current, "household_size": value}
+
+    s0 = start(household_size=3)
+    first = merge(s0, change("astana", 500, {"household_size": 5}, s0)).state
+    incoming = change("almaty", 600, {"household_size": 4}, s0)
+    hub_stamp = str(Timestamp(700 << 16, "hub"))
+    for value, version in ((7, hub_stamp), (5, hub_stamp), (4, str(incoming.ts))):
+        out = merge(first, incoming, "custom:x:y", choose(value), decided_stamp=hub_stamp)
+        assert out.state.values["household_size"] == value
+        # Neither office holds 7, almaty does not hold 5: the hub's stamp says so. The
+        # incoming value keeps the change's stamp: its office holds that value already.
+        assert out.state.versions["household_size"] == version
+    # Without a stamp from the hub (pure use of the function), the change's own.
+    out = merge(first, incoming, "custom:x:y", choose(7))
+    assert out.state.versions["household_size"] == str(incoming.ts)
+
+
 def test_custom_function_decides_only_the_clashing_columns() -> None:
     from shared.merge import MergeRequest
 
