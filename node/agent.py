@@ -183,10 +183,8 @@ class SyncAgent:
         sent = self._now()
         hub_now = self.client.hub_time()
         before = self.store.clock_offset_ms
-        self._learn_offset(sent, hub_now)
-        shift = self.store.clock_offset_ms - before
-        if shift:
-            moved = self.store.restamp(hub_now, shift, every=True)
+        moved = self._learn_offset(sent, hub_now)
+        if self.store.clock_offset_ms != before:
             large = abs(self.store.clock_offset_ms) >= LARGE_OFFSET_MS
             log.log(
                 logging.WARNING if large else logging.INFO,
@@ -257,6 +255,7 @@ class SyncAgent:
             sent = 0
             while batch and batch[0].seq <= stop_at:
                 if request is None:
+                    self.store.note_sent(batch[-1].seq)
                     sent = self._now()
                     request = pool.submit(self.client.push, batch)
                 # Read and encode the next batch while the hub works on this one.
@@ -274,15 +273,12 @@ class SyncAgent:
                 except ClockSkewError as exc:
                     if restamped or exc.hub_time_ms is None:
                         raise
-                    # Our clock is wrong: learn by how much, re-stamp, send again.
-                    before = self.store.clock_offset_ms
-                    self._learn_offset(sent, exc.hub_time_ms)
+                    # Our clock is wrong: learn by how much, re-stamp, send again. The
+                    # hub committed nothing after ``acked``: those may be re-stamped.
                     acked = exc.details.get("acked")
-                    self.store.restamp(
-                        exc.hub_time_ms,
-                        self.store.clock_offset_ms - before,
-                        acked if isinstance(acked, int) else 0,
-                    )
+                    self.store.not_committed_after(acked if isinstance(acked, int) else 0)
+                    self._learn_offset(sent, exc.hub_time_ms)
+                    self.store.restamp(exc.hub_time_ms, 0)  # any still past the hub's time
                     restamped = True
                     log.warning("%s; re-stamped the queued changes with the hub's time", exc)
                     batch = self.store.pending(batch_size)
@@ -316,7 +312,7 @@ class SyncAgent:
                 finally:
                     request = None
                 self._check_identity(result.node)
-                self._learn_offset(sent, result.hub_time_ms)
+                answered = (sent, result.hub_time_ms)
                 if (
                     ahead
                     and ahead[0].seq <= stop_at
@@ -327,8 +323,11 @@ class SyncAgent:
                     # the acknowledgement while the hub works on it. Its bases already
                     # count this batch's effects; a crash in between only makes the
                     # next sync send both again, which the hub's receipts pass.
+                    self.store.note_sent(ahead[-1].seq)
                     sent = self._now()
                     request = pool.submit(self.client.push, ahead, body)
+                # After the next batch is on its way: re-stamping spares what was sent.
+                self._learn_offset(*answered)
                 self.store.mark_acked(result.acked, batch, result.rejected)
                 for rejection in result.rejected:
                     log.warning("the hub rejected change %d: %s", rejection.seq, rejection.reason)
@@ -356,11 +355,15 @@ class SyncAgent:
                 403,
             )
 
-    def _learn_offset(self, sent_ms: int, hub_time_ms: int) -> None:
+    def _learn_offset(self, sent_ms: int, hub_time_ms: int) -> int:
+        """Learn the clock's offset from the hub's time in an answer to a request sent
+        at ``sent_ms``; if it changed, queued changes not yet sent are re-stamped by
+        the difference (they were stamped under the old one). Returns how many."""
         received = self._now()
         offset = hub_time_ms - (sent_ms + received) // 2
         if abs(offset - self.store.clock_offset_ms) > max(1000, (received - sent_ms)):
-            self.store.set_clock_offset(offset)
+            return self.store.set_clock_offset(offset, hub_time_ms)
+        return 0
 
     def run(
         self,

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     cursor INTEGER NOT NULL DEFAULT 0,
     repull INTEGER NOT NULL DEFAULT 0,
     acked_seq INTEGER NOT NULL DEFAULT 0,
+    sent_seq INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     last_sync_at TEXT,
     last_success_at TEXT,
@@ -328,7 +329,11 @@ def _needs_upgrade(conn: sqlite3.Connection, schema: Schema) -> bool:
             "('_fieldsync_rejected', '_fieldsync_sync_log')"
         )
     }
-    return len(have) < 2 or bool(_stale_triggers(conn, schema))
+    return len(have) < 2 or bool(_stale_triggers(conn, schema)) or not _has_sent_seq(conn)
+
+
+def _has_sent_seq(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "sent_seq" for row in conn.execute("PRAGMA table_info(_fieldsync_state)"))
 
 
 def _upgrade(conn: sqlite3.Connection, schema: Schema) -> None:
@@ -343,6 +348,14 @@ def _upgrade(conn: sqlite3.Connection, schema: Schema) -> None:
         )
         conn.execute("UPDATE _fieldsync_state SET schema = ''")
     conn.execute(_SYNC_LOG)
+    if not _has_sent_seq(conn):
+        # Older versions did not keep it: whatever is queued may have been sent.
+        conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN sent_seq INTEGER NOT NULL DEFAULT 0")
+        conn.execute(
+            "UPDATE _fieldsync_state SET sent_seq = "
+            "(SELECT max(seq) FROM _fieldsync_changes WHERE seq > acked_seq)"
+            " WHERE EXISTS (SELECT 1 FROM _fieldsync_changes WHERE seq > acked_seq)"
+        )
     # Triggers of older versions kept the clock in the state row, updated on every
     # write; that row's clock is where the new ones start from (see _STAMP).
     for name, sql in _stale_triggers(conn, schema).items():
@@ -862,59 +875,82 @@ class NodeStore:
             # Records this office sent since that copy was made are on the hub but no
             # longer here: pull everything again, its own records included.
             conn.execute(
-                "UPDATE _fieldsync_state SET acked_seq = ?, cursor = 0, repull = 1", [acked]
+                "UPDATE _fieldsync_state SET acked_seq = ?, sent_seq = ?, cursor = 0, repull = 1",
+                [acked, acked],
             )
             _forget_acked(conn)
             return len(rows)
 
-    def restamp(
-        self, hub_now_ms: int, shift_ms: int, after_seq: int = 0, *, every: bool = False
-    ) -> int:
-        """Move pending changes by ``shift_ms``, the error of the office's clock.
+    def note_sent(self, seq: int) -> None:
+        """Remember that changes up to ``seq`` go to the hub now.
+
+        Called before each push request. Whether the hub commits them is known only
+        from its answer, which may be lost: until the hub says otherwise, they keep
+        the stamps they were sent with (see :meth:`restamp`).
+        """
+        with write(self.db) as conn:
+            conn.execute("UPDATE _fieldsync_state SET sent_seq = MAX(sent_seq, ?)", [seq])
+
+    def not_committed_after(self, acked: int) -> None:
+        """The hub has said it committed none of this office's changes after ``acked``
+        (nothing of it is on its way): they may be re-stamped again."""
+        with write(self.db) as conn:
+            conn.execute("UPDATE _fieldsync_state SET sent_seq = MIN(sent_seq, ?)", [acked])
+
+    def restamp(self, hub_now_ms: int, shift_ms: int, *, every: bool = False) -> int:
+        """Move queued changes not yet sent by ``shift_ms``, the error of the office's clock.
 
         A wrong clock stamps changes wrongly: too far ahead and the hub refuses them;
         a little ahead and they would win conflicts they should lose; behind and they
         would lose ones they should win. Once the office knows how wrong its clock
         was (``shift_ms``, the change in its learned offset), the changes it has not
-        yet pushed get the stamps they should have had: their real time, kept in
+        yet sent get the stamps they should have had: their real time, kept in
         order, later than every stamp seen from other offices, and never past the
         hub's time. Only changes in the hub's future are moved, unless ``every``.
         The office's clock is set back too, so that it stamps the right time again.
         Returns how many changes were moved.
+
+        Changes already sent (see :meth:`note_sent`) keep their stamps: the hub may
+        have committed them with those, and the office's record versions must name
+        the stamps the hub holds.
         """
         with write(self.db) as conn:
-            limit = hub_now_ms << 16
-            # Changes the hub has committed (seq <= after_seq) keep their stamps: their
-            # receipts name them by number and stamp.
-            bad = conn.execute(
-                "SELECT seq, hlc FROM _fieldsync_changes "
-                f"WHERE (hlc > ? OR ?) AND seq > ? AND {self._PENDING} ORDER BY seq",
-                [limit, every, after_seq],
-            ).fetchall()
-            if not bad and not every:
-                return 0
-            seen = conn.execute(
-                "SELECT max(substr(j.value, 1, 16)) FROM _fieldsync_versions AS v, "
-                "json_each(v.vers) AS j WHERE substr(j.value, 18) != ?",
-                [self.node],
-            ).fetchone()[0]
-            kept = conn.execute(
-                "SELECT max(hlc) FROM _fieldsync_changes WHERE hlc <= ? AND NOT (seq > ? AND "
-                f"{self._PENDING} AND (hlc > ? OR ?))",
-                [limit, after_seq, limit, every],
-            ).fetchone()[0]
-            floor = max(kept or 0, int(seen, 16) if seen else 0)
-            stamps = []
-            for seq, hlc in bad:
-                floor = max(floor + 1, min(hlc + (shift_ms << 16), limit))
-                stamps.append((floor, seq))
-            conn.executemany(
-                "UPDATE _fieldsync_changes SET captured = CASE captured WHEN 0 THEN hlc "
-                "ELSE captured END, hlc = ? WHERE seq = ?",
-                stamps,
-            )
-            conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
-            return len(bad)
+            return self._restamp(conn, hub_now_ms, shift_ms, every)
+
+    def _restamp(
+        self, conn: sqlite3.Connection, hub_now_ms: int, shift_ms: int, every: bool
+    ) -> int:
+        limit = hub_now_ms << 16
+        after_seq = conn.execute("SELECT sent_seq FROM _fieldsync_state").fetchone()[0]
+        bad = conn.execute(
+            "SELECT seq, hlc FROM _fieldsync_changes "
+            f"WHERE (hlc > ? OR ?) AND seq > ? AND {self._PENDING} ORDER BY seq",
+            [limit, every, after_seq],
+        ).fetchall()
+        if not bad and not every:
+            return 0
+        seen = conn.execute(
+            "SELECT max(substr(j.value, 1, 16)) FROM _fieldsync_versions AS v, "
+            "json_each(v.vers) AS j WHERE substr(j.value, 18) != ?",
+            [self.node],
+        ).fetchone()[0]
+        kept = conn.execute(
+            "SELECT max(hlc) FROM _fieldsync_changes WHERE hlc <= ? AND NOT (seq > ? AND "
+            f"{self._PENDING} AND (hlc > ? OR ?))",
+            [limit, after_seq, limit, every],
+        ).fetchone()[0]
+        floor = max(kept or 0, int(seen, 16) if seen else 0)
+        stamps = []
+        for seq, hlc in bad:
+            floor = max(floor + 1, min(hlc + (shift_ms << 16), limit))
+            stamps.append((floor, seq))
+        conn.executemany(
+            "UPDATE _fieldsync_changes SET captured = CASE captured WHEN 0 THEN hlc "
+            "ELSE captured END, hlc = ? WHERE seq = ?",
+            stamps,
+        )
+        conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
+        return len(bad)
 
     # -- pull side --------------------------------------------------------------
 
@@ -991,10 +1027,20 @@ class NodeStore:
     def clock_offset_ms(self) -> int:
         return int(self.db.conn.execute("SELECT offset_ms FROM _fieldsync_state").fetchone()[0])
 
-    def set_clock_offset(self, offset_ms: int) -> None:
-        """Remember how far the local clock is behind the hub's (negative: ahead)."""
+    def set_clock_offset(self, offset_ms: int, hub_now_ms: int | None = None) -> int:
+        """Remember how far the local clock is behind the hub's (negative: ahead).
+
+        With ``hub_now_ms`` (the hub's time when the offset was learned), the queued
+        changes not yet sent, stamped under the offset known before, are moved by
+        the difference in the same transaction (see :meth:`restamp`); returns how
+        many were moved.
+        """
         with write(self.db) as conn:
+            before = conn.execute("SELECT offset_ms FROM _fieldsync_state").fetchone()[0]
             conn.execute("UPDATE _fieldsync_state SET offset_ms = ?", [offset_ms])
+            if hub_now_ms is None or offset_ms == before:
+                return 0
+            return self._restamp(conn, hub_now_ms, offset_ms - before, every=True)
 
     def record_sync(
         self,

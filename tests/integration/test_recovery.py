@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -15,7 +16,7 @@ from node.store import NodeStore
 from shared.clock import now_ms
 from shared.errors import HubRejectedError, HubUnavailableError
 from tests.faults import FlakyTransport
-from tests.integration.test_sync import write
+from tests.integration.test_sync import case, write
 
 pytestmark = pytest.mark.integration
 
@@ -137,6 +138,98 @@ def test_restamping_leaves_changes_the_hub_committed_alone(hub, make_office):
     almaty.sync()
     assert ids(hub.store) == {"c2"}  # c1's insert was not applied a second time
     assert hub.store.conflicts() == []
+
+
+@pytest.mark.parametrize("policy_hub", ["merge", "manual"], indirect=True)
+def test_a_change_whose_answer_was_lost_keeps_the_stamp_the_hub_committed(policy_hub, tmp_path):
+    """Committed, answer lost, then the office's clock is corrected before the replay:
+    the change keeps its stamp, so the office's record versions name the hub's, and
+    the office's next edit of the record is not taken for a concurrent one."""
+    hub, schema = policy_hub
+    fates = {"drop": False}
+
+    def plan(n: int, request: httpx.Request) -> str:
+        if fates["drop"] and request.url.path.endswith("/push"):
+            fates["drop"] = False
+            return "drop"
+        return "ok"
+
+    token = hub.store.add_node("astana")
+    store = NodeStore.init(tmp_path / "astana.db", "astana", hub.url, token, schema)
+    transport = FlakyTransport(plan)
+    client = HttpHubClient(hub.url, token, client=httpx.Client(transport=transport), node="astana")
+    agent = SyncAgent(store, client)
+    office = type("Office", (), {"path": store.path})
+    try:
+        insert(office, "c1")
+        agent.sync_once()
+        write(office, "UPDATE cases SET notes = 'first' WHERE id = 'c1'")
+        fates["drop"] = True
+        with pytest.raises(HubUnavailableError):
+            agent.sync_once()  # the hub commits the edit; the answer is lost
+        store.set_clock_offset(30_000)  # as if learned wrongly: the next sync corrects it
+        agent.sync_once()  # the replay passes the receipts
+        hub_versions = hub.store.db.conn.execute("SELECT vers FROM _fieldsync_records").fetchone()
+        office_versions = store.db.conn.execute("SELECT vers FROM _fieldsync_versions").fetchone()
+        assert json.loads(office_versions[0])["notes"] == json.loads(hub_versions[0])["notes"]
+        if schema.tables["cases"].policy == "manual":
+            write(office, "UPDATE cases SET notes = 'second' WHERE id = 'c1'")
+        else:
+            write(office, "DELETE FROM cases WHERE id = 'c1'")
+        agent.sync_once()
+        agent.sync_once()
+        assert hub.store.conflicts() == []  # no conflict of the office with itself
+        assert store.rows("cases") == hub.store.rows("cases")
+        assert [r["notes"] for r in hub.store.rows("cases")] in ([], ["second"])
+        assert bool(hub.store.rows("cases")) == (schema.tables["cases"].policy == "manual")
+    finally:
+        client.close()
+        store.close()
+
+
+def test_an_offset_learned_mid_sync_moves_the_edits_stamped_under_the_old_one(hub, make_office):
+    """The office's clock jumps 4 minutes ahead between two pages of a pull, and the
+    user saves an edit then. The offset learned from the next page re-stamps that
+    edit, so it does not beat a later edit made at another office.
+
+    (The jump is simulated: the agent's clock moves, and the edit is stamped under an
+    offset 4 minutes off, as the trigger would stamp it after the jump.)"""
+    jump = 4 * 60_000
+    astana, almaty = make_office("astana", page_size=1), make_office("almaty")
+    insert(astana, "c1")
+    astana.sync()
+    almaty.sync()
+    for n in range(4):  # pages for astana to pull
+        insert(almaty, f"b{n}")
+    almaty.sync()
+    pull = astana.client.pull
+    calls = []
+
+    def jumping_pull(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # between the first and second page
+            conn = sqlite3.connect(astana.path)
+            with conn:
+                conn.execute("UPDATE _fieldsync_state SET offset_ms = offset_ms + ?", [jump])
+                conn.execute("UPDATE cases SET status = 'refugee' WHERE id = 'c1'")
+                conn.execute("UPDATE _fieldsync_state SET offset_ms = offset_ms - ?", [jump])
+            conn.close()
+            astana.agent._now = lambda: now_ms() + jump
+        return pull(*args, **kwargs)
+
+    astana.client.pull = jumping_pull
+    astana.sync()
+    assert len(calls) >= 3
+    assert astana.store.clock_offset_ms < -jump + 5_000  # learned: 4 minutes ahead
+    (edit,) = astana.store.pending(10)
+    assert abs(edit.ts.wall_ms - now_ms()) < 5_000  # re-stamped to the real time
+    write(almaty, "UPDATE cases SET status = 'rejected' WHERE id = 'c1'")  # later, truly
+    almaty.sync()
+    astana.sync()
+    almaty.sync()
+    assert case(hub, "c1")["status"] == "rejected"
+    (conflict,) = hub.store.conflicts()
+    assert (conflict.kept_node, conflict.other_node) == ("almaty", "astana")
 
 
 def test_413_from_a_proxy_also_splits_the_batch(tmp_path):

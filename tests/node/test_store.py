@@ -746,6 +746,45 @@ def test_write_helper_rolls_back_on_error(store: NodeStore) -> None:
     assert log(store) == []
 
 
+def test_changes_sent_are_not_restamped_until_the_hub_says_it_did_not_commit_them(
+    store: NodeStore, path: Path
+) -> None:
+    now = time.time_ns() // 1_000_000
+    with plain(path) as conn:
+        for key in ("c1", "c2", "c3"):
+            conn.execute("INSERT INTO cases (id) VALUES (?)", [key])
+    before = {c.seq: c.ts.hlc for c in store.pending(10)}
+    first, second, third = sorted(before)
+    store.note_sent(second)  # c1 and c2 are on their way; the answer may be lost
+    assert store.set_clock_offset(-60_000, now) == 1  # only c3 moves
+    moved = {c.seq: c.ts.hlc for c in store.pending(10)}
+    assert moved[first] == before[first] and moved[second] == before[second]
+    assert moved[third] != before[third]
+    assert store.restamp(now, -1000, every=True) == 1
+    store.not_committed_after(first)  # the hub: nothing after c1 was committed
+    assert store.restamp(now, -1000, every=True) == 2
+    assert store.pending(10)[0].ts.hlc == before[first]
+    assert store.set_clock_offset(-60_000, now) == 0  # no change: nothing moves
+    store.set_clock_offset(0)  # without the hub's time: the offset only
+    assert {c.seq: c.ts.hlc for c in store.pending(10)}[first] == before[first]
+
+
+def test_an_older_office_database_gets_the_sent_mark_covering_its_queue(path: Path) -> None:
+    NodeStore.init(path, "astana", "http://127.0.0.1:9", "t").close()
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id) VALUES ('c1')")
+        conn.execute("INSERT INTO cases (id) VALUES ('c2')")
+        conn.execute("ALTER TABLE _fieldsync_state DROP COLUMN sent_seq")  # as before it
+    store = NodeStore(path)
+    try:
+        queued = store.pending(10)
+        (sent,) = store.db.conn.execute("SELECT sent_seq FROM _fieldsync_state").fetchone()
+        assert sent == queued[-1].seq  # whatever was queued may have been sent
+        assert store.restamp(time.time_ns() // 1_000_000, -1000, every=True) == 0
+    finally:
+        store.close()
+
+
 def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) -> None:
     schema = Schema.load()
     NodeStore.init(path, "astana", HUB_URL, "tok").close()
