@@ -265,8 +265,14 @@ def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> li
     async def rejected(request: Request) -> _JSON:
         await admin(request)
         office = request.query_params.get("office") or None
-        found = await run_in_threadpool(store.rejected, office)
-        return _JSON({"rejected": found})
+
+        def load() -> Any:
+            try:
+                return store.rejected(office)
+            except FieldsyncError:
+                raise not_found(f"there is no office {office!r}") from None
+
+        return _JSON({"rejected": await run_in_threadpool(load)})
 
     async def history(request: Request) -> _JSON:
         await admin(request)

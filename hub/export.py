@@ -223,6 +223,8 @@ def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:
             if "_fieldsync_meta" in tables
             else None
         )
+    except sqlite3.OperationalError as exc:  # unreadable, or no room for its -shm file
+        raise FieldsyncError(f"cannot open {name} ({exc})") from None
     except sqlite3.Error as exc:
         raise FieldsyncError(f"{name} is not a fieldsync hub database ({exc})") from None
     if row is None:

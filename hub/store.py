@@ -210,6 +210,8 @@ def _check_hub_file(path: Path, create: bool) -> None:
             }
         finally:
             conn.close()
+    except sqlite3.OperationalError as exc:  # unreadable, or no room for its -shm file
+        raise FieldsyncError(f"cannot open {path} ({exc})") from None
     except sqlite3.Error as exc:
         raise FieldsyncError(f"{path} is not a fieldsync hub database ({exc})") from None
     if "_fieldsync_meta" in tables:
@@ -894,6 +896,8 @@ class SqliteHubStore(MonitorStore):
     def rejected(self, node: str | None = None) -> list[dict[str, Any]]:
         """Changes the hub set aside, newest first: office, number, record key, reason.
 
+        ``node``: only that office's (FieldsyncError if there is no such office).
+
         The values stay at the office that made them; only the key and the reason
         are kept here.
         """
@@ -903,6 +907,13 @@ class SqliteHubStore(MonitorStore):
             + " ORDER BY created_at DESC, node, seq DESC"
         )
         with self._lock:
+            if (
+                node
+                and not self.db.conn.execute(
+                    "SELECT 1 FROM _fieldsync_nodes WHERE name = ?", [node]
+                ).fetchone()
+            ):
+                raise FieldsyncError(f"there is no office {node!r}")
             rows = self.db.conn.execute(sql, [node] if node else []).fetchall()
         found = []
         for office, seq, tbl, pk, op, reason, created_at in rows:
@@ -952,6 +963,8 @@ class SqliteHubStore(MonitorStore):
         return {"open": 0, "logged": 0, "resolved": 0, **dict(rows)}
 
     def conflict(self, conflict_id: int) -> ConflictRecord:
+        if not 0 < conflict_id < 2**63:  # past SQLite's integers: no such row either
+            raise FieldsyncError(f"there is no conflict {conflict_id}")
         with self._lock:
             row = self.db.conn.execute(
                 "SELECT * FROM _fieldsync_conflicts WHERE id = ?", [conflict_id]

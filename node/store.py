@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from shared.protocol import (
     Rejection,
     StatusReport,
     SyncEvent,
+    check_hub_url,
+    check_token,
     loads,
 )
 from shared.schema import EXISTS, Schema, Table, quote
@@ -462,15 +465,18 @@ class NodeStore:
         Rows already in a synced table are logged as inserts, so they reach the hub.
         """
         check_node_name(node)
+        hub_url = check_hub_url(hub_url)
+        check_token(token)
         schema = schema or Schema.load()
+        made = not Path(path).exists()
         db = connect(path)
         try:
             with write(db) as conn:
-                exists = conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE name = '_fieldsync_state'"
-                ).fetchone()
-                if exists:
+                names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+                if "_fieldsync_state" in names:
                     raise StoreError(f"{path} is already a fieldsync office database")
+                if "_fieldsync_meta" in names or "_fieldsync_nodes" in names:
+                    raise StoreError(f"{path} is a hub database, not an office database")
                 for statement in _STATE_TABLES.split(";"):
                     conn.execute(statement)
                 conn.execute(_SYNC_LOG)
@@ -478,7 +484,7 @@ class NodeStore:
                 conn.execute(
                     "INSERT INTO _fieldsync_state (id, node, hub_url, token, created_at) "
                     "VALUES (1, ?, ?, ?, ?)",
-                    [node, hub_url.rstrip("/"), token, _utcnow()],
+                    [node, hub_url, token, _utcnow()],
                 )
                 conn.execute(
                     "INSERT INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
@@ -487,8 +493,14 @@ class NodeStore:
                     for sql in trigger_sql(table, _is_strict(conn, table.name)).values():
                         conn.execute(sql)
                     _backfill(conn, table)
-        finally:
+        except BaseException:
             db.conn.close()
+            if made:  # nothing of a failed init is left behind
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{path}{suffix}")
+            raise
+        db.conn.close()
         return cls(path)
 
     def close(self) -> None:
@@ -497,10 +509,14 @@ class NodeStore:
 
     def set_hub(self, hub_url: str | None = None, token: str | None = None) -> None:
         """Point the office at another hub URL or token."""
+        if hub_url:
+            hub_url = check_hub_url(hub_url)
+        if token:
+            check_token(token)
         with write(self.db) as conn:
             if hub_url:
-                conn.execute("UPDATE _fieldsync_state SET hub_url = ?", [hub_url.rstrip("/")])
-                self.hub_url = hub_url.rstrip("/")
+                conn.execute("UPDATE _fieldsync_state SET hub_url = ?", [hub_url])
+                self.hub_url = hub_url
             if token:
                 conn.execute("UPDATE _fieldsync_state SET token = ?", [token])
                 self.token = token
@@ -673,9 +689,13 @@ class NodeStore:
         otherwise the hub rejects it again.
         """
         with write(self.db) as conn:
-            row = conn.execute(
-                "SELECT tbl, pk, op, vals FROM _fieldsync_rejected WHERE seq = ?", [seq]
-            ).fetchone()
+            row = (
+                conn.execute(
+                    "SELECT tbl, pk, op, vals FROM _fieldsync_rejected WHERE seq = ?", [seq]
+                ).fetchone()
+                if 0 < seq < 2**63
+                else None
+            )
             if row is None:
                 raise StoreError(f"there is no rejected change {seq} in {self.path}")
             table = self.schema.table(row[0])
@@ -712,6 +732,8 @@ class NodeStore:
         hub still gets every column the dropped change carried (once fixed). Returns
         True for a queued change, False for a rejected one.
         """
+        if not 0 < seq < 2**63:
+            raise StoreError(f"there is no queued change {seq} in {self.path}")
         with write(self.db) as conn:
             if conn.execute("DELETE FROM _fieldsync_rejected WHERE seq = ?", [seq]).rowcount:
                 return False

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -92,7 +93,7 @@ def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False
 
 _stale_after = click.option(
     "--stale-after",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 10 * 366 * 86400),
     metavar="SECONDS",
     help="An office with no successful sync for this long is stale "
     "[default: 3 of its sync intervals; 3 minutes when it has not said].",
@@ -113,7 +114,7 @@ def _stale(seconds: int | None) -> Any:
     "--max-future-seconds",
     default=300,
     show_default=True,
-    type=int,
+    type=click.IntRange(1, 10 * 366 * 86400),
     help="Refuse changes stamped further than this ahead of the hub's clock.",
 )
 @_stale_after
@@ -131,17 +132,44 @@ def hub_serve(
 
     from hub.app import create_app
 
-    new = not os.path.exists(db_path)
-    store = _open_hub(db_path, schema_path, create=True)
+    listener = _listen(host, port)  # a port in use is a one-line error, before any file
+    try:
+        new = not os.path.exists(db_path)
+        store = _open_hub(db_path, schema_path, create=True)
+    except BaseException:
+        listener.close()
+        raise
     if new:
         click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")
     store.max_future_ms = max_future_seconds * 1000
-    click.echo(f"fieldsync hub {__version__}: {db_path} on http://{host}:{port}", err=True)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"fieldsync hub {__version__}: {db_path} on http://{shown}:{port}", err=True)
     try:
         app = create_app(store, stale_after=_stale(stale_after))
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        config = uvicorn.Config(app, host=host, port=port, log_level="info")
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
+        listener.close()
         store.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` for the hub to serve on."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as exc:
+        raise FieldsyncError(f"cannot listen on {host}:{port}: {exc}") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        raise FieldsyncError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
 
 
 @hub.command("add-node")
@@ -334,7 +362,7 @@ def _show(value: Any, kind: str) -> str:
 
 
 @hub.command("resolve")
-@click.argument("conflict_id", type=int)
+@click.argument("conflict_id", type=click.IntRange(1, 2**63 - 1))
 @_hub_db
 @click.option(
     "--keep",
@@ -342,7 +370,12 @@ def _show(value: Any, kind: str) -> str:
     help="kept (the value the hub holds), other (the value that lost), an office name, "
     "or 'value' together with --value.",
 )
-@click.option("--value", "value", help="With --keep value: the value to write (JSON or text).")
+@click.option(
+    "--value",
+    "value",
+    help="With --keep value: the value to write: text, a number, null, or a JSON "
+    "string ('\"null\"' is the text null).",
+)
 @click.option("--by", default="admin", show_default=True, help="Who decides (recorded).")
 @click.option("--force", is_flag=True, help="Apply even if the record changed since the conflict.")
 def hub_resolve(
@@ -395,6 +428,13 @@ def _parse_value(store: Any, record: Any, text: str) -> Any:
             return float(text)
         except ValueError:
             raise click.ClickException(f"{record.column} takes numbers") from None
+    if text.startswith('"'):  # a JSON string: '"null"' is the text null
+        try:
+            quoted = json.loads(text)
+        except ValueError:
+            quoted = None
+        if isinstance(quoted, str):
+            return quoted
     return text
 
 
@@ -408,8 +448,6 @@ def node_init(db_path: str, name: str, hub_url: str, token: str, schema_path: st
     """Create an office database with the synced tables and change capture."""
     from node.store import NodeStore
 
-    if not hub_url.startswith(("http://", "https://")):
-        raise click.ClickException("the hub URL must start with http:// or https://")
     store = NodeStore.init(db_path, name, hub_url, token, _load_schema(schema_path))
     pending = store.pending_count()
     tables = ", ".join(store.schema.tables)
@@ -526,8 +564,6 @@ def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
 
     if not hub_url and not token:
         raise click.ClickException("give --hub URL, --token TOKEN or both")
-    if hub_url and not hub_url.startswith(("http://", "https://")):
-        raise click.ClickException("the hub URL must start with http:// or https://")
     store = NodeStore(db_path)
     try:
         store.set_hub(hub_url, token)
@@ -569,7 +605,7 @@ def node_rejected(db_path: str, as_json: bool) -> None:
 
 @node.command("retry")
 @_node_db
-@click.argument("seq", type=int)
+@click.argument("seq", type=click.IntRange(1, 2**63 - 1))
 def node_retry(db_path: str, seq: int) -> None:
     """Write rejected change SEQ again as a new change (once its cause is fixed)."""
     from node.store import NodeStore
@@ -584,7 +620,7 @@ def node_retry(db_path: str, seq: int) -> None:
 
 @node.command("drop-change")
 @_node_db
-@click.argument("seq", type=int)
+@click.argument("seq", type=click.IntRange(1, 2**63 - 1))
 def node_drop_change(db_path: str, seq: int) -> None:
     """Discard queued change SEQ that can never be pushed (fieldsync names it when so),
     or rejected change SEQ (see `node rejected`).
@@ -612,10 +648,16 @@ def node_drop_change(db_path: str, seq: int) -> None:
 @node.command("run")
 @_node_db
 @click.option(
-    "--interval", default=60.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+    "--interval",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 7 * 86400),  # NaN passes a range: refused below
+    help="Seconds, 0.1 to 604800 (a week).",
 )
 def node_run(db_path: str, interval: float) -> None:
     """Run the sync agent: sync every INTERVAL seconds until Ctrl-C or SIGTERM."""
+    if interval != interval:
+        raise click.BadParameter("not a number", param_hint="'--interval'")
     agent = _agent(db_path)
     stop = threading.Event()
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -47,6 +48,37 @@ def dumps_text(data: Any) -> str:
 def loads(data: bytes | str) -> Any:
     """Parse JSON; raise ValueError (orjson.JSONDecodeError) if it is not valid."""
     return orjson.loads(data)
+
+
+def check_hub_url(url: str) -> str:
+    """Return the hub's base URL (no trailing slash); raise ValueError if it is not one:
+    http or https, a host, a valid port, no user, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises if it is not a number from 0 to 65535
+    except ValueError as exc:
+        raise ValueError(f"invalid hub URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"invalid hub URL {url!r}: it must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"invalid hub URL {url!r}: it names no host")
+    if port == 0:
+        raise ValueError(f"invalid hub URL {url!r}: port 0")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"invalid hub URL {url!r}: give the token with --token, not in the URL")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"invalid hub URL {url!r}: it cannot have a query or fragment")
+    return url.rstrip("/")
+
+
+def check_token(token: str) -> str:
+    """Return ``token`` if it can be sent as a bearer token, else raise ValueError."""
+    if not token or not token.isascii() or not all(" " < c < "\x7f" for c in token):
+        raise ValueError(
+            "invalid token: give the one `fieldsync hub add-node` printed "
+            "(printable ASCII, no spaces)"
+        )
+    return token
 
 
 OPS = ("insert", "update", "delete")
@@ -122,6 +154,7 @@ class Change:
             values = data.get("values")
             if (
                 type(seq) is int
+                and 0 < seq < 2**63
                 and type(table) is str
                 and type(pk) is dict
                 and type(hlc) is int
@@ -139,6 +172,8 @@ class Change:
         if not isinstance(data, dict):
             raise ProtocolError(f"a change must be an object, got {type(data).__name__}")
         seq = _field(data, "seq", int, "change")
+        if not 0 < seq < 2**63:
+            raise ProtocolError(f"change {seq}: seq must be a positive 64-bit integer")
         what = f"change {seq}"
         table = _field(data, "table", str, what)
         pk = _field(data, "pk", dict, what)

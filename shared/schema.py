@@ -290,6 +290,8 @@ class Schema:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise SchemaError(f"cannot read schema file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise SchemaError(f"cannot read schema file {path}: it is not UTF-8 text") from None
         return cls.from_toml(text, str(path))
 
 
@@ -315,7 +317,9 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
         scratch.execute(create)
     except sqlite3.Error as exc:
         raise SchemaError(f"{origin}: cannot create table {name}: {exc}") from exc
-    info = scratch.execute(f"PRAGMA table_info({_quote(name)})").fetchall()
+    if scratch.execute("SELECT 1 FROM temp.sqlite_master WHERE name = ?", [name]).fetchone():
+        raise SchemaError(f"{origin}: table {name} is TEMP; a synced table must be a real one")
+    info = scratch.execute(f"PRAGMA main.table_info({_quote(name)})").fetchall()
     if not info:
         raise SchemaError(f"{origin}: the create SQL of {name} does not create a table {name}")
     columns = tuple(Column(row[1], str(row[2]).upper(), bool(row[3])) for row in info)

@@ -1,0 +1,341 @@
+"""Bad input at the edges: one-line errors on the command line, 4xx from the hub,
+nothing made or changed by a command that fails."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from hub.store import SqliteHubStore
+from node.store import NodeStore
+from shared.cli import cli
+from shared.clock import COUNTER_BITS, now_ms
+from shared.protocol import PROTOCOL_VERSION, check_hub_url, check_token
+
+BIG = str(2**64)  # past SQLite's integers
+FIELDSYNC = Path(sys.executable).parent / "fieldsync"
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result: Result, *needles: str) -> None:
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], result.output
+
+
+def dump(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# -- node init and node set --------------------------------------------------------
+
+
+def test_node_init_refuses_a_hub_database_and_leaves_it_as_it_was(tmp_path: Path) -> None:
+    hub = tmp_path / "hub.db"
+    SqliteHubStore(hub).close()
+    with sqlite3.connect(hub) as conn:
+        before = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
+    conn.close()
+    result = run("node", "init", hub, "--name", "astana", "--hub", "http://h:1", "--token", "t")
+    assert_one_line_error(result, "is a hub database, not an office database")
+    with sqlite3.connect(hub) as conn:
+        after = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
+    conn.close()
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("ftp://hub:8000", "http:// or https://"),
+        ("http://", "names no host"),
+        ("http://user:secret@hub:8000", "not in the URL"),
+        ("http://hub:8000/?x=1", "query or fragment"),
+        ("http://hub:8000/#top", "query or fragment"),
+    ],
+)
+def test_a_hub_url_that_cannot_work_is_refused_before_any_file(
+    tmp_path: Path, url: str, needle: str
+) -> None:
+    result = run("node", "init", tmp_path / "a.db", "--name", "a", "--hub", url, "--token", "t")
+    assert_one_line_error(result, "invalid hub URL", needle)
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("token", ["", " ", "two words", "токен", "line\nbreak", "tab\t"])
+def test_a_token_that_cannot_be_sent_is_refused(tmp_path: Path, token: str) -> None:
+    result = run(
+        "node", "init", tmp_path / "a.db", "--name", "a", "--hub", "http://h:1", "--token", token
+    )
+    assert_one_line_error(result, "invalid token")
+    assert files(tmp_path) == []
+    office = NodeStore.init(tmp_path / "b.db", "b", "http://h:1", "good-token_1")
+    office.close()
+    result = run("node", "set", tmp_path / "b.db", "--token", token, "--hub", "http://h:2")
+    if token:  # an empty --token is no token given: only the URL changes
+        assert_one_line_error(result, "invalid token")
+    reopened = NodeStore(tmp_path / "b.db")
+    try:
+        assert reopened.token == "good-token_1"
+    finally:
+        reopened.close()
+
+
+def test_node_set_refuses_a_bad_url_and_keeps_the_old_one(tmp_path: Path) -> None:
+    NodeStore.init(tmp_path / "a.db", "a", "http://hub:8000/", "t").close()
+    assert_one_line_error(run("node", "set", tmp_path / "a.db", "--hub", "http://[::1"), "IPv6")
+    office = NodeStore(tmp_path / "a.db")
+    try:
+        assert office.hub_url == "http://hub:8000"
+    finally:
+        office.close()
+
+
+def test_the_url_and_token_checks_pass_what_fieldsync_makes(tmp_path: Path) -> None:
+    assert (
+        check_hub_url("https://hub.example.org/fieldsync/") == "https://hub.example.org/fieldsync"
+    )
+    assert check_hub_url("http://[::1]:8000") == "http://[::1]:8000"
+    token = SqliteHubStore(tmp_path / "hub.db").add_node("astana")
+    assert check_token(token) == token
+
+
+def test_a_failed_node_init_leaves_no_file(tmp_path: Path) -> None:
+    schema = tmp_path / "temp.toml"
+    schema.write_text('[tables.x]\ncreate = "CREATE TEMP TABLE x (id TEXT PRIMARY KEY)"\n')
+    db = tmp_path / "a.db"
+    result = run(
+        "node", "init", db, "--name", "a", "--hub", "http://h:1", "--token", "t", "--schema", schema
+    )
+    assert_one_line_error(result, "table x is TEMP")
+    assert files(tmp_path) == ["temp.toml"]
+    # Adopting a database that was there: a failure leaves it as it was.
+    schema.write_text('[tables.x]\ncreate = "CREATE TABLE x (id TEXT PRIMARY KEY, v INTEGER)"\n')
+    other = tmp_path / "b.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE x (id TEXT PRIMARY KEY, v TEXT)")  # not the schema's x
+        conn.execute("INSERT INTO x VALUES ('k', 'not a number')")
+    conn.close()
+    before = dump(other)
+    result = run(
+        "node",
+        "init",
+        other,
+        "--name",
+        "b",
+        "--hub",
+        "http://h:1",
+        "--token",
+        "t",
+        "--schema",
+        schema,
+    )
+    assert result.exit_code == 1, result.output
+    assert dump(other) == before  # a file that was there stays, its contents untouched
+
+
+def test_a_schema_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    schema = tmp_path / "latin1.toml"
+    schema.write_bytes(b'\xff[tables.x]\ncreate = "CREATE TABLE x (id TEXT PRIMARY KEY)"\n')
+    result = run(
+        "node",
+        "init",
+        tmp_path / "a.db",
+        "--name",
+        "a",
+        "--hub",
+        "http://h:1",
+        "--token",
+        "t",
+        "--schema",
+        schema,
+    )
+    assert_one_line_error(result, "latin1.toml", "not UTF-8")
+
+
+# -- numbers out of range ------------------------------------------------------------
+
+
+def test_numbers_past_sqlites_integers_are_usage_errors(tmp_path: Path) -> None:
+    hub = tmp_path / "hub.db"
+    SqliteHubStore(hub).close()
+    office = tmp_path / "a.db"
+    NodeStore.init(office, "a", "http://h:1", "t").close()
+    for args in (
+        ("hub", "resolve", BIG, "--db", hub, "--keep", "kept"),
+        ("hub", "resolve", "0", "--db", hub, "--keep", "kept"),
+        ("node", "retry", office, BIG),
+        ("node", "drop-change", office, BIG),
+        ("node", "run", office, "--interval", "inf"),
+        ("node", "run", office, "--interval", "nan"),
+        ("node", "run", office, "--interval", "1e308"),
+        ("hub", "status", "--db", hub, "--stale-after", BIG),
+        ("hub", "serve", "--db", hub, "--port", "1", "--max-future-seconds", "-5"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Invalid value" in result.output and "Traceback" not in result.output, args
+
+
+def test_the_stores_answer_no_such_row_for_numbers_sqlite_cannot_hold(tmp_path: Path) -> None:
+    hub = SqliteHubStore(tmp_path / "hub.db")
+    office = NodeStore.init(tmp_path / "a.db", "a", "http://h:1", "t")
+    try:
+        for number in (2**63, 2**64, -1, 0):
+            with pytest.raises(Exception, match="there is no conflict"):
+                hub.conflict(number)
+            with pytest.raises(Exception, match="there is no rejected change"):
+                office.retry_rejected(number)
+            with pytest.raises(Exception, match="there is no queued change"):
+                office.drop_change(number)
+    finally:
+        hub.close()
+        office.close()
+
+
+# -- the hub's answers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [0, -3, 2**63, 2**64 - 1])
+def test_a_pushed_seq_out_of_range_is_a_400_and_changes_nothing(hub, seq: int) -> None:
+    token = hub.store.add_node("fresh")
+    change = {
+        "seq": seq,
+        "table": "cases",
+        "pk": {"id": "z"},
+        "op": "insert",
+        "ts": now_ms() << COUNTER_BITS,
+        "values": {"notes": "x"},
+    }
+    response = httpx.post(
+        f"{hub.url}/v1/push",
+        json={"protocol": PROTOCOL_VERSION, "changes": [change]},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 400, response.text
+    assert "seq must be a positive 64-bit integer" in response.json()["detail"]
+    assert hub.store.rows("cases") == []
+    (office,) = [o for o in hub.store.offices() if o.name == "fresh"]
+    assert "older copy" not in office.health_reason  # not mistaken for a restored office
+
+
+def test_admin_routes_answer_404_for_ids_and_offices_that_cannot_exist(hub) -> None:
+    admin = hub.store.add_admin("root")
+    headers = {"Authorization": f"Bearer {admin}"}
+    for number in (2**63, 2**64):
+        got = httpx.get(f"{hub.url}/v1/admin/conflicts/{number}", headers=headers)
+        assert got.status_code == 404, got.text
+        assert got.json()["error"] == "not_found"
+        posted = httpx.post(
+            f"{hub.url}/v1/admin/conflicts/{number}/resolve", json={"keep": "kept"}, headers=headers
+        )
+        assert posted.status_code == 404, posted.text
+    got = httpx.get(f"{hub.url}/v1/admin/rejected", params={"office": "nobody"}, headers=headers)
+    assert got.status_code == 404 and "nobody" in got.json()["detail"], got.text
+    assert httpx.get(f"{hub.url}/v1/admin/rejected", headers=headers).json() == {"rejected": []}
+
+
+def test_hub_rejected_names_an_unknown_office(tmp_path: Path) -> None:
+    hub = tmp_path / "hub.db"
+    SqliteHubStore(hub).close()
+    assert_one_line_error(
+        run("hub", "rejected", "--db", hub, "--office", "nobody"), "there is no office 'nobody'"
+    )
+
+
+# -- hub serve ----------------------------------------------------------------------------
+
+
+def test_hub_serve_on_a_port_in_use_is_a_one_line_error_and_makes_no_database(
+    tmp_path: Path,
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        done = subprocess.run(
+            [str(FIELDSYNC), "hub", "serve", "--db", str(tmp_path / "hub.db"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in done.stderr
+    assert files(tmp_path) == []
+
+
+def test_hub_serve_listens_where_it_is_told(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    process = subprocess.Popen(
+        [str(FIELDSYNC), "hub", "serve", "--db", str(tmp_path / "hub.db"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        answer = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert answer is not None and answer.status_code == 200, process.poll()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# -- resolving with a value ---------------------------------------------------------------
+
+
+def test_resolve_value_takes_a_json_string_for_text(hub, make_office) -> None:
+    astana, almaty = make_office("astana"), make_office("almaty")
+    astana.store.db.conn.execute("INSERT INTO cases (id, notes) VALUES ('c1', 'start')")
+    astana.sync()
+    almaty.sync()
+    astana.store.db.conn.execute("UPDATE cases SET notes = 'astana' WHERE id = 'c1'")
+    almaty.store.db.conn.execute("UPDATE cases SET notes = 'almaty' WHERE id = 'c1'")
+    astana.sync()
+    almaty.sync()
+    (conflict,) = hub.store.conflicts()
+    result = run(
+        "hub", "resolve", str(conflict.id), "--db", hub.path, "--keep", "value", "--value", '"null"'
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = hub.store.rows("cases")
+    assert row["notes"] == "null"  # the text, not NULL, and without its quotes
