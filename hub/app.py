@@ -3,7 +3,8 @@ The hub's web layer: ``create_app(store)`` returns the Starlette application.
 
 Routes (protocol v1):
 
-- ``GET  /v1/health``   liveness, no token needed
+- ``GET  /v1/health``   liveness and the hub's time, no token needed; with an office's
+  token, also ``acked``: that office's last change the hub has dealt with
 - ``POST /v1/push``     a batch of an office's changes (bearer token; gzip body welcome)
 - ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
 - ``POST /v1/status``   the office's state and its recent syncs, after each sync
@@ -177,15 +178,29 @@ def create_app(
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
 
+    def office_acked(request: Request) -> int | None:
+        """The last change number the hub has dealt with of the office whose token the
+        request carries (None: no office token)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        try:
+            return store.acked(store.authenticate(token.strip()))
+        except FieldsyncError:
+            return None
+
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "status": "ok",
-                "protocol": PROTOCOL_VERSION,
-                "version": __version__,
-                "hub_time_ms": now_ms(),
-            }
-        )
+        body: dict[str, Any] = {
+            "status": "ok",
+            "protocol": PROTOCOL_VERSION,
+            "version": __version__,
+            "hub_time_ms": now_ms(),
+        }
+        if "authorization" in request.headers:  # an office asking before it syncs
+            acked = await run_in_threadpool(office_acked, request)
+            if acked is not None:
+                body["acked"] = acked
+        return JSONResponse(body)
 
     async def push(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)

@@ -257,6 +257,8 @@ class HubStore(Protocol):
 
     def authenticate(self, token: str) -> str: ...
 
+    def acked(self, node: str) -> int: ...
+
     def push(self, node: str, changes: Sequence[Change]) -> PushResult: ...
 
     def pull(
@@ -423,6 +425,16 @@ class SqliteHubStore(MonitorStore):
         if row is None or row[1] is not None:
             raise AuthError("unknown or revoked token", "unauthorized", 401)
         return str(row[0])
+
+    def acked(self, node: str) -> int:
+        """The number of ``node``'s last change the hub has dealt with (0: none)."""
+        with self._lock:
+            row = self.db.conn.execute(
+                "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
+            ).fetchone()
+        if row is None:
+            raise FieldsyncError(f"there is no office {node!r}")
+        return int(row[0])
 
     # -- push -----------------------------------------------------------------
 

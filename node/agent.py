@@ -181,7 +181,11 @@ class SyncAgent:
         hub while the office could know better.
         """
         sent = self._now()
-        hub_now = self.client.hub_time()
+        hub_now, acked = self.client.hub_time()
+        if acked is not None:
+            # Committed by the hub, whether or not this copy of the database heard so
+            # (a lost answer, a restored backup): they keep the stamps the hub holds.
+            self.store.note_sent(acked)
         before = self.store.clock_offset_ms
         moved = self._learn_offset(sent, hub_now)
         if self.store.clock_offset_ms != before:

@@ -13,7 +13,7 @@ import gzip
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 
@@ -52,6 +52,15 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
 }
 
 
+class HubClock(NamedTuple):
+    """The hub's answer to "what time is it": its clock, in milliseconds since the
+    epoch, and the last change number of this office it has dealt with (None from
+    hubs that do not say)."""
+
+    time_ms: int
+    acked: int | None = None
+
+
 class HubClient(Protocol):
     """What the sync agent needs from a hub."""
 
@@ -63,7 +72,7 @@ class HubClient(Protocol):
         self, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
     ) -> PullPage: ...
 
-    def hub_time(self) -> int: ...
+    def hub_time(self) -> HubClock: ...
 
     def report_status(self, report: StatusReport) -> bool: ...
 
@@ -200,16 +209,19 @@ class HttpHubClient:
         _raise_for_status(response, action, self.url)
         return PullPage.from_json(self._json(response, action))
 
-    def hub_time(self) -> int:
-        """The hub's clock, in milliseconds since the epoch (from its health check)."""
+    def hub_time(self) -> HubClock:
+        """The hub's clock, and how far it has dealt with this office's changes (from
+        its health check, asked with the office's token)."""
         action = "reach"
         with _hub_errors(action, self.url):
             response = self._client.get(f"{self.url}/v1/health", headers=self._headers)
         _raise_for_status(response, action, self.url)
-        value = self._json(response, action).get("hub_time_ms")
+        body = self._json(response, action)
+        value = body.get("hub_time_ms")
         if type(value) is not int:
             raise ProtocolError(f"cannot {action} {self.url}: its health check has no hub time")
-        return value
+        acked = body.get("acked")
+        return HubClock(value, acked if type(acked) is int and acked >= 0 else None)
 
     def report_status(self, report: StatusReport) -> bool:
         """Tell the hub how this office is; False if the hub is too old to listen."""

@@ -748,7 +748,15 @@ class NodeStore:
             conn.execute("DELETE FROM _fieldsync_changes WHERE seq = ?", [seq])
             table = self.schema.table(row[0])
             # The record as it is now (if it still exists), whole.
+            last = conn.execute("SELECT max(seq) FROM _fieldsync_changes").fetchone()[0]
             _log_rows(conn, table, "update", "WHERE CAST(json_array({pk}) AS BLOB) = ?", [row[1]])
+            # Numbered after every change sent, not with the number just dropped (the
+            # log numbers from its end): a number sent may be the hub's already.
+            conn.execute(
+                "UPDATE _fieldsync_changes SET seq = (SELECT sent_seq + 1 FROM _fieldsync_state) "
+                "WHERE seq > ? AND seq <= (SELECT sent_seq FROM _fieldsync_state)",
+                [last or 0],
+            )
             return True
 
     def mark_acked(

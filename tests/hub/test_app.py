@@ -119,6 +119,19 @@ def test_health_needs_no_token(client: httpx.Client) -> None:
     assert response.json()["protocol"] == PROTOCOL_VERSION
 
 
+def test_health_tells_an_office_how_far_the_hub_has_its_changes(
+    client: httpx.Client, tokens: dict[str, str], hub_store: SqliteHubStore
+) -> None:
+    assert push(client, tokens["astana"], insert(1, "c1"), insert(2, "c2")).status_code == 200
+    assert client.get("/v1/health", headers=auth(tokens["astana"])).json()["acked"] == 2
+    assert client.get("/v1/health", headers=auth(tokens["almaty"])).json()["acked"] == 0
+    admin = hub_store.add_admin("root")
+    for headers in ({}, auth("not-a-token"), auth(admin), {"Authorization": "Basic x"}):
+        answer = client.get("/v1/health", headers=headers)
+        assert answer.status_code == 200 and "acked" not in answer.json(), headers
+    assert all(o.last_error is None for o in hub_store.offices())  # not an office's error
+
+
 def test_unknown_path_is_json_404(client: httpx.Client) -> None:
     detail = assert_error(client.get("/v1/nothing"), 404, "not_found")
     assert "/v1/nothing" in detail

@@ -187,6 +187,42 @@ def test_a_change_whose_answer_was_lost_keeps_the_stamp_the_hub_committed(policy
         store.close()
 
 
+@pytest.mark.parametrize("policy_hub", ["merge", "manual"], indirect=True)
+def test_a_restored_copy_keeps_the_stamp_the_hub_committed(policy_hub, tmp_path):
+    """A backup taken while an edit was queued; the original sends it and the hub
+    commits it; the backup comes back on a laptop whose clock offset differs. The hub
+    says, before anything is re-stamped, how far it has this office's changes."""
+    hub, schema = policy_hub
+    token = hub.store.add_node("astana")
+    store = NodeStore.init(tmp_path / "astana.db", "astana", hub.url, token, schema)
+    client = HttpHubClient(hub.url, token, node="astana")
+    office = type("Office", (), {"path": store.path, "client": client, "name": "astana"})()
+    office.store, office.agent = store, SyncAgent(store, client)
+    try:
+        insert(office, "c1")
+        office.agent.sync_once()
+        write(office, "UPDATE cases SET notes = 'first' WHERE id = 'c1'")
+        copy = backup(office, tmp_path / "copy.db")  # the edit queued, not yet sent
+        office.agent.sync_once()  # the original sends it: committed
+        restore(office, copy, hub.url)
+        office.store.set_clock_offset(30_000)  # this laptop's offset is another
+        office.agent.sync_once()
+        hub_versions = hub.store.db.conn.execute("SELECT vers FROM _fieldsync_records").fetchone()
+        versions = office.store.db.conn.execute("SELECT vers FROM _fieldsync_versions").fetchone()
+        assert json.loads(versions[0])["notes"] == json.loads(hub_versions[0])["notes"]
+        if schema.tables["cases"].policy == "manual":
+            write(office, "UPDATE cases SET notes = 'second' WHERE id = 'c1'")
+        else:
+            write(office, "DELETE FROM cases WHERE id = 'c1'")
+        office.agent.sync_once()
+        office.agent.sync_once()
+        assert hub.store.conflicts() == []
+        assert office.store.rows("cases") == hub.store.rows("cases")
+    finally:
+        office.client.close()
+        office.store.close()
+
+
 def test_an_offset_learned_mid_sync_moves_the_edits_stamped_under_the_old_one(hub, make_office):
     """The office's clock jumps 4 minutes ahead between two pages of a pull, and the
     user saves an edit then. The offset learned from the next page re-stamps that

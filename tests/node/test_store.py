@@ -769,6 +769,27 @@ def test_changes_sent_are_not_restamped_until_the_hub_says_it_did_not_commit_the
     assert {c.seq: c.ts.hlc for c in store.pending(10)}[first] == before[first]
 
 
+def test_a_record_logged_again_after_a_drop_is_numbered_after_what_was_sent(
+    store: NodeStore, path: Path
+) -> None:
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id) VALUES ('c1')")
+        conn.execute("INSERT INTO cases (id) VALUES ('c2')")
+    first, second = store.pending(10)
+    store.note_sent(second.seq)  # both sent; the second can never be taken
+    assert store.drop_change(second.seq) is True
+    again = store.pending(10)[-1]
+    assert again.pk == {"id": "c2"} and again.seq == second.seq + 1  # not the number sent
+    assert store.set_clock_offset(-60_000, time.time_ns() // 1_000_000) == 1  # re-stampable
+    # Dropping a delete logs nothing again (the record is gone), and nothing else moves.
+    with plain(path) as conn:
+        conn.execute("DELETE FROM cases WHERE id = 'c1'")
+    before = [c.seq for c in store.pending(10)]
+    store.note_sent(before[-1])
+    assert store.drop_change(before[-1]) is True
+    assert [c.seq for c in store.pending(10)] == before[:-1]
+
+
 def test_an_older_office_database_gets_the_sent_mark_covering_its_queue(path: Path) -> None:
     NodeStore.init(path, "astana", "http://127.0.0.1:9", "t").close()
     with plain(path) as conn:
