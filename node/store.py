@@ -468,7 +468,11 @@ class NodeStore:
         hub_url = check_hub_url(hub_url)
         check_token(token)
         schema = schema or Schema.load()
-        made = not Path(path).exists()
+        try:  # claimed here, or made by someone else: only a file made here is removed
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            made = True
+        except FileExistsError:
+            made = False
         db = connect(path)
         try:
             with write(db) as conn:
@@ -494,8 +498,12 @@ class NodeStore:
                         conn.execute(sql)
                     _backfill(conn, table)
         except BaseException:
+            try:  # what others committed meanwhile, this one's transaction rolled back
+                empty = not db.conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+            except sqlite3.Error:
+                empty = False
             db.conn.close()
-            if made:  # nothing of a failed init is left behind
+            if made and empty:  # nothing of a failed init is left behind
                 for suffix in ("", "-wal", "-shm", "-journal"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(f"{path}{suffix}")

@@ -8,6 +8,7 @@ It imports node/ and hub/ inside command bodies, so ``shared`` never depends on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -147,28 +148,29 @@ def hub_serve(
     try:
         app = create_app(store, stale_after=_stale(stale_after))
         config = uvicorn.Config(app, host=host, port=port, log_level="info")
-        uvicorn.Server(config).run(sockets=[listener])
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down cleanly, exit 0
+            server.run(sockets=[listener])
+        if not server.started:
+            raise FieldsyncError("the hub did not start (see the log above)")
     finally:
         listener.close()
         store.close()
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host``:``port`` for the hub to serve on."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (OSError, UnicodeError) as exc:
-        raise FieldsyncError(f"cannot listen on {host}:{port}: {exc}") from None
-    listener = socket.socket(family, kind, proto)
+    """A socket bound to ``host``:``port`` for the hub to serve on, as uvicorn binds
+    one: IPv6 for an address with a colon, IPv4 otherwise (``localhost`` included)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
+        listener.bind((host, port))
         listener.listen(2048)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:
         listener.close()
-        raise FieldsyncError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise FieldsyncError(f"cannot listen on {host}:{port}: {why}") from None
     return listener
 
 

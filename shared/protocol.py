@@ -53,6 +53,8 @@ def loads(data: bytes | str) -> Any:
 def check_hub_url(url: str) -> str:
     """Return the hub's base URL (no trailing slash); raise ValueError if it is not one:
     http or https, a host, a valid port, no user, query or fragment."""
+    if any(c <= " " or c == "\x7f" for c in url):
+        raise ValueError(f"invalid hub URL {url!r}: it has spaces or control characters")
     try:
         parts = urlsplit(url)
         port = parts.port  # raises if it is not a number from 0 to 65535

@@ -3,12 +3,15 @@ nothing made or changed by a command that fails."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -77,6 +80,8 @@ def test_node_init_refuses_a_hub_database_and_leaves_it_as_it_was(tmp_path: Path
         ("http://user:secret@hub:8000", "not in the URL"),
         ("http://hub:8000/?x=1", "query or fragment"),
         ("http://hub:8000/#top", "query or fragment"),
+        ("http://hub:8000/\tx", "control characters"),
+        ("http://hub:8000\n", "control characters"),
     ],
 )
 def test_a_hub_url_that_cannot_work_is_refused_before_any_file(
@@ -157,6 +162,54 @@ def test_a_failed_node_init_leaves_no_file(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1, result.output
     assert dump(other) == before  # a file that was there stays, its contents untouched
+
+
+def test_a_failed_init_never_removes_a_database_another_init_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two inits of one path at once: the one that made the file waits (at the seam
+    where it opens it) while the other makes an office in it; the first then fails,
+    and the office the other made stays."""
+    import node.store as node_store
+
+    path = tmp_path / "office.db"
+    other_done = threading.Event()
+    real_connect = node_store.connect
+
+    def connect(target: Any, **options: Any) -> Any:
+        if threading.current_thread().name == "first":
+            other_done.wait(timeout=30)
+        return real_connect(target, **options)
+
+    monkeypatch.setattr(node_store, "connect", connect)
+    outcome: dict[str, str] = {}
+
+    def init(name: str, office: str) -> None:
+        try:
+            NodeStore.init(path, office, "http://127.0.0.1:9", "t").close()
+            outcome[name] = "made"
+        except Exception as exc:
+            outcome[name] = str(exc)
+        finally:
+            if name == "other":
+                other_done.set()
+
+    first = threading.Thread(target=init, args=("first", "astana"), name="first")
+    first.start()
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:  # the first claimed it
+        time.sleep(0.001)
+    other = threading.Thread(target=init, args=("other", "almaty"), name="other")
+    other.start()
+    other.join(timeout=60)
+    first.join(timeout=60)
+    assert outcome["other"] == "made"
+    assert "already a fieldsync office database" in outcome["first"]
+    office = NodeStore(path)
+    try:
+        assert office.node == "almaty"
+    finally:
+        office.close()
 
 
 def test_a_schema_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
@@ -295,13 +348,25 @@ def test_hub_serve_on_a_port_in_use_is_a_one_line_error_and_makes_no_database(
     assert files(tmp_path) == []
 
 
-def test_hub_serve_listens_where_it_is_told(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_hub_serve_listens_where_it_is_told(tmp_path: Path, host: str) -> None:
+    """localhost is served on IPv4, as uvicorn itself binds it."""
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     process = subprocess.Popen(
-        [str(FIELDSYNC), "hub", "serve", "--db", str(tmp_path / "hub.db"), "--port", str(port)],
+        [
+            FIELDSYNC,
+            "hub",
+            "serve",
+            "--db",
+            tmp_path / "hub.db",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -315,9 +380,12 @@ def test_hub_serve_listens_where_it_is_told(tmp_path: Path) -> None:
             except httpx.TransportError:
                 time.sleep(0.05)
         assert answer is not None and answer.status_code == 200, process.poll()
+        process.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit code 0
+        assert process.wait(timeout=30) == 0
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
 
 
 # -- resolving with a value ---------------------------------------------------------------
