@@ -49,6 +49,15 @@ def dump(path: Path) -> list[str]:
         conn.close()
 
 
+def settings(path: Path) -> tuple[str, str]:
+    """The hub URL and token an office database holds."""
+    office = NodeStore(path)
+    try:
+        return office.hub_url, office.token
+    finally:
+        office.close()
+
+
 def files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -104,21 +113,13 @@ def test_a_token_that_cannot_be_sent_is_refused(tmp_path: Path, token: str) -> N
     result = run("node", "set", tmp_path / "b.db", "--token", token, "--hub", "http://h:2")
     if token:  # an empty --token is no token given: only the URL changes
         assert_one_line_error(result, "invalid token")
-    reopened = NodeStore(tmp_path / "b.db")
-    try:
-        assert reopened.token == "good-token_1"
-    finally:
-        reopened.close()
+    assert settings(tmp_path / "b.db")[1] == "good-token_1"
 
 
 def test_node_set_refuses_a_bad_url_and_keeps_the_old_one(tmp_path: Path) -> None:
     NodeStore.init(tmp_path / "a.db", "a", "http://hub:8000/", "t").close()
     assert_one_line_error(run("node", "set", tmp_path / "a.db", "--hub", "http://[::1"), "IPv6")
-    office = NodeStore(tmp_path / "a.db")
-    try:
-        assert office.hub_url == "http://hub:8000"
-    finally:
-        office.close()
+    assert settings(tmp_path / "a.db")[0] == "http://hub:8000"
 
 
 def test_the_url_and_token_checks_pass_what_fieldsync_makes(tmp_path: Path) -> None:
@@ -126,7 +127,11 @@ def test_the_url_and_token_checks_pass_what_fieldsync_makes(tmp_path: Path) -> N
         check_hub_url("https://hub.example.org/fieldsync/") == "https://hub.example.org/fieldsync"
     )
     assert check_hub_url("http://[::1]:8000") == "http://[::1]:8000"
-    token = SqliteHubStore(tmp_path / "hub.db").add_node("astana")
+    hub = SqliteHubStore(tmp_path / "hub.db")
+    try:
+        token = hub.add_node("astana")
+    finally:
+        hub.close()
     assert check_token(token) == token
 
 
