@@ -41,6 +41,13 @@ def assert_one_line_error(result: Result, *needles: str) -> None:
         assert needle in errors[0], result.output
 
 
+def node_init(
+    db: Path, *more: str | Path, name: str = "a", hub: str = "http://h:1", token: str = "t"
+) -> Result:
+    """``fieldsync node init DB`` with a name, hub URL and token, and ``more`` options."""
+    return run("node", "init", db, "--name", name, "--hub", hub, "--token", token, *more)
+
+
 def dump(path: Path) -> list[str]:
     conn = sqlite3.connect(path)
     try:
@@ -71,7 +78,7 @@ def test_node_init_refuses_a_hub_database_and_leaves_it_as_it_was(tmp_path: Path
     with sqlite3.connect(hub) as conn:
         before = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
     conn.close()
-    result = run("node", "init", hub, "--name", "astana", "--hub", "http://h:1", "--token", "t")
+    result = node_init(hub, name="astana")
     assert_one_line_error(result, "is a hub database, not an office database")
     with sqlite3.connect(hub) as conn:
         after = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
@@ -96,16 +103,14 @@ def test_node_init_refuses_a_hub_database_and_leaves_it_as_it_was(tmp_path: Path
 def test_a_hub_url_that_cannot_work_is_refused_before_any_file(
     tmp_path: Path, url: str, needle: str
 ) -> None:
-    result = run("node", "init", tmp_path / "a.db", "--name", "a", "--hub", url, "--token", "t")
+    result = node_init(tmp_path / "a.db", hub=url)
     assert_one_line_error(result, "invalid hub URL", needle)
     assert files(tmp_path) == []
 
 
 @pytest.mark.parametrize("token", ["", " ", "two words", "токен", "line\nbreak", "tab\t"])
 def test_a_token_that_cannot_be_sent_is_refused(tmp_path: Path, token: str) -> None:
-    result = run(
-        "node", "init", tmp_path / "a.db", "--name", "a", "--hub", "http://h:1", "--token", token
-    )
+    result = node_init(tmp_path / "a.db", token=token)
     assert_one_line_error(result, "invalid token")
     assert files(tmp_path) == []
     office = NodeStore.init(tmp_path / "b.db", "b", "http://h:1", "good-token_1")
@@ -139,9 +144,7 @@ def test_a_failed_node_init_leaves_no_file(tmp_path: Path) -> None:
     schema = tmp_path / "temp.toml"
     schema.write_text('[tables.x]\ncreate = "CREATE TEMP TABLE x (id TEXT PRIMARY KEY)"\n')
     db = tmp_path / "a.db"
-    result = run(
-        "node", "init", db, "--name", "a", "--hub", "http://h:1", "--token", "t", "--schema", schema
-    )
+    result = node_init(db, "--schema", schema)
     assert_one_line_error(result, "table x is TEMP")
     assert files(tmp_path) == ["temp.toml"]
     # Adopting a database that was there: a failure leaves it as it was.
@@ -152,19 +155,7 @@ def test_a_failed_node_init_leaves_no_file(tmp_path: Path) -> None:
         conn.execute("INSERT INTO x VALUES ('k', 'not a number')")
     conn.close()
     before = dump(other)
-    result = run(
-        "node",
-        "init",
-        other,
-        "--name",
-        "b",
-        "--hub",
-        "http://h:1",
-        "--token",
-        "t",
-        "--schema",
-        schema,
-    )
+    result = node_init(other, "--schema", schema, name="b")
     assert result.exit_code == 1, result.output
     assert dump(other) == before  # a file that was there stays, its contents untouched
 
@@ -220,19 +211,7 @@ def test_a_failed_init_never_removes_a_database_another_init_made(
 def test_a_schema_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     schema = tmp_path / "latin1.toml"
     schema.write_bytes(b'\xff[tables.x]\ncreate = "CREATE TABLE x (id TEXT PRIMARY KEY)"\n')
-    result = run(
-        "node",
-        "init",
-        tmp_path / "a.db",
-        "--name",
-        "a",
-        "--hub",
-        "http://h:1",
-        "--token",
-        "t",
-        "--schema",
-        schema,
-    )
+    result = node_init(tmp_path / "a.db", "--schema", schema)
     assert_one_line_error(result, "latin1.toml", "not UTF-8")
 
 
