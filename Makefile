@@ -26,8 +26,9 @@ browser:
 	fi
 
 check: install browser
-	$(BIN)/ruff format --check node hub shared tests
-	$(BIN)/ruff check node hub shared tests
+	$(BIN)/ruff format --check fieldsync node hub shared tests
+	$(BIN)/ruff check fieldsync node hub shared tests
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/pytest
 
@@ -39,8 +40,8 @@ bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff format node hub shared tests
-	$(BIN)/ruff check --fix node hub shared tests
+	$(BIN)/ruff format fieldsync node hub shared tests
+	$(BIN)/ruff check --fix fieldsync node hub shared tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache *.egg-info

@@ -268,26 +268,12 @@ def _check_form(request: Request, session: Session, form: FormData) -> None:
 
 
 def _parse_value(store: HubStore, record: ConflictRecord, text: str) -> Any:
-    """The value an admin typed, as the conflict's column holds it (as the CLI does)."""
+    """The value an admin typed, as the conflict's column holds it (as the CLI reads it)."""
     if record.column is None:
         raise ProtocolError(
             f"conflict {record.id} is about a whole record; keep one side or the other"
         )
-    column = store.schema.table(record.table).column(record.column)
-    kind = column.type.upper()
-    if text == "null":
-        return None
-    if kind in ("INTEGER", "INT"):
-        try:
-            return int(text)
-        except ValueError:
-            raise ProtocolError(f"{record.column} takes whole numbers") from None
-    if kind in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
-        try:
-            return float(text)
-        except ValueError:
-            raise ProtocolError(f"{record.column} takes numbers") from None
-    return text
+    return store.schema.table(record.table).parse_value(record.column, text)
 
 
 # -- headquarters' figures ------------------------------------------------------------

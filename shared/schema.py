@@ -214,6 +214,37 @@ class Table:
                 f"not {type(value).__name__}"
             )
 
+    def parse_value(self, name: str, text: str) -> Any:
+        """The value of column ``name`` that a person typed as ``text``.
+
+        ``null`` is NULL; a whole number for INTEGER columns, a number for REAL ones;
+        other columns take the text as typed, or a JSON string (``"null"`` is the
+        text null). The command line and the dashboard both read typed values here.
+        Raises InvalidChangeError (naming the column, never the text) when the
+        text is not a value of the column's type.
+        """
+        kind = self.column(name).type.upper()
+        if text == "null":
+            return None
+        if kind in ("INTEGER", "INT"):
+            try:
+                return int(text)
+            except ValueError:
+                raise InvalidChangeError(f"{name} takes whole numbers") from None
+        if kind in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
+            try:
+                return float(text)
+            except ValueError:
+                raise InvalidChangeError(f"{name} takes numbers") from None
+        if text.startswith('"'):  # a JSON string: '"null"' is the text null
+            try:
+                quoted = json.loads(text)
+            except ValueError:
+                quoted = None
+            if isinstance(quoted, str):
+                return quoted
+        return text
+
 
 def load_custom(policy: str) -> Callable[..., Any]:
     """Import the function a ``custom:package.module:function`` policy names."""

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from fieldsync.cli import cli
 from hub.export import export_query, export_rows, export_to_path
 from hub.store import SqliteHubStore
 from node.store import NodeStore
-from shared.cli import cli
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
 from shared.errors import FieldsyncError
 from shared.protocol import Change

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
+from fieldsync.cli import cli
 from hub.store import SqliteHubStore
 from node.store import NodeStore
-from shared.cli import cli
 from shared.clock import COUNTER_BITS, now_ms
 from shared.protocol import PROTOCOL_VERSION, check_hub_url, check_token
 

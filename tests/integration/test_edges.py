@@ -8,12 +8,12 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from fieldsync.cli import cli
 from hub.app import create_app
 from hub.store import SqliteHubStore
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
-from shared.cli import cli
 from shared.errors import FieldsyncError, HubRejectedError, SchemaError, StoreError
 from shared.schema import Schema
 from tests.conftest import Hub, Office, serve

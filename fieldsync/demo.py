@@ -3,8 +3,7 @@
 
 Everything runs in one process on 127.0.0.1: the hub under uvicorn in a thread, the
 offices as SQLite files written with plain ``sqlite3`` (capture needs no fieldsync
-code). This is the one ``shared`` module that imports ``node`` and ``hub``; only the
-``demo`` command imports it.
+code). Only the ``demo`` command imports this module.
 """
 
 from __future__ import annotations

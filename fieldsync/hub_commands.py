@@ -1,0 +1,361 @@
+"""
+``fieldsync hub …``: serve the hub and administer it (offices, admins, conflicts,
+rejected changes, exports) from the command line.
+
+The hub's modules are imported inside command bodies, so that ``fieldsync node …``
+commands load none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from fieldsync.options import Group, echo_json, load_schema, schema_option
+from shared import __version__
+from shared.errors import FieldsyncError
+
+if TYPE_CHECKING:
+    from hub.store import SqliteHubStore
+
+
+@click.group(cls=Group)
+def hub() -> None:
+    """Run and administer the hub."""
+
+
+_hub_db = click.option(
+    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
+)
+
+
+def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False) -> SqliteHubStore:
+    from hub.store import SqliteHubStore
+
+    return SqliteHubStore(db_path, load_schema(schema_path), create=create)
+
+
+_stale_after = click.option(
+    "--stale-after",
+    type=click.IntRange(1, 10 * 366 * 86400),
+    metavar="SECONDS",
+    help="An office with no successful sync for this long is stale "
+    "[default: 3 of its sync intervals; 3 minutes when it has not said].",
+)
+
+
+def _stale(seconds: int | None) -> timedelta | None:
+    return timedelta(seconds=seconds) if seconds else None
+
+
+@hub.command("serve")
+@_hub_db
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--max-future-seconds",
+    default=300,
+    show_default=True,
+    type=click.IntRange(1, 10 * 366 * 86400),
+    help="Refuse changes stamped further than this ahead of the hub's clock.",
+)
+@_stale_after
+@schema_option
+def hub_serve(
+    db_path: str,
+    host: str,
+    port: int,
+    max_future_seconds: int,
+    stale_after: int | None,
+    schema_path: str | None,
+) -> None:
+    """Serve the hub over HTTP (under uvicorn): the sync API, and the admin dashboard at /."""
+    import uvicorn
+
+    from hub.app import create_app
+
+    _listen(host, port).close()  # a port in use is a one-line error, before any file
+    new = not os.path.exists(db_path)
+    store = _open_hub(db_path, schema_path, create=True)
+    if new:
+        click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")
+    store.max_future_ms = max_future_seconds * 1000
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"fieldsync hub {__version__}: {db_path} on http://{shown}:{port}", err=True)
+    try:
+        app = create_app(store, stale_after=_stale(stale_after))
+        # uvicorn binds the port again (serving on a socket handed to it measured
+        # about 8% slower per pushed change).
+        config = uvicorn.Config(app, host=host, port=port, log_level="info")
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down cleanly, exit 0
+            server.run()
+        if not server.started:
+            raise FieldsyncError(f"the hub did not start on {host}:{port} (see the log above)")
+    finally:
+        store.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` as uvicorn binds one: IPv6 for an address
+    with a colon, IPv4 otherwise (``localhost`` included)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except (OSError, UnicodeError) as exc:
+        listener.close()
+        why = getattr(exc, "strerror", None) or exc
+        raise FieldsyncError(f"cannot listen on {host}:{port}: {why}") from None
+    return listener
+
+
+@hub.command("add-node")
+@click.argument("name")
+@_hub_db
+@schema_option
+def hub_add_node(name: str, db_path: str, schema_path: str | None) -> None:
+    """Register an office; print its token on the last line (keep it secret)."""
+    store = _open_hub(db_path, schema_path, create=True)
+    try:
+        token = store.add_node(name)
+    finally:
+        store.close()
+    click.echo(f"Registered office {name!r}. Its token (shown once, stored only as a hash):")
+    click.echo(token)
+
+
+@hub.command("add-admin")
+@click.argument("name")
+@_hub_db
+def hub_add_admin(name: str, db_path: str) -> None:
+    """Make an admin; print the admin token on the last line (keep it secret).
+
+    The token signs in to the dashboard at the hub's address and is the bearer
+    token of the admin API and /metrics.
+    """
+    store = _open_hub(db_path, create=True)
+    try:
+        token = store.add_admin(name)
+    finally:
+        store.close()
+    click.echo(f"Made admin {name!r}. The token (shown once, stored only as a hash):")
+    click.echo(token)
+
+
+@hub.command("status")
+@_hub_db
+@_stale_after
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
+    """Show how every office syncs: health, last sync, pending, lag, conflicts, errors."""
+    from hub.monitor import ago
+
+    store = _open_hub(db_path)
+    try:
+        offices = store.offices(stale_after=_stale(stale_after))
+    finally:
+        store.close()
+    if as_json:
+        echo_json([o.to_json() for o in offices])
+        return
+    if not offices:
+        click.echo("No offices yet; register one with `fieldsync hub add-node NAME`.")
+        return
+    header = ("OFFICE", "HEALTH", "LAST SYNC", "PENDING", "LAG", "CONFLICTS", "REJECTED")
+    rows = [
+        (
+            o.name,
+            o.health,
+            ago(o.last_success_at),
+            "?" if o.pending is None else str(o.pending),
+            str(o.lag),
+            str(o.open_conflicts),
+            str(o.rejected),
+        )
+        for o in offices
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        click.echo("  ".join(cells).rstrip())
+    for o in offices:
+        if o.health != "ok":
+            click.echo(f"\n{o.name}: {o.health}: {o.health_reason}")
+            if o.advice:
+                click.echo(f"  What to do: {o.advice}")
+
+
+@hub.command("conflicts")
+@_hub_db
+@click.option(
+    "--status",
+    type=click.Choice(["open", "logged", "resolved", "all"]),
+    default="all",
+    show_default=True,
+    help="open: waiting for an admin; logged: settled by policy; resolved: by an admin.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
+    """List the conflict log."""
+    store = _open_hub(db_path)
+    try:
+        records = store.conflicts(None if status == "all" else status)
+    finally:
+        store.close()
+    if as_json:
+        echo_json([r.to_json() for r in records])
+        return
+    if not records:
+        click.echo("No conflicts.")
+        return
+    for r in records:
+        data = r.to_json()
+        what = f"{r.table} {json.dumps(r.pk, ensure_ascii=False)}"
+        field = f" field {r.column}" if r.column else ""
+        kept = "hub had" if r.kind == "custom" else "kept"
+        click.echo(f"#{r.id} [{r.status}] {r.kind} conflict on {what}{field}")
+        click.echo(
+            f"    {kept + ':':<7}{_show(r.kept_value, r.kind)}  "
+            f"({r.kept_node}, {data['kept']['time']})"
+        )
+        click.echo(
+            f"    other: {_show(r.other_value, r.kind)}  ({r.other_node}, {data['other']['time']})"
+        )
+        if r.kind == "custom":
+            click.echo(f"    merged: {_show(r.merged, r.kind)}")
+        if r.status == "resolved":
+            how = r.resolution.get("keep") if isinstance(r.resolution, dict) else r.resolution
+            if how == "value":
+                how = f"value {_show(r.resolution.get('value'), r.kind)}"
+            click.echo(f"    resolved by {r.resolved_by} at {r.resolved_at}: kept {how}")
+
+
+@hub.command("rejected")
+@_hub_db
+@click.option("--office", help="Only this office's rejected changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
+    """List changes the hub rejected (the office keeps their values)."""
+    store = _open_hub(db_path)
+    try:
+        rejected = store.rejected(office)
+    finally:
+        store.close()
+    if as_json:
+        echo_json(rejected)
+        return
+    if not rejected:
+        click.echo("No rejected changes.")
+        return
+    for entry in rejected:
+        what = f"{entry['table']} {json.dumps(entry['pk'], ensure_ascii=False)}"
+        click.echo(
+            f"{entry['node']} change {entry['seq']} ({entry['op']} {what}) at "
+            f"{entry['created_at']}: {entry['reason']}"
+        )
+
+
+@hub.command("export")
+@click.argument("table")
+@_hub_db
+@click.option("--format", "fmt", required=True, metavar="csv|json", help="csv or json.")
+@click.option(
+    "--office",
+    help="Only records whose latest change came from this office (hub: an admin's).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    default="-",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="The file to write (replaced only once complete); default or -: standard output.",
+)
+def hub_export(table: str, db_path: str, fmt: str, office: str | None, out_path: str) -> None:
+    """Write the consolidated records of TABLE as CSV or JSON, in key order.
+
+    Reads the hub database read-only, row by row: safe while the hub serves, and
+    fit for tables of millions of records.
+    """
+    from hub.export import export_rows, export_to_path
+
+    if out_path == "-":
+        stdout = getattr(sys.stdout, "buffer", sys.stdout)  # UTF-8 bytes, whatever the locale
+        export_rows(db_path, table, fmt.lower(), stdout, office)
+        stdout.flush()
+        return
+    count = export_to_path(db_path, table, fmt.lower(), out_path, office)
+    click.echo(
+        f"Exported {count} row{'' if count == 1 else 's'} of {table} to {out_path}", err=True
+    )
+
+
+def _show(value: Any, kind: str) -> str:
+    if kind == "delete" and value is None:
+        return "(delete)"
+    return json.dumps(value, ensure_ascii=False)
+
+
+@hub.command("resolve")
+@click.argument("conflict_id", type=click.IntRange(1, 2**63 - 1))
+@_hub_db
+@click.option(
+    "--keep",
+    required=True,
+    help="kept (the value the hub holds), other (the value that lost), an office name, "
+    "or 'value' together with --value.",
+)
+@click.option(
+    "--value",
+    "value",
+    help="With --keep value: the value to write: text, a number, null, or a JSON "
+    "string ('\"null\"' is the text null).",
+)
+@click.option("--by", default="admin", show_default=True, help="Who decides (recorded).")
+@click.option("--force", is_flag=True, help="Apply even if the record changed since the conflict.")
+def hub_resolve(
+    conflict_id: int, db_path: str, keep: str, value: str | None, by: str, force: bool
+) -> None:
+    """Settle a conflict; the decision reaches every office on its next sync."""
+    store = _open_hub(db_path)
+    try:
+        record = store.conflict(conflict_id)
+        side = keep
+        if keep not in ("kept", "other", "value"):
+            if keep == record.kept_node:
+                side = "kept"
+            elif keep == record.other_node:
+                side = "other"
+            else:
+                raise click.ClickException(
+                    f"use kept, other, value, {record.kept_node} or {record.other_node}"
+                )
+        parsed: Any = None
+        if side == "value":
+            if value is None:
+                raise click.ClickException("--keep value needs --value")
+            if record.column is None:
+                raise click.ClickException(
+                    f"conflict {record.id} is about a whole record; use --keep kept or --keep other"
+                )
+            parsed = store.schema.table(record.table).parse_value(record.column, value)
+        elif value is not None:
+            raise click.ClickException("--value goes with --keep value")
+        done = store.resolve(conflict_id, side, by, parsed, force=force)
+    finally:
+        store.close()
+    click.echo(
+        f"Conflict {done.id} resolved ({side}); offices get the decision on their next sync."
+    )

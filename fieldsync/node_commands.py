@@ -1,0 +1,314 @@
+"""
+``fieldsync node …``: set up an office database, sync it once or on a schedule, and
+look after its queue (status, rejected changes, retry, drop).
+
+The office's modules are imported inside command bodies, so that ``fieldsync hub …``
+commands load none of them (nor httpx and APScheduler).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import click
+
+from fieldsync.options import Group, echo_json, load_schema, schema_option
+from shared.errors import FieldsyncError, HubUnavailableError
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
+
+    from node.agent import SyncAgent, SyncReport
+
+
+@click.group(cls=Group)
+def node() -> None:
+    """Set up and sync an office database."""
+
+
+@node.command("init")
+@click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="The office name, as registered on the hub.")
+@click.option("--hub", "hub_url", required=True, help="The hub URL, e.g. http://hub:8000.")
+@click.option("--token", required=True, help="The office token from `fieldsync hub add-node`.")
+@schema_option
+def node_init(db_path: str, name: str, hub_url: str, token: str, schema_path: str | None) -> None:
+    """Create an office database with the synced tables and change capture."""
+    from node.store import NodeStore
+
+    store = NodeStore.init(db_path, name, hub_url, token, load_schema(schema_path))
+    pending = store.pending_count()
+    tables = ", ".join(store.schema.tables)
+    store.close()
+    click.echo(f"Created office {name!r} in {db_path} (synced tables: {tables}).")
+    if pending:
+        click.echo(f"{pending} existing rows will be pushed on the first sync.")
+
+
+def _agent(db_path: str, batch_size: int | None = None) -> SyncAgent:
+    from node.agent import SyncAgent
+    from node.client import HttpHubClient
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    client = HttpHubClient(store.hub_url, store.token, node=store.node)
+    if batch_size is None:
+        return SyncAgent(store, client)
+    return SyncAgent(store, client, batch_size=batch_size)
+
+
+_node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+
+
+@node.command("sync")
+@_node_db
+@click.option(
+    "--batch-size",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1, 10000),
+    help="Changes per push request; less on a very slow or often-cut link.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar (default: when stderr is a terminal).",
+)
+def node_sync(db_path: str, batch_size: int, progress: bool | None) -> None:
+    """Push and pull once, now."""
+    agent = _agent(db_path, batch_size)
+    bar = _ProgressBar(sys.stderr.isatty() if progress is None else progress)
+    try:
+        report = agent.sync_once(bar.update)
+    except FieldsyncError as exc:
+        raise FieldsyncError(f"{exc}{_kept(agent.store.pending_count(), exc)}") from exc
+    finally:
+        bar.close()
+        agent.client.close()
+        agent.store.close()
+    click.echo(f"Synced {agent.store.node}: {report.summary()}")
+    if report.rejected:
+        click.echo(
+            f"The hub rejected {report.rejected} change"
+            + (" (it is" if report.rejected == 1 else "s (they are")
+            + f" kept here): see `fieldsync node rejected {db_path}`",
+            err=True,
+        )
+
+
+class _ProgressBar:
+    """One click progress bar per phase of a sync (push, then pull), on stderr.
+
+    Where stderr is not a terminal (a log file), each step is a line instead.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.phase = ""
+        self.bar: ProgressBar[int] | None = None
+        self.done = 0
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        label = "Pushing changes" if phase == "push" else "Pulling records"
+        if not sys.stderr.isatty():
+            click.echo(f"{label}: {done}/{total}", err=True)
+            return
+        bar = self.bar
+        if phase != self.phase or bar is None:
+            self.close()
+            bar = click.progressbar(
+                length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
+            )
+            bar.__enter__()
+            self.bar, self.phase, self.done = bar, phase, 0
+        if bar.length != total:
+            bar.length = total
+        bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _kept(pending: int, exc: FieldsyncError) -> str:
+    if pending == 0:
+        return ""
+    what = "1 local change is" if pending == 1 else f"{pending} local changes are"
+    if isinstance(exc, HubUnavailableError):
+        return f" — {what} kept and will be sent when the hub can take them"
+    return f" — {what} kept and will be sent once this is fixed"
+
+
+@node.command("set")
+@_node_db
+@click.option("--hub", "hub_url", help="A new hub URL.")
+@click.option("--token", help="A new office token (after the old one was revoked).")
+def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
+    """Point an office database at another hub URL or token."""
+    from node.store import NodeStore
+
+    if not hub_url and not token:
+        raise click.ClickException("give --hub URL, --token TOKEN or both")
+    store = NodeStore(db_path)
+    try:
+        store.set_hub(hub_url, token)
+    finally:
+        store.close()
+    click.echo(f"Office {store.node} now syncs with {store.hub_url}.")
+
+
+@node.command("rejected")
+@_node_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (values included).")
+def node_rejected(db_path: str, as_json: bool) -> None:
+    """List the changes the hub rejected: kept here, with the hub's reason."""
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        rejected = store.rejected()
+    finally:
+        store.close()
+    if as_json:
+        echo_json(rejected)
+        return
+    if not rejected:
+        click.echo("No rejected changes.")
+        return
+    for entry in rejected:
+        key = ", ".join(f"{k}={v}" for k, v in entry["pk"].items())
+        click.echo(
+            f"{entry['seq']}: {entry['op']} {entry['table']} {key}, made {entry['made_at']}, "
+            f"rejected {entry['rejected_at']}: {entry['reason']}"
+        )
+    click.echo(
+        "Fix the cause, then `fieldsync node retry NODE.db SEQ` writes the change again; "
+        "`fieldsync node drop-change NODE.db SEQ` forgets it.",
+        err=True,
+    )
+
+
+@node.command("retry")
+@_node_db
+@click.argument("seq", type=click.IntRange(1, 2**63 - 1))
+def node_retry(db_path: str, seq: int) -> None:
+    """Write rejected change SEQ again as a new change (once its cause is fixed)."""
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        store.retry_rejected(seq)
+    finally:
+        store.close()
+    click.echo(f"Change {seq} is written again and queued; it is sent on the next sync.")
+
+
+@node.command("drop-change")
+@_node_db
+@click.argument("seq", type=click.IntRange(1, 2**63 - 1))
+def node_drop_change(db_path: str, seq: int) -> None:
+    """Discard queued change SEQ that can never be pushed (fieldsync names it when so),
+    or rejected change SEQ (see `node rejected`).
+
+    A queued change's record is queued again as it is now, whole, so fix it first.
+    """
+    from filelock import FileLock, Timeout
+
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        with FileLock(f"{store.path}-sync.lock", timeout=0):
+            queued = store.drop_change(seq)
+    except Timeout:
+        raise FieldsyncError(f"a sync of {db_path} is running; try again when it ends") from None
+    finally:
+        store.close()
+    if queued:
+        click.echo(f"Dropped change {seq}; the record is queued again as it is now.")
+    else:
+        click.echo(f"Forgot rejected change {seq}.")
+
+
+@node.command("run")
+@_node_db
+@click.option(
+    "--interval",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 7 * 86400),  # NaN passes a range: refused below
+    help="Seconds, 0.1 to 604800 (a week).",
+)
+def node_run(db_path: str, interval: float) -> None:
+    """Run the sync agent: sync every INTERVAL seconds until Ctrl-C or SIGTERM."""
+    if interval != interval:
+        raise click.BadParameter("not a number", param_hint="'--interval'")
+    agent = _agent(db_path)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        click.echo(f"Stopping after the current sync ({signal.Signals(signum).name}).", err=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def on_report(report: SyncReport | None, error: FieldsyncError | None) -> None:
+        if report is not None:
+            click.echo(f"Synced {agent.store.node}: {report.summary()}")
+        else:
+            click.echo(f"Sync failed: {error} (changes are kept)", err=True)
+
+    click.echo(f"Syncing {agent.store.node} every {interval:g} s; Ctrl-C stops.", err=True)
+    try:
+        agent.run(interval, stop=stop, on_report=on_report)
+    finally:
+        agent.client.close()
+        agent.store.close()
+    click.echo("Stopped.", err=True)
+
+
+@node.command("status")
+@_node_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def node_status(db_path: str, as_json: bool) -> None:
+    """Show pending changes, the last sync and the last error."""
+    from node.agent import LARGE_OFFSET_MS
+    from node.store import NodeStore
+
+    store = NodeStore(db_path)
+    try:
+        status = store.status()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(status.to_json(), indent=2))
+        return
+    click.echo(f"Office:            {status.node}  (hub {status.hub_url})")
+    click.echo(f"Pending changes:   {status.pending}")
+    if status.oldest_pending_at:
+        click.echo(f"Oldest pending:    {status.oldest_pending_at}")
+    click.echo(f"Last sync:         {status.last_sync_at or 'never'}")
+    click.echo(f"Last success:      {status.last_success_at or 'never'}")
+    if status.last_error:
+        click.echo(f"Last error:        {status.last_error} ({status.last_error_at})")
+    if status.rejected:
+        click.echo(
+            f"Rejected changes:  {status.rejected}, kept here "
+            f"(see `fieldsync node rejected {db_path}`)"
+        )
+    if abs(status.clock_offset_ms) >= LARGE_OFFSET_MS:
+        direction = "behind" if status.clock_offset_ms > 0 else "ahead of"
+        click.echo(
+            f"Clock:             {abs(status.clock_offset_ms) / 1000:.0f} s {direction} the hub "
+            "(corrected when stamping changes)"
+        )
