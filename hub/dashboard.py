@@ -28,17 +28,11 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from http import HTTPStatus
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from markupsafe import Markup
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
@@ -49,8 +43,20 @@ from starlette.staticfiles import StaticFiles
 
 from hub.admin import conflicts_of, record_history, resolve
 from hub.export import FORMATS, stream_export
-from hub.monitor import HEALTH_STATES, SESSION_HOURS, OfficeStatus, ago, stamp_time
-from hub.report import UNDATED, bar_chart_svg, column_chart_svg
+from hub.monitor import SESSION_HOURS, OfficeStatus
+from hub.render import (
+    HERE,
+    SECURITY_HEADERS,
+    Session,
+    country_chart,
+    guarded,
+    health_summary,
+    kind_month_grid,
+    month_chart,
+    record_url,
+    redirect,
+    render,
+)
 from hub.store import ConflictRecord, HubStore, SqliteHubStore
 from shared.errors import AuthError, FieldsyncError, HubRejectedError, ProtocolError
 
@@ -60,16 +66,6 @@ COOKIE = "fieldsync_session"
 REFRESH_SECONDS = 30  # the offices and conflicts pages reload themselves
 MAX_LISTED = 200  # conflicts, events and rejected changes shown on one page
 EVENTS_SHOWN = 50
-HERE = Path(__file__).parent
-
-SECURITY_HEADERS = {
-    "Cache-Control": "no-store",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "form-action 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-}
 
 WRONG_TOKEN = "That token is not an admin token."
 OFFICE_TOKEN = (
@@ -83,20 +79,6 @@ FILTERS = (
     ("logged", "Settled by policy"),
     ("resolved", "Resolved"),
 )
-STATUS_WORDS = {
-    "open": "waits for a decision",
-    "logged": "settled by policy",
-    "resolved": "resolved",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """The signed-in admin, the session's CSRF token and its cookie value."""
-
-    admin: str
-    csrf: str
-    token: str
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -107,119 +89,6 @@ FormPage = Callable[[Request, Session, FormData], Awaitable[Response]]
 def dashboard_routes(store: HubStore, *, stale_after: timedelta | None = None) -> list[BaseRoute]:
     """The dashboard's routes, mounted at ``/`` by :func:`hub.app.create_app`."""
     return _Dashboard(store, stale_after).routes()
-
-
-# -- rendering ----------------------------------------------------------------------
-
-
-def _size(count: int | None) -> str:
-    """A byte count for people: 512 B, 1.2 kB, 3.4 MB."""
-    if count is None:
-        return ""
-    if count < 1000:
-        return f"{count} B"
-    value = count / 1000
-    for unit in ("kB", "MB"):
-        if value < 1000:
-            return f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"
-
-
-def _number(value: float | int | None) -> str:
-    if value is None:
-        return ""
-    if float(value).is_integer():
-        return f"{int(value):,}"
-    return f"{value:,.2f}"
-
-
-def _utc_text(iso: str | None) -> str:
-    """``2024-03-02 14:05:09 UTC`` for an ISO 8601 time (kept as it is if it is not one)."""
-    if not iso:
-        return ""
-    try:
-        when = datetime.fromisoformat(iso)
-    except ValueError:
-        return iso
-    if when.tzinfo is not None:
-        when = when.astimezone(UTC)
-    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _key_text(pk: dict[str, Any]) -> str:
-    """A record's key as words: ``c1``, or ``office=almaty, id=7`` for several columns."""
-    if len(pk) == 1:
-        return str(next(iter(pk.values())))
-    return ", ".join(f"{name}={value}" for name, value in pk.items())
-
-
-def _record_url(table: str, pk: dict[str, Any]) -> str:
-    return f"/records/{quote(table, safe='')}?{urlencode(pk)}"
-
-
-_templates = Environment(
-    loader=FileSystemLoader(HERE / "templates"),
-    autoescape=select_autoescape(["html"]),
-    undefined=StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_templates.filters.update(
-    ago=ago,
-    stamp_time=stamp_time,
-    size=_size,
-    number=_number,
-    utc_text=_utc_text,
-    key_text=_key_text,
-)
-_templates.globals.update(record_url=_record_url, status_words=STATUS_WORDS)
-
-
-def _render(
-    template: str, status: int = 200, session: Session | None = None, /, **context: Any
-) -> HTMLResponse:
-    page = _templates.get_template(template).render(
-        admin=session.admin if session else None,
-        csrf=session.csrf if session else "",
-        section=context.pop("section", None),
-        refresh=context.pop("refresh", None),
-        **context,
-    )
-    return HTMLResponse(page, status_code=status, headers=SECURITY_HEADERS)
-
-
-def _redirect(url: str) -> RedirectResponse:
-    return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
-
-
-def _error_page(exc: Exception, session: Session | None) -> HTMLResponse:
-    if isinstance(exc, HTTPException):
-        status, message = exc.status_code, str(exc.detail)
-    elif isinstance(exc, HubRejectedError):
-        status, message = exc.status, str(exc)
-    elif isinstance(exc, ProtocolError):
-        status, message = 400, str(exc)
-    else:  # the hub's own failure: its message names tables and functions, not values
-        status, message = 500, f"The hub failed: {exc}"
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    return _render("error.html", status, session, title=title, message=message, code=status)
-
-
-async def _guarded(page: Awaitable[Response], session: Session | None) -> Response:
-    """The page, or an HTML error page for what went wrong making it."""
-    try:
-        return await page
-    except (HTTPException, FieldsyncError) as exc:
-        return _error_page(exc, session)
-    except Exception as exc:
-        # Never the message: it may quote case data.
-        log.error("dashboard page failed: %s", type(exc).__name__)
-        failed = HTTPException(500, "The hub failed to answer; its log names the error.")
-        return _error_page(failed, session)
 
 
 # -- sessions and forms ---------------------------------------------------------------
@@ -240,7 +109,7 @@ def _local_path(target: str | None) -> str:
 
 def _to_login(request: Request) -> RedirectResponse:
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return _redirect(f"/login?{urlencode({'next': here})}")
+    return redirect(f"/login?{urlencode({'next': here})}")
 
 
 def _same_origin(request: Request) -> bool:
@@ -274,52 +143,6 @@ def _parse_value(store: HubStore, record: ConflictRecord, text: str) -> Any:
             f"conflict {record.id} is about a whole record; keep one side or the other"
         )
     return store.schema.table(record.table).parse_value(record.column, text)
-
-
-# -- headquarters' figures ------------------------------------------------------------
-
-
-def _country_chart(rows: list[dict[str, Any]] | None) -> Markup | None:
-    if rows is None:
-        return None
-    bars = []
-    for row in rows:
-        label = "unknown" if row["country"] is None else str(row["country"])
-        if "countries" in row:
-            label = f"other ({row['countries']} countries)"
-        bars.append((label, float(row["cases"])))
-    # bar_chart_svg escapes every text it draws.
-    return Markup(bar_chart_svg(bars, title="Cases by country of origin", unit="cases"))
-
-
-def _month_chart(section: dict[str, Any] | None) -> Markup | None:
-    if section is None:
-        return None
-    columns = [(row["month"] or UNDATED, float(row["deliveries"])) for row in section["by_month"]]
-    return Markup(column_chart_svg(columns, title="Assistance deliveries by month"))
-
-
-def _kind_month_grid(section: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Assistance as a table: one row per kind, one column per month."""
-    if section is None:
-        return None
-    cells = {(row["kind"], row["month"]): row for row in section["rows"]}
-    months = section["months"]
-    return {
-        "months": [month or UNDATED for month in months],
-        "rows": [
-            {"kind": kind, "cells": [cells.get((kind, month)) for month in months]}
-            for kind in section["kinds"]
-        ],
-    }
-
-
-def _health_summary(offices: list[OfficeStatus]) -> str:
-    """``2 offices: 1 ok, 1 failing``."""
-    counts = Counter(office.health for office in offices)
-    states = ", ".join(f"{counts[state]} {state}" for state in HEALTH_STATES if counts[state])
-    noun = "office" if len(offices) == 1 else "offices"
-    return f"{len(offices)} {noun}: {states}" if offices else "No office is registered yet."
 
 
 async def _drain(chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
@@ -376,7 +199,7 @@ class _Dashboard:
             session = await self._session(request)
             if session is None:
                 return _to_login(request)
-            return await _guarded(handler(request, session), session)
+            return await guarded(handler(request, session), session)
 
         return endpoint
 
@@ -386,14 +209,14 @@ class _Dashboard:
         async def endpoint(request: Request) -> Response:
             session = await self._session(request)
             if session is None:
-                return _redirect("/login")
+                return redirect("/login")
 
             async def checked() -> Response:
                 form = await request.form()
                 _check_form(request, session, form)
                 return await handler(request, session, form)
 
-            return await _guarded(checked(), session)
+            return await guarded(checked(), session)
 
         return endpoint
 
@@ -402,11 +225,11 @@ class _Dashboard:
     async def login_form(self, request: Request) -> Response:
         target = _local_path(request.query_params.get("next"))
         if await self._session(request) is not None:
-            return _redirect(target)
-        return _render("login.html", next=target, error=None)
+            return redirect(target)
+        return render("login.html", next=target, error=None)
 
     async def login(self, request: Request) -> Response:
-        return await _guarded(self._login(request), None)
+        return await guarded(self._login(request), None)
 
     async def _login(self, request: Request) -> Response:
         if not _same_origin(request):
@@ -417,12 +240,10 @@ class _Dashboard:
             admin = await run_in_threadpool(self.store.authenticate_admin, _text(form, "token"))
         except AuthError as exc:
             error = OFFICE_TOKEN if exc.status == 403 else WRONG_TOKEN
-            return _render(
-                "login.html", 403 if exc.status == 403 else 401, next=target, error=error
-            )
+            return render("login.html", 403 if exc.status == 403 else 401, next=target, error=error)
         token, _csrf = await run_in_threadpool(self.store.start_session, admin)
         log.info("admin %s signed in to the dashboard", admin)
-        response = _redirect(target)
+        response = redirect(target)
         response.set_cookie(
             COOKIE,
             token,
@@ -436,7 +257,7 @@ class _Dashboard:
 
     async def logout(self, request: Request, session: Session, form: FormData) -> Response:
         await run_in_threadpool(self.store.end_session, session.token)
-        response = _redirect("/login")
+        response = redirect("/login")
         response.delete_cookie(
             COOKIE, path="/", secure=request.url.scheme == "https", httponly=True, samesite="strict"
         )
@@ -451,14 +272,14 @@ class _Dashboard:
             return offices, counts["open"], counts["open"] + counts["logged"]
 
         offices, waiting, unsettled = await run_in_threadpool(load)
-        return _render(
+        return render(
             "offices.html",
             200,
             session,
             section="offices",
             refresh=REFRESH_SECONDS,
             offices=offices,
-            summary=_health_summary(offices),
+            summary=health_summary(offices),
             waiting=waiting,
             unsettled=unsettled,
         )
@@ -474,7 +295,7 @@ class _Dashboard:
             return found, self.store.rejected(name)
 
         office, rejected = await run_in_threadpool(load)
-        return _render(
+        return render(
             "office.html",
             200,
             session,
@@ -489,7 +310,7 @@ class _Dashboard:
     async def conflicts(self, request: Request, session: Session) -> Response:
         status = request.query_params.get("status", "unsettled")
         found = await run_in_threadpool(conflicts_of, self.store, status, MAX_LISTED + 1)
-        return _render(
+        return render(
             "conflicts.html",
             200,
             session,
@@ -521,7 +342,7 @@ class _Dashboard:
         column_type = ""
         if table is not None and record.column is not None:
             column_type = table.column(record.column).type.upper()
-        return _render(
+        return render(
             "conflict.html",
             status,
             session,
@@ -558,7 +379,7 @@ class _Dashboard:
             record = await run_in_threadpool(self._conflict, conflict_id)
             return self._conflict_page(session, record, status=status, error=str(exc), typed=typed)
         log.info("admin %s resolved conflict %d: keep %s", session.admin, conflict_id, keep)
-        return _redirect(f"/conflicts/{conflict_id}?done=1")
+        return redirect(f"/conflicts/{conflict_id}?done=1")
 
     # -- headquarters and downloads -------------------------------------------------
 
@@ -567,15 +388,15 @@ class _Dashboard:
             return self.store.figures(), [node["name"] for node in self.store.nodes()]
 
         figures, offices = await run_in_threadpool(load)
-        return _render(
+        return render(
             "hq.html",
             200,
             session,
             section="hq",
             figures=figures,
-            country_chart=_country_chart(figures["cases_by_country"]),
-            month_chart=_month_chart(figures["assistance_by_kind_month"]),
-            kind_month=_kind_month_grid(figures["assistance_by_kind_month"]),
+            country_chart=country_chart(figures["cases_by_country"]),
+            month_chart=month_chart(figures["assistance_by_kind_month"]),
+            kind_month=kind_month_grid(figures["assistance_by_kind_month"]),
             tables=list(self.store.schema.tables),
             offices=offices,
         )
@@ -617,7 +438,7 @@ class _Dashboard:
         """The form that finds a record by table and key (``chosen``: what was typed)."""
         tables = self.store.schema.tables
         keys = list(dict.fromkeys(c for t in tables.values() for c in t.primary_key))
-        return _render(
+        return render(
             "records.html",
             status,
             session,
@@ -638,7 +459,7 @@ class _Dashboard:
             raise HTTPException(404, f"There is no synced table {table!r}.")
         key = {column: params.get(column, "") for column in spec.primary_key}
         if all(key.values()):
-            return _redirect(_record_url(table, key))
+            return redirect(record_url(table, key))
         error = f"Give the record's key: {', '.join(spec.primary_key)}."
         return self._lookup_page(session, 400, error, dict(params))
 
@@ -649,7 +470,7 @@ class _Dashboard:
             found = await run_in_threadpool(record_history, self.store, table, params)
         except ProtocolError as exc:  # the key is missing or mistyped
             return self._lookup_page(session, 400, str(exc), {**params, "table": table})
-        return _render(
+        return render(
             "record.html",
             200 if found["versions"] else 404,
             session,
