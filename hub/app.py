@@ -49,6 +49,7 @@ from shared.protocol import (
     check_version,
     dumps,
     loads,
+    read_push,
 )
 
 log = logging.getLogger("fieldsync.hub")
@@ -136,7 +137,7 @@ def create_app(
                 403,
             )
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
@@ -173,6 +174,9 @@ def create_app(
                 raise ProtocolError("the gzip body is cut short")
         elif encoding != "identity":
             raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip")
+        return body
+
+    def parse(body: bytes) -> Any:
         try:
             return loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -202,19 +206,31 @@ def create_app(
                 body["acked"] = acked
         return JSONResponse(body)
 
-    async def push(request: Request) -> JSONResponse:
-        node = await run_in_threadpool(authenticate, request)
-        data = await read_json(request)
+    def check_size(count: int) -> None:
+        if count > max_batch:
+            raise _TooLargeError(
+                f"the push carries {count} changes; send at most {max_batch} per request"
+            )
+
+    def read_push_the_long_way(body: bytes, node: str) -> tuple[Any, list[Change]]:
+        data = parse(body)
         check_version(data, "the push")
         check_claim(node, data.get("node"))
         raw = data.get("changes")
         if not isinstance(raw, list):
             raise ProtocolError("the push needs a 'changes' list")
-        if len(raw) > max_batch:
-            raise _TooLargeError(
-                f"the push carries {len(raw)} changes; send at most {max_batch} per request"
-            )
-        changes = [Change.from_json(item, node) for item in raw]
+        check_size(len(raw))
+        return data.get("node"), [Change.from_json(item, node) for item in raw]
+
+    async def push(request: Request) -> JSONResponse:
+        node = await run_in_threadpool(authenticate, request)
+        body = await read_body(request)
+        read = read_push(body, node)
+        if read is None:  # the long way, which says what is wrong
+            read = read_push_the_long_way(body, node)
+        claimed, changes = read
+        check_claim(node, claimed)
+        check_size(len(changes))
         seqs = [c.seq for c in changes]
         if seqs != sorted(set(seqs)):
             raise ProtocolError("changes must be in increasing seq order, each seq once")
@@ -250,7 +266,7 @@ def create_app(
 
     async def report_status(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
-        data = await read_json(request)
+        data = parse(await read_body(request))
         check_claim(node, data.get("node") if isinstance(data, dict) else None)
         report = StatusReport.from_json(data)
         await run_in_threadpool(store.record_status, node, report)
