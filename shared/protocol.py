@@ -1,12 +1,14 @@
 """
 Wire types of the sync protocol. Each message is declared once, as a msgspec Struct:
-that declaration checks what arrives (in one pass with the JSON parsing) and gives its
-JSON Schema.
+that declaration checks what arrives (in one pass with the JSON parsing) and gives the
+JSON Schema of the hub's OpenAPI document (``hub/openapi.py``).
 
-Protocol version 2 (:data:`PROTOCOL_VERSION`; the paths keep the ``/v1`` of the first):
+The protocol's version is :data:`PROTOCOL_VERSION`, named here only (the paths keep
+the ``/v1`` of the first version):
 
-- ``POST /v1/push`` takes a :class:`PushRequest`, ``{"protocol": 2, "changes":
-  [PushedChange, ...]}`` (gzip body welcome), and answers a :class:`PushResult`.
+- ``POST /v1/push`` takes a :class:`PushRequest`, ``{"protocol": PROTOCOL_VERSION,
+  "changes": [PushedChange, ...]}`` (gzip body welcome), and answers a
+  :class:`PushResult`.
 - ``GET /v1/pull?cursor=N&limit=M`` answers a :class:`PullPage`: the current state of
   every record changed after ``cursor``, one entry per record however often it changed.
   With ``packed=1`` (added within version 2; an older hub ignores it), a record whose
