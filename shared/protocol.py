@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -123,15 +123,13 @@ IsoTime = Annotated[
     str, Meta(description="ISO 8601 time", extra_json_schema={"format": "date-time"})
 ]
 
-OPS = ("insert", "update", "delete")
+Op = Literal["insert", "update", "delete"]
+OPS: tuple[str, ...] = get_args(Op)
 
 
 class _Unversioned(Struct, frozen=True, tag_field="protocol", tag=-1):
     """Never sent. msgspec takes a missing tag for a message's version when that is the
     only type it reads; read alongside this one, the version must be there."""
-
-
-_WRITES = ("insert", "update")
 
 
 # -- push ----------------------------------------------------------------------------
@@ -143,7 +141,7 @@ class PushedChange(Struct, frozen=True):
     seq: Seq
     table: str
     pk: dict[str, Any]
-    op: Literal["insert", "update", "delete"]
+    op: Op
     ts: Stamp
     base: dict[str, VersionText] = msgspec.field(default_factory=dict)  # version seen
     values: dict[str, Any] | None = None  # the columns an insert or update sets
@@ -194,13 +192,13 @@ class Change(Struct, frozen=True):
     def from_json(cls, data: Any, node: str) -> Change:
         """Read a change pushed by ``node``; raise ProtocolError if malformed."""
         try:
-            change = _change(msgspec.convert(data, PushedChange), node)
+            change = _as_change(msgspec.convert(data, PushedChange), node)
         except msgspec.ValidationError:
             change = None
         return change or _change_the_long_way(data, node)
 
 
-def _change(pushed: PushedChange, node: str) -> Change | None:
+def _as_change(pushed: PushedChange, node: str) -> Change | None:
     """``pushed`` as pushed by ``node``, or None if what msgspec cannot check is wrong."""
     values = pushed.values
     if pushed.op == "delete":
@@ -230,7 +228,7 @@ def read_push(body: bytes, node: str) -> tuple[str | None, list[Change]] | None:
         return None
     changes = []
     for pushed in request.changes:
-        change = _change(pushed, node)
+        change = _as_change(pushed, node)
         if change is None:
             return None
         changes.append(change)
@@ -417,7 +415,8 @@ def check_version(data: Any, what: str) -> None:
 MAX_EVENTS_PER_REPORT = 100
 MAX_ERROR_CHARS = 1000
 MAX_VERSION_CHARS = 40
-OUTCOMES = ("ok", "error")
+Outcome = Literal["ok", "error"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
 _SECONDS = Meta(ge=0, lt=10**7)
 
 
@@ -432,7 +431,7 @@ class SyncEvent:
     id: Count  # the office's own number for it: reports are idempotent
     started_at: IsoTime
     seconds: Annotated[float, _SECONDS]
-    outcome: Literal["ok", "error"]
+    outcome: Outcome
     pushed: Count = 0
     pulled: Count = 0
     conflicts: Count = 0

@@ -13,7 +13,14 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from hub.app import ERROR_CODES, OPENAPI, create_app
 from hub.store import SqliteHubStore
-from shared.protocol import ErrorBody, Health, PushResult, StatusKept, StatusReport
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    ErrorBody,
+    Health,
+    PushResult,
+    StatusKept,
+    StatusReport,
+)
 from tests.asgi import client as asgi_client
 
 
@@ -105,7 +112,7 @@ def test_the_wire_schemas_say_what_the_types_check() -> None:
         "seq", "table", "pk", "op", "ts", "base", "values", "captured"
     }  # fmt: skip
     assert sorted(change["properties"]["op"]["enum"]) == ["delete", "insert", "update"]
-    assert schemas["PushRequest"]["properties"]["protocol"]["enum"] == [2]
+    assert schemas["PushRequest"]["properties"]["protocol"]["enum"] == [PROTOCOL_VERSION]
     assert "versions" in schemas["PullRow"]["required"]
     report = schemas["StatusReport"]
     assert set(report["properties"]) == {"protocol", *StatusReport.__struct_fields__}
@@ -122,7 +129,9 @@ def test_the_answers_are_what_the_document_says(
     assert msgspec.convert(client.get("/v1/health").json(), Health).acked is msgspec.UNSET
     health = msgspec.convert(client.get("/v1/health", headers=auth).json(), Health)
     assert health.acked == 0
-    pushed = client.post("/v1/push", json={"protocol": 2, "changes": []}, headers=auth)
+    pushed = client.post(
+        "/v1/push", json={"protocol": PROTOCOL_VERSION, "changes": []}, headers=auth
+    )
     assert PushResult.from_json(pushed.content).acked == 0
     report = StatusReport(0, None, 0, 0, "0.1.0")
     kept = client.post("/v1/status", json=report.to_json(), headers=auth)
