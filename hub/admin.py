@@ -12,8 +12,10 @@ office token gets 403, a missing or unknown one 401. Routes:
 - ``GET  /v1/admin/rejected?office=``        changes the hub set aside (no values)
 - ``GET  /v1/admin/history/{table}?COLUMN=VALUE`` every version of one record
 - ``GET  /v1/admin/figures``                 consolidated figures for headquarters
-- ``GET  /v1/admin/export/{table}?format=csv|json&office=`` streamed download
 - ``GET  /metrics``                          per-office gauges, Prometheus text format
+
+(Downloads are the dashboard's: ``GET /export/{table}.{csv|json}``.) The OpenAPI
+document (``hub/openapi.py``) describes each route, its parameters and its errors.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """
 The hub's web layer: ``create_app(store)`` returns the Starlette application.
 
-Routes (protocol v1):
+Routes of the sync protocol (``shared.protocol.PROTOCOL_VERSION``; paths under ``/v1``):
 
 - ``GET  /v1/health``   liveness and the hub's time, no token needed; with an office's
   token, also ``acked``: that office's last change the hub has dealt with
 - ``POST /v1/push``     a batch of an office's changes (bearer token; gzip body welcome)
 - ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
 - ``POST /v1/status``   the office's state and its recent syncs, after each sync
-- ``GET  /v1/openapi.json``
+- ``GET  /v1/openapi.json``  every route, body and error (``hub/openapi.py``)
+
+and those of ``hub/admin.py`` (the admin API, ``/metrics``) and ``hub/dashboard.py``.
 
 Every error is JSON, ``{"error": CODE, "detail": MESSAGE}``, with a message a
 person can act on. The office is always the token's owner, never read from the body.
@@ -21,6 +23,8 @@ import zlib
 from datetime import timedelta
 from typing import Any
 
+import msgspec
+from msgspec import UNSET
 from starlette import status
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +37,7 @@ from starlette.routing import Route
 
 from hub.admin import admin_routes
 from hub.dashboard import dashboard_routes
+from hub.openapi import openapi_document
 from hub.store import HubStore
 from shared import __version__
 from shared.clock import now_ms
@@ -45,10 +50,13 @@ from shared.errors import (
 from shared.protocol import (
     PROTOCOL_VERSION,
     Change,
+    Health,
+    StatusKept,
     StatusReport,
     check_version,
     dumps,
     loads,
+    read_push,
 )
 
 log = logging.getLogger("fieldsync.hub")
@@ -71,6 +79,9 @@ ERROR_CODES = {
     "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
     "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,
 }
+
+# Every route, body and error (served at /v1/openapi.json).
+OPENAPI: dict[str, Any] = openapi_document(ERROR_CODES, MAX_PAGE)
 
 
 class JSONResponse(StarletteJSONResponse):
@@ -136,7 +147,7 @@ def create_app(
                 403,
             )
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
@@ -173,6 +184,9 @@ def create_app(
                 raise ProtocolError("the gzip body is cut short")
         elif encoding != "identity":
             raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip")
+        return body
+
+    def parse(body: bytes) -> Any:
         try:
             return loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -190,31 +204,39 @@ def create_app(
             return None
 
     async def health(request: Request) -> JSONResponse:
-        body: dict[str, Any] = {
-            "status": "ok",
-            "protocol": PROTOCOL_VERSION,
-            "version": __version__,
-            "hub_time_ms": now_ms(),
-        }
+        acked = None
         if "authorization" in request.headers:  # an office asking before it syncs
             acked = await run_in_threadpool(office_acked, request)
-            if acked is not None:
-                body["acked"] = acked
-        return JSONResponse(body)
+        answer = Health(
+            "ok", PROTOCOL_VERSION, __version__, now_ms(), UNSET if acked is None else acked
+        )
+        return JSONResponse(msgspec.to_builtins(answer))
 
-    async def push(request: Request) -> JSONResponse:
-        node = await run_in_threadpool(authenticate, request)
-        data = await read_json(request)
+    def check_size(count: int) -> None:
+        if count > max_batch:
+            raise _TooLargeError(
+                f"the push carries {count} changes; send at most {max_batch} per request"
+            )
+
+    def read_push_the_long_way(body: bytes, node: str) -> tuple[Any, list[Change]]:
+        data = parse(body)
         check_version(data, "the push")
         check_claim(node, data.get("node"))
         raw = data.get("changes")
         if not isinstance(raw, list):
             raise ProtocolError("the push needs a 'changes' list")
-        if len(raw) > max_batch:
-            raise _TooLargeError(
-                f"the push carries {len(raw)} changes; send at most {max_batch} per request"
-            )
-        changes = [Change.from_json(item, node) for item in raw]
+        check_size(len(raw))
+        return data.get("node"), [Change.from_json(item, node) for item in raw]
+
+    async def push(request: Request) -> JSONResponse:
+        node = await run_in_threadpool(authenticate, request)
+        body = await read_body(request)
+        read = read_push(body, node)
+        if read is None:  # the long way, which says what is wrong
+            read = read_push_the_long_way(body, node)
+        claimed, changes = read
+        check_claim(node, claimed)
+        check_size(len(changes))
         seqs = [c.seq for c in changes]
         if seqs != sorted(set(seqs)):
             raise ProtocolError("changes must be in increasing seq order, each seq once")
@@ -250,11 +272,11 @@ def create_app(
 
     async def report_status(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
-        data = await read_json(request)
+        data = parse(await read_body(request))
         check_claim(node, data.get("node") if isinstance(data, dict) else None)
         report = StatusReport.from_json(data)
         await run_in_threadpool(store.record_status, node, report)
-        return JSONResponse({"status": "ok", "hub_time_ms": now_ms()})
+        return JSONResponse(msgspec.to_builtins(StatusKept("ok", now_ms())))
 
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(OPENAPI)
@@ -306,147 +328,3 @@ def create_app(
             500: server_error,
         },
     )
-
-
-ADMIN_PATHS = [
-    ("/v1/admin/offices", "get", "Every office: status and health"),
-    ("/v1/admin/offices/{name}", "get", "One office and its recent syncs (?events=N)"),
-    ("/v1/admin/conflicts", "get", "The conflict log (?status=unsettled|open|logged|resolved)"),
-    ("/v1/admin/conflicts/{id}", "get", "One conflict"),
-    ("/v1/admin/conflicts/{id}/resolve", "post", "Settle a conflict: keep, value, force"),
-    ("/v1/admin/rejected", "get", "Changes the hub rejected (?office=NAME)"),
-    ("/v1/admin/history/{table}", "get", "Every version of one record (?COLUMN=KEY)"),
-    ("/v1/admin/figures", "get", "Consolidated figures for headquarters"),
-    ("/metrics", "get", "Per-office gauges in the Prometheus text format"),
-]
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "fieldsync hub", "version": __version__},
-    "components": {
-        "securitySchemes": {
-            "office": {"type": "http", "scheme": "bearer"},
-            "admin": {"type": "http", "scheme": "bearer"},
-        },
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error", "detail"],
-                "properties": {
-                    "error": {"type": "string", "enum": sorted(ERROR_CODES)},
-                    "detail": {"type": "string"},
-                },
-            },
-            "Change": {
-                "type": "object",
-                "required": ["seq", "table", "pk", "op", "ts"],
-                "properties": {
-                    "seq": {"type": "integer", "minimum": 1},
-                    "table": {"type": "string"},
-                    "pk": {"type": "object"},
-                    "op": {"type": "string", "enum": ["insert", "update", "delete"]},
-                    "ts": {"type": "integer", "description": "HLC stamp: wall_ms << 16 | counter"},
-                    "values": {"type": "object"},
-                    "base": {"type": "object", "additionalProperties": {"type": "string"}},
-                },
-            },
-        },
-    },
-    "security": [{"office": []}],
-    "paths": {
-        "/v1/health": {"get": {"security": [], "responses": {"200": {"description": "up"}}}},
-        "/v1/status": {
-            "post": {
-                "summary": "The office's state after a sync, and its syncs since the last "
-                "report (pending, oldest_pending_at, rejected, clock_offset_ms, version, "
-                "interval_seconds, last_error, last_error_code, last_error_at, events)",
-                "responses": {"200": {"description": "kept"}},
-            }
-        },
-        **{
-            path: {
-                method: {
-                    "summary": summary,
-                    "security": [{"admin": []}],
-                    "responses": {
-                        "200": {"description": "JSON (text for /metrics)"},
-                        "401": {"description": "no or unknown admin token"},
-                        "403": {"description": "an office token"},
-                    },
-                }
-            }
-            for path, method, summary in ADMIN_PATHS
-        },
-        "/v1/push": {
-            "post": {
-                "summary": "Push a batch of changes (idempotent per change seq)",
-                "requestBody": {
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["protocol", "changes"],
-                                "properties": {
-                                    "protocol": {"const": PROTOCOL_VERSION},
-                                    "changes": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/Change"},
-                                    },
-                                },
-                            }
-                        }
-                    }
-                },
-                "responses": {
-                    "200": {
-                        "description": "committed: acked (rejected changes included), "
-                        "applied, conflicts, rejected (seq, reason, record), hub_time_ms"
-                    },
-                    "4XX": {
-                        "description": "refused; nothing applied (422 clock_skew: what came "
-                        "before the first change stamped too far ahead is, as acked says)",
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                        },
-                    },
-                },
-            }
-        },
-        "/v1/pull": {
-            "get": {
-                "summary": "Records changed after a cursor, one page",
-                "parameters": [
-                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-                    },
-                    {
-                        "name": "own",
-                        "in": "query",
-                        "description": "1: also send records whose latest state came from "
-                        "this office (to rebuild its copy)",
-                        "schema": {"type": "integer", "enum": [0, 1]},
-                    },
-                    {
-                        "name": "count",
-                        "in": "query",
-                        "description": "1: say how many records are left (for a progress bar)",
-                        "schema": {"type": "integer", "enum": [0, 1]},
-                    },
-                    {
-                        "name": "packed",
-                        "in": "query",
-                        "description": "1: a record whose columns all carry one version gets "
-                        "that version alone as its versions (a string, not an object)",
-                        "schema": {"type": "integer", "enum": [0, 1]},
-                    },
-                ],
-                "responses": {
-                    "200": {"description": "rows, cursor, more, hub_time_ms, acked, remaining"}
-                },
-            }
-        },
-    },
-}

@@ -1,6 +1,7 @@
 """
 The node's side of the wire: :class:`HubClient` (the seam the agent depends on) and
-:class:`HttpHubClient`, which speaks protocol v1 over HTTP with httpx.
+:class:`HttpHubClient`, which speaks the sync protocol (``shared.protocol``) over HTTP
+with httpx.
 
 All HTTP error mapping happens here, in :func:`_hub_errors`: network failures,
 timeouts and 5xx answers become :class:`HubUnavailableError` (retry later); 4xx
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import gzip
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import httpx
 
@@ -35,6 +36,8 @@ from shared.protocol import (
     dumps,
     loads,
 )
+
+_T = TypeVar("_T")
 
 # Every error code the hub answers with, and the exception it becomes here.
 ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
@@ -181,7 +184,7 @@ class HttpHubClient:
         action = f"push {len(changes)} change{'' if len(changes) == 1 else 's'} to"
         response = self._post("/v1/push", body, action)
         _raise_for_status(response, action, self.url)
-        return PushResult.from_json(self._json(response, action))
+        return self._read(response, PushResult.from_json, action)
 
     def pull(
         self, cursor: int, limit: int, *, include_own: bool = False, count: bool = False
@@ -207,7 +210,7 @@ class HttpHubClient:
             )
         self._count(response, 0)
         _raise_for_status(response, action, self.url)
-        return PullPage.from_json(self._json(response, action))
+        return self._read(response, PullPage.from_json, action)
 
     def hub_time(self) -> HubClock:
         """The hub's clock, and how far it has dealt with this office's changes (from
@@ -257,8 +260,12 @@ class HttpHubClient:
             self.bytes_received += response.num_bytes_downloaded
 
     def _json(self, response: httpx.Response, action: str) -> Any:
+        return self._read(response, loads, action)
+
+    def _read(self, response: httpx.Response, read: Callable[[bytes], _T], action: str) -> _T:
+        """The answer's body read by ``read`` (a wire type's ``from_json``, or ``loads``)."""
         try:
-            return loads(response.content)
+            return read(response.content)
         except ValueError as exc:
             raise ProtocolError(
                 f"cannot {action} {self.url}: the answer is not JSON; is this a fieldsync hub?"

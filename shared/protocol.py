@@ -1,10 +1,14 @@
 """
-Wire types of the sync protocol, and the JSON shape each one owns.
+Wire types of the sync protocol. Each message is declared once, as a msgspec Struct:
+that declaration checks what arrives (in one pass with the JSON parsing) and gives the
+JSON Schema of the hub's OpenAPI document (``hub/openapi.py``).
 
-Version 1 (paths under ``/v1``):
+The protocol's version is :data:`PROTOCOL_VERSION`, named here only (the paths keep
+the ``/v1`` of the first version):
 
-- ``POST /v1/push`` takes ``{"protocol": 1, "changes": [Change, ...]}`` (gzip body
-  welcome) and answers a :class:`PushResult`.
+- ``POST /v1/push`` takes a :class:`PushRequest`, ``{"protocol": PROTOCOL_VERSION,
+  "changes": [PushedChange, ...]}`` (gzip body welcome), and answers a
+  :class:`PushResult`.
 - ``GET /v1/pull?cursor=N&limit=M`` answers a :class:`PullPage`: the current state of
   every record changed after ``cursor``, one entry per record however often it changed.
   With ``packed=1`` (added within version 2; an older hub ignores it), a record whose
@@ -13,23 +17,37 @@ Version 1 (paths under ``/v1``):
   hub answers 404 and the office carries on).
 
 A change's stamp travels without its node name: the hub takes the node from the
-bearer token, so an office can only ever write as itself.
+bearer token, so an office can only ever write as itself. So the :class:`Change` the
+code holds (its ``ts`` a :class:`Timestamp`, with the node) is read from and written
+as a :class:`PushedChange` (its ``ts`` the bare stamp).
+
+Reading: what msgspec cannot say is checked right after it (a version's text form, an
+insert's non-empty values). A push refused there is read again the long way, field by
+field, which words the refusal as offices have always shown it; a refusal of another
+message names what msgspec found wrong, and where.
+
+Writing: each type's ``to_json`` gives the object and orjson writes the bytes, as they
+always were: msgspec writes ``1e16`` where orjson (and so every office and hub so far)
+writes ``1e+16``, and the constructors' argument order, which code relies on, is not
+always the wire's key order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
+import msgspec
 import orjson
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.clock import Timestamp, are_stamps
 from shared.errors import ProtocolError, VersionMismatchError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION: Final = 2
 
 
 def dumps(data: Any) -> bytes:
@@ -83,37 +101,61 @@ def check_token(token: str) -> str:
     return token
 
 
-OPS = ("insert", "update", "delete")
-_WRITES = ("insert", "update")
-_NO_BASE: dict[str, str] = {}
+# -- field types ---------------------------------------------------------------------
+
+_STAMP_TEXT = "[0-9a-f]{16}-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+Stamp = Annotated[
+    int, Meta(gt=0, le=2**63 - 1, description="HLC stamp: wall_ms << 16 | counter (64-bit)")
+]
+Seq = Annotated[int, Meta(gt=0, le=2**63 - 1, description="position in the office's change log")]
+Count = Annotated[int, Meta(ge=0)]
+# Checked after decoding (shared.clock.are_stamps does a whole map in one go), so the
+# pattern is for the schema only.
+VersionText = Annotated[
+    str,
+    Meta(
+        description="a version: the stamp in 16 hex digits, '-', the office that made it",
+        extra_json_schema={"pattern": f"^{_STAMP_TEXT}$"},
+    ),
+]
+IsoTime = Annotated[
+    str, Meta(description="ISO 8601 time", extra_json_schema={"format": "date-time"})
+]
+
+Op = Literal["insert", "update", "delete"]
+OPS: tuple[str, ...] = get_args(Op)
 
 
-def _good_base(base: dict[Any, Any]) -> bool:
-    """True if ``base`` maps column names to canonical version stamps."""
-    return all(type(k) is str for k in base) and are_stamps(base.values())
+class _Unversioned(Struct, frozen=True, tag_field="protocol", tag=-1):
+    """Never sent. msgspec takes a missing tag for a message's version when that is the
+    only type it reads; read alongside this one, the version must be there."""
 
 
-def _field(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    value = data.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ProtocolError(f"{what}: field {name!r} is missing or not {_kind_name(kind)}")
-    return value
+# -- push ----------------------------------------------------------------------------
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {
-        int: "an integer",
-        str: "a string",
-        dict: "an object",
-        list: "a list",
-        bool: "true/false",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+class PushedChange(Struct, frozen=True):
+    """A change as an office sends it (see :class:`Change`)."""
+
+    seq: Seq
+    table: str
+    pk: dict[str, Any]
+    op: Op
+    ts: Stamp
+    base: dict[str, VersionText] = msgspec.field(default_factory=dict)  # version seen
+    values: dict[str, Any] | None = None  # the columns an insert or update sets
+    captured: Stamp | None = None  # the stamp first given, when ts was re-stamped since
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class PushRequest(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
+    """A batch of an office's changes, in increasing ``seq`` order."""
+
+    changes: list[PushedChange]
+    node: str | None = None  # the office it thinks it is; the hub checks the token agrees
+
+
+class Change(Struct, frozen=True):
     """One row-level write, as recorded in a node's change log."""
 
     seq: int  # position in the origin node's change log
@@ -122,10 +164,11 @@ class Change:
     op: str  # insert, update or delete
     ts: Timestamp
     values: dict[str, Any] | None  # columns the write set; None for a delete
-    base: dict[str, str] = field(default_factory=dict)  # column -> version seen when made
+    base: dict[str, str] = msgspec.field(default_factory=dict)  # column -> version seen
     captured: int | None = None  # the stamp first given, if ts was re-stamped since
 
     def to_json(self) -> dict[str, Any]:
+        """The change as pushed (a :class:`PushedChange`)."""
         data: dict[str, Any] = {
             "seq": self.seq,
             "table": self.table,
@@ -148,144 +191,117 @@ class Change:
     @classmethod
     def from_json(cls, data: Any, node: str) -> Change:
         """Read a change pushed by ``node``; raise ProtocolError if malformed."""
-        if type(data) is dict:
-            # The common shape, checked in one go; anything else takes the long way,
-            # which names what is wrong.
-            seq, table, pk, op, hlc = (data.get(k) for k in ("seq", "table", "pk", "op", "ts"))
-            base = data.get("base", _NO_BASE)
-            values = data.get("values")
-            if (
-                type(seq) is int
-                and 0 < seq < 2**63
-                and type(table) is str
-                and type(pk) is dict
-                and type(hlc) is int
-                and 0 < hlc < 2**63
-                and type(base) is dict
-                and "captured" not in data
-                and (op == "delete" or (op in _WRITES and type(values) is dict and values))
-                and (not base or _good_base(base))
-            ):
-                if op == "delete":
-                    values = None
-                if base is _NO_BASE:
-                    base = {}
-                return cls(seq, table, pk, op, Timestamp(hlc, node), values, base)
-        if not isinstance(data, dict):
-            raise ProtocolError(f"a change must be an object, got {type(data).__name__}")
-        seq = _field(data, "seq", int, "change")
-        if not 0 < seq < 2**63:
-            raise ProtocolError(f"change {seq}: seq must be a positive 64-bit integer")
-        what = f"change {seq}"
-        table = _field(data, "table", str, what)
-        pk = _field(data, "pk", dict, what)
-        op = data.get("op")
-        if op not in OPS:
-            raise ProtocolError(f"{what}: op must be one of {', '.join(OPS)}, got {op!r}")
-        hlc = _field(data, "ts", int, what)
-        if hlc <= 0 or hlc >= 2**63:
-            raise ProtocolError(f"{what}: ts {hlc} is out of range")
-        base = data.get("base", {})
-        if not isinstance(base, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in base.items()
-        ):
-            raise ProtocolError(f"{what}: base must map column names to version strings")
-        for version in base.values():
-            try:
-                Timestamp.parse(version)
-            except ValueError as exc:
-                raise ProtocolError(f"{what}: base has {exc}") from None
-        values = data.get("values")
-        if op == "delete":
-            values = None
-        elif not isinstance(values, dict) or not values:
-            raise ProtocolError(f"{what}: an {op} needs a non-empty 'values' object")
-        captured = data.get("captured")
-        if captured is not None and (type(captured) is not int or not 0 < captured < 2**63):
-            raise ProtocolError(f"{what}: captured must be a positive integer stamp")
-        return cls(seq, table, pk, op, Timestamp(hlc, node), values, base, captured)
+        try:
+            change = _as_change(msgspec.convert(data, PushedChange), node)
+        except msgspec.ValidationError:
+            change = None
+        return change or _change_the_long_way(data, node)
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """A change the hub set aside, why, and the record as the hub holds it (if at all)."""
-
-    seq: int
-    reason: str
-    record: PullRow | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "reason": self.reason,
-            "record": self.record.to_json() if self.record else None,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> Rejection:
-        if not isinstance(data, dict):
-            raise ProtocolError("a rejection must be an object")
-        record = data.get("record")
-        return cls(
-            _field(data, "seq", int, "rejection"),
-            _field(data, "reason", str, "rejection"),
-            PullRow.from_json(record) if record is not None else None,
-        )
+def _as_change(pushed: PushedChange, node: str) -> Change | None:
+    """``pushed`` as pushed by ``node``, or None if what msgspec cannot check is wrong."""
+    values = pushed.values
+    if pushed.op == "delete":
+        values = None
+    elif not values:
+        return None
+    if pushed.base and not are_stamps(pushed.base.values()):
+        return None
+    ts = Timestamp(pushed.ts, node)
+    return Change(
+        pushed.seq, pushed.table, pushed.pk, pushed.op, ts, values, pushed.base, pushed.captured
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class PushResult:
-    """The hub's answer to a push: what it committed and what it found.
-
-    ``acked`` covers rejected changes too: the hub has dealt with them, and the
-    office keeps them aside (see ``rejected``) instead of sending them again.
-    """
-
-    acked: int  # the highest change-log seq of this node the hub has dealt with
-    applied: int  # changes applied by this request (replays count zero)
-    conflicts: int  # conflicts this request logged
-    hub_time_ms: int
-    node: str
-    rejected: list[Rejection] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "acked": self.acked,
-            "applied": self.applied,
-            "conflicts": self.conflicts,
-            "hub_time_ms": self.hub_time_ms,
-            "node": self.node,
-            "rejected": [r.to_json() for r in self.rejected],
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> PushResult:
-        check_version(data, "push result")
-        rejected = data.get("rejected", [])
-        if not isinstance(rejected, list):
-            raise ProtocolError("push result: field 'rejected' is not a list")
-        return cls(
-            _field(data, "acked", int, "push result"),
-            _field(data, "applied", int, "push result"),
-            _field(data, "conflicts", int, "push result"),
-            _field(data, "hub_time_ms", int, "push result"),
-            _field(data, "node", str, "push result"),
-            [Rejection.from_json(r) for r in rejected],
-        )
+_PUSH = msgspec.json.Decoder(PushRequest | _Unversioned)
 
 
-@dataclass(frozen=True, slots=True)
-class PullRow:
+def read_push(body: bytes, node: str) -> tuple[str | None, list[Change]] | None:
+    """The office named in a push body and its changes, as pushed by ``node``; None if
+    anything is amiss, for the caller to read it the long way (``loads``,
+    :func:`check_version`, :meth:`Change.from_json`), which says what."""
+    try:
+        request = _PUSH.decode(body)
+    except msgspec.DecodeError:  # a ValidationError too
+        return None
+    if not isinstance(request, PushRequest):
+        return None
+    changes = []
+    for pushed in request.changes:
+        change = _as_change(pushed, node)
+        if change is None:
+            return None
+        changes.append(change)
+    return request.node, changes
+
+
+def _change_the_long_way(data: Any, node: str) -> Change:
+    """Read a change field by field, to say what is wrong with it in the words offices
+    have shown since version 1 (only once the quick read has refused it)."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"a change must be an object, got {type(data).__name__}")
+    seq = _field(data, "seq", int, "change")
+    if not 0 < seq < 2**63:
+        raise ProtocolError(f"change {seq}: seq must be a positive 64-bit integer")
+    what = f"change {seq}"
+    table = _field(data, "table", str, what)
+    pk = _field(data, "pk", dict, what)
+    op = data.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"{what}: op must be one of {', '.join(OPS)}, got {op!r}")
+    hlc = _field(data, "ts", int, what)
+    if hlc <= 0 or hlc >= 2**63:
+        raise ProtocolError(f"{what}: ts {hlc} is out of range")
+    base = data.get("base", {})
+    if not isinstance(base, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in base.items()
+    ):
+        raise ProtocolError(f"{what}: base must map column names to version strings")
+    for version in base.values():
+        try:
+            Timestamp.parse(version)
+        except ValueError as exc:
+            raise ProtocolError(f"{what}: base has {exc}") from None
+    values = data.get("values")
+    if op == "delete":
+        values = None
+    elif not isinstance(values, dict) or not values:
+        raise ProtocolError(f"{what}: an {op} needs a non-empty 'values' object")
+    captured = data.get("captured")
+    if captured is not None and (type(captured) is not int or not 0 < captured < 2**63):
+        raise ProtocolError(f"{what}: captured must be a positive integer stamp")
+    return Change(seq, table, pk, op, Timestamp(hlc, node), values, base, captured)
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
+    value = data.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"{what}: field {name!r} is missing or not {_KIND_NAMES[kind]}")
+    return value
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object"}
+
+
+# -- pull ----------------------------------------------------------------------------
+
+# What a pulled row decodes to without "versions" (refused after decoding): the
+# constructor's order, values before versions, asks for a default.
+_NO_VERSIONS: dict[str, str] = {}
+
+
+class PullRow(Struct, frozen=True):
     """The hub's current state of one record."""
 
     seq: int
     table: str
     pk: dict[str, Any]
-    values: dict[str, Any] | None  # every column; None when the record is deleted
+    values: dict[str, Any] | None = None  # every column; None when the record is deleted
     # column -> version (text form of a Timestamp); or, when asked for (packed), one
     # version alone for a record whose every column has it (one only ever inserted)
-    versions: dict[str, str] | str
+    versions: dict[str, VersionText] | VersionText = msgspec.field(
+        default_factory=lambda: _NO_VERSIONS
+    )
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -300,34 +316,60 @@ class PullRow:
 
     @classmethod
     def from_json(cls, data: Any) -> PullRow:
-        if type(data) is dict:  # the common shape in one go; the long way names faults
-            seq, table, pk, values, versions = (
-                data.get(k) for k in ("seq", "table", "pk", "values", "versions")
-            )
-            if (
-                type(seq) is int
-                and type(table) is str
-                and type(pk) is dict
-                and (values is None or type(values) is dict)
-                and (type(versions) is dict or type(versions) is str)
-            ):
-                return cls(seq, table, pk, values, versions)
-        if not isinstance(data, dict):
-            raise ProtocolError("a pulled row must be an object")
-        values = data.get("values")
-        if values is not None and not isinstance(values, dict):
-            raise ProtocolError("a pulled row's values must be an object")
-        return cls(
-            _field(data, "seq", int, "pulled row"),
-            _field(data, "table", str, "pulled row"),
-            _field(data, "pk", dict, "pulled row"),
-            values,
-            _field(data, "versions", (dict, str), "pulled row"),
-        )
+        return _read(cls, data, "pulled row")
 
 
-@dataclass(frozen=True, slots=True)
-class PullPage:
+class Rejection(Struct, frozen=True):
+    """A change the hub set aside, why, and the record as the hub holds it (if at all)."""
+
+    seq: int
+    reason: str
+    record: PullRow | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "reason": self.reason,
+            "record": self.record.to_json() if self.record else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Rejection:
+        return _read(cls, data, "rejection")
+
+
+class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
+    """The hub's answer to a push: what it committed and what it found.
+
+    ``acked`` covers rejected changes too: the hub has dealt with them, and the
+    office keeps them aside (see ``rejected``) instead of sending them again.
+    """
+
+    acked: int  # the highest change-log seq of this node the hub has dealt with
+    applied: int  # changes applied by this request (replays count zero)
+    conflicts: int  # conflicts this request logged
+    hub_time_ms: int
+    node: str
+    rejected: list[Rejection] = msgspec.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "acked": self.acked,
+            "applied": self.applied,
+            "conflicts": self.conflicts,
+            "hub_time_ms": self.hub_time_ms,
+            "node": self.node,
+            "rejected": [r.to_json() for r in self.rejected],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> PushResult:
+        """Read the hub's answer (parsed JSON, or its bytes); ProtocolError if malformed."""
+        return _read(cls, data, "push result")
+
+
+class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     """One page of records changed after a cursor, and the cursor to ask for next."""
 
     rows: list[PullRow]
@@ -352,17 +394,8 @@ class PullPage:
 
     @classmethod
     def from_json(cls, data: Any) -> PullPage:
-        check_version(data, "pull page")
-        rows = _field(data, "rows", list, "pull page")
-        return cls(
-            [PullRow.from_json(row) for row in rows],
-            _field(data, "cursor", int, "pull page"),
-            _field(data, "more", bool, "pull page"),
-            _field(data, "hub_time_ms", int, "pull page"),
-            _field(data, "node", str, "pull page"),
-            _field(data, "acked", int, "pull page") if "acked" in data else 0,
-            _field(data, "remaining", int, "pull page") if "remaining" in data else None,
-        )
+        """Read a page (parsed JSON, or its bytes); ProtocolError if malformed."""
+        return _read(cls, data, "pull page")
 
 
 def check_version(data: Any, what: str) -> None:
@@ -381,144 +414,174 @@ def check_version(data: Any, what: str) -> None:
 
 MAX_EVENTS_PER_REPORT = 100
 MAX_ERROR_CHARS = 1000
-OUTCOMES = ("ok", "error")
+MAX_VERSION_CHARS = 40
+Outcome = Literal["ok", "error"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+_SECONDS = Meta(ge=0, lt=10**7)
 
 
-def _optional(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    if data.get(name) is None:
-        return None
-    return _field(data, name, kind, what)
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncEvent:
+    """One sync as the office saw it: when, how long, how much, and how it ended.
+
+    A dataclass (msgspec reads one as it reads a Struct), since the office shifts its
+    events' times with ``dataclasses.replace``.
+    """
+
+    id: Count  # the office's own number for it: reports are idempotent
+    started_at: IsoTime
+    seconds: Annotated[float, _SECONDS]
+    outcome: Outcome
+    pushed: Count = 0
+    pulled: Count = 0
+    conflicts: Count = 0
+    rejected: Count = 0
+    bytes_sent: Count = 0
+    bytes_received: Count = 0
+    error: str | None = None  # cut to MAX_ERROR_CHARS when the hub reads it
+    error_code: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_json(cls, data: Any) -> SyncEvent:
+        return _checked_event(_read(cls, data, "a sync event"))
 
 
-def _count(data: Mapping[str, Any], name: str, what: str) -> int:
-    value = _field(data, name, int, what)
-    if value < 0:
-        raise ProtocolError(f"{what}: field {name!r} must not be negative")
-    return int(value)
+class StatusReport(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
+    """What an office tells the hub about itself after each sync (never case data)."""
+
+    pending: Count  # changes waiting to be pushed
+    oldest_pending_at: IsoTime | None  # when the oldest of them was made
+    rejected: Count  # changes the hub rejected, kept aside at the office
+    clock_offset_ms: int  # how far the office clock is behind the hub's
+    version: str  # the office's fieldsync version (the hub keeps MAX_VERSION_CHARS)
+    # its sync interval, when it runs the agent
+    interval_seconds: Annotated[float, Meta(gt=0, lt=10**7)] | None = None
+    last_error: str | None = None  # cut to MAX_ERROR_CHARS when the hub reads it
+    last_error_code: str | None = None
+    last_error_at: IsoTime | None = None
+    events: Annotated[list[SyncEvent], Meta(max_length=MAX_EVENTS_PER_REPORT)] = msgspec.field(
+        default_factory=list
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_json(cls, data: Any) -> StatusReport:
+        """Read a report (parsed JSON, or its bytes); ProtocolError if malformed."""
+        what = "the status report"
+        report = _read(cls, data, what)
+        _check_time(report.oldest_pending_at, "oldest_pending_at", what)
+        _check_time(report.last_error_at, "last_error_at", what)
+        return msgspec.structs.replace(
+            report,
+            version=report.version[:MAX_VERSION_CHARS],
+            last_error=_error_text(report.last_error),
+            events=[_checked_event(e) for e in report.events],
+        )
 
 
-def _time_text(data: Mapping[str, Any], name: str, what: str, required: bool = False) -> Any:
-    value = _field(data, name, str, what) if required else _optional(data, name, str, what)
+def _checked_event(event: SyncEvent) -> SyncEvent:
+    _check_time(event.started_at, "started_at", "a sync event")
+    if event.error is None or len(event.error) <= MAX_ERROR_CHARS:
+        return event
+    return dataclasses.replace(event, error=_error_text(event.error))
+
+
+def _check_time(value: str | None, name: str, what: str) -> None:
     if value is not None:
         try:
             datetime.fromisoformat(value)
         except ValueError:
             raise ProtocolError(f"{what}: field {name!r} is not an ISO 8601 time") from None
-    return value
 
 
 def _error_text(value: str | None) -> str | None:
     return None if value is None else value[:MAX_ERROR_CHARS]
 
 
-@dataclass(frozen=True, slots=True)
-class SyncEvent:
-    """One sync as the office saw it: when, how long, how much, and how it ended."""
-
-    id: int  # the office's own number for it: reports are idempotent
-    started_at: str
-    seconds: float
-    outcome: str  # ok or error
-    pushed: int = 0
-    pulled: int = 0
-    conflicts: int = 0
-    rejected: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    error: str | None = None
-    error_code: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "started_at": self.started_at,
-            "seconds": self.seconds,
-            "outcome": self.outcome,
-            "pushed": self.pushed,
-            "pulled": self.pulled,
-            "conflicts": self.conflicts,
-            "rejected": self.rejected,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "error": self.error,
-            "error_code": self.error_code,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> SyncEvent:
-        what = "a sync event"
-        if not isinstance(data, dict):
-            raise ProtocolError(f"{what} must be an object")
-        seconds = _field(data, "seconds", (int, float), what)
-        outcome = _field(data, "outcome", str, what)
-        if outcome not in OUTCOMES or not 0 <= seconds < 10**7:
-            raise ProtocolError(f"{what}: outcome must be ok or error, seconds >= 0")
-        return cls(
-            id=_count(data, "id", what),
-            started_at=_time_text(data, "started_at", what, required=True),
-            seconds=float(seconds),
-            outcome=outcome,
-            pushed=_count(data, "pushed", what),
-            pulled=_count(data, "pulled", what),
-            conflicts=_count(data, "conflicts", what),
-            rejected=_count(data, "rejected", what),
-            bytes_sent=_count(data, "bytes_sent", what),
-            bytes_received=_count(data, "bytes_received", what),
-            error=_error_text(_optional(data, "error", str, what)),
-            error_code=_optional(data, "error_code", str, what),
-        )
+# -- small answers (their schemas are published; see hub/openapi.py) -------------------
 
 
-@dataclass(frozen=True, slots=True)
-class StatusReport:
-    """What an office tells the hub about itself after each sync (never case data)."""
+class Health(Struct, frozen=True):
+    """``GET /v1/health``: the hub is up, and its clock."""
 
-    pending: int  # changes waiting to be pushed
-    oldest_pending_at: str | None  # when the oldest of them was made
-    rejected: int  # changes the hub rejected, kept aside at the office
-    clock_offset_ms: int  # how far the office clock is behind the hub's
-    version: str  # the office's fieldsync version
-    interval_seconds: float | None = None  # its sync interval, when it runs the agent
-    last_error: str | None = None
-    last_error_code: str | None = None
-    last_error_at: str | None = None
-    events: list[SyncEvent] = field(default_factory=list)
+    status: Literal["ok"]
+    protocol: int
+    version: str  # the hub's fieldsync version
+    hub_time_ms: int
+    # with an office's token: the last change of that office the hub has dealt with
+    acked: int | UnsetType = UNSET
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "pending": self.pending,
-            "oldest_pending_at": self.oldest_pending_at,
-            "rejected": self.rejected,
-            "clock_offset_ms": self.clock_offset_ms,
-            "version": self.version,
-            "interval_seconds": self.interval_seconds,
-            "last_error": self.last_error,
-            "last_error_code": self.last_error_code,
-            "last_error_at": self.last_error_at,
-            "events": [e.to_json() for e in self.events],
-        }
 
-    @classmethod
-    def from_json(cls, data: Any) -> StatusReport:
-        what = "the status report"
-        check_version(data, what)
-        events = _field(data, "events", list, what)
-        if len(events) > MAX_EVENTS_PER_REPORT:
-            raise ProtocolError(f"{what} carries over {MAX_EVENTS_PER_REPORT} sync events")
-        interval = _optional(data, "interval_seconds", (int, float), what)
-        if interval is not None and not 0 < interval < 10**7:
-            raise ProtocolError(f"{what}: interval_seconds must be positive")
-        version = _field(data, "version", str, what)
-        return cls(
-            pending=_count(data, "pending", what),
-            oldest_pending_at=_time_text(data, "oldest_pending_at", what),
-            rejected=_count(data, "rejected", what),
-            clock_offset_ms=_field(data, "clock_offset_ms", int, what),
-            version=version[:40],
-            interval_seconds=None if interval is None else float(interval),
-            last_error=_error_text(_optional(data, "last_error", str, what)),
-            last_error_code=_optional(data, "last_error_code", str, what),
-            last_error_at=_time_text(data, "last_error_at", what),
-            events=[SyncEvent.from_json(e) for e in events],
-        )
+class StatusKept(Struct, frozen=True):
+    """The hub's answer to a status report."""
+
+    status: Literal["ok"]
+    hub_time_ms: int
+
+
+class ErrorBody(Struct, frozen=True):
+    """Every refusal and failure: a code to act on and a message a person can read."""
+
+    error: str
+    detail: str
+    hub_time_ms: int | UnsetType = UNSET  # the hub's clock, to correct an office's
+    acked: int | UnsetType = UNSET  # how far the hub has committed the office's changes
+    diverged_at: int | UnsetType = UNSET  # diverged: the first change number reused
+
+
+# -- reading -------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+_VERSIONED = (PushRequest, PushResult, PullPage, StatusReport)
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def _read(kind: type[_T], data: Any, what: str) -> _T:
+    """``data`` (JSON bytes, or parsed JSON) read as ``kind``.
+
+    ValueError if it is not JSON; ProtocolError, naming the field, if it is not a
+    ``kind`` (VersionMismatchError if of another protocol version).
+    """
+    target: Any = kind | _Unversioned if kind in _VERSIONED else kind
+    try:
+        if isinstance(data, bytes):
+            decoder = _DECODERS.get(kind) or _DECODERS.setdefault(
+                kind, msgspec.json.Decoder(target)
+            )
+            found = decoder.decode(data)
+        else:
+            found = msgspec.convert(data, target)
+        if isinstance(found, _Unversioned):
+            raise msgspec.ValidationError("no protocol")
+    except msgspec.ValidationError as exc:
+        if kind in _VERSIONED:
+            check_version(loads(data) if isinstance(data, bytes) else data, what)
+        message, _, where = str(exc).partition(" - at ")
+        place = where.strip("`").removeprefix("$").lstrip(".")
+        raise ProtocolError(
+            f"{what}: {message[:1].lower()}{message[1:]}" + (f" (at {place})" if place else "")
+        ) from None
+    for row in _rows(found):
+        if row.versions is _NO_VERSIONS:
+            raise ProtocolError(f"{what}: row {row.seq} has no 'versions'")
+    return found  # type: ignore[no-any-return]
+
+
+def _rows(found: object) -> list[PullRow]:
+    """The pulled rows in a message read (each has to be checked for its versions)."""
+    if isinstance(found, PullRow):
+        return [found]
+    if isinstance(found, PullPage):
+        return found.rows
+    if isinstance(found, Rejection):
+        return _rows(found.record)
+    if isinstance(found, PushResult):
+        return [r.record for r in found.rejected if r.record is not None]
+    return []

@@ -6,10 +6,10 @@ import gzip
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from hub.app import ERROR_CODES, create_app
@@ -24,18 +24,9 @@ from shared.errors import (
     ProtocolError,
     VersionMismatchError,
 )
-from shared.protocol import PROTOCOL_VERSION, Change, PullPage, PushResult
+from shared.protocol import PROTOCOL_VERSION, Change, ErrorBody, PullPage, PushResult
 from shared.schema import Schema
 from tests.asgi import client as asgi_client
-
-
-@pytest.fixture
-def hub_store(tmp_path: Path) -> Iterator[SqliteHubStore]:
-    store = SqliteHubStore(tmp_path / "hub.db")
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 @pytest.fixture
@@ -107,6 +98,7 @@ def assert_error(response: Any, status: int, code: str) -> str:
     assert isinstance(data.get("hub_time_ms", 0), int)
     assert data["error"] == code
     assert isinstance(data["detail"], str) and data["detail"]
+    msgspec.convert(data, ErrorBody)  # as the OpenAPI document says
     return str(data["detail"])
 
 
@@ -143,10 +135,9 @@ def test_wrong_method_is_json_405(client: httpx.Client, tokens: dict[str, str]) 
 
 def test_openapi_lists_the_error_codes(client: httpx.Client) -> None:
     doc = client.get("/v1/openapi.json").json()
-    assert set(doc["paths"]) >= {"/v1/push", "/v1/pull"}
-    assert doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"] == sorted(
-        ERROR_CODES
-    )
+    assert set(doc["paths"]) >= {"/v1/push", "/v1/pull", "/v1/status", "/v1/health"}
+    error = doc["components"]["schemas"]["ErrorBody"]["properties"]["error"]
+    assert error["enum"] == sorted({*ERROR_CODES, "internal"})  # internal: the 500 answer
 
 
 # -- authentication -------------------------------------------------------------------

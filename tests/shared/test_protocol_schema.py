@@ -8,18 +8,26 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from shared.clock import Timestamp
 from shared.errors import InvalidChangeError, ProtocolError, SchemaError, VersionMismatchError
 from shared.protocol import (
+    MAX_ERROR_CHARS,
     PROTOCOL_VERSION,
     Change,
     PullPage,
     PullRow,
+    PushedChange,
     PushResult,
+    Rejection,
+    StatusReport,
+    SyncEvent,
     check_version,
+    dumps,
+    read_push,
 )
 from shared.schema import EXISTS, Column, Schema, pk_key
 
@@ -283,6 +291,179 @@ def test_check_version() -> None:
     with pytest.raises(ProtocolError) as info:
         check_version([1], "the push")
     assert type(info.value) is ProtocolError
+
+
+# -- the quick read and the long way -------------------------------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_FIELD_VALUES = {
+    "seq": st.sampled_from([0, -1, 1, 7, 2**63 - 1, 2**63, "7", True, 7.0, None]),
+    "op": st.sampled_from(["insert", "update", "delete", "upsert", None, 1]),
+    "ts": st.sampled_from([0, -5, 1, TS.hlc, 2**63 - 1, 2**63, "1", True, 1.5]),
+    "values": st.sampled_from([{}, {"a": 1}, {"a": None}, ["x"], None, "x"]),
+    "base": st.sampled_from([{}, BASE, {"a": "yesterday"}, {"a": 5}, ["x"], None, "x"]),
+    "captured": st.sampled_from([None, 0, 1, TS.hlc, -1, 2**63, "1", True, 1.0]),
+}
+
+
+def _push_body(changes: list[Any], **top: Any) -> bytes:
+    return json.dumps({"protocol": PROTOCOL_VERSION, "changes": changes, **top}).encode()
+
+
+def _the_long_way(body: bytes) -> tuple[Any, list[Change]] | str:
+    data = json.loads(body)
+    check_version(data, "the push")
+    try:
+        return data.get("node"), [Change.from_json(c, "astana") for c in data["changes"]]
+    except ProtocolError as exc:
+        return str(exc)
+
+
+@settings(max_examples=300)
+@given(
+    changes=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "table": st.sampled_from(["cases", 3]),
+                "pk": st.sampled_from([{"id": "c1"}, "c1"]),
+                **_FIELD_VALUES,
+                "extra": _JSON_VALUES,
+            },
+        ).map(lambda faults: good_change() | faults),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_the_quick_read_takes_only_what_the_long_way_takes(changes: list[Any]) -> None:
+    # msgspec reads pushes; the long way only words refusals. Whatever msgspec takes,
+    # the long way must take too, as the same changes; else the hub's answer would
+    # depend on which way a push happened to be read.
+    body = _push_body(changes)
+    quick = read_push(body, "astana")
+    if quick is not None:
+        assert _the_long_way(body) == quick
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            good_change() | {"ts": True},
+            "change 7: field 'ts' is missing or not an integer",
+            id="ts-bool",
+        ),
+        pytest.param(
+            good_change() | {"seq": 0},
+            "change 0: seq must be a positive 64-bit integer",
+            id="seq-zero",
+        ),
+        pytest.param(
+            good_change() | {"op": "upsert"},
+            "change 7: op must be one of insert, update, delete, got 'upsert'",
+            id="op",
+        ),
+        pytest.param(
+            good_change() | {"values": {}},
+            "change 7: an update needs a non-empty 'values' object",
+            id="values",
+        ),
+        pytest.param(
+            good_change() | {"base": {"a": "x"}},
+            "change 7: base has invalid timestamp 'x'",
+            id="base",
+        ),
+    ],
+)
+def test_a_push_the_quick_read_refuses_is_worded_the_long_way(change: Any, message: str) -> None:
+    body = _push_body([change])
+    assert read_push(body, "astana") is None
+    assert _the_long_way(body) == message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"changes": []}, id="no-version"),
+        pytest.param({"protocol": 1, "changes": []}, id="version-1"),
+        pytest.param({"protocol": PROTOCOL_VERSION, "changes": [], "node": 5}, id="node-not-text"),
+        pytest.param({"protocol": PROTOCOL_VERSION}, id="no-changes"),
+    ],
+)
+def test_the_quick_read_leaves_a_malformed_push_to_the_long_way(body: Any) -> None:
+    assert read_push(json.dumps(body).encode(), "astana") is None
+
+
+def test_the_quick_read_takes_the_node_named() -> None:
+    body = _push_body([good_change()], node="astana")
+    assert read_push(body, "astana") == ("astana", [Change.from_json(good_change(), "astana")])
+
+
+_SAMPLES = [
+    PushResult(1, 1, 0, 5, "a", [Rejection(3, "why", _page().rows[0]), Rejection(4, "gone")]),
+    _page(),
+    PullPage([], 0, False, 1, "astana", acked=4, remaining=0),
+    StatusReport(
+        4,
+        "2026-12-01T10:00:00",
+        1,
+        -5,
+        "0.1.0",
+        60.0,
+        "cut",
+        "hub_unavailable",
+        "2026-12-01T10:00:00",
+        [SyncEvent(3, "2026-12-01T10:00:00+00:00", 0.5, "error", 1, 2, 0, 0, 10, 20, "cut", "x")],
+    ),
+]
+
+
+@pytest.mark.parametrize("message", _SAMPLES, ids=lambda m: type(m).__name__)
+def test_each_message_writes_what_its_struct_declares(message: Any) -> None:
+    # to_json writes the bytes (see shared.protocol); its type's declaration reads them
+    # back whole, so the two cannot drift apart.
+    data = message.to_json()
+    assert type(message).from_json(dumps(data)) == message
+    assert type(message).from_json(wire(data)) == message
+    declared = set(type(message).__struct_fields__)
+    assert set(data) - {"protocol"} <= declared
+    assert data["protocol"] == PROTOCOL_VERSION
+
+
+def test_a_change_writes_what_a_pushed_change_declares() -> None:
+    change = Change(2, "cases", {"id": "c1"}, "update", TS, {"notes": "x"}, BASE, TS.hlc - 1)
+    data = change.to_json()
+    assert set(data) == set(PushedChange.__struct_fields__)
+    assert msgspec.convert(data, PushedChange).ts == TS.hlc
+
+
+def test_a_pulled_row_without_versions_is_refused() -> None:
+    data = _page().to_json()
+    del data["rows"][0]["versions"]
+    with pytest.raises(ProtocolError, match="row 5 has no 'versions'"):
+        PullPage.from_json(data)
+
+
+def test_a_status_report_is_cut_to_size_when_read() -> None:
+    report = _SAMPLES[-1]
+    assert isinstance(report, StatusReport)
+    long = StatusReport.from_json(
+        report.to_json()
+        | {"last_error": "x" * 5000, "version": "9" * 99}
+        | {"events": [report.events[0].to_json() | {"error": "y" * 5000}]}
+    )
+    assert long.last_error == "x" * MAX_ERROR_CHARS and long.version == "9" * 40
+    assert long.events[0].error == "y" * MAX_ERROR_CHARS
 
 
 # -- Schema -------------------------------------------------------------------------

@@ -1,0 +1,400 @@
+"""
+The hub's OpenAPI document, served at ``GET /v1/openapi.json``.
+
+It is made from two things, so that it cannot drift from what the hub does:
+
+- the wire types of ``shared.protocol``, whose JSON Schemas msgspec writes from the
+  same declarations that read the requests (``msgspec.json.schema_components``);
+- :data:`ENDPOINTS`, one entry per route and method: what it is for, who may call it,
+  its body, its answer, its parameters and the error codes it may answer with.
+
+``tests/hub/test_openapi.py`` walks the routes ``create_app`` serves (the API, the
+admin API, ``/metrics``, the dashboard and its static files) and fails when one is
+missing here or when this names one that is not served.
+
+The JSON API answers every error as an :class:`shared.protocol.ErrorBody`; the
+dashboard's pages answer HTML, and send a browser without a session to ``/login``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgspec
+
+from shared import __version__
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    ErrorBody,
+    Health,
+    PullPage,
+    PushRequest,
+    PushResult,
+    StatusKept,
+    StatusReport,
+)
+
+Auth = Literal["office", "admin", "session"]
+# How each kind of caller proves who it is (OpenAPI security schemes).
+SECURITY_SCHEMES: Final[dict[str, Any]] = {
+    "office": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an office token (`fieldsync hub add-node NAME`)",
+    },
+    "admin": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an admin token (`fieldsync hub add-admin NAME`)",
+    },
+    "session": {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "fieldsync_session",
+        "description": "the dashboard's session, started by signing in at /login with an "
+        "admin token",
+    },
+}
+# The codes a caller may be refused with for want of a good token or session.
+_AUTH_ERRORS: Final[dict[str, tuple[str, ...]]] = {
+    "office": ("unauthorized", "forbidden"),
+    "admin": ("unauthorized", "forbidden"),
+    "session": (),  # the dashboard sends such a browser to /login instead
+}
+# Every route may answer these: another method (405) or the hub's own failure (500).
+_ALWAYS: Final = ("method_not_allowed", "internal")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query parameter."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route and method of the hub, as the document describes it."""
+
+    method: Literal["get", "post"]
+    path: str  # as in OpenAPI: /v1/admin/conflicts/{id}
+    summary: str
+    auth: Auth | None
+    # A wire type (JSON), or a media type and what it holds.
+    answer: type | tuple[str, str]
+    body: type | tuple[str, str] | None = None
+    errors: tuple[str, ...] = ()  # error codes beyond those of its auth and _ALWAYS
+    params: tuple[Param, ...] = ()
+    path_types: tuple[tuple[str, str], ...] = ()  # path parameters that are not text
+    # The dashboard's own refusals are HTML pages; 405 and 500 are JSON everywhere.
+    html_errors: bool = False
+
+
+_JSON_OBJECT = ("application/json", "a JSON object (see the summary)")
+_HTML = ("text/html", "the page")
+_FORM = ("application/x-www-form-urlencoded", "the form's fields (see the summary)")
+_FLAG = {"type": "integer", "enum": [0, 1]}
+_ADMIN_LIMIT = {"type": "integer", "minimum": 1}
+
+
+def endpoints(max_page: int) -> tuple[Endpoint, ...]:
+    """Every route and method the hub serves (``max_page``: the most records a pull
+    page may ask for)."""
+    admin_json: dict[str, Any] = {"auth": "admin", "answer": _JSON_OBJECT}
+    page: dict[str, Any] = {"auth": "session", "answer": _HTML, "html_errors": True}
+    form: dict[str, Any] = {"auth": "session", "body": _FORM, "html_errors": True}
+    return (
+        # -- the sync API (offices) --
+        Endpoint(
+            "get",
+            "/v1/health",
+            "Liveness, the protocol version and the hub's clock; with an office's token, "
+            "also acked: that office's last change the hub has dealt with",
+            None,
+            Health,
+        ),
+        Endpoint(
+            "post",
+            "/v1/push",
+            "Push a batch of changes, in increasing seq order (idempotent per change seq; "
+            "gzip body welcome). Refused: nothing applied (422 clock_skew: what came before "
+            "the first change stamped too far ahead is, as acked says)",
+            "office",
+            PushResult,
+            body=PushRequest,
+            errors=(
+                "bad_request",
+                "version_mismatch",
+                "too_large",
+                "invalid_change",
+                "clock_skew",
+                "diverged",
+            ),
+        ),
+        Endpoint(
+            "get",
+            "/v1/pull",
+            "Records changed after a cursor, one page: each record's current state, once",
+            "office",
+            PullPage,
+            errors=("bad_request",),
+            params=(
+                Param("cursor", {"type": "integer", "minimum": 0, "default": 0}),
+                Param(
+                    "limit", {"type": "integer", "minimum": 1, "maximum": max_page, "default": 1000}
+                ),
+                Param(
+                    "own",
+                    _FLAG,
+                    "1: also send records whose latest state came from this office "
+                    "(to rebuild its copy)",
+                ),
+                Param("count", _FLAG, "1: say how many records are left (for a progress bar)"),
+                Param(
+                    "packed",
+                    _FLAG,
+                    "1: a record whose columns all carry one version gets that version "
+                    "alone as its versions (a string, not an object)",
+                ),
+                Param(
+                    "node",
+                    {"type": "string"},
+                    "the office the caller thinks it is; refused (403) if the token's "
+                    "office is another",
+                ),
+            ),
+        ),
+        Endpoint(
+            "post",
+            "/v1/status",
+            "The office's state after a sync, and its syncs since the last report",
+            "office",
+            StatusKept,
+            body=StatusReport,
+            errors=("bad_request", "version_mismatch", "too_large"),
+        ),
+        Endpoint(
+            "get",
+            "/v1/openapi.json",
+            "This document",
+            None,
+            ("application/json", "an OpenAPI 3.1 document"),
+        ),
+        # -- the admin API --
+        Endpoint("get", "/v1/admin/offices", "Every office: status and health", **admin_json),
+        Endpoint(
+            "get",
+            "/v1/admin/offices/{name}",
+            "One office and its recent syncs",
+            errors=("bad_request", "not_found"),
+            params=(Param("events", {**_ADMIN_LIMIT, "maximum": 200, "default": 50}),),
+            **admin_json,
+        ),
+        Endpoint(
+            "get",
+            "/v1/admin/conflicts",
+            "The conflict log, newest first (unsettled: open and logged)",
+            errors=("bad_request",),
+            params=(
+                Param(
+                    "status",
+                    {"enum": ["unsettled", "open", "logged", "resolved"], "default": "unsettled"},
+                ),
+                Param("limit", {**_ADMIN_LIMIT, "maximum": 1000, "default": 100}),
+            ),
+            **admin_json,
+        ),
+        Endpoint(
+            "get",
+            "/v1/admin/conflicts/{id}",
+            "One conflict",
+            errors=("not_found",),
+            path_types=(("id", "integer"),),
+            **admin_json,
+        ),
+        Endpoint(
+            "post",
+            "/v1/admin/conflicts/{id}/resolve",
+            'Settle a conflict: {"keep": "kept" | "other" | "value", "value": ..., '
+            '"force": true|false}; answers the conflict as settled',
+            body=("application/json", '{"keep", "value", "force"}'),
+            errors=("bad_request", "invalid_change", "not_found", "refused"),
+            path_types=(("id", "integer"),),
+            **admin_json,
+        ),
+        Endpoint(
+            "get",
+            "/v1/admin/rejected",
+            "Changes the hub set aside (no values), of one office or all",
+            errors=("not_found",),
+            params=(Param("office", {"type": "string"}),),
+            **admin_json,
+        ),
+        Endpoint(
+            "get",
+            "/v1/admin/history/{table}",
+            "Every version of one record, oldest first; name it by its key columns as "
+            "query parameters (?COLUMN=VALUE)",
+            errors=("bad_request", "not_found"),
+            **admin_json,
+        ),
+        Endpoint("get", "/v1/admin/figures", "Consolidated figures for headquarters", **admin_json),
+        Endpoint(
+            "get",
+            "/metrics",
+            "Per-office gauges and counters",
+            "admin",
+            ("text/plain", "the Prometheus text format"),
+        ),
+        # -- the dashboard (HTML for people; see hub/dashboard.py) --
+        Endpoint("get", "/", "Offices and their health", **page),
+        Endpoint("get", "/login", "The sign-in form", None, _HTML),
+        Endpoint(
+            "post",
+            "/login",
+            "Sign in with an admin token (form field token, next); starts a session",
+            None,
+            ("text/html", "303 to the page asked for, or the form again"),
+            body=_FORM,
+            html_errors=True,
+        ),
+        Endpoint(
+            "post",
+            "/logout",
+            "Sign out (form field csrf)",
+            answer=("text/html", "303 to /login"),
+            **form,
+        ),
+        Endpoint("get", "/offices/{name}", "One office, its syncs and rejected changes", **page),
+        Endpoint(
+            "get",
+            "/conflicts",
+            "The conflict inbox",
+            params=(Param("status", {"enum": ["unsettled", "open", "logged", "resolved"]}),),
+            **page,
+        ),
+        Endpoint(
+            "get",
+            "/conflicts/{id}",
+            "Both sides of one conflict, and the form that settles it",
+            path_types=(("id", "integer"),),
+            **page,
+        ),
+        Endpoint(
+            "post",
+            "/conflicts/{id}/resolve",
+            "Settle a conflict (form fields csrf, keep: kept|other|value, value, force)",
+            answer=("text/html", "303 to the conflict"),
+            path_types=(("id", "integer"),),
+            **form,
+        ),
+        Endpoint("get", "/hq", "Headquarters' figures and charts, download links", **page),
+        Endpoint(
+            "get",
+            "/export/{file}",
+            "A streamed download of one table: file is TABLE.csv or TABLE.json",
+            "session",
+            ("text/csv", "the table's rows (application/json for .json)"),
+            params=(Param("office", {"type": "string"}),),
+            html_errors=True,
+        ),
+        Endpoint("get", "/records", "Find a record by its key", **page),
+        Endpoint(
+            "get",
+            "/records/{table}",
+            "Every version of one record (?COLUMN=VALUE for its key)",
+            **page,
+        ),
+        Endpoint(
+            "get",
+            "/static/{path}",
+            "The dashboard's style sheet",
+            None,
+            ("text/css", "a file of hub/static"),
+            errors=("not_found",),
+        ),
+    )
+
+
+_PATH_PARAM = re.compile(r"{(\w+)}")
+
+
+def openapi_document(error_codes: Mapping[str, int], max_page: int) -> dict[str, Any]:
+    """The document: ``error_codes`` maps every code of the JSON error body to its
+    HTTP status (the 500 answer, ``internal``, is added here)."""
+    codes = {**error_codes, "internal": 500}
+    wire = [PushRequest, PushResult, PullPage, StatusReport, StatusKept, Health, ErrorBody]
+    _, schemas = msgspec.json.schema_components(wire, ref_template="#/components/schemas/{name}")
+    schemas["ErrorBody"]["properties"]["error"]["enum"] = sorted(codes)
+    # PullRow's versions has a default only so that its constructor can keep values
+    # (which may be left out) first; every row carries its versions.
+    schemas["PullRow"]["required"].append("versions")
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints(max_page):
+        paths.setdefault(endpoint.path, {})[endpoint.method] = _operation(endpoint, codes)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fieldsync hub",
+            "version": __version__,
+            "description": f"Sync protocol version {PROTOCOL_VERSION}. Every error of the "
+            'JSON API is {"error": CODE, "detail": MESSAGE} (ErrorBody).',
+        },
+        "components": {"securitySchemes": SECURITY_SCHEMES, "schemas": schemas},
+        "paths": paths,
+    }
+
+
+def _operation(endpoint: Endpoint, codes: Mapping[str, int]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": endpoint.summary,
+        "security": [{endpoint.auth: []}] if endpoint.auth else [],
+    }
+    types = dict(endpoint.path_types)
+    parameters = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": types.get(name, "string")},
+        }
+        for name in _PATH_PARAM.findall(endpoint.path)
+    ]
+    parameters += [
+        {"name": p.name, "in": "query", "schema": p.schema}
+        | ({"description": p.description} if p.description else {})
+        for p in endpoint.params
+    ]
+    if parameters:
+        operation["parameters"] = parameters
+    if endpoint.body is not None:
+        operation["requestBody"] = {"required": True, "content": _content(endpoint.body)}
+    responses: dict[str, Any] = {
+        "200": {"description": "done", "content": _content(endpoint.answer)}
+    }
+    if endpoint.auth == "session":
+        responses["303"] = {"description": "no session: to /login?next=PATH"}
+    if endpoint.html_errors:
+        responses["4XX"] = {
+            "description": "an HTML page saying what is wrong",
+            "content": _content(_HTML),
+        }
+    refusals: dict[str, list[str]] = {}
+    for code in (*_AUTH_ERRORS.get(endpoint.auth or "", ()), *endpoint.errors, *_ALWAYS):
+        refusals.setdefault(str(codes[code]), []).append(code)
+    for status, named in sorted(refusals.items()):
+        responses[status] = {"description": ", ".join(named), "content": _content(ErrorBody)}
+    operation["responses"] = responses
+    return operation
+
+
+def _content(kind: type | tuple[str, str]) -> dict[str, Any]:
+    if isinstance(kind, tuple):
+        media, what = kind
+        return {media: {"schema": {"description": what}}}
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{kind.__name__}"}}}
