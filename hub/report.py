@@ -2,7 +2,7 @@
 Headquarters' consolidated figures across offices, and the charts that show them.
 
 :func:`figures` reads the real tables the hub mirrors live records into (see
-:mod:`hub.store`; deleted records are not in them) and returns one JSON-serialisable
+:mod:`hub.records`; deleted records are not in them) and returns one JSON-serialisable
 dict, for the admin dashboard's headquarters view and the JSON admin API alike.
 Every figure is an SQL ``GROUP BY``: no table's rows are loaded into Python, so a
 table of a million records costs one scan per section, and the answers are as small

@@ -275,3 +275,69 @@ def _delete(state: RecordState, change: Change, ts: str, saw_all: bool, policy: 
 def node_of(version: str | None) -> str:
     """The node name inside a version string ('' for None)."""
     return _node_of(version)
+
+
+# -- an admin's resolution of a logged conflict -------------------------------------------
+
+KEEPS = ("kept", "other", "value")
+
+
+@dataclass(slots=True)
+class Resolution:
+    """What settling a conflict does to its record."""
+
+    state: RecordState
+    chosen: dict[str, Any]  # the columns the decision sets (empty: none)
+    changed: bool  # the record's values, versions or existence changed
+
+
+def resolution_writes(kind: str, keep: str) -> bool:
+    """Does keeping ``keep`` of a conflict of ``kind`` write to the record?
+
+    Keeping the side the hub holds changes nothing, except for kind ``custom``, where
+    the hub holds what the custom function chose rather than the kept side.
+    """
+    return keep != "kept" or kind == "custom"
+
+
+def resolve(
+    current: RecordState,
+    *,
+    kind: str,
+    column: str | None,
+    kept_value: Any,
+    other_value: Any,
+    keep: str,
+    value: Any = None,
+    stamp: str,
+) -> Resolution:
+    """Settle a conflict of ``kind`` about ``column`` (None: the whole record).
+
+    ``keep`` is ``kept`` (the hub's side when it was logged), ``other`` (the side that
+    lost) or ``value`` (``value``, typed by the admin; a field's conflict only).
+    ``stamp`` is a fresh stamp the hub issues: every column the decision sets gets it,
+    so the decision reaches every office as a change later than both sides. Keeping
+    the other side of a lost delete deletes the record; setting a value on a deleted
+    record brings it back.
+    """
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be 'kept', 'other' or 'value', not {keep!r}")
+    if keep == "value" and column is None:
+        raise ValueError("a value settles a field's conflict, not a whole record's")
+    state = RecordState(dict(current.values), dict(current.versions), current.deleted)
+    chosen: dict[str, Any] = {}
+    if column is not None and resolution_writes(kind, keep):
+        sides = {"value": value, "other": other_value, "kept": kept_value}
+        chosen = {column: sides[keep]}
+    elif keep == "other" and isinstance(other_value, dict):
+        chosen = dict(other_value)  # a whole record
+    elif keep == "other" and kind == "delete":
+        state.deleted = True
+        state.versions[EXISTS] = stamp
+    for col, val in chosen.items():
+        state.values[col] = val
+        state.versions[col] = stamp
+    if chosen and state.deleted:  # writing a value brings the record back
+        state.deleted = False
+        state.versions[EXISTS] = stamp
+    return Resolution(state, chosen, changed=state != current)

@@ -575,6 +575,7 @@ def test_record_history_follows_every_version_and_survives_the_old_layout(
             DROP TABLE _fieldsync_history;
             ALTER TABLE old RENAME TO _fieldsync_history;
             CREATE INDEX _fieldsync_history_record ON _fieldsync_history (tbl, pk, id);
+            PRAGMA user_version = 0;  -- hubs of that time kept no layout version
             """
         )
     store = SqliteHubStore(tmp_path / "hub.db")

@@ -590,3 +590,117 @@ def test_record_policy_update_racing_a_later_delete_keeps_the_update() -> None:
     assert out.state.deleted is False
     assert (out.state.values["status"], out.state.values["notes"]) == ("closed", "new")
     assert [c.kind for c in out.conflicts] == ["delete"]
+
+
+# -- an admin's resolution ----------------------------------------------------------
+
+NEW = str(Timestamp(900, "hub"))  # the fresh stamp the hub issues for the decision
+
+
+def gone() -> RecordState:
+    """A record deleted at NEW's predecessor: its values kept, marked deleted."""
+    state = start()
+    return RecordState(dict(state.values), {**state.versions, EXISTS: V0}, deleted=True)
+
+
+# A conflict as the hub logged it: about one field, a whole record, or a delete.
+FIELD = {"kind": "field", "column": "status", "kept_value": "closed", "other_value": "x"}
+CUSTOM = {**FIELD, "kind": "custom"}
+RECORD = {
+    "kind": "record",
+    "column": None,
+    "kept_value": {"id": "c1", "notes": "hub"},
+    "other_value": {"id": "c1", "notes": "office"},
+}
+LOST_DELETE = {"kind": "delete", "column": None, "kept_value": {"id": "c1"}, "other_value": None}
+LOST_RECORD = {**LOST_DELETE, "kept_value": None, "other_value": {"id": "c1", "status": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("current", "conflict", "keep", "value", "values", "versions", "deleted", "chosen"),
+    [
+        pytest.param(
+            start(status="closed"), FIELD, "kept", None, {"status": "closed"}, {"status": V0},
+            False, {}, id="field-keep-kept-writes-nothing",
+        ),
+        pytest.param(
+            start(status="closed"), FIELD, "other", None, {"status": "x"}, {"status": NEW},
+            False, {"status": "x"}, id="field-keep-other",
+        ),
+        pytest.param(
+            start(status="closed"), FIELD, "value", "rejected", {"status": "rejected"},
+            {"status": NEW}, False, {"status": "rejected"}, id="field-keep-typed-value",
+        ),
+        pytest.param(
+            start(status="merged"), CUSTOM, "kept", None, {"status": "closed"}, {"status": NEW},
+            False, {"status": "closed"}, id="custom-keep-kept-undoes-the-functions-choice",
+        ),
+        pytest.param(
+            start(notes="hub"), RECORD, "other", None,
+            {"id": "c1", "notes": "office", "status": "refugee"},
+            {"id": NEW, "notes": NEW, "status": V0}, False, {"id": "c1", "notes": "office"},
+            id="record-keep-other-takes-the-whole-record",
+        ),
+        pytest.param(
+            start(notes="hub"), RECORD, "kept", None, {"notes": "hub"}, {"notes": V0},
+            False, {}, id="record-keep-kept-writes-nothing",
+        ),
+        pytest.param(
+            start(), LOST_DELETE, "other", None, {"status": "refugee"}, {EXISTS: NEW},
+            True, {}, id="delete-keep-other-deletes",
+        ),
+        pytest.param(
+            gone(), LOST_RECORD, "other", None, {"status": "x"}, {EXISTS: NEW, "status": NEW},
+            False, {"id": "c1", "status": "x"}, id="delete-keep-other-record-brings-it-back",
+        ),
+        pytest.param(
+            gone(), FIELD, "value", "closed", {"status": "closed"},
+            {EXISTS: NEW, "status": NEW}, False, {"status": "closed"},
+            id="value-on-a-deleted-record-brings-it-back",
+        ),
+    ],
+)  # fmt: skip
+def test_resolve(
+    current: RecordState,
+    conflict: dict[str, Any],
+    keep: str,
+    value: Any,
+    values: dict[str, Any],
+    versions: dict[str, str],
+    deleted: bool,
+    chosen: dict[str, Any],
+) -> None:
+    from shared.merge import resolution_writes, resolve
+
+    before = RecordState(dict(current.values), dict(current.versions), current.deleted)
+    done = resolve(current, **conflict, keep=keep, value=value, stamp=NEW)
+    assert current == before  # pure: the given state is left alone
+    assert {c: done.state.values[c] for c in values} == values
+    assert {c: done.state.versions.get(c) for c in versions} == versions
+    assert done.state.deleted is deleted
+    assert done.chosen == chosen
+    assert done.changed is (done.state != current)
+    assert done.changed is resolution_writes(conflict["kind"], keep)
+
+
+@pytest.mark.parametrize(
+    ("column", "keep"),
+    [
+        pytest.param("status", "both", id="unknown-keep"),
+        pytest.param(None, "value", id="value-for-a-whole-record"),
+    ],
+)
+def test_resolve_refuses(column: str | None, keep: str) -> None:
+    from shared.merge import resolve
+
+    with pytest.raises(ValueError):
+        resolve(
+            start(),
+            kind="field" if column else "record",
+            column=column,
+            kept_value=None,
+            other_value=None,
+            keep=keep,
+            value="x",
+            stamp=NEW,
+        )

@@ -1,0 +1,319 @@
+"""
+The conflict log: concurrent writes the merge rule settled or left open, and their
+resolution by an admin.
+
+A push logs each :class:`shared.merge.Conflict` its merge found
+(:func:`conflict_row`, :func:`write_conflicts`) with a fingerprint of the record
+right after, ``state_after``. An admin settles one with :func:`resolve`: the decision
+is made by :func:`shared.merge.resolve` and written as a new hub change, and it is
+refused if the record changed since the conflict was logged, unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hub import records
+from hub.database import HubDatabase
+from hub.history import write_history
+from hub.times import stamp_time, utcnow
+from shared.clock import Timestamp
+from shared.errors import FieldsyncError, InvalidChangeError
+from shared.merge import Conflict, RecordState, resolution_writes, resolve as decide
+from shared.protocol import dumps_text
+from shared.schema import Table
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRecord:
+    """One entry of the hub's conflict log, as admins see it."""
+
+    id: int
+    created_at: str
+    table: str
+    pk: dict[str, Any]
+    kind: str  # field, record or delete
+    column: str | None
+    kept_value: Any
+    kept_version: str | None
+    kept_node: str | None
+    other_value: Any
+    other_version: str
+    other_node: str
+    status: str  # logged (settled by policy), open (waits for an admin), resolved
+    resolved_by: str | None
+    resolved_at: str | None
+    resolution: Any
+    merged: Any = None  # kind custom: what the custom function chose
+    state_after: str = ""  # the record's versions right after; a changed record is stale
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "table": self.table,
+            "pk": self.pk,
+            "kind": self.kind,
+            "column": self.column,
+            "kept": {
+                "value": self.kept_value,
+                "office": self.kept_node,
+                "version": self.kept_version,
+                "time": stamp_time(self.kept_version),
+            },
+            "other": {
+                "value": self.other_value,
+                "office": self.other_node,
+                "version": self.other_version,
+                "time": stamp_time(self.other_version),
+            },
+            **({"merged": self.merged} if self.kind == "custom" else {}),
+            "status": self.status,
+            "resolved_by": self.resolved_by,
+            "resolved_at": self.resolved_at,
+            "resolution": self.resolution,
+        }
+
+
+# -- logging, on the push path ---------------------------------------------------------
+
+
+def fingerprint(state: RecordState, column: str | None) -> str:
+    """What must not change for a conflict's resolution to be safe to write."""
+    if column is not None:
+        return json.dumps([state.deleted, state.versions.get(column)])
+    return json.dumps([state.deleted, state.versions], sort_keys=True)
+
+
+def conflict_row(table: str, key: str, conflict: Conflict, state: RecordState) -> list[Any]:
+    """The log's row of ``conflict``, found on record ``key`` whose state is now ``state``."""
+    return [
+        utcnow(),
+        table,
+        key,
+        conflict.kind,
+        conflict.column,
+        json.dumps(conflict.kept_value, ensure_ascii=False),
+        conflict.kept_version,
+        Timestamp.parse(conflict.kept_version).node if conflict.kept_version else None,
+        json.dumps(conflict.other_value, ensure_ascii=False),
+        conflict.other_version,
+        Timestamp.parse(conflict.other_version).node,
+        "open" if conflict.open else "logged",
+        json.dumps(conflict.merged, ensure_ascii=False) if conflict.kind == "custom" else None,
+        fingerprint(state, conflict.column),
+    ]
+
+
+def write_conflicts(conn: sqlite3.Connection, rows: Sequence[list[Any]]) -> None:
+    conn.executemany(
+        "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
+        "kept_version, kept_node, other_value, other_version, other_node, status, "
+        "merged, state_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+
+
+# -- reading the log -------------------------------------------------------------------
+
+
+def conflicts(
+    hub: HubDatabase, status: str | Sequence[str] | None = None, limit: int | None = None
+) -> list[ConflictRecord]:
+    """The conflict log, newest first; ``status`` filters (logged, open, resolved;
+    one or several), ``limit`` keeps the newest ones."""
+    sql = "SELECT * FROM _fieldsync_conflicts"
+    params: list[Any] = []
+    if status is not None:
+        statuses = [status] if isinstance(status, str) else list(status)
+        sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+        params.extend(statuses)
+    sql += " ORDER BY id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    with hub.read() as conn:
+        rows = conn.execute(sql, params).fetchall()
+    return [_conflict(hub, row) for row in rows]
+
+
+def conflict_counts(hub: HubDatabase) -> dict[str, int]:
+    """How many conflicts the log holds, by status (open, logged, resolved)."""
+    with hub.read() as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM _fieldsync_conflicts GROUP BY status"
+        ).fetchall()
+    return {"open": 0, "logged": 0, "resolved": 0, **dict(rows)}
+
+
+def conflict(hub: HubDatabase, conflict_id: int) -> ConflictRecord:
+    if not 0 < conflict_id < 2**63:  # past SQLite's integers: no such row either
+        raise FieldsyncError(f"there is no conflict {conflict_id}")
+    with hub.read() as conn:
+        row = conn.execute(
+            "SELECT * FROM _fieldsync_conflicts WHERE id = ?", [conflict_id]
+        ).fetchone()
+    if row is None:
+        raise FieldsyncError(f"there is no conflict {conflict_id}")
+    return _conflict(hub, row)
+
+
+def _conflict(hub: HubDatabase, row: Sequence[Any]) -> ConflictRecord:
+    table = hub.schema.tables.get(row[2])
+    keys = table.primary_key if table else ("pk",)
+    return ConflictRecord(
+        id=row[0],
+        created_at=row[1],
+        table=row[2],
+        pk=dict(zip(keys, json.loads(row[3]), strict=False)),
+        kind=row[4],
+        column=row[5],
+        kept_value=json.loads(row[6]) if row[6] is not None else None,
+        kept_version=row[7],
+        kept_node=row[8],
+        other_value=json.loads(row[9]) if row[9] is not None else None,
+        other_version=row[10],
+        other_node=row[11],
+        status=row[12],
+        resolved_by=row[13],
+        resolved_at=row[14],
+        resolution=json.loads(row[15]) if row[15] is not None else None,
+        merged=json.loads(row[16]) if row[16] is not None else None,
+        state_after=row[17],
+    )
+
+
+# -- an admin's decision ---------------------------------------------------------------
+
+
+def resolve(
+    hub: HubDatabase,
+    conflict_id: int,
+    keep: str,
+    by: str,
+    value: Any = None,
+    *,
+    force: bool = False,
+) -> ConflictRecord:
+    """Settle a conflict: keep the ``kept`` side, the ``other`` side, or a ``value``.
+
+    The decision is written as a new hub change with a fresh stamp, so it reaches
+    every office on its next pull. If the record changed since the conflict was
+    logged, writing the decision would silently undo that newer change, so it is
+    refused unless ``force`` is given.
+    """
+    if keep not in ("kept", "other", "value"):
+        raise ValueError(f"keep must be 'kept', 'other' or 'value', not {keep!r}")
+    record = conflict(hub, conflict_id)
+    if record.status == "resolved":
+        raise FieldsyncError(
+            f"conflict {conflict_id} was already resolved by {record.resolved_by} "
+            f"at {record.resolved_at}"
+        )
+    table = hub.schema.table(record.table)
+    if keep == "value":
+        if record.column is None:
+            raise FieldsyncError(
+                f"conflict {conflict_id} is about a whole record; keep 'kept' or 'other'"
+            )
+        table.check_value(record.column, value)
+    try:
+        write_resolution(hub, record, table, keep, by, value, force)
+    except sqlite3.IntegrityError as exc:
+        raise InvalidChangeError(
+            f"cannot resolve conflict {conflict_id} that way: the value breaks a "
+            f"constraint of {table.name} ({exc}); nothing was changed"
+        ) from exc
+    return conflict(hub, conflict_id)
+
+
+def write_resolution(
+    hub: HubDatabase,
+    record: ConflictRecord,
+    table: Table,
+    keep: str,
+    by: str,
+    value: Any,
+    force: bool,
+) -> None:
+    """The write of :func:`resolve`, after its checks: refused if someone else resolved
+    ``record`` since it was read."""
+    key = table.pk_key(record.pk)
+    with hub.write() as conn:
+        status = conn.execute(
+            "SELECT status, resolved_by FROM _fieldsync_conflicts WHERE id = ?", [record.id]
+        ).fetchone()
+        if status[0] == "resolved":  # by someone else since we looked
+            raise FieldsyncError(f"conflict {record.id} was just resolved by {status[1]}")
+        found = records.load(conn, hub.schema, table.name, key)
+        if found is None:
+            raise FieldsyncError(f"the record of conflict {record.id} is gone")
+        current, prev = found
+        if resolution_writes(record.kind, keep) and not force:
+            _check_unchanged(record, current)
+        for version in current.versions.values():
+            hub.clock.observe(Timestamp.parse(version).hlc)
+        ts = str(hub.clock.tick())
+        decided = decide(
+            current,
+            kind=record.kind,
+            column=record.column,
+            kept_value=record.kept_value,
+            other_value=record.other_value,
+            keep=keep,
+            value=value,
+            stamp=ts,
+        )
+        if decided.changed:
+            state = decided.state
+            seq = records.last_seq(conn) + 1
+            records.write_records(
+                conn, hub.schema, [(table, key, record.pk, state, seq, None, None)]
+            )
+            records.save_meta(conn, seq, hub.clock)
+            change = {"deleted": True} if state.deleted else decided.chosen
+            write_history(
+                conn,
+                [
+                    (
+                        seq,
+                        prev,
+                        table.name,
+                        key,
+                        f"admin {by}",
+                        ts,
+                        "resolve",
+                        dumps_text(change),
+                        utcnow(),
+                    )
+                ],
+            )
+        resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
+        conn.execute(
+            "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
+            "resolved_at = ?, resolution = ? WHERE id = ?",
+            [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
+        )
+
+
+def _check_unchanged(record: ConflictRecord, current: RecordState) -> None:
+    """Raise unless the record is as it was right after the conflict was logged."""
+    if fingerprint(current, record.column) == record.state_after:
+        return
+    since = "it was deleted since"
+    if not current.deleted:
+        latest = (
+            current.versions.get(record.column)
+            if record.column is not None
+            else max(current.versions.values(), default=None)
+        )
+        stamp = Timestamp.parse(latest) if latest else None
+        since = f"{stamp.node} changed it at {stamp_time(latest)}" if stamp else "it changed"
+    raise FieldsyncError(
+        f"conflict {record.id}: the record changed after the conflict was logged "
+        f"({since}); check it, then resolve again with --force to apply anyway"
+    )

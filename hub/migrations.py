@@ -1,0 +1,211 @@
+"""
+The hub database's layout, as one ordered list of steps keyed by ``PRAGMA user_version``.
+
+A hub database at version ``n`` has had the first ``n`` steps of :data:`MIGRATIONS`
+applied; opening it applies the rest, in the store's first write transaction, and
+sets ``user_version`` to the length of the list. A database made by a later
+fieldsync (a version past the list) is refused rather than half understood.
+
+Step 1 is the layout as it stood before the list existed. Hubs of that time kept no
+``user_version`` (0), and their tables differ only in what the step brings up to date
+(every ``CREATE`` is ``IF NOT EXISTS``, and :func:`upgrade_history` converts the older
+record history), so it takes any of them, or an empty file, to the same place.
+Receipts kept a row per change (``_fieldsync_receipts``, before batches) stay where
+they are and are still read (see hub/ingest.py).
+
+A new step goes at the end and never changes once released. Table introspection goes
+through sqlite-utils (``Table.columns_dict``); the store's own reads and writes are
+plain ``sqlite3``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import sqlite_utils
+
+from shared.errors import FieldsyncError
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS _fieldsync_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_nodes (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    last_seen_at TEXT,
+    last_push_at TEXT,
+    last_pull_at TEXT,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_records (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    seq INTEGER NOT NULL UNIQUE,
+    origin TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    vals TEXT NOT NULL,
+    vers TEXT NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_receipts (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hlc INTEGER NOT NULL,
+    PRIMARY KEY (node, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _fieldsync_receipt_batches (
+    node TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    receipts TEXT NOT NULL,
+    PRIMARY KEY (node, last_seq)
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
+    id INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    col TEXT,
+    kept_value TEXT,
+    kept_version TEXT,
+    kept_node TEXT,
+    other_value TEXT,
+    other_version TEXT NOT NULL,
+    other_node TEXT NOT NULL,
+    status TEXT NOT NULL,
+    resolved_by TEXT,
+    resolved_at TEXT,
+    resolution TEXT,
+    merged TEXT,
+    state_after TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_rejected (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    op TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (node, seq)
+);
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_status ON _fieldsync_conflicts (status);
+CREATE TABLE IF NOT EXISTS _fieldsync_admins (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_sessions (
+    token_hash TEXT PRIMARY KEY,
+    admin TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_office_stats (
+    node TEXT PRIMARY KEY,
+    pushed INTEGER NOT NULL DEFAULT 0,
+    pulled INTEGER NOT NULL DEFAULT 0,
+    pulled_seq INTEGER NOT NULL DEFAULT 0,
+    reported_at TEXT,
+    pending INTEGER,
+    oldest_pending_at TEXT,
+    rejected INTEGER,
+    clock_offset_ms INTEGER,
+    version TEXT,
+    interval_seconds REAL,
+    last_error TEXT,
+    last_error_code TEXT,
+    last_error_at TEXT,
+    hub_error TEXT,
+    hub_error_code TEXT,
+    hub_error_at TEXT
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_sync_events (
+    node TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    pushed INTEGER NOT NULL,
+    pulled INTEGER NOT NULL,
+    conflicts INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    bytes_sent INTEGER NOT NULL,
+    bytes_received INTEGER NOT NULL,
+    error TEXT,
+    error_code TEXT,
+    PRIMARY KEY (node, id)
+);
+"""
+
+# Record history, one row per version the hub took (see hub/history.py).
+_HISTORY_TABLE = """CREATE TABLE IF NOT EXISTS _fieldsync_history (
+    seq INTEGER PRIMARY KEY,
+    prev INTEGER,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    op TEXT NOT NULL,
+    vals TEXT,
+    at TEXT NOT NULL
+)"""
+
+# Record history is keyed by hub seq, each version naming the one before it (prev), so
+# that a version is appended at the end of one b-tree: an index by record, over keys
+# as random as UUIDs, cost a page write per change on a large hub. Earlier hubs
+# keep it as (id, tbl, pk, seq, ...) with that index; upgrade_history converts them.
+_HISTORY_UPGRADE = f"""
+ALTER TABLE _fieldsync_history RENAME TO _fieldsync_history_old;
+DROP INDEX IF EXISTS _fieldsync_history_record;
+{_HISTORY_TABLE};
+INSERT INTO _fieldsync_history (seq, prev, tbl, pk, actor, ts, op, vals, at)
+    SELECT seq, lag(seq) OVER (PARTITION BY tbl, pk ORDER BY id), tbl, pk, actor, ts, op,
+        vals, at
+    FROM _fieldsync_history_old;
+DROP TABLE _fieldsync_history_old
+"""
+
+
+def upgrade_history(db: sqlite_utils.Database) -> None:
+    """Convert a record history kept by an index (earlier hubs) to the chain by seq."""
+    if "id" in db["_fieldsync_history"].columns_dict:
+        _run(db.conn, _HISTORY_UPGRADE)
+
+
+def _baseline(db: sqlite_utils.Database) -> None:
+    """Step 1: the layout of hubs before user_version, from any of them or from nothing."""
+    upgrade_history(db)
+    _run(db.conn, _TABLES + _HISTORY_TABLE)
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    # Statement by statement, not executescript(): that would commit the transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# In order; step n brings a database from user_version n - 1 to n.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_baseline]
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Apply the steps ``db`` lacks; call inside a write transaction."""
+    version = db.conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise FieldsyncError(
+            f"this hub database has layout version {version}, newer than this fieldsync "
+            f"knows ({len(MIGRATIONS)}); open it with the fieldsync that wrote it"
+        )
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        step(db)
+        db.conn.execute(f"PRAGMA user_version = {number}")

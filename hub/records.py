@@ -1,0 +1,135 @@
+"""
+The hub's copy of every record, and its mirror in real tables.
+
+Per record the hub stores the current values and column versions in
+``_fieldsync_records`` (tombstones included), with the hub ``seq`` of its last
+change and its origin: the office whose change it holds exactly as that office has
+it, so that pulls do not send it back there. Live records are mirrored into real
+tables named as in the schema, so headquarters can query them with any SQLite tool.
+
+``_fieldsync_meta`` keeps the last ``seq`` handed out and the hub clock's last stamp.
+These functions run on the connection they are given, inside its caller's
+transaction; they are on the push and pull paths, so they stay plain ``sqlite3``
+with one statement per batch, not per record.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from shared.clock import HybridClock
+from shared.merge import RecordState
+from shared.protocol import PullRow, dumps_text, loads
+from shared.schema import Schema, Table
+from shared.sqlite import put_rows
+
+# A record to write: table, key text, key, state, hub seq, origin office (or None),
+# and the JSON text of the state's values if already made (or None).
+RecordWrite = tuple[Table, str, dict[str, Any], RecordState, int, str | None, str | None]
+
+
+def last_seq(conn: sqlite3.Connection) -> int:
+    """The last hub ``seq`` handed out (0: none yet)."""
+    row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def save_meta(conn: sqlite3.Connection, seq: int, clock: HybridClock) -> None:
+    """Keep the last ``seq`` handed out and the clock's last stamp."""
+    conn.execute(
+        "INSERT INTO _fieldsync_meta (key, value) VALUES ('seq', ?), ('hlc', ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [str(seq), str(clock.last)],
+    )
+
+
+def load_many(
+    conn: sqlite3.Connection,
+    schema: Schema,
+    keys: Sequence[tuple[str, str] | None],
+    seqs: dict[tuple[str, str], int] | None = None,
+) -> dict[tuple[str, str], RecordState]:
+    """The stored state of each record named by (table, key text), in a few queries.
+
+    ``seqs``, if given, gets each found record's hub seq.
+    """
+    wanted: dict[str, set[str]] = {}
+    for ref in keys:
+        if ref is not None:
+            wanted.setdefault(ref[0], set()).add(ref[1])
+    found: dict[tuple[str, str], RecordState] = {}
+    for name, names in wanted.items():
+        listed = sorted(names)
+        for start in range(0, len(listed), 500):
+            chunk = listed[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            unpack = schema.tables[name].unpack_versions
+            for pk, vals, vers, deleted, seq in conn.execute(
+                "SELECT pk, vals, vers, deleted, seq FROM _fieldsync_records "
+                f"WHERE tbl = ? AND pk IN ({marks})",
+                [name, *chunk],
+            ):
+                found[(name, pk)] = RecordState(loads(vals), unpack(vers), bool(deleted))
+                if seqs is not None:
+                    seqs[(name, pk)] = seq
+    return found
+
+
+def load(
+    conn: sqlite3.Connection, schema: Schema, table: str, key: str
+) -> tuple[RecordState, int] | None:
+    """One record's stored state and hub seq (None: the hub has never seen it)."""
+    seqs: dict[tuple[str, str], int] = {}
+    state = load_many(conn, schema, [(table, key)], seqs).get((table, key))
+    return None if state is None else (state, seqs[(table, key)])
+
+
+def write_records(conn: sqlite3.Connection, schema: Schema, records: Iterable[RecordWrite]) -> None:
+    """Store records' states and mirror them into the real tables."""
+    rows = []
+    mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
+    for table, key, pk, state, seq, origin, vals in records:
+        rows.append(
+            (
+                table.name,
+                key,
+                seq,
+                origin,
+                int(state.deleted),
+                dumps_text(state.values) if vals is None else vals,
+                table.pack_versions(state.versions),
+            )
+        )
+        mirrored.setdefault(table.name, []).append((pk, None if state.deleted else state.values))
+    conn.executemany(
+        "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "
+        "seq = excluded.seq, origin = excluded.origin, deleted = excluded.deleted, "
+        "vals = excluded.vals, vers = excluded.vers",
+        rows,
+    )
+    for name, records_of_table in mirrored.items():  # one entry per record
+        put_rows(conn, schema.tables[name], records_of_table)
+
+
+def pull_row(
+    table: Table,
+    pk: dict[str, Any],
+    seq: int,
+    deleted: int,
+    vals: str,
+    vers: str,
+    packed: bool = False,
+) -> PullRow:
+    """A stored record as a pull serves it."""
+    values = None
+    if not deleted:
+        stored = loads(vals)
+        columns = table.column_names
+        # Stored values name known columns only: all of them when as many.
+        values = stored if len(stored) == len(columns) else {c: stored.get(c) for c in columns}
+    # Stored versions are packed already (Table.pack_versions).
+    versions = loads(vers) if packed else table.unpack_versions(vers)
+    return PullRow(seq, table.name, pk, values, versions)
