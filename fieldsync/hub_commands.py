@@ -158,7 +158,7 @@ def hub_add_admin(name: str, db_path: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
     """Show how every office syncs: health, last sync, pending, lag, conflicts, errors."""
-    from hub.monitor import ago
+    from hub.times import ago
 
     store = _open_hub(db_path)
     try:

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse as StarletteJSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from hub.monitor import HEALTH_STATES
+from hub.health import HEALTH_STATES
 from hub.store import HubStore
 from shared import __version__
 from shared.errors import AuthError, FieldsyncError, HubRejectedError, ProtocolError

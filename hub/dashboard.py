@@ -15,7 +15,7 @@ redirects to ``/login?next=PATH``):
 - ``GET|POST /login``, ``POST /logout``; ``/static/`` holds the one style sheet
 
 Signing in takes an admin token (``fieldsync hub add-admin NAME``) and starts a session
-(see hub/monitor.py) kept in an HttpOnly, SameSite=Strict cookie. A form that changes
+(see hub/auth.py) kept in an HttpOnly, SameSite=Strict cookie. A form that changes
 something also carries the session's CSRF token, and is refused when the browser says
 it comes from another origin. Pages are Jinja2 templates (hub/templates, autoescaped:
 case values are user data) with one CSS file (hub/static); there is no script, and
@@ -42,8 +42,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hub.admin import conflicts_of, record_history, resolve
+from hub.auth import SESSION_HOURS
 from hub.export import FORMATS, stream_export
-from hub.monitor import SESSION_HOURS, OfficeStatus
+from hub.health import OfficeStatus
 from hub.render import (
     HERE,
     SECURITY_HEADERS,

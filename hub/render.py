@@ -24,8 +24,9 @@ from markupsafe import Markup
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from hub.monitor import HEALTH_STATES, OfficeStatus, ago, stamp_time
+from hub.health import HEALTH_STATES, OfficeStatus
 from hub.report import UNDATED, bar_chart_svg, column_chart_svg
+from hub.times import ago, stamp_time
 from shared.errors import FieldsyncError, HubRejectedError, ProtocolError
 
 log = logging.getLogger("fieldsync.hub")

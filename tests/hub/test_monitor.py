@@ -10,7 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hub.monitor import ago, hash_token, health
+from hub.auth import hash_token
+from hub.health import health
+from hub.times import ago
 from shared.errors import AuthError, HubUnavailableError, ProtocolError
 from shared.protocol import PROTOCOL_VERSION, StatusReport, SyncEvent
 from tests.faults import FlakyTransport

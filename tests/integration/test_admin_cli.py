@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hub.monitor import hash_token
+from hub.auth import hash_token
 from tests.integration.test_cli import (
     ENV,
     FIELDSYNC,
