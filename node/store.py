@@ -44,6 +44,7 @@ from typing import Any
 from shared import __version__
 from shared.clock import Timestamp, are_stamps, check_node_name, wall_ms
 from shared.errors import InvalidChangeError, ProtocolError, StoreError
+from shared.merge import effect
 from shared.protocol import (
     MAX_EVENTS_PER_REPORT,
     Change,
@@ -55,7 +56,7 @@ from shared.protocol import (
     check_token,
     loads,
 )
-from shared.schema import EXISTS, Schema, Table, quote
+from shared.schema import Schema, Table, quote
 from shared.sqlite import Checkpointer, connect, create_tables, put_rows, table_rows, write
 
 _STATE_TABLES = """
@@ -370,15 +371,6 @@ def _utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _effect(versions: dict[str, str], op: str, values: dict[str, Any] | None, ts: str) -> None:
-    """Update ``versions`` the way the hub will when it applies the change exactly."""
-    if values is not None:
-        for col in values:
-            versions[col] = ts
-    if op == "delete" or (op == "insert" and EXISTS in versions):
-        versions[EXISTS] = ts
-
-
 @dataclass(frozen=True, slots=True)
 class NodeStatus:
     """What `fieldsync node status` shows."""
@@ -597,11 +589,12 @@ class NodeStore:
                         op = "delete"
             except UnicodeDecodeError:
                 raise self._not_utf8(seq, tbl) from None
-            current = versions.setdefault((tbl, key), {})
+            base = versions.get((tbl, key), {})
             ts = Timestamp(hlc, self.node)
             pk = dict(zip(table.primary_key, _key_values(key), strict=True))
-            changes.append(Change(seq, tbl, pk, op, ts, values, dict(current), captured or hlc))
-            _effect(current, op, values, str(ts))
+            changes.append(Change(seq, tbl, pk, op, ts, values, base, captured or hlc))
+            # A new dict: the change keeps ``base`` as it is.
+            versions[(tbl, key)] = effect(base, op, values, str(ts))
         return changes
 
     def _deleted_values(self, tbl: str, raw_key: bytes, seq: int) -> dict[str, Any] | None:
@@ -795,7 +788,9 @@ class NodeStore:
                     if change.seq in refused:
                         continue
                     key = (change.table, self.schema.table(change.table).pk_key(change.pk))
-                    _effect(versions.setdefault(key, {}), change.op, change.values, str(change.ts))
+                    versions[key] = effect(
+                        versions.get(key, {}), change.op, change.values, str(change.ts)
+                    )
             self._save_versions(conn, versions)
             conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
             _forget_acked(conn)
