@@ -104,7 +104,8 @@ def effect(
     """
     after = dict(versions)
     if values is not None:
-        after.update(dict.fromkeys(values, ts))
+        for col in values:  # a loop: faster than dict.fromkeys() for the few columns of an edit
+            after[col] = ts
     if op == "delete" or (op == "insert" and EXISTS in after):
         after[EXISTS] = ts
     return after
