@@ -753,6 +753,8 @@ def test_changes_sent_are_not_restamped_until_the_hub_says_it_did_not_commit_the
     with plain(path) as conn:
         for key in ("c1", "c2", "c3"):
             conn.execute("INSERT INTO cases (id) VALUES (?)", [key])
+            # Each in a millisecond of its own: c3 stamped c2's + 1 could not move back.
+            time.sleep(0.002)
     before = {c.seq: c.ts.hlc for c in store.pending(10)}
     first, second, third = sorted(before)
     store.note_sent(second)  # c1 and c2 are on their way; the answer may be lost
