@@ -191,10 +191,6 @@ def _version(db: sqlite_utils.Database) -> int:
     return int(db.conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _due(db: sqlite_utils.Database) -> list[Migration]:
-    return [m for m in MIGRATIONS[_version(db) :] if m.present is None or not m.present(db)]
-
-
 def upgrade(db: sqlite_utils.Database, schema: Schema) -> None:
     """Bring a database made by an older fieldsync up to date (same data, new triggers).
 
@@ -205,8 +201,9 @@ def upgrade(db: sqlite_utils.Database, schema: Schema) -> None:
         return
     with write(db) as conn:  # looked at again: another program may have upgraded it
         version = _version(db)
-        for migration in _due(db):
-            migration.apply(conn, schema)
+        for migration in MIGRATIONS[version:]:
+            if migration.present is None or not migration.present(db):
+                migration.apply(conn, schema)
         refresh_triggers(conn, schema)
         if version < VERSION:
             conn.execute(f"PRAGMA user_version = {VERSION}")

@@ -67,3 +67,17 @@ def test_a_store_is_a_context_manager(path: Path) -> None:
         assert store.pending_count() == 0
     with pytest.raises(sqlite3.ProgrammingError):  # closed
         store.pending_count()
+
+
+def test_a_database_behind_takes_the_steps_it_lacks(path: Path) -> None:
+    step = [m.name for m in migrations.MIGRATIONS].index("sent mark")
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("ALTER TABLE _fieldsync_state DROP COLUMN sent_seq")
+        conn.execute(f"PRAGMA user_version = {step}")
+        conn.commit()
+    finally:
+        conn.close()
+    with NodeStore(path) as store:
+        assert "sent_seq" in store.db.table("_fieldsync_state").columns_dict
+    assert pragma(path, "user_version") == migrations.VERSION
