@@ -174,7 +174,7 @@ class NodeStore:
         """Every row of a synced table, ordered by primary key."""
         return table_rows(self.db.conn, self.schema.table(table))
 
-    # -- push side: node/outbox.py ---------------------------------------------
+    # -- push side: node/outbox.py ----------------------------------------------
 
     def pending_count(self) -> int:
         return self.outbox.count()
@@ -215,7 +215,7 @@ class NodeStore:
         """Move queued changes not yet sent by ``shift_ms`` (see :meth:`Outbox.restamp`)."""
         return self.outbox.restamp(hub_now_ms, shift_ms, every=every)
 
-    # -- rejected changes: node/rejected.py ---------------------------------------
+    # -- rejected changes: node/rejected.py -------------------------------------
 
     def rejected(self) -> list[dict[str, Any]]:
         """Changes the hub rejected, oldest first, with their values and the reason."""
@@ -225,7 +225,7 @@ class NodeStore:
         """Write a rejected change again, as a new local change (see node/rejected.py)."""
         retry_rejected(self.db, self.schema, self.path, seq)
 
-    # -- pull side: node/inbox.py ----------------------------------------------
+    # -- pull side: node/inbox.py -----------------------------------------------
 
     @property
     def cursor(self) -> int:
@@ -242,7 +242,7 @@ class NodeStore:
         self._checkpointer.poke()
         return applied
 
-    # -- clock and status: node/status.py ----------------------------------------
+    # -- clock ------------------------------------------------------------------
 
     @property
     def clock_offset_ms(self) -> int:
@@ -263,7 +263,7 @@ class NodeStore:
                 return 0
             return restamp(conn, self.node, hub_now_ms, offset_ms - before, every=True)
 
-    # The sync log and status (node/status.py) work on the store's database.
+    # -- status: node/status.py, on the store's database -------------------------
     record_sync = _on_db(sync_status.record_sync)
     status_report = _on_db(sync_status.status_report)
     mark_reported = _on_db(sync_status.mark_reported)
