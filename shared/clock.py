@@ -12,7 +12,7 @@ form, ``f"{hlc:016x}-{node}"``, sorts like the pair (stamp first, node name brea
 ties), so versions stored as text in SQLite or JSON compare correctly as strings.
 
 Nodes stamp their changes inside SQLite triggers, which compute the same formula in
-SQL (see ``node/store.py``); :class:`HybridClock` is the Python twin, used by the hub
+SQL (see ``node/capture.py``); :class:`HybridClock` is the Python twin, used by the hub
 and by tests. The wall clock is injected so tests never patch time.
 """
 

@@ -39,7 +39,7 @@ hub's decisions, whatever the policy. It is pure: no I/O, no clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,30 @@ class Outcome:
     conflicts: list[Conflict]
     changed: bool  # the record's values, versions or existence changed
     exact: bool  # the office had seen the whole record and got all it asked for
+
+
+def effect(
+    versions: Mapping[str, str], op: str, values: Mapping[str, Any] | None, ts: str
+) -> dict[str, str]:
+    """The versions of a record once the hub has applied a change to it exactly.
+
+    ``versions`` are the record's versions before the change, ``op``, ``values`` and
+    ``ts`` (its stamp, as text) the change's. Each column the change sets takes its
+    stamp; a delete, or the re-insert of a record that was deleted before, versions
+    the record's existence (``~``) too.
+
+    This is what :func:`merge` gives when the office had seen the record as the hub
+    holds it (``exact``): an office works out with it the base of its next change
+    to the same record, and the versions it keeps once the hub acknowledges the
+    change, without waiting to pull it back. It is pure; ``versions`` is not changed.
+    """
+    after = dict(versions)
+    if values is not None:
+        for col in values:  # a loop: faster than dict.fromkeys() for the few columns of an edit
+            after[col] = ts
+    if op == "delete" or (op == "insert" and EXISTS in after):
+        after[EXISTS] = ts
+    return after
 
 
 def _node_of(version: str | None) -> str:

@@ -753,6 +753,8 @@ def test_changes_sent_are_not_restamped_until_the_hub_says_it_did_not_commit_the
     with plain(path) as conn:
         for key in ("c1", "c2", "c3"):
             conn.execute("INSERT INTO cases (id) VALUES (?)", [key])
+            # Each in a millisecond of its own: c3 stamped c2's + 1 could not move back.
+            time.sleep(0.002)
     before = {c.seq: c.ts.hlc for c in store.pending(10)}
     first, second, third = sorted(before)
     store.note_sent(second)  # c1 and c2 are on their way; the answer may be lost
@@ -796,6 +798,7 @@ def test_an_older_office_database_gets_the_sent_mark_covering_its_queue(path: Pa
         conn.execute("INSERT INTO cases (id) VALUES ('c1')")
         conn.execute("INSERT INTO cases (id) VALUES ('c2')")
         conn.execute("ALTER TABLE _fieldsync_state DROP COLUMN sent_seq")  # as before it
+        conn.execute("PRAGMA user_version = 0")  # older versions kept no number
     store = NodeStore(path)
     try:
         queued = store.pending(10)
@@ -823,6 +826,7 @@ def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) ->
             "json_object('id', NEW.id, 'family_name', NEW.family_name)); END"
         )
         conn.execute("INSERT INTO cases (id, family_name) VALUES ('old', 'Queued before')")
+        conn.execute("PRAGMA user_version = 0")
     store = NodeStore(path)
     try:
         assert store.schema.source == schema.source

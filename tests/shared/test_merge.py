@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from shared.clock import Timestamp
-from shared.merge import Conflict, Outcome, RecordState, merge, node_of
+from shared.merge import Conflict, Outcome, RecordState, effect, merge, node_of
 from shared.protocol import Change
 from shared.schema import EXISTS
 
@@ -704,3 +704,75 @@ def test_resolve_refuses(column: str | None, keep: str) -> None:
             value="x",
             stamp=NEW,
         )
+
+
+# -- effect: the versions an office keeps for a change the hub applies exactly ------
+
+
+@pytest.mark.parametrize(
+    ("versions", "op", "values", "expected"),
+    [
+        pytest.param({}, "insert", {"id": "c1", "notes": "x"}, {"id": "T", "notes": "T"}, id="new"),
+        pytest.param(
+            {"id": V0, EXISTS: V0},
+            "insert",
+            {"id": "c1"},
+            {"id": "T", EXISTS: "T"},
+            id="re-insert-versions-existence",
+        ),
+        pytest.param(
+            {"id": V0, "notes": V0},
+            "update",
+            {"notes": "y"},
+            {"id": V0, "notes": "T"},
+            id="update-keeps-other-columns",
+        ),
+        pytest.param(
+            {"id": V0, "notes": V0},
+            "delete",
+            None,
+            {"id": V0, "notes": V0, EXISTS: "T"},
+            id="delete-versions-existence-only",
+        ),
+    ],
+)
+def test_effect_cases(
+    versions: dict[str, str], op: str, values: dict[str, Any] | None, expected: dict[str, str]
+) -> None:
+    before = dict(versions)
+    assert effect(versions, op, values, "T") == expected
+    assert versions == before  # pure: the versions given are left alone
+
+
+@st.composite
+def exact_changes(draw: st.DrawFn) -> tuple[RecordState | None, Change]:
+    """A record as the hub holds it (None: never seen, or deleted) and a change made on
+    top of it: its base is the record's versions."""
+    kind = draw(st.sampled_from(["new", "held", "deleted"]))
+    hlc = draw(stamps)
+    if kind == "new":
+        op = draw(st.sampled_from(["insert", "delete"]))
+        values = None if op == "delete" else {"id": "c1", **draw(edits)}
+        return None, change("astana", hlc, values, {}, op=op)
+    s0 = draw(start_states())
+    if kind == "deleted":  # only an insert brings it back: the office had no record
+        s0.deleted = True
+        s0.versions[EXISTS] = str(Timestamp(draw(st.integers(1, 150)), "hq"))
+        return s0, change("astana", hlc, {"id": "c1", **draw(edits)}, s0, op="insert")
+    if draw(st.booleans()):
+        s0.versions[EXISTS] = str(Timestamp(draw(st.integers(1, 150)), "hq"))  # re-inserted once
+    op = draw(st.sampled_from(["insert", "update", "delete"]))
+    values = None if op == "delete" else draw(edits)
+    return s0, change("astana", hlc, values, s0, op=op)
+
+
+@settings(max_examples=200)
+@given(exact_changes(), st.sampled_from(["merge", "record", "manual"]))
+def test_effect_agrees_with_merge_for_a_change_made_on_the_current_versions(
+    case: tuple[RecordState | None, Change], policy: str
+) -> None:
+    current, c = case
+    out = merge(current, c, policy)
+    assert out.exact is True
+    before = current.versions if current is not None else {}
+    assert effect(before, c.op, c.values, str(c.ts)) == out.state.versions
