@@ -25,7 +25,7 @@ from shared.clock import Timestamp
 from shared.errors import FieldsyncError, InvalidChangeError
 from shared.merge import Conflict, RecordState, resolution_writes, resolve as decide
 from shared.protocol import dumps_text
-from shared.schema import Table
+from shared.schema import Table, key_values
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +169,7 @@ def _conflict(hub: HubDatabase, row: Sequence[Any]) -> ConflictRecord:
         id=row[0],
         created_at=row[1],
         table=row[2],
-        pk=dict(zip(keys, json.loads(row[3]), strict=False)),
+        pk=dict(zip(keys, key_values(row[3]), strict=False)),
         kind=row[4],
         column=row[5],
         kept_value=json.loads(row[6]) if row[6] is not None else None,

@@ -33,7 +33,7 @@ from shared.clock import COUNTER_BITS
 from shared.errors import ClockSkewError, FieldsyncError, HubRejectedError, InvalidChangeError
 from shared.merge import CustomMerge, Outcome, RecordState, merge
 from shared.protocol import Change, PushResult, Rejection, dumps_text, loads
-from shared.schema import EXISTS, Table, load_custom
+from shared.schema import EXISTS, RecordKey, Table, load_custom
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
 
@@ -101,9 +101,9 @@ class Ingest:
         receipts, earlier_rejections = _receipts(conn, node, replays)
         keys = self._keys(changes)
         fresh = [k for k, c in zip(keys, changes, strict=True) if c.seq > acked]
-        seqs: dict[tuple[str, str], int] = {}
+        seqs: dict[RecordKey, int] = {}
         states = records.load_many(conn, schema, fresh, seqs)
-        dirty: dict[tuple[str, str], records.RecordWrite] = {}
+        dirty: dict[RecordKey, records.RecordWrite] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[int, int]] = []
         history: list[Version] = []
@@ -262,9 +262,9 @@ class Ingest:
                     ) from None
         return outcome
 
-    def _keys(self, changes: Sequence[Change]) -> list[tuple[str, str] | None]:
+    def _keys(self, changes: Sequence[Change]) -> list[RecordKey | None]:
         """Each change's (table, key text); None where the table or key is bad."""
-        found: list[tuple[str, str] | None] = []
+        found: list[RecordKey | None] = []
         tables = self.hub.schema.tables
         for change in changes:
             table = tables.get(change.table)

@@ -16,7 +16,7 @@ from hub import records
 from hub.database import HubDatabase
 from hub.status import count_pull
 from hub.times import utcnow
-from shared.protocol import PullPage, loads
+from shared.protocol import PullPage
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -74,7 +74,8 @@ def pull(
     schema = hub.schema
     for tbl, pk, seq, deleted, vals, vers in rows:
         table = schema.table(tbl)
-        pk_dict = dict(zip(table.primary_key, loads(pk), strict=True))
-        page_rows.append(records.pull_row(table, pk_dict, seq, deleted, vals, vers, packed))
+        page_rows.append(
+            records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
+        )
     next_cursor = rows[-1][2] if more else last
     return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining)

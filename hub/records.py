@@ -22,7 +22,7 @@ from typing import Any
 from shared.clock import HybridClock
 from shared.merge import RecordState
 from shared.protocol import PullRow, dumps_text, loads
-from shared.schema import Schema, Table
+from shared.schema import RecordKey, Schema, Table
 from shared.sqlite import put_rows
 
 # A record to write: table, key text, key, state, hub seq, origin office (or None),
@@ -48,9 +48,9 @@ def save_meta(conn: sqlite3.Connection, seq: int, clock: HybridClock) -> None:
 def load_many(
     conn: sqlite3.Connection,
     schema: Schema,
-    keys: Sequence[tuple[str, str] | None],
-    seqs: dict[tuple[str, str], int] | None = None,
-) -> dict[tuple[str, str], RecordState]:
+    keys: Sequence[RecordKey | None],
+    seqs: dict[RecordKey, int] | None = None,
+) -> dict[RecordKey, RecordState]:
     """The stored state of each record named by (table, key text), in a few queries.
 
     ``seqs``, if given, gets each found record's hub seq.
@@ -59,7 +59,7 @@ def load_many(
     for ref in keys:
         if ref is not None:
             wanted.setdefault(ref[0], set()).add(ref[1])
-    found: dict[tuple[str, str], RecordState] = {}
+    found: dict[RecordKey, RecordState] = {}
     for name, names in wanted.items():
         listed = sorted(names)
         for start in range(0, len(listed), 500):
@@ -81,7 +81,7 @@ def load(
     conn: sqlite3.Connection, schema: Schema, table: str, key: str
 ) -> tuple[RecordState, int] | None:
     """One record's stored state and hub seq (None: the hub has never seen it)."""
-    seqs: dict[tuple[str, str], int] = {}
+    seqs: dict[RecordKey, int] = {}
     state = load_many(conn, schema, [(table, key)], seqs).get((table, key))
     return None if state is None else (state, seqs[(table, key)])
 

@@ -9,7 +9,6 @@ them; only the key and the reason are kept here.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from hub.database import HubDatabase
 from shared.errors import FieldsyncError
 from shared.protocol import Change
+from shared.schema import key_values, pk_key
 
 
 def write_rejected(
@@ -27,7 +27,7 @@ def write_rejected(
         "INSERT OR IGNORE INTO _fieldsync_rejected (node, seq, tbl, pk, op, reason, "
         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            (node, c.seq, c.table, json.dumps(list(c.pk.values())), c.op, reason, now)
+            (node, c.seq, c.table, pk_key(list(c.pk.values())), c.op, reason, now)
             for c, reason in rejected
         ],
     )
@@ -54,7 +54,7 @@ def rejected(hub: HubDatabase, node: str | None = None) -> list[dict[str, Any]]:
     for office, seq, tbl, pk, op, reason, created_at in rows:
         table = hub.schema.tables.get(tbl)
         keys = table.primary_key if table else ()
-        values = json.loads(pk)
+        values = key_values(pk)
         found.append(
             {
                 "node": office,

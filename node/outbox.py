@@ -24,12 +24,12 @@ import sqlite_utils
 
 from node.capture import hold_clock, log_rows
 from node.rejected import forget_rejected, keep_rejected
-from node.versions import RecordKey, load_versions, save_versions
+from node.versions import load_versions, save_versions
 from shared.clock import Timestamp
 from shared.errors import StoreError
 from shared.merge import effect
 from shared.protocol import Change, Rejection, loads
-from shared.schema import Schema, quote
+from shared.schema import RecordKey, Schema, Versions, quote
 from shared.sqlite import write
 
 # The change log keeps its last acknowledged entry (or a marker standing for it)
@@ -41,7 +41,7 @@ PENDING = "seq > (SELECT acked_seq FROM _fieldsync_state)"
 class Pending(list[Change]):
     """A batch of pending changes, and each record's versions once they are applied."""
 
-    def __init__(self, changes: list[Change], versions: dict[RecordKey, dict[str, str]]) -> None:
+    def __init__(self, changes: list[Change], versions: dict[RecordKey, Versions]) -> None:
         super().__init__(changes)
         self.versions = versions
 
@@ -129,7 +129,7 @@ class Outbox:
                 raise self._not_utf8(seq, tbl) from None
             base = versions.get((tbl, key), {})
             ts = Timestamp(hlc, self.node)
-            pk = dict(zip(table.primary_key, _key_values(key), strict=True))
+            pk = table.pk_dict(key)
             changes.append(Change(seq, tbl, pk, op, ts, values, base, captured or hlc))
             # A new dict: the change keeps ``base`` as it is.
             versions[(tbl, key)] = effect(base, op, values, str(ts))
@@ -375,14 +375,6 @@ def restamp(
     )
     conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
     return len(bad)
-
-
-def _key_values(key: str) -> list[Any]:
-    """The values of a key text (a JSON array, as SQLite's json_array() writes it)."""
-    try:
-        return list(loads(key))
-    except ValueError:  # beyond what orjson reads (an integer past 64 bits)
-        return list(json.loads(key))
 
 
 def forget_acked(conn: sqlite3.Connection) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 import sqlite_utils
 
 from node._times import stamp_time, utcnow
-from node.versions import RecordKey, forget_versions, save_versions
+from node.versions import forget_versions, save_versions
 from shared.errors import StoreError
 from shared.protocol import Change, Rejection
-from shared.schema import Schema, Table, quote
+from shared.schema import RecordKey, Schema, Table, quote
 from shared.sqlite import put_rows, write
 
 

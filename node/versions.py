@@ -14,9 +14,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
-from shared.schema import Schema
-
-RecordKey = tuple[str, str]  # (table, key text)
+from shared.schema import RecordKey, Schema, Versions
 
 SAVE_VERSIONS = (
     "INSERT INTO _fieldsync_versions (tbl, pk, vers) VALUES (?, ?, ?) "
@@ -26,12 +24,12 @@ SAVE_VERSIONS = (
 
 def load_versions(
     conn: sqlite3.Connection, schema: Schema, keys: Iterable[RecordKey]
-) -> dict[RecordKey, dict[str, str]]:
+) -> dict[RecordKey, Versions]:
     """The stored versions of each record named by (table, key), in a few queries."""
     wanted: dict[str, set[str]] = {}
     for tbl, key in keys:
         wanted.setdefault(tbl, set()).add(key)
-    found: dict[RecordKey, dict[str, str]] = {}
+    found: dict[RecordKey, Versions] = {}
     for tbl, names in wanted.items():
         listed = sorted(names)
         for start in range(0, len(listed), 500):
@@ -47,7 +45,7 @@ def load_versions(
 
 
 def save_versions(
-    conn: sqlite3.Connection, schema: Schema, versions: dict[RecordKey, dict[str, str]]
+    conn: sqlite3.Connection, schema: Schema, versions: dict[RecordKey, Versions]
 ) -> None:
     """Store the versions of each record named by (table, key)."""
     conn.executemany(

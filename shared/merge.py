@@ -45,7 +45,7 @@ from typing import Any
 
 from shared.clock import Timestamp
 from shared.protocol import Change
-from shared.schema import EXISTS
+from shared.schema import EXISTS, Versions
 
 
 @dataclass(slots=True)
@@ -53,7 +53,7 @@ class RecordState:
     """The hub's current state of one record (values kept even when deleted)."""
 
     values: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
+    versions: Versions = field(default_factory=dict)
     deleted: bool = False
 
 
@@ -89,7 +89,7 @@ class Outcome:
 
 def effect(
     versions: Mapping[str, str], op: str, values: Mapping[str, Any] | None, ts: str
-) -> dict[str, str]:
+) -> Versions:
     """The versions of a record once the hub has applied a change to it exactly.
 
     ``versions`` are the record's versions before the change, ``op``, ``values`` and

@@ -32,6 +32,15 @@ _CUSTOM = re.compile(r"custom:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 EXISTS = "~"
 
 
+# A record as office and hub store it: its table's name and its key text (Table.pk_key,
+# a compact JSON array of the key's values, as SQLite's json_array() writes it). On the
+# wire a key travels as an object, column -> value (Table.pk_dict turns the text back).
+RecordKey = tuple[str, str]
+# A record's versions: column (or EXISTS) -> the stamp text of the write that set it.
+# Stored packed (Table.pack_versions): one stamp alone when every column carries it.
+Versions = dict[str, str]
+
+
 _NUMERIC = ("INTEGER", "INT", "REAL", "FLOAT", "DOUBLE", "NUMERIC")
 
 
@@ -107,14 +116,14 @@ class Table:
                 return orjson.dumps(next(iter(stamps))).decode("utf-8")
         return orjson.dumps(versions).decode("utf-8")
 
-    def unpack_versions(self, text: str | bytes) -> dict[str, str]:
+    def unpack_versions(self, text: str | bytes) -> Versions:
         """The versions :meth:`pack_versions` stored (either form)."""
         found: dict[str, str] | str = orjson.loads(text)
         if isinstance(found, str):
             return dict.fromkeys(self._names, found)
         return found
 
-    def expand_versions(self, versions: Mapping[str, str] | str) -> dict[str, str]:
+    def expand_versions(self, versions: Mapping[str, str] | str) -> Versions:
         """Versions column by column, from either form (one stamp names every column)."""
         if isinstance(versions, str):
             return dict.fromkeys(self._names, versions)
@@ -139,6 +148,10 @@ class Table:
             if kind is int:
                 return f"[{value}]"
         return pk_key([pk[name] for name in self.primary_key])
+
+    def pk_dict(self, key: str) -> dict[str, Any]:
+        """The primary key, column -> value, of a key text (the inverse of :meth:`pk_key`)."""
+        return dict(zip(self.primary_key, key_values(key), strict=True))
 
     def check_pk(self, pk: Any) -> dict[str, Any]:
         """Return ``pk`` if it names exactly this table's key columns with scalar values."""
@@ -274,6 +287,14 @@ _KEY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 def pk_key(values: list[Any]) -> str:
     """Canonical text of a primary key; byte-identical to SQLite's json_array()."""
     return _KEY_ENCODER.encode(values)
+
+
+def key_values(key: str) -> list[Any]:
+    """The values of a key text (a JSON array, as :func:`pk_key` writes it)."""
+    try:
+        return list(orjson.loads(key))
+    except ValueError:  # beyond what orjson reads (an integer past 64 bits)
+        return list(json.loads(key))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shared.errors import InvalidChangeError
-from shared.schema import Schema
+from shared.schema import Schema, key_values, pk_key
 
 CASES = Schema.load().table("cases")
 
@@ -55,3 +55,30 @@ def test_parse_value_real_column() -> None:
     assert assistance.parse_value("quantity", "3") == 3.0
     with pytest.raises(InvalidChangeError, match="quantity takes numbers"):
         assistance.parse_value("quantity", "lots")
+
+
+@pytest.mark.parametrize(
+    "pk",
+    [
+        pytest.param({"id": "c1"}, id="text"),
+        pytest.param({"id": 'a "quoted" \\ key'}, id="escapes"),
+        pytest.param({"id": "Сәбит"}, id="cyrillic"),
+        pytest.param({"id": 7}, id="integer"),
+        pytest.param({"id": 2**70}, id="past-64-bits"),
+    ],
+)
+def test_key_text_round_trips(pk: dict[str, Any]) -> None:
+    # One key, two forms: an object on the wire, a text in both sides' tables.
+    key = CASES.pk_key(pk)
+    assert CASES.pk_dict(key) == pk
+    assert key == pk_key(list(pk.values()))  # the fast path spells it as the encoder does
+
+
+def test_key_text_is_sqlites_json_array() -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    for value in ("c1", 'a "b"', "Сәбит", 42):
+        [(text,)] = conn.execute("SELECT json_array(?)", [value])
+        assert CASES.pk_key({"id": value}) == text
+        assert key_values(text) == [value]
