@@ -125,11 +125,8 @@ def _listen(host: str, port: int) -> socket.socket:
 @schema_option
 def hub_add_node(name: str, db_path: str, schema_path: str | None) -> None:
     """Register an office; print its token on the last line (keep it secret)."""
-    store = _open_hub(db_path, schema_path, create=True)
-    try:
+    with _open_hub(db_path, schema_path, create=True) as store:
         token = store.add_node(name)
-    finally:
-        store.close()
     click.echo(f"Registered office {name!r}. Its token (shown once, stored only as a hash):")
     click.echo(token)
 
@@ -143,11 +140,8 @@ def hub_add_admin(name: str, db_path: str) -> None:
     The token signs in to the dashboard at the hub's address and is the bearer
     token of the admin API and /metrics.
     """
-    store = _open_hub(db_path, create=True)
-    try:
+    with _open_hub(db_path, create=True) as store:
         token = store.add_admin(name)
-    finally:
-        store.close()
     click.echo(f"Made admin {name!r}. The token (shown once, stored only as a hash):")
     click.echo(token)
 
@@ -160,11 +154,8 @@ def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
     """Show how every office syncs: health, last sync, pending, lag, conflicts, errors."""
     from hub.times import ago
 
-    store = _open_hub(db_path)
-    try:
+    with _open_hub(db_path) as store:
         offices = store.offices(stale_after=_stale(stale_after))
-    finally:
-        store.close()
     if as_json:
         echo_json([o.to_json() for o in offices])
         return
@@ -210,11 +201,8 @@ def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
     """List the conflict log."""
-    store = _open_hub(db_path)
-    try:
+    with _open_hub(db_path) as store:
         records = store.conflicts(None if status == "all" else status)
-    finally:
-        store.close()
     if as_json:
         echo_json([r.to_json() for r in records])
         return
@@ -249,11 +237,8 @@ def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
     """List changes the hub rejected (the office keeps their values)."""
-    store = _open_hub(db_path)
-    try:
+    with _open_hub(db_path) as store:
         rejected = store.rejected(office)
-    finally:
-        store.close()
     if as_json:
         echo_json(rejected)
         return
@@ -329,8 +314,7 @@ def hub_resolve(
     conflict_id: int, db_path: str, keep: str, value: str | None, by: str, force: bool
 ) -> None:
     """Settle a conflict; the decision reaches every office on its next sync."""
-    store = _open_hub(db_path)
-    try:
+    with _open_hub(db_path) as store:
         record = store.conflict(conflict_id)
         side = keep
         if keep not in ("kept", "other", "value"):
@@ -354,8 +338,6 @@ def hub_resolve(
         elif value is not None:
             raise click.ClickException("--value goes with --keep value")
         done = store.resolve(conflict_id, side, by, parsed, force=force)
-    finally:
-        store.close()
     click.echo(
         f"Conflict {done.id} resolved ({side}); offices get the decision on their next sync."
     )

@@ -158,11 +158,8 @@ def node_set(db_path: str, hub_url: str | None, token: str | None) -> None:
 
     if not hub_url and not token:
         raise click.ClickException("give --hub URL, --token TOKEN or both")
-    store = NodeStore(db_path)
-    try:
+    with NodeStore(db_path) as store:
         store.set_hub(hub_url, token)
-    finally:
-        store.close()
     click.echo(f"Office {store.node} now syncs with {store.hub_url}.")
 
 
@@ -173,11 +170,8 @@ def node_rejected(db_path: str, as_json: bool) -> None:
     """List the changes the hub rejected: kept here, with the hub's reason."""
     from node.store import NodeStore
 
-    store = NodeStore(db_path)
-    try:
+    with NodeStore(db_path) as store:
         rejected = store.rejected()
-    finally:
-        store.close()
     if as_json:
         echo_json(rejected)
         return
@@ -204,11 +198,8 @@ def node_retry(db_path: str, seq: int) -> None:
     """Write rejected change SEQ again as a new change (once its cause is fixed)."""
     from node.store import NodeStore
 
-    store = NodeStore(db_path)
-    try:
+    with NodeStore(db_path) as store:
         store.retry_rejected(seq)
-    finally:
-        store.close()
     click.echo(f"Change {seq} is written again and queued; it is sent on the next sync.")
 
 
@@ -285,11 +276,8 @@ def node_status(db_path: str, as_json: bool) -> None:
     from node.agent import LARGE_OFFSET_MS
     from node.store import NodeStore
 
-    store = NodeStore(db_path)
-    try:
+    with NodeStore(db_path) as store:
         status = store.status()
-    finally:
-        store.close()
     if as_json:
         click.echo(json.dumps(status.to_json(), indent=2))
         return
