@@ -1,9 +1,11 @@
-"""An in-memory hub for the sync agent's unit tests: :class:`FakeHub` implements the
-:class:`node.client.HubClient` protocol, answers as a hub that takes everything, and
-says something else (an error, a page) where a test scripts it.
+"""Stand-ins for the sync agent's unit tests.
 
-Every request is kept in :attr:`FakeHub.requests`, so a test asserts what the agent
-asked for, not only what it ended with.
+:class:`FakeHub` implements the :class:`node.client.HubClient` protocol in memory: it
+answers as a hub that takes everything, and says something else (an error, a page)
+where a test scripts it. Every request is kept in :attr:`FakeHub.requests`, so a test
+asserts what the agent asked for, not only what it ended with.
+
+:class:`ManualScheduler` stands in for APScheduler's scheduler, on a clock of its own.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from node.client import HubClock
 from shared.clock import now_ms
 from shared.protocol import Change, PullPage, PushResult, StatusReport
 
-# A scripted answer: an exception to raise, a value to return, or a function of the
-# request's arguments that does either.
-Answer = BaseException | PushResult | PullPage | HubClock | Callable[..., Any]
+# A scripted answer: an exception to raise, a value to return, a function of the
+# request's arguments that does either, or None to answer as usual.
+Answer = BaseException | PushResult | PullPage | HubClock | Callable[..., Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,8 @@ class FakeHub:
         if not script:
             return None
         answer = script.popleft()
+        if answer is None:
+            return None
         if isinstance(answer, BaseException):
             raise answer
         if callable(answer):
@@ -124,3 +129,49 @@ class FakeHub:
 
     def close(self) -> None:
         pass
+
+
+class ManualScheduler:
+    """Runs the one job it is given as APScheduler's interval trigger would, on a clock
+    of its own that jumps from one run to the next: no sleeps, no threads.
+
+    :meth:`start` blocks, as APScheduler's BlockingScheduler does, running the job
+    until ``stop`` is set. ``runs`` holds the time of each run, ``moves`` each time the
+    job was moved (``modify_job``).
+    """
+
+    def __init__(self, stop: threading.Event, start: datetime) -> None:
+        self.stop = stop
+        self.now = start
+        self.job: Callable[[], None] | None = None
+        self.options: dict[str, Any] = {}
+        self.runs: list[datetime] = []
+        self.moves: list[datetime] = []
+        self.shutdowns: list[bool] = []
+        self._next = start
+
+    def clock(self) -> datetime:
+        return self.now
+
+    def add_job(self, func: Callable[[], None], trigger: str, **options: Any) -> None:
+        assert trigger == "interval" and self.job is None
+        self.job, self.options = func, options
+        self._next = options["next_run_time"]
+
+    def modify_job(self, job_id: str, *, next_run_time: datetime) -> None:
+        assert job_id == self.options["id"]
+        self.moves.append(next_run_time)
+        self._next = next_run_time
+
+    def start(self) -> None:
+        assert self.job is not None
+        while not self.stop.is_set():
+            self.now = self._next
+            self.runs.append(self.now)
+            # As APScheduler does: the next run is due an interval after this one's
+            # time, worked out before the job runs (which may move it).
+            self._next = self.now + timedelta(seconds=self.options["seconds"])
+            self.job()
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.shutdowns.append(wait)
