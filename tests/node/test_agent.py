@@ -85,16 +85,13 @@ def at(*seconds: float) -> list[datetime]:
     return [T0 + timedelta(seconds=s) for s in seconds]
 
 
-DOWN = HubUnavailableError("hub down")
-
-
 def test_run_backs_off_doubling_to_the_cap_and_the_first_success_resets_it(quiet_office):
-    hub = FakeHub(node="almaty")
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
     revoked = AuthError("token revoked", "unauthorized", 401)
-    hub.answer("hub_time", None, DOWN, revoked, DOWN, DOWN, None, DOWN, None)
+    hub.answer("hub_time", None, down, revoked, down, down, None, down, None)
     scheduler, errors = run_ticks(quiet_office, hub, 8, jitter_seconds=0, max_backoff_seconds=300)
 
-    assert errors == [None, DOWN, revoked, DOWN, DOWN, None, DOWN, None]
+    assert errors == [None, down, revoked, down, down, None, down, None]
     # Waits: the interval, then 120, 240, 300 (capped) and 300 s; after the success
     # the interval, and 120 s again after the next failure.
     assert scheduler.runs == at(0, 60, 180, 420, 720, 1020, 1080, 1200)
@@ -111,8 +108,8 @@ def test_run_default_jitter_is_a_tenth_of_the_interval(quiet_office):
 
 
 def test_a_local_error_neither_backs_off_nor_forgets_the_failures_before_it(quiet_office):
-    hub = FakeHub(node="almaty")
-    hub.answer("hub_time", DOWN, StoreError("disk full"), DOWN, None)
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    hub.answer("hub_time", down, StoreError("disk full"), down, None)
     scheduler, errors = run_ticks(quiet_office, hub, 4, jitter_seconds=0)
     assert [type(e) for e in errors] == [
         HubUnavailableError,
@@ -126,10 +123,10 @@ def test_a_local_error_neither_backs_off_nor_forgets_the_failures_before_it(quie
 
 
 def test_run_stopped_during_a_failed_sync_does_not_move_the_job(quiet_office):
-    hub = FakeHub(node="almaty")
-    hub.answer("hub_time", DOWN)
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    hub.answer("hub_time", down)
     scheduler, errors = run_ticks(quiet_office, hub, 1, jitter_seconds=0)
-    assert errors == [DOWN]
+    assert errors == [down]
     assert scheduler.runs == at(0)
     assert scheduler.moves == []
     assert scheduler.shutdowns == [True]
