@@ -2,7 +2,9 @@
 SyncAgent: one sync is one :meth:`SyncAgent.sync_once` (push everything pending, in
 acknowledged batches, then pull every page); :meth:`SyncAgent.run` calls it on an
 APScheduler interval with jitter, backing off exponentially while the hub cannot be
-reached. This module is the only one that imports APScheduler.
+reached. This module is the only one that imports APScheduler: :func:`schedule` adds
+the job, :class:`SyncJob` is what it runs and :class:`Backoff` decides the waits, so
+that tests run syncs one by one without the scheduler's clock.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 from filelock import FileLock, Timeout
 
 from node.client import HubClient
@@ -73,6 +76,17 @@ class SyncReport:
 
 # progress(phase, done, total): phase is "push" or "pull"; total may grow while pulling.
 Progress = Callable[[str, int, int], None]
+
+
+# The scheduler's id of the sync job.
+JOB_ID = "fieldsync-sync"
+
+# on_report(report, error): after each scheduled sync, one of the two is None.
+OnReport = Callable[[SyncReport | None, FieldsyncError | None], None]
+
+
+def _local_now() -> datetime:
+    return datetime.now().astimezone()
 
 
 class SyncAgent:
@@ -376,7 +390,9 @@ class SyncAgent:
         jitter_seconds: float | None = None,
         max_backoff_seconds: float = 3600.0,
         stop: threading.Event | None = None,
-        on_report: Callable[[SyncReport | None, FieldsyncError | None], None] | None = None,
+        on_report: OnReport | None = None,
+        scheduler: BaseScheduler | None = None,
+        now: Callable[[], datetime] = _local_now,
     ) -> None:
         """Sync now and then every ``interval_seconds`` until ``stop`` is set.
 
@@ -384,14 +400,16 @@ class SyncAgent:
         ``max_backoff_seconds``; the first success returns to the normal interval.
         A sync in progress is never overlapped by the next, and finishes before
         this returns.
+
+        ``scheduler`` (an APScheduler ``BackgroundScheduler`` unless given) and
+        ``now`` (its clock, for the back-off) are for tests that run the syncs
+        one by one on a clock of their own.
         """
         stop = stop or threading.Event()
         self.interval_seconds = interval_seconds
         jitter = interval_seconds / 10 if jitter_seconds is None else jitter_seconds
-        scheduler = BackgroundScheduler()
-        failures = 0
-        # With a report callback the caller tells people; the log keeps the details.
-        info = logging.DEBUG if on_report else logging.INFO
+        if scheduler is None:
+            scheduler = BackgroundScheduler()
 
         # Rescheduling while the scheduler shuts down would deadlock inside APScheduler
         # (shutdown waits for this job while holding the lock modify_job needs).
@@ -400,46 +418,12 @@ class SyncAgent:
         def later(delay: float) -> None:
             with reschedule:
                 if not stop.is_set():
-                    scheduler.modify_job(
-                        "fieldsync-sync",
-                        next_run_time=datetime.now().astimezone() + timedelta(seconds=delay),
-                    )
+                    scheduler.modify_job(JOB_ID, next_run_time=now() + timedelta(seconds=delay))
 
-        def job() -> None:
-            nonlocal failures
-            try:
-                report = self.sync_once()
-            except (HubUnavailableError, HubRejectedError) as exc:
-                # Unreachable, or refused until someone fixes something: back off.
-                failures += 1
-                delay = backoff_seconds(failures, interval_seconds, max_backoff_seconds)
-                delay += random.uniform(0, jitter)
-                log.log(info, "%s; next try in %.0f s", exc, delay)
-                if on_report:
-                    on_report(None, exc)
-                later(delay)
-                return
-            except FieldsyncError as exc:
-                log.log(info, "%s", exc)
-                if on_report:
-                    on_report(None, exc)
-                return
-            failures = 0
-            log.log(info, "sync: %s", report.summary())
-            if on_report:
-                on_report(report, None)
-
-        scheduler.add_job(
-            job,
-            "interval",
-            seconds=interval_seconds,
-            jitter=jitter,
-            id="fieldsync-sync",
-            max_instances=1,
-            coalesce=True,
-            replace_existing=True,
-            next_run_time=datetime.now().astimezone(),
+        job = SyncJob(
+            self, Backoff(interval_seconds, max_backoff_seconds, jitter), later, on_report
         )
+        schedule(scheduler, job, interval_seconds, jitter_seconds=jitter, first_run=now())
         scheduler.start()
         try:
             stop.wait()
@@ -448,3 +432,98 @@ class SyncAgent:
             with reschedule:  # no job is between its check of stop and modify_job
                 pass
             scheduler.shutdown(wait=True)
+
+
+# -- scheduling -------------------------------------------------------------------------
+
+
+def schedule(
+    scheduler: BaseScheduler,
+    job: Callable[[], None],
+    interval_seconds: float,
+    *,
+    jitter_seconds: float,
+    first_run: datetime,
+) -> None:
+    """Run ``job`` on ``scheduler`` at ``first_run``, then every ``interval_seconds``.
+
+    ``max_instances=1``: a slow sync is never overlapped by the next. ``coalesce``: an
+    office waking from a long sleep runs one sync, not a burst.
+    """
+    scheduler.add_job(
+        job,
+        "interval",
+        seconds=interval_seconds,
+        jitter=jitter_seconds,
+        id=JOB_ID,
+        max_instances=1,
+        coalesce=True,
+        replace_existing=True,
+        next_run_time=first_run,
+    )
+
+
+@dataclass(slots=True)
+class Backoff:
+    """How long to wait after a failed sync: ``interval_seconds`` doubled for each
+    failure in a row, up to ``max_seconds``, plus up to ``jitter_seconds`` at random
+    (``uniform``) so that offices cut off together do not all come back at once."""
+
+    interval_seconds: float
+    max_seconds: float
+    jitter_seconds: float = 0.0
+    uniform: Callable[[float, float], float] = random.uniform
+    failures: int = 0
+
+    def failed(self) -> float:
+        """Count one more failure; return the wait before the next try."""
+        self.failures += 1
+        wait = backoff_seconds(self.failures, self.interval_seconds, self.max_seconds)
+        return wait + self.uniform(0, self.jitter_seconds)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+
+class SyncJob:
+    """What the scheduler runs: one sync, reported, then when to run the next.
+
+    A failure that waiting may cure (the hub unreachable, or refusing until someone
+    fixes something) asks ``later`` to move the next run :meth:`Backoff.failed`
+    seconds away; after a success the scheduler's own interval goes on.
+    """
+
+    def __init__(
+        self,
+        agent: SyncAgent,
+        backoff: Backoff,
+        later: Callable[[float], None],
+        on_report: OnReport | None = None,
+    ) -> None:
+        self.agent = agent
+        self.backoff = backoff
+        self.later = later
+        self.on_report = on_report
+        # With a report callback the caller tells people; the log keeps the details.
+        self._level = logging.DEBUG if on_report else logging.INFO
+
+    def __call__(self) -> None:
+        try:
+            report = self.agent.sync_once()
+        except (HubUnavailableError, HubRejectedError) as exc:
+            delay = self.backoff.failed()
+            log.log(self._level, "%s; next try in %.0f s", exc, delay)
+            self._report(None, exc)
+            self.later(delay)
+            return
+        except FieldsyncError as exc:
+            log.log(self._level, "%s", exc)
+            self._report(None, exc)
+            return
+        self.backoff.succeeded()
+        log.log(self._level, "sync: %s", report.summary())
+        self._report(report, None)
+
+    def _report(self, report: SyncReport | None, error: FieldsyncError | None) -> None:
+        if self.on_report:
+            self.on_report(report, error)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real uvicorn hub on 127.0.0.1 and a factory of office nodes."""
+"""Shared fixtures: a real uvicorn hub on 127.0.0.1 and a factory of office nodes; and
+the check that markers agree with folders."""
 
 from __future__ import annotations
 
@@ -19,6 +20,33 @@ from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
 from shared.schema import Schema
+
+# Each of these folders holds exactly the tests with the marker of its name, so that
+# `pytest -m "not integration"` and `pytest tests/node` skip the same slow tests.
+MARKED_FOLDERS = ("integration", "browser")
+TESTS = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m and -k deselect: every test is checked
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse to run any test while a marker and a folder disagree (MARKED_FOLDERS)."""
+    wrong = []
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        folder = item.path.relative_to(TESTS).parts[0]
+        for marker in MARKED_FOLDERS:
+            marked = item.get_closest_marker(marker) is not None
+            if marked and folder != marker:
+                wrong.append(f"{item.nodeid}: marked {marker} outside tests/{marker}/")
+            elif folder == marker and not marked:
+                wrong.append(f"{item.nodeid}: in tests/{marker}/ but not marked {marker}")
+    if wrong:
+        raise pytest.UsageError(
+            "cannot run the tests: markers disagree with folders. Move the test to its "
+            "marker's folder, or mark its module (pytestmark = pytest.mark.NAME):\n  "
+            + "\n  ".join(wrong)
+        )
 
 
 @dataclass

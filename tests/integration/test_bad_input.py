@@ -23,6 +23,8 @@ from node.store import NodeStore
 from shared.clock import COUNTER_BITS, now_ms
 from shared.protocol import PROTOCOL_VERSION, check_hub_url, check_token
 
+pytestmark = pytest.mark.integration
+
 BIG = str(2**64)  # past SQLite's integers
 FIELDSYNC = Path(sys.executable).parent / "fieldsync"
 

@@ -11,6 +11,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hub.app import create_app
@@ -19,6 +20,8 @@ from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
 from tests.asgi import client as asgi_client
+
+pytestmark = pytest.mark.integration
 
 OFFICES = ("astana", "almaty", "shymkent")
 IDS = ("c1", "c2", "c3", "c4")

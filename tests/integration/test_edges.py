@@ -426,15 +426,39 @@ def test_unknown_schema_keys_are_refused():
 
 def test_node_set_points_an_office_at_a_new_token(hub, make_office):
     astana = make_office("astana")
+    issued = astana.store.token  # the token the hub made for office astana
+    other = hub.store.add_node("astana-2")
     add_case(astana, "c1")
-    result = CliRunner().invoke(cli, ["node", "set", str(astana.path), "--token", "wrong"])
-    assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(cli, ["node", "sync", str(astana.path)])
-    assert result.exit_code == 1
+
+    def node(*args: str):
+        return CliRunner().invoke(cli, ["node", args[0], str(astana.path), *args[1:]])
+
+    def acked() -> dict[str, int]:
+        return {n["name"]: n["acked_seq"] for n in hub.store.nodes()}
+
+    # The office holds an old token the hub does not take (as after a revocation).
+    assert node("set", "--token", "old-token").exit_code == 0
+    result = node("sync")
+    assert result.exit_code == 1 and "401 unauthorized" in result.output
     assert "1 local change is kept" in result.output and "once this is fixed" in result.output
-    fresh = hub.store.add_node("astana-2")
-    assert fresh
-    bad = CliRunner().invoke(cli, ["node", "set", str(astana.path), "--hub", "hub:80"])
+    # Another office's token is refused for this database: nothing arrives as that office.
+    assert node("set", "--token", other).exit_code == 0
+    result = node("sync")
+    assert result.exit_code == 1, result.output
+    assert "403 forbidden" in result.output and "belongs to office 'astana-2'" in result.output
+    assert acked() == {"astana": 0, "astana-2": 0}
+    # Its own new token: the sync goes through, as office astana; the old token would
+    # have been refused as above, so it is no longer sent.
+    result = node("set", "--token", issued)
+    assert result.exit_code == 0 and "Office astana now syncs with" in result.output
+    result = node("sync")
+    assert result.exit_code == 0 and "Synced astana: pushed 1" in result.output, result.output
+    assert acked() == {"astana": 1, "astana-2": 0}
+    assert case(hub, "c1") is not None
+    reopened = NodeStore(astana.path)
+    assert (reopened.token, reopened.pending_count()) == (issued, 0)
+    reopened.close()
+    bad = node("set", "--hub", "hub:80")
     assert bad.exit_code == 1 and "http://" in bad.output
     assert CliRunner().invoke(cli, ["node", "set", str(astana.path)]).exit_code == 1
 

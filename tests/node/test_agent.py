@@ -1,17 +1,27 @@
-"""SyncAgent: back-off, one sync at a time, and the scheduled loop."""
+"""SyncAgent: back-off, one sync at a time, and the scheduled loop.
+
+The loop's decisions (when to run next, when to stop) are driven tick by tick on a
+ManualScheduler's clock (tests/fakes.py) against an in-memory hub; two tests keep
+APScheduler's real timing, with short intervals.
+"""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.agent import SyncAgent, backoff_seconds
+from node.agent import JOB_ID, Backoff, SyncAgent, backoff_seconds, schedule
 from node.client import HttpHubClient
 from node.store import NodeStore
-from shared.errors import HubUnavailableError, StoreError
+from shared.errors import AuthError, HubUnavailableError, StoreError
+from tests.fakes import FakeHub, ManualScheduler
+
+T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -26,6 +36,100 @@ from shared.errors import HubUnavailableError, StoreError
 )
 def test_backoff_doubles_up_to_the_cap(failures, expected):
     assert backoff_seconds(failures, 60, 3600) == expected
+
+
+def test_backoff_counts_failures_in_a_row_and_adds_jitter():
+    backoff = Backoff(60, 300, jitter_seconds=6, uniform=lambda low, high: high)
+    assert [backoff.failed() for _ in range(4)] == [126, 246, 306, 306]
+    backoff.succeeded()
+    assert backoff.failed() == 126
+
+
+def test_schedule_adds_one_job_that_never_overlaps_or_bursts():
+    scheduler = BackgroundScheduler()  # never started: nothing runs
+    schedule(scheduler, lambda: None, 60, jitter_seconds=6, first_run=T0)
+    [job] = scheduler.get_jobs()
+    assert (job.id, job.max_instances, job.coalesce) == (JOB_ID, 1, True)
+    assert (job.trigger.interval, job.trigger.jitter) == (timedelta(seconds=60), 6)
+    assert job.next_run_time == T0
+
+
+@pytest.fixture
+def quiet_office(tmp_path):
+    """An office with nothing to push, synced with a FakeHub."""
+    store = NodeStore.init(tmp_path / "almaty.db", "almaty", "http://127.0.0.1:9", "token")
+    yield store
+    store.close()
+
+
+def run_ticks(store, hub, ticks, **options):
+    """Run the agent on a ManualScheduler until ``ticks`` syncs have reported."""
+    stop = threading.Event()
+    scheduler = ManualScheduler(stop, T0)
+    errors: list[Exception | None] = []
+
+    def on_report(report, error):
+        assert (report is None) != (error is None)
+        errors.append(error)
+        if len(errors) == ticks:
+            stop.set()
+
+    agent = SyncAgent(store, hub)
+    agent.run(
+        60, stop=stop, on_report=on_report, scheduler=scheduler, now=scheduler.clock, **options
+    )
+    return scheduler, errors
+
+
+def at(*seconds: float) -> list[datetime]:
+    return [T0 + timedelta(seconds=s) for s in seconds]
+
+
+def test_run_backs_off_doubling_to_the_cap_and_the_first_success_resets_it(quiet_office):
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    revoked = AuthError("token revoked", "unauthorized", 401)
+    hub.answer("hub_time", None, down, revoked, down, down, None, down, None)
+    scheduler, errors = run_ticks(quiet_office, hub, 8, jitter_seconds=0, max_backoff_seconds=300)
+
+    assert errors == [None, down, revoked, down, down, None, down, None]
+    # Waits: the interval, then 120, 240, 300 (capped) and 300 s; after the success
+    # the interval, and 120 s again after the next failure.
+    assert scheduler.runs == at(0, 60, 180, 420, 720, 1020, 1080, 1200)
+    assert scheduler.moves == at(180, 420, 720, 1020, 1200)
+    assert scheduler.options["max_instances"] == 1 and scheduler.options["coalesce"]
+    assert scheduler.shutdowns == [True]
+    assert quiet_office.status().last_success_at is not None
+
+
+def test_run_default_jitter_is_a_tenth_of_the_interval(quiet_office):
+    scheduler, errors = run_ticks(quiet_office, FakeHub(node="almaty"), 1)
+    assert errors == [None]
+    assert scheduler.options["jitter"] == 6
+
+
+def test_a_local_error_neither_backs_off_nor_forgets_the_failures_before_it(quiet_office):
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    hub.answer("hub_time", down, StoreError("disk full"), down, None)
+    scheduler, errors = run_ticks(quiet_office, hub, 4, jitter_seconds=0)
+    assert [type(e) for e in errors] == [
+        HubUnavailableError,
+        StoreError,
+        HubUnavailableError,
+        type(None),
+    ]
+    # 120 s after the first failure; the interval after the local error; 240 s after
+    # the second failure of the hub.
+    assert scheduler.runs == at(0, 120, 180, 420)
+
+
+def test_run_stopped_during_a_failed_sync_does_not_move_the_job(quiet_office):
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    hub.answer("hub_time", down)
+    scheduler, errors = run_ticks(quiet_office, hub, 1, jitter_seconds=0)
+    assert errors == [down]
+    assert scheduler.runs == at(0)
+    assert scheduler.moves == []
+    assert scheduler.shutdowns == [True]
 
 
 def dead_url() -> str:
