@@ -40,7 +40,7 @@ from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
 from shared.clock import now_ms
 from shared.protocol import Change, PullPage, PushResult, StatusReport
-from shared.schema import Schema, Table
+from shared.schema import Schema
 from shared.sqlite import table_rows
 
 __all__ = [
@@ -262,20 +262,6 @@ class SqliteHubStore:
         self, conflict_id: int, keep: str, by: str, value: Any = None, *, force: bool = False
     ) -> ConflictRecord:
         return conflicts.resolve(self.database, conflict_id, keep, by, value, force=force)
-
-    def _resolve(
-        self,
-        conflict_id: int,
-        record: ConflictRecord,
-        table: Table,
-        key: str,
-        keep: str,
-        by: str,
-        value: Any,
-        force: bool,
-    ) -> None:
-        # The second half of resolve() alone: tests race two admins through it.
-        conflicts.write_resolution(self.database, record, table, keep, by, value, force)
 
     # -- office status (hub/status.py) ------------------------------------------------
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from fieldsync.cli import cli
 from hub.app import create_app
+from hub.conflicts import write_resolution
 from hub.store import SqliteHubStore
 from node.agent import SyncAgent
 from node.client import HttpHubClient
@@ -163,23 +164,14 @@ def test_two_admins_cannot_both_resolve_one_conflict(hub, make_office):
     write(almaty, "UPDATE cases SET status = 'rejected' WHERE id = 'c1'")
     sync_all(astana, almaty)
     [conflict] = hub.store.conflicts()
-    alice = SqliteHubStore(hub.path)  # a second admin process on the same hub file
-    try:
+    with SqliteHubStore(hub.path) as alice:  # a second admin process on the same hub file
         stale = alice.conflict(conflict.id)  # Alice looks first...
         hub.store.resolve(conflict.id, "value", "bob", "closed")  # ...Bob decides first
         with pytest.raises(FieldsyncError, match="resolved by bob"):
-            alice._resolve(
-                conflict.id,
-                stale,
-                alice.schema.table("cases"),
-                '["c1"]',
-                "other",
-                "alice",
-                None,
-                False,
+            # resolve()'s write alone, after its checks passed on what Alice saw
+            write_resolution(
+                alice.database, stale, alice.schema.table("cases"), "other", "alice", None, False
             )
-    finally:
-        alice.close()
     assert case(hub, "c1")["status"] == "closed"
     assert hub.store.conflict(conflict.id).resolved_by == "bob"
 
