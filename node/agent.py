@@ -2,29 +2,26 @@
 SyncAgent: one sync is one :meth:`SyncAgent.sync_once` (push everything pending, in
 acknowledged batches, then pull every page); :meth:`SyncAgent.run` calls it on an
 APScheduler interval with jitter, backing off exponentially while the hub cannot be
-reached. This module is the only one that imports APScheduler: :func:`schedule` adds
-the job, :class:`SyncJob` is what it runs and :class:`Backoff` decides the waits, so
-that tests run syncs one by one without the scheduler's clock.
+reached (node/schedule.py, the only module that imports APScheduler).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.schedulers.base import BaseScheduler
 from filelock import FileLock, Timeout
 
 from node.client import HubClient
+from node.schedule import local_now, run_agent
 from node.store import NodeStore
 from shared.clock import now_ms
 from shared.errors import (
@@ -38,6 +35,11 @@ from shared.errors import (
 )
 from shared.protocol import PullPage, PushResult
 
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
+
+    from node.schedule import OnReport
+
 log = logging.getLogger("fieldsync.agent")
 
 # Changes per push and records per pull page. Fewer, larger requests cost much less per
@@ -47,13 +49,6 @@ DEFAULT_BATCH_SIZE = 5000
 DEFAULT_PAGE_SIZE = 5000
 # A larger clock error than this is shown by `node status`.
 LARGE_OFFSET_MS = 60_000
-
-
-def backoff_seconds(failures: int, interval_seconds: float, max_seconds: float) -> float:
-    """How long to wait after ``failures`` failed syncs in a row: doubling, capped."""
-    if failures <= 0:
-        return interval_seconds
-    return float(min(interval_seconds * 2 ** min(failures, 32), max_seconds))
 
 
 @dataclass(slots=True)
@@ -76,17 +71,6 @@ class SyncReport:
 
 # progress(phase, done, total): phase is "push" or "pull"; total may grow while pulling.
 Progress = Callable[[str, int, int], None]
-
-
-# The scheduler's id of the sync job.
-JOB_ID = "fieldsync-sync"
-
-# on_report(report, error): after each scheduled sync, one of the two is None.
-OnReport = Callable[[SyncReport | None, FieldsyncError | None], None]
-
-
-def _local_now() -> datetime:
-    return datetime.now().astimezone()
 
 
 class SyncAgent:
@@ -392,7 +376,7 @@ class SyncAgent:
         stop: threading.Event | None = None,
         on_report: OnReport | None = None,
         scheduler: BaseScheduler | None = None,
-        now: Callable[[], datetime] = _local_now,
+        now: Callable[[], datetime] = local_now,
     ) -> None:
         """Sync now and then every ``interval_seconds`` until ``stop`` is set.
 
@@ -405,125 +389,14 @@ class SyncAgent:
         ``now`` (its clock, for the back-off) are for tests that run the syncs
         one by one on a clock of their own.
         """
-        stop = stop or threading.Event()
         self.interval_seconds = interval_seconds
-        jitter = interval_seconds / 10 if jitter_seconds is None else jitter_seconds
-        if scheduler is None:
-            scheduler = BackgroundScheduler()
-
-        # Rescheduling while the scheduler shuts down would deadlock inside APScheduler
-        # (shutdown waits for this job while holding the lock modify_job needs).
-        reschedule = threading.Lock()
-
-        def later(delay: float) -> None:
-            with reschedule:
-                if not stop.is_set():
-                    scheduler.modify_job(JOB_ID, next_run_time=now() + timedelta(seconds=delay))
-
-        job = SyncJob(
-            self, Backoff(interval_seconds, max_backoff_seconds, jitter), later, on_report
+        run_agent(
+            self,
+            interval_seconds,
+            jitter_seconds=jitter_seconds,
+            max_backoff_seconds=max_backoff_seconds,
+            stop=stop,
+            on_report=on_report,
+            scheduler=scheduler,
+            now=now,
         )
-        schedule(scheduler, job, interval_seconds, jitter_seconds=jitter, first_run=now())
-        scheduler.start()
-        try:
-            stop.wait()
-        finally:
-            stop.set()
-            with reschedule:  # no job is between its check of stop and modify_job
-                pass
-            scheduler.shutdown(wait=True)
-
-
-# -- scheduling -------------------------------------------------------------------------
-
-
-def schedule(
-    scheduler: BaseScheduler,
-    job: Callable[[], None],
-    interval_seconds: float,
-    *,
-    jitter_seconds: float,
-    first_run: datetime,
-) -> None:
-    """Run ``job`` on ``scheduler`` at ``first_run``, then every ``interval_seconds``.
-
-    ``max_instances=1``: a slow sync is never overlapped by the next. ``coalesce``: an
-    office waking from a long sleep runs one sync, not a burst.
-    """
-    scheduler.add_job(
-        job,
-        "interval",
-        seconds=interval_seconds,
-        jitter=jitter_seconds,
-        id=JOB_ID,
-        max_instances=1,
-        coalesce=True,
-        replace_existing=True,
-        next_run_time=first_run,
-    )
-
-
-@dataclass(slots=True)
-class Backoff:
-    """How long to wait after a failed sync: ``interval_seconds`` doubled for each
-    failure in a row, up to ``max_seconds``, plus up to ``jitter_seconds`` at random
-    (``uniform``) so that offices cut off together do not all come back at once."""
-
-    interval_seconds: float
-    max_seconds: float
-    jitter_seconds: float = 0.0
-    uniform: Callable[[float, float], float] = random.uniform
-    failures: int = 0
-
-    def failed(self) -> float:
-        """Count one more failure; return the wait before the next try."""
-        self.failures += 1
-        wait = backoff_seconds(self.failures, self.interval_seconds, self.max_seconds)
-        return wait + self.uniform(0, self.jitter_seconds)
-
-    def succeeded(self) -> None:
-        self.failures = 0
-
-
-class SyncJob:
-    """What the scheduler runs: one sync, reported, then when to run the next.
-
-    A failure that waiting may cure (the hub unreachable, or refusing until someone
-    fixes something) asks ``later`` to move the next run :meth:`Backoff.failed`
-    seconds away; after a success the scheduler's own interval goes on.
-    """
-
-    def __init__(
-        self,
-        agent: SyncAgent,
-        backoff: Backoff,
-        later: Callable[[float], None],
-        on_report: OnReport | None = None,
-    ) -> None:
-        self.agent = agent
-        self.backoff = backoff
-        self.later = later
-        self.on_report = on_report
-        # With a report callback the caller tells people; the log keeps the details.
-        self._level = logging.DEBUG if on_report else logging.INFO
-
-    def __call__(self) -> None:
-        try:
-            report = self.agent.sync_once()
-        except (HubUnavailableError, HubRejectedError) as exc:
-            delay = self.backoff.failed()
-            log.log(self._level, "%s; next try in %.0f s", exc, delay)
-            self._report(None, exc)
-            self.later(delay)
-            return
-        except FieldsyncError as exc:
-            log.log(self._level, "%s", exc)
-            self._report(None, exc)
-            return
-        self.backoff.succeeded()
-        log.log(self._level, "sync: %s", report.summary())
-        self._report(report, None)
-
-    def _report(self, report: SyncReport | None, error: FieldsyncError | None) -> None:
-        if self.on_report:
-            self.on_report(report, error)

@@ -15,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.agent import JOB_ID, Backoff, SyncAgent, backoff_seconds, schedule
+from node.agent import SyncAgent
 from node.client import HttpHubClient
+from node.schedule import JOB_ID, Backoff, backoff_seconds, schedule
 from node.store import NodeStore
 from shared.errors import AuthError, HubUnavailableError, StoreError
 from tests.fakes import FakeHub, ManualScheduler
