@@ -13,8 +13,5 @@ from hub.store import SqliteHubStore
 @pytest.fixture
 def hub_store(tmp_path: Path) -> Iterator[SqliteHubStore]:
     """A hub store on a fresh file, closed at teardown."""
-    store = SqliteHubStore(tmp_path / "hub.db")
-    try:
+    with SqliteHubStore(tmp_path / "hub.db") as store:
         yield store
-    finally:
-        store.close()

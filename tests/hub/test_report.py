@@ -95,12 +95,8 @@ def nulls_last(value: Any) -> tuple[bool, Any]:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[SqliteHubStore]:
-    store = SqliteHubStore(tmp_path / "hub.db")
-    try:
-        yield store
-    finally:
-        store.close()
+def hub(hub_store: SqliteHubStore) -> SqliteHubStore:
+    return hub_store  # the hub's own fixture (tests/hub/conftest.py), by this file's name
 
 
 @pytest.fixture
