@@ -1,16 +1,18 @@
 """
 Migrations: the office database's schema history, one ordered list.
 
-``PRAGMA user_version`` counts the steps of :data:`MIGRATIONS` a database has taken.
+``_fieldsync_version`` counts the steps of :data:`MIGRATIONS` a database has taken.
 Opening a database (:func:`upgrade`) takes the steps it lacks, in order, in one write
-transaction, then sets ``user_version`` to the number taken. A new database
+transaction, then saves the number taken. Not ``PRAGMA user_version``, as the hub's
+database does: an office database is the application's own (``node init`` adopts
+existing ones), and many applications number their own schema there. A new database
 (:func:`create`) is made as the last step leaves one, at the newest version.
 
-Databases made before fieldsync kept this number have ``user_version`` 0 and may
+Databases made before fieldsync kept this number (no ``_fieldsync_version``) may
 have taken some steps already: each such step can tell (``present``, read with
 sqlite-utils' introspection), and is skipped if so. That is how ``fieldsync node``
 upgraded them before, and they are upgraded exactly as then. Steps added from now
-on need no ``present``: a database that lacks one has a ``user_version`` below it.
+on need no ``present``: a database that lacks one has a version below it.
 
 The capture triggers are not steps: they follow from this version's code and the
 stored schema, so every open compares them with the database's and replaces those
@@ -121,7 +123,7 @@ class Migration:
 
     name: str
     apply: Callable[[sqlite3.Connection, Schema], None]
-    # For databases made before user_version was kept: whether this step is taken.
+    # For databases made before the number was kept: whether this step is taken.
     present: Callable[[sqlite_utils.Database], bool] | None = None
 
 
@@ -175,7 +177,7 @@ def create(conn: sqlite3.Connection) -> None:
     for statement in STATE_TABLES.split(";"):
         conn.execute(statement)
     conn.execute(SYNC_LOG)
-    conn.execute(f"PRAGMA user_version = {VERSION}")
+    _save_version(conn, VERSION)
 
 
 def schema_source(conn: sqlite3.Connection) -> str | None:
@@ -187,23 +189,42 @@ def schema_source(conn: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _version(db: sqlite_utils.Database) -> int:
-    return int(db.conn.execute("PRAGMA user_version").fetchone()[0])
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS _fieldsync_version "
+    "(id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+)
+
+
+def version(db: sqlite_utils.Database) -> int:
+    """How many steps of :data:`MIGRATIONS` the database has taken (0: made before)."""
+    if "_fieldsync_version" not in db.table_names():
+        return 0
+    row = db.conn.execute("SELECT version FROM _fieldsync_version").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _save_version(conn: sqlite3.Connection, number: int) -> None:
+    conn.execute(_VERSION_TABLE)
+    conn.execute(
+        "INSERT INTO _fieldsync_version (id, version) VALUES (1, ?) "
+        "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        [number],
+    )
 
 
 def upgrade(db: sqlite_utils.Database, schema: Schema) -> None:
     """Bring a database made by an older fieldsync up to date (same data, new triggers).
 
-    A database that is up to date is only read. A ``user_version`` above
-    :data:`VERSION` is left as it is.
+    A database that is up to date is only read. A version above :data:`VERSION`
+    (a newer fieldsync's) is left as it is.
     """
-    if _version(db) >= VERSION and not stale_triggers(db.conn, schema):
+    if version(db) >= VERSION and not stale_triggers(db.conn, schema):
         return
     with write(db) as conn:  # looked at again: another program may have upgraded it
-        version = _version(db)
-        for migration in MIGRATIONS[version:]:
+        taken = version(db)
+        for migration in MIGRATIONS[taken:]:
             if migration.present is None or not migration.present(db):
                 migration.apply(conn, schema)
         refresh_triggers(conn, schema)
-        if version < VERSION:
-            conn.execute(f"PRAGMA user_version = {VERSION}")
+        if taken < VERSION:
+            _save_version(conn, VERSION)

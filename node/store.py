@@ -6,8 +6,8 @@ the one door the agent and the CLI use; each concept behind it has a module:
 
 - ``node/capture.py``: the triggers that log every write to a synced table, and the
   hybrid logical clock they stamp changes with, in SQL;
-- ``node/migrations.py``: the tables fieldsync owns and their history, keyed by
-  ``PRAGMA user_version``;
+- ``node/migrations.py``: the tables fieldsync owns and their history, numbered in
+  ``_fieldsync_version``;
 - ``node/outbox.py``: queued changes on their way to the hub (pending, acknowledged,
   renumbered, re-stamped, sent);
 - ``node/inbox.py``: records pulled from the hub, applied with the cursor;

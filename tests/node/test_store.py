@@ -798,7 +798,7 @@ def test_an_older_office_database_gets_the_sent_mark_covering_its_queue(path: Pa
         conn.execute("INSERT INTO cases (id) VALUES ('c1')")
         conn.execute("INSERT INTO cases (id) VALUES ('c2')")
         conn.execute("ALTER TABLE _fieldsync_state DROP COLUMN sent_seq")  # as before it
-        conn.execute("PRAGMA user_version = 0")  # older versions kept no number
+        conn.execute("DROP TABLE _fieldsync_version")  # older versions kept no number
     store = NodeStore(path)
     try:
         queued = store.pending(10)
@@ -826,7 +826,7 @@ def test_a_database_made_by_fieldsync_0_1_is_upgraded_when_opened(path: Path) ->
             "json_object('id', NEW.id, 'family_name', NEW.family_name)); END"
         )
         conn.execute("INSERT INTO cases (id, family_name) VALUES ('old', 'Queued before')")
-        conn.execute("PRAGMA user_version = 0")
+        conn.execute("DROP TABLE _fieldsync_version")
     store = NodeStore(path)
     try:
         assert store.schema.source == schema.source
