@@ -25,7 +25,8 @@ import sqlite_utils
 from hub.migrations import migrate
 from shared.clock import HybridClock
 from shared.errors import FieldsyncError
-from shared.schema import Schema
+from shared.merge import CustomMerge
+from shared.schema import Schema, load_custom
 from shared.sqlite import Checkpointer, connect, create_tables, read_snapshot, write
 
 
@@ -59,6 +60,13 @@ class HubDatabase:
         with self.write() as conn:
             migrate(self.db)
             self.schema = _stored_schema(conn, schema, path)
+            # In the opening transaction: a function that cannot be loaded leaves a
+            # new file as empty as it was, so the schema can be corrected and tried again.
+            self.custom: dict[str, CustomMerge] = {
+                t.name: load_custom(t.policy)
+                for t in self.schema.tables.values()
+                if t.policy.startswith("custom:")
+            }
             create_tables(conn, self.schema)
             row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'hlc'").fetchone()
             if row is not None:

@@ -33,7 +33,7 @@ from shared.clock import COUNTER_BITS
 from shared.errors import ClockSkewError, FieldsyncError, HubRejectedError, InvalidChangeError
 from shared.merge import CustomMerge, Outcome, RecordState, merge
 from shared.protocol import Change, PushResult, Rejection, dumps_text, loads
-from shared.schema import EXISTS, RecordKey, Table, load_custom
+from shared.schema import EXISTS, RecordKey, Table
 
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
 
@@ -53,11 +53,7 @@ class Ingest:
     def __init__(self, hub: HubDatabase, *, max_future_ms: int = DEFAULT_MAX_FUTURE_MS) -> None:
         self.hub = hub
         self.max_future_ms = max_future_ms
-        self._custom: dict[str, CustomMerge] = {
-            t.name: load_custom(t.policy)
-            for t in hub.schema.tables.values()
-            if t.policy.startswith("custom:")
-        }
+        self._custom: dict[str, CustomMerge] = hub.custom
 
     def push(self, node: str, changes: Sequence[Change]) -> PushResult:
         """Apply a batch; changes already acknowledged are skipped (and checked).

@@ -14,8 +14,9 @@ import pytest
 from hub.migrations import MIGRATIONS
 from hub.store import SqliteHubStore
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
-from shared.errors import FieldsyncError
+from shared.errors import FieldsyncError, SchemaError
 from shared.protocol import Change
+from shared.schema import Schema
 
 
 def user_version(path: Path) -> int:
@@ -95,3 +96,14 @@ def test_long_reads_do_not_wait_for_the_hubs_writes(
             reader.join(timeout=30)
             assert not reader.is_alive(), "the read waited for the store's lock"
         assert found == [expected]
+
+
+def test_a_merge_function_that_cannot_load_leaves_a_new_hub_file_empty(tmp_path: Path) -> None:
+    source = Schema.load().source
+    broken = source.replace('policy = "merge"', 'policy = "custom:no_such_module:merge"', 1)
+    assert broken != source
+    with pytest.raises(SchemaError, match="cannot load the merge function"):
+        SqliteHubStore(tmp_path / "hub.db", Schema.from_toml(broken, "broken.toml"))
+    # Corrected, the same file takes the new schema (nothing of the failed one was kept).
+    with SqliteHubStore(tmp_path / "hub.db", Schema.load()) as store:
+        assert store.schema.source == source
