@@ -5,7 +5,7 @@ It is made from two things, so that it cannot drift from what the hub does:
 
 - the wire types of ``shared.protocol``, whose JSON Schemas msgspec writes from the
   same declarations that read the requests (``msgspec.json.schema_components``);
-- :data:`ENDPOINTS`, one entry per route and method: what it is for, who may call it,
+- :func:`endpoints`, one entry per route and method: what it is for, who may call it,
   its body, its answer, its parameters and the error codes it may answer with.
 
 ``tests/hub/test_openapi.py`` walks the routes ``create_app`` serves (the API, the
