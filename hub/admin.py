@@ -105,14 +105,8 @@ def record_history(store: HubStore, table: str, params: dict[str, str]) -> dict[
     missing = [c for c in found.primary_key if c not in params]
     if missing:
         raise ProtocolError(f"name the record by its key: {', '.join(found.primary_key)}")
-    values: list[Any] = []
-    for column in found.primary_key:
-        text = params[column]
-        kind = found.column(column).type.upper()
-        try:
-            values.append(int(text) if "INT" in kind else text)
-        except ValueError:
-            raise ProtocolError(f"{column} must be a whole number") from None
+    # Typed text, read as the CLI and the dashboard's forms read it (a ProtocolError).
+    values = [found.parse_value(column, params[column]) for column in found.primary_key]
     versions = store.record_history(table, values)
     return {
         "table": table,
