@@ -20,6 +20,7 @@ import click
 from fieldsync.hub_commands import hub
 from fieldsync.node_commands import node
 from fieldsync.options import Group
+from fieldsync.scope_commands import hub_move, hub_scope
 from shared import __version__
 
 
@@ -36,6 +37,8 @@ def cli(debug: bool) -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
+hub.add_command(hub_scope)
+hub.add_command(hub_move)
 cli.add_command(hub)
 cli.add_command(node)
 

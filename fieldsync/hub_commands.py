@@ -14,16 +14,13 @@ import os
 import socket
 import sys
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from fieldsync.options import Group, echo_json, load_schema, schema_option
+from fieldsync.options import Group, echo_json, open_hub, schema_option
 from shared import __version__
 from shared.errors import FieldsyncError
-
-if TYPE_CHECKING:
-    from hub.store import SqliteHubStore
 
 
 @click.group(cls=Group)
@@ -36,10 +33,7 @@ _hub_db = click.option(
 )
 
 
-def _open_hub(db_path: str, schema_path: str | None = None, create: bool = False) -> SqliteHubStore:
-    from hub.store import SqliteHubStore
-
-    return SqliteHubStore(db_path, load_schema(schema_path), create=create)
+_open_hub = open_hub
 
 
 _stale_after = click.option(
@@ -123,10 +117,22 @@ def _listen(host: str, port: int) -> socket.socket:
 @click.argument("name")
 @_hub_db
 @schema_option
-def hub_add_node(name: str, db_path: str, schema_path: str | None) -> None:
+@click.option(
+    "--scope",
+    "scope_keys",
+    multiple=True,
+    metavar="KEY",
+    help="An office name whose records this office holds (repeat for several; * for "
+    "every record) [default: its own name]. See `fieldsync hub scope`.",
+)
+def hub_add_node(
+    name: str, db_path: str, schema_path: str | None, scope_keys: tuple[str, ...]
+) -> None:
     """Register an office; print its token on the last line (keep it secret)."""
     with _open_hub(db_path, schema_path, create=True) as store:
         token = store.add_node(name)
+        if scope_keys:
+            store.set_scopes(name, scope_keys)
     click.echo(f"Registered office {name!r}. Its token (shown once, stored only as a hash):")
     click.echo(token)
 

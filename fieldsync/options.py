@@ -18,6 +18,7 @@ import click
 from shared.errors import FieldsyncError
 
 if TYPE_CHECKING:
+    from hub.store import SqliteHubStore
     from shared.schema import Schema
 
 
@@ -55,6 +56,13 @@ def load_schema(path: str | None) -> Schema | None:
     from shared.schema import Schema
 
     return Schema.load(path) if path else None
+
+
+def open_hub(db_path: str, schema_path: str | None = None, create: bool = False) -> SqliteHubStore:
+    """The hub store at ``db_path`` (made, with the schema, when ``create``)."""
+    from hub.store import SqliteHubStore
+
+    return SqliteHubStore(db_path, load_schema(schema_path), create=create)
 
 
 def echo_json(data: Any) -> None:

@@ -265,6 +265,13 @@ def create_app(
         own = request.query_params.get("own") == "1"
         count = request.query_params.get("count") == "1"
         packed = request.query_params.get("packed") == "1"
+        if store.schema.scoped and request.query_params.get("scopes") != "1":
+            raise HubRejectedError(
+                f"office {node} runs a fieldsync too old for this hub's sync scopes; "
+                "upgrade fieldsync at the office (its changes are kept meanwhile)",
+                "upgrade_required",
+                409,
+            )
         page = await run_in_threadpool(
             lambda: store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
         )

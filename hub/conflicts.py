@@ -19,12 +19,11 @@ from typing import Any
 
 from hub import records
 from hub.database import HubDatabase
-from hub.history import write_history
+from hub.scopes import write_hub_change
 from hub.times import stamp_time, utcnow
 from shared.clock import Timestamp
 from shared.errors import FieldsyncError, InvalidChangeError
 from shared.merge import Conflict, RecordState, resolution_writes, resolve as decide
-from shared.protocol import dumps_text
 from shared.schema import Table, key_values
 
 
@@ -270,27 +269,18 @@ def write_resolution(
         )
         if decided.changed:
             state = decided.state
-            seq = records.last_seq(conn) + 1
-            records.write_records(
-                conn, hub.schema, [(table, key, record.pk, state, seq, None, None)]
-            )
-            records.save_meta(conn, seq, hub.clock)
             change = {"deleted": True} if state.deleted else decided.chosen
-            write_history(
+            write_hub_change(
                 conn,
-                [
-                    (
-                        seq,
-                        prev,
-                        table.name,
-                        key,
-                        f"admin {by}",
-                        ts,
-                        "resolve",
-                        dumps_text(change),
-                        utcnow(),
-                    )
-                ],
+                hub,
+                table,
+                record.pk,
+                state,
+                prev,
+                actor=f"admin {by}",
+                stamp=ts,
+                op="resolve",
+                change=change,
             )
         resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
         conn.execute(

@@ -27,6 +27,7 @@ from hub.conflicts import conflict_row, write_conflicts
 from hub.database import HubDatabase
 from hub.history import Version, write_history
 from hub.rejected import write_rejected
+from hub.scopes import UNASSIGNED, Gate, exits_and_followers
 from hub.status import count_push
 from hub.times import utcnow
 from shared.clock import COUNTER_BITS
@@ -99,12 +100,22 @@ class Ingest:
         fresh = [k for k, c in zip(keys, changes, strict=True) if c.seq > acked]
         seqs: dict[RecordKey, int] = {}
         states = records.load_many(conn, schema, fresh, seqs)
+        gate = Gate(conn, schema, node, [k for k in fresh if k is not None])
+        if gate.active:
+            gate.locator.prefetch(
+                (schema.tables[c.table], c.values)
+                for c in changes
+                if c.seq > acked and c.table in schema.tables
+            )
+        moves: dict[RecordKey, tuple[Table, str, str | None, str, int]] = {}
+        out_of_scope: set[int] = set()
         dirty: dict[RecordKey, records.RecordWrite] = {}
         conflict_rows: list[list[Any]] = []
         new_receipts: list[tuple[int, int]] = []
         history: list[Version] = []
         rejected: list[tuple[Change, str]] = []
         applied = conflicts = newest = 0
+        last_stamp = ""
         now = utcnow()
         skew: ClockSkewError | None = None
         for index, change in enumerate(changes):
@@ -131,6 +142,18 @@ class Ingest:
             entry = dirty.get(ref)
             current = entry[3] if entry else states.get(ref)
             prev = entry[4] if entry else seqs.get(ref)
+            if gate.active:
+                refused = (
+                    gate.allows_new(table, gate.locator.place(table, change.values or {}))
+                    if current is None
+                    else gate.refuse(table, ref, True)
+                )
+                if refused is not None:
+                    rejected.append((change, refused))
+                    out_of_scope.add(change.seq)
+                    new_receipts.append((change.seq, change.receipt))
+                    acked = change.seq
+                    continue
             stamp = str(change.ts)
             outcome = self._merge(table, current, change, stamp)
             found = [conflict_row(table.name, key, c, outcome.state) for c in outcome.conflicts]
@@ -139,11 +162,18 @@ class Ingest:
             vals = None if change.values is None else dumps_text(change.values)
             # A record new to the hub holds just the change's values: the same text.
             same = vals if current is None else None
+            scope, parent = gate.locator.place(table, outcome.state.values)
+            if scope is not None:
+                gate.locator.batch[ref] = scope
+                before = moves[ref][2] if ref in moves else gate.before.get(ref)
+                moves[ref] = (table, key, before, scope, seq)
             if per_change:
                 conn.execute("SAVEPOINT change")
                 try:
                     records.write_records(
-                        conn, schema, [(table, key, change.pk, outcome.state, seq, origin, same)]
+                        conn,
+                        schema,
+                        [(table, key, change.pk, outcome.state, seq, origin, same, scope, parent)],
                     )
                     write_conflicts(conn, found)
                     conn.execute("RELEASE change")
@@ -155,10 +185,15 @@ class Ingest:
                     rejected.append((change, reason))
                     new_receipts.append((change.seq, change.receipt))
                     acked = change.seq
+                    if scope is not None:  # where it was before this change
+                        gate.locator.batch.pop(ref, None)
+                        if entry is not None and entry[7] is not None:
+                            gate.locator.batch[ref] = entry[7]
                     continue
             else:
                 conflict_rows.extend(found)
-            dirty[ref] = (table, key, change.pk, outcome.state, seq, origin, same)
+            dirty[ref] = (table, key, change.pk, outcome.state, seq, origin, same, scope, parent)
+            last_stamp = stamp
             history.append((seq, prev, table.name, key, node, stamp, change.op, vals, now))
             conflicts += len(found)
             applied += 1
@@ -169,6 +204,23 @@ class Ingest:
         if not per_change:
             records.write_records(conn, schema, dirty.values())
             write_conflicts(conn, conflict_rows)
+        if moves:
+            final = [
+                (t, k, before, dirty[ref][7] or UNASSIGNED, dirty[ref][4])
+                for ref, (t, k, before, _, _) in moves.items()
+                if ref in dirty
+            ]
+            seq = exits_and_followers(
+                conn,
+                schema,
+                final,
+                gate.returned,
+                seq,
+                history,
+                actor=node,
+                stamp=last_stamp,
+                now=now,
+            )
         _write_receipts(conn, node, new_receipts)
         write_history(conn, history)
         count_push(conn, node, applied)
@@ -179,7 +231,7 @@ class Ingest:
             [acked, now, now, node],
         )
         records.save_meta(conn, seq, clock)
-        return acked, applied, conflicts, self._rejections(conn, rejected), skew
+        return acked, applied, conflicts, self._rejections(conn, rejected, out_of_scope), skew
 
     def _check_change(self, change: Change) -> Table:
         """Return the change's table; raise InvalidChangeError if the schema cannot take it."""
@@ -199,14 +251,18 @@ class Ingest:
         return table
 
     def _rejections(
-        self, conn: sqlite3.Connection, rejected: list[tuple[Change, str]]
+        self,
+        conn: sqlite3.Connection,
+        rejected: list[tuple[Change, str]],
+        out_of_scope: set[int],
     ) -> list[Rejection]:
-        """Each rejected change, with its record as the hub now holds it (None: unknown)."""
+        """Each rejected change, with its record as the hub now holds it (None: unknown,
+        or outside the office's scope: the office drops its copy)."""
         found = []
         for change, reason in rejected:
             record = None
             table = self.hub.schema.tables.get(change.table)
-            if table is not None:
+            if table is not None and change.seq not in out_of_scope:
                 try:
                     key = table.pk_key(table.check_pk(change.pk))
                 except InvalidChangeError:

@@ -194,8 +194,43 @@ def _run(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
+# Sync scopes (hub/scopes.py): each record's scope key and, for a record that follows
+# a parent, the parent's key; where records left a scope (exits); each office's scopes,
+# how far it has pulled, and whether its scopes changed since.
+_SCOPE_COLUMNS = {
+    "_fieldsync_records": {"scope": "TEXT", "parent": "TEXT"},
+    "_fieldsync_nodes": {
+        "scopes": "TEXT",
+        "pulled_seq": "INTEGER NOT NULL DEFAULT 0",
+        "rescope": "INTEGER NOT NULL DEFAULT 0",
+    },
+}
+_SCOPES = """
+CREATE INDEX IF NOT EXISTS _fieldsync_records_parent ON _fieldsync_records (parent)
+    WHERE parent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS _fieldsync_exits (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tbl, pk, scope)
+);
+CREATE INDEX IF NOT EXISTS _fieldsync_exits_scope ON _fieldsync_exits (scope, seq)
+"""
+
+
+def _scopes(db: sqlite_utils.Database) -> None:
+    """Step 2: sync scopes. (Hubs whose number was reset may have taken it already.)"""
+    for table, columns in _SCOPE_COLUMNS.items():
+        have = db[table].columns_dict
+        for name, kind in columns.items():
+            if name not in have:
+                db.conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    _run(db.conn, _SCOPES)
+
+
 # In order; step n brings a database from user_version n - 1 to n.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_baseline]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_baseline, _scopes]
 
 
 def migrate(db: sqlite_utils.Database) -> None:

@@ -10,13 +10,17 @@ one query per page.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import sqlite3
+from typing import Any
 
 from hub import records
 from hub.database import HubDatabase
+from hub.scopes import read_scopes
 from hub.status import count_pull
 from hub.times import utcnow
-from shared.protocol import PullPage
+from shared.protocol import PullPage, PullRow
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -47,35 +51,92 @@ def pull(
             # backup. Serve everything again so the office converges.
             log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
             cursor = 0
-        rows = conn.execute(
-            "SELECT tbl, pk, seq, deleted, vals, vers FROM _fieldsync_records "
-            "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
-            [cursor, "" if include_own else node, limit + 1],
-        ).fetchall()
-        acked = conn.execute(
-            "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
-        ).fetchone()[0]
+        acked, stored, rescope = conn.execute(
+            "SELECT acked_seq, scopes, rescope FROM _fieldsync_nodes WHERE name = ?", [node]
+        ).fetchone()
+        scopes = read_scopes(stored, node) if hub.schema.scoped else None
+        resync = bool(rescope) and not (cursor == 0 and include_own)
         remaining = None
-        if count:
-            remaining = conn.execute(
-                "SELECT count(*) FROM _fieldsync_records "
-                "WHERE seq > ? AND (origin IS NULL OR origin != ?)",
-                [cursor, "" if include_own else node],
-            ).fetchone()[0]
-    more = len(rows) > limit
+        if resync:
+            rows = []
+        elif scopes is None:
+            rows = conn.execute(
+                "SELECT tbl, pk, seq, deleted, vals, vers, 0 FROM _fieldsync_records "
+                "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
+                [cursor, "" if include_own else node, limit + 1],
+            ).fetchall()
+            if count:
+                remaining = conn.execute(
+                    "SELECT count(*) FROM _fieldsync_records "
+                    "WHERE seq > ? AND (origin IS NULL OR origin != ?)",
+                    [cursor, "" if include_own else node],
+                ).fetchone()[0]
+        else:
+            rows, remaining = _scoped_rows(
+                conn, sorted(scopes), node, cursor, limit, include_own, count
+            )
+    more = len(rows) > limit or resync
     rows = rows[:limit]
+    next_cursor = 0 if resync else rows[-1][2] if len(rows) == limit and more else last
     with hub.write() as conn:
         conn.execute(
-            "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ? WHERE name = ?",
-            [utcnow(), utcnow(), node],
+            "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ?, pulled_seq = ?, "
+            "rescope = rescope AND ? WHERE name = ?",
+            [utcnow(), utcnow(), cursor, resync, node],
         )
-        count_pull(conn, node, len(rows), rows[-1][2] if more else last)
+        count_pull(conn, node, len(rows), next_cursor)
     page_rows = []
     schema = hub.schema
-    for tbl, pk, seq, deleted, vals, vers in rows:
+    for tbl, pk, seq, deleted, vals, vers, gone in rows:
         table = schema.table(tbl)
+        if gone:
+            page_rows.append(PullRow(seq, table.name, table.pk_dict(pk), None, {}, gone=True))
+            continue
         page_rows.append(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
         )
-    next_cursor = rows[-1][2] if more else last
-    return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining)
+    return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync)
+
+
+def _scoped_rows(
+    conn: sqlite3.Connection,
+    scopes: list[str],
+    node: str,
+    cursor: int,
+    limit: int,
+    include_own: bool,
+    count: bool,
+) -> tuple[list[Any], int | None]:
+    """The page of an office holding ``scopes`` only: records in them (and in tables
+    without scopes), and those that left them (gone), in seq order."""
+    marks = ", ".join("?" * len(scopes))
+    own = "" if include_own else node
+    held = f"seq > ? AND (origin IS NULL OR origin != ?) AND (scope IS NULL OR scope IN ({marks}))"
+    left = (
+        f"e.seq > ? AND e.scope IN ({marks}) AND NOT EXISTS (SELECT 1 FROM _fieldsync_records AS r "
+        f"WHERE r.tbl = e.tbl AND r.pk = e.pk AND r.scope IN ({marks}))"
+    )
+    rows = conn.execute(
+        f"SELECT tbl, pk, seq, deleted, vals, vers, 0 FROM _fieldsync_records WHERE {held} "
+        "ORDER BY seq LIMIT ?",
+        [cursor, own, *scopes, limit + 1],
+    ).fetchall()
+    gone = conn.execute(
+        f"SELECT e.tbl, e.pk, e.seq, 1, NULL, NULL, 1 FROM _fieldsync_exits AS e WHERE {left} "
+        "ORDER BY e.seq LIMIT ?",
+        [cursor, *scopes, *scopes, limit + 1],
+    ).fetchall()
+    if gone:
+        rows = list(heapq.merge(rows, gone, key=lambda row: row[2]))[: limit + 1]
+    remaining = None
+    if count:
+        remaining = (
+            conn.execute(
+                f"SELECT count(*) FROM _fieldsync_records WHERE {held}", [cursor, own, *scopes]
+            ).fetchone()[0]
+            + conn.execute(
+                f"SELECT count(*) FROM _fieldsync_exits AS e WHERE {left}",
+                [cursor, *scopes, *scopes],
+            ).fetchone()[0]
+        )
+    return rows, remaining

@@ -26,8 +26,11 @@ from shared.schema import RecordKey, Schema, Table
 from shared.sqlite import put_rows
 
 # A record to write: table, key text, key, state, hub seq, origin office (or None),
-# and the JSON text of the state's values if already made (or None).
-RecordWrite = tuple[Table, str, dict[str, Any], RecordState, int, str | None, str | None]
+# the JSON text of the state's values if already made (or None), and where it
+# belongs: its scope key and its parent's key text (hub/scopes.py; None: no scope).
+RecordWrite = tuple[
+    Table, str, dict[str, Any], RecordState, int, str | None, str | None, str | None, str | None
+]
 
 
 def last_seq(conn: sqlite3.Connection) -> int:
@@ -90,7 +93,7 @@ def write_records(conn: sqlite3.Connection, schema: Schema, records: Iterable[Re
     """Store records' states and mirror them into the real tables."""
     rows = []
     mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
-    for table, key, pk, state, seq, origin, vals in records:
+    for table, key, pk, state, seq, origin, vals, scope, parent in records:
         rows.append(
             (
                 table.name,
@@ -100,14 +103,17 @@ def write_records(conn: sqlite3.Connection, schema: Schema, records: Iterable[Re
                 int(state.deleted),
                 dumps_text(state.values) if vals is None else vals,
                 table.pack_versions(state.versions),
+                scope,
+                parent,
             )
         )
         mirrored.setdefault(table.name, []).append((pk, None if state.deleted else state.values))
     conn.executemany(
-        "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "
+        "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers, scope, "
+        "parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "
         "seq = excluded.seq, origin = excluded.origin, deleted = excluded.deleted, "
-        "vals = excluded.vals, vers = excluded.vers",
+        "vals = excluded.vals, vers = excluded.vers, scope = excluded.scope, "
+        "parent = excluded.parent",
         rows,
     )
     for name, records_of_table in mirrored.items():  # one entry per record

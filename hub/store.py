@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from hub import auth, conflicts, history, pull, rejected, report, status
+from hub import auth, conflicts, history, pull, rejected, report, scopes, status
 from hub.conflicts import ConflictRecord
 from hub.database import HubDatabase
 from hub.health import OfficeStatus
@@ -60,6 +60,12 @@ class HubStore(Protocol):
     def schema(self) -> Schema: ...
 
     def add_node(self, name: str) -> str: ...
+
+    def set_scopes(self, node: str, keys: Sequence[str]) -> frozenset[str] | None: ...
+
+    def scopes(self) -> dict[str, list[str] | None]: ...
+
+    def move(self, table: str, key: Sequence[Any], to: str, by: str) -> int: ...
 
     def authenticate(self, token: str) -> str: ...
 
@@ -192,6 +198,17 @@ class SqliteHubStore:
 
     def nodes(self) -> list[dict[str, Any]]:
         return auth.nodes(self.database)
+
+    # -- sync scopes (hub/scopes.py) ---------------------------------------------------
+
+    def set_scopes(self, node: str, keys: Sequence[str]) -> frozenset[str] | None:
+        return scopes.set_scopes(self.database, node, keys)
+
+    def scopes(self) -> dict[str, list[str] | None]:
+        return scopes.all_scopes(self.database)
+
+    def move(self, table: str, key: Sequence[Any], to: str, by: str) -> int:
+        return scopes.move(self.database, table, key, to, by)
 
     def authenticate(self, token: str) -> str:
         return auth.authenticate(self.database, token)

@@ -30,6 +30,7 @@ from shared.errors import (
     FieldsyncError,
     HubRejectedError,
     HubUnavailableError,
+    ProtocolError,
     StoreError,
     error_code,
 )
@@ -199,7 +200,7 @@ class SyncAgent:
 
     def _pull_all(self, report: SyncReport, progress: Progress) -> None:
         """Pull pages until the hub has nothing more, counting into ``report``."""
-        checked = False
+        checked = resynced = False
         total = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
             ahead: tuple[Future[PullPage], int] | None = None
@@ -218,6 +219,14 @@ class SyncAgent:
                 ahead = None
                 self._check_identity(page.node)
                 self._learn_offset(sent, page.hub_time_ms)
+                if page.resync:
+                    # The office's scope changed: pull it whole again (once a sync).
+                    if resynced:
+                        raise ProtocolError("the hub asked for a second resync in one sync")
+                    resynced = True
+                    self.store.start_resync()
+                    log.info("the scope of office %s changed: pulling it again", page.node)
+                    continue
                 if not checked and page.acked > self.store.last_seq():
                     # The hub holds changes of ours this database never made: it is
                     # an older copy. Number new work past them and rebuild from the hub.

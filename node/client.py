@@ -205,6 +205,7 @@ class HttpHubClient:
                     **({"own": 1} if include_own else {}),
                     **({"count": 1} if count else {}),
                     "packed": 1,
+                    "scopes": 1,  # this office drops records that leave its scope
                 },
                 headers=self._headers,
             )

@@ -25,6 +25,20 @@ from shared.schema import Schema
 from shared.sqlite import put_rows, write
 
 
+def _drop_unbrought(conn: Any, schema: Schema, pending: set[tuple[str, str]]) -> None:
+    """End of a resync: drop the records the office held that its scope no longer
+    brings (unless they have queued changes: those are pushed, and the hub decides)."""
+    left = conn.execute("SELECT tbl, pk FROM _fieldsync_resync").fetchall()
+    drop = [(t, k) for t, k in left if (t, k) not in pending and t in schema.tables]
+    by_table: dict[str, list[tuple[dict[str, Any], None]]] = {}
+    for name, key in drop:
+        by_table.setdefault(name, []).append((schema.tables[name].pk_dict(key), None))
+    for name, rows in by_table.items():
+        put_rows(conn, schema.tables[name], rows)
+    conn.executemany("DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", drop)
+    conn.execute("DELETE FROM _fieldsync_resync")
+
+
 def cursor(db: sqlite_utils.Database) -> int:
     """How far the office has pulled: the hub's ``seq`` to pull after."""
     return int(db.conn.execute("SELECT cursor FROM _fieldsync_state").fetchone()[0])
@@ -35,11 +49,25 @@ def repulling(db: sqlite_utils.Database) -> bool:
     return bool(db.conn.execute("SELECT repull FROM _fieldsync_state").fetchone()[0])
 
 
+def start_resync(db: sqlite_utils.Database) -> None:
+    """Pull the office's whole scope again, from the start, its own records included;
+    at the end, drop the records held now that this did not bring (the hub says when:
+    the office's scope changed)."""
+    with write(db) as conn:
+        conn.execute("UPDATE _fieldsync_state SET repull = 1, cursor = 0")
+        conn.execute(
+            "INSERT OR IGNORE INTO _fieldsync_resync (tbl, pk) "
+            "SELECT tbl, pk FROM _fieldsync_versions"
+        )
+
+
 def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int:
     """Apply pulled records and save the next cursor, in one transaction.
 
     A record with unpushed local changes is left alone: the local edit is kept
-    and pushed next, and the hub decides. Returns how many records were applied.
+    and pushed next, and the hub decides. A record that left the office's scope
+    (``gone``) is dropped, and no delete is captured. Returns how many records
+    were applied.
     """
     plans = []
     top = ""  # the newest stamp in the page (text sorts as stamps do)
@@ -47,6 +75,9 @@ def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int
         try:
             table = schema.table(row.table)
             key = table.pk_key(table.check_pk(row.pk))
+            if row.gone:
+                plans.append((table, key, row, ""))
+                continue
             if row.values is not None:
                 table.check_values(row.values)
             given = row.versions
@@ -74,15 +105,26 @@ def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int
         pending = pending_keys(conn)
         versions: list[tuple[str, str, str]] = []
         records: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
+        gone: list[tuple[str, str]] = []
         for table, key, row, packed in plans:
             if pending and (table.name, key) in pending:
                 continue
             records.setdefault(table.name, []).append((row.pk, row.values))
-            versions.append((table.name, key, packed))
+            if row.gone:
+                gone.append((table.name, key))
+            else:
+                versions.append((table.name, key, packed))
             applied += 1
         for name, rows in records.items():  # a page holds each record once
             put_rows(conn, schema.table(name), rows)
         conn.executemany(SAVE_VERSIONS, versions)
+        if gone:
+            conn.executemany("DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", gone)
+        if conn.execute("SELECT repull FROM _fieldsync_state").fetchone()[0]:
+            brought = [(t.name, k) for t, k, row, _ in plans if not row.gone]
+            conn.executemany("DELETE FROM _fieldsync_resync WHERE tbl = ? AND pk = ?", brought)
+            if not page.more:
+                _drop_unbrought(conn, schema, pending)
         conn.execute(
             "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?), "
             "repull = repull AND ?",

@@ -29,7 +29,9 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
 - ``_fieldsync_versions``: per record, the version of each column as the hub last
   told us (see node/versions.py);
 - ``_fieldsync_rejected``: changes the hub rejected (see node/rejected.py);
-- ``_fieldsync_sync_log``: one row per sync (see node/status.py).
+- ``_fieldsync_sync_log``: one row per sync (see node/status.py);
+- ``_fieldsync_resync``: while the office pulls its whole scope again, the records it
+  held that the pull has not brought yet (see node/inbox.py).
 """
 
 from __future__ import annotations
@@ -117,6 +119,17 @@ CREATE TABLE IF NOT EXISTS _fieldsync_sync_log (
 """
 
 
+# While the office pulls its whole scope again (node/inbox.py), the records it held
+# before that the pull has not brought yet; those left at its end are dropped.
+RESYNC = """
+CREATE TABLE IF NOT EXISTS _fieldsync_resync (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One step of the office database's schema history."""
@@ -152,6 +165,10 @@ def _add_sent_seq(conn: sqlite3.Connection, schema: Schema) -> None:
     )
 
 
+def _add_resync(conn: sqlite3.Connection, schema: Schema) -> None:
+    conn.execute(RESYNC)
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -168,6 +185,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _add_sent_seq,
         lambda db: "sent_seq" in db.table("_fieldsync_state").columns_dict,
     ),
+    Migration("resync", _add_resync, _has_table("_fieldsync_resync")),
 )
 VERSION = len(MIGRATIONS)
 
@@ -177,6 +195,7 @@ def create(conn: sqlite3.Connection) -> None:
     for statement in STATE_TABLES.split(";"):
         conn.execute(statement)
     conn.execute(SYNC_LOG)
+    conn.execute(RESYNC)
     _save_version(conn, VERSION)
 
 

@@ -236,6 +236,10 @@ class NodeStore:
         """True while the office rebuilds its copy from the hub, its own records included."""
         return inbox.repulling(self.db)
 
+    def start_resync(self) -> None:
+        """Pull the whole scope again and drop what it no longer brings (see inbox)."""
+        inbox.start_resync(self.db)
+
     def apply_page(self, page: PullPage) -> int:
         """Apply pulled records and save the next cursor (see :func:`inbox.apply_page`)."""
         applied = inbox.apply_page(self.db, self.schema, page)

@@ -302,6 +302,9 @@ class PullRow(Struct, frozen=True):
     versions: dict[str, VersionText] | VersionText = msgspec.field(
         default_factory=lambda: _NO_VERSIONS
     )
+    # The record left the office's scope (moved to another office): the office drops
+    # its copy without capturing a delete. Sent to offices that ask with scopes=1.
+    gone: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -312,6 +315,8 @@ class PullRow(Struct, frozen=True):
         }
         if self.values is not None:
             data["values"] = self.values
+        if self.gone:
+            data["gone"] = True
         return data
 
     @classmethod
@@ -379,6 +384,9 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     node: str
     acked: int = 0  # the highest change number of this office the hub has committed
     remaining: int | None = None  # records left after the cursor (asked for with count)
+    # The office's scope changed: it pulls its whole scope again from cursor 0 (with its
+    # own records) and then drops what that did not bring. Such a page has no rows.
+    resync: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -390,6 +398,7 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
             "node": self.node,
             "acked": self.acked,
             **({"remaining": self.remaining} if self.remaining is not None else {}),
+            **({"resync": True} if self.resync else {}),
         }
 
     @classmethod

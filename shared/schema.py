@@ -16,7 +16,7 @@ import re
 import sqlite3
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,24 @@ class Column:
 
 
 @dataclass(frozen=True, slots=True)
+class Scope:
+    """Which offices a table's records belong to (see hub/scopes.py).
+
+    ``parent`` None: a record belongs to the office its ``column`` names. Otherwise
+    ``column`` holds the key of a record of table ``parent``, and the record belongs
+    wherever that one does (an assistance record follows its case).
+    """
+
+    column: str
+    parent: str | None = None
+
+    def describe(self) -> str:
+        if self.parent is None:
+            return f"the office named by {self.column}"
+        return f"its {self.parent} record, through {self.column}"
+
+
+@dataclass(frozen=True, slots=True)
 class Table:
     """One synced table: columns in order, primary key, policy and creating SQL."""
 
@@ -62,6 +80,7 @@ class Table:
     primary_key: tuple[str, ...]
     policy: str
     create: str
+    scope: Scope | None = None  # None: every office holds every record
     # Per column, the Python types whose values need no closer look (see check_values).
     _fast: dict[str, frozenset[type]] = field(
         default_factory=dict, init=False, compare=False, hash=False, repr=False
@@ -328,9 +347,15 @@ class Schema:
         try:
             for name, entry in entries.items():
                 tables[name] = _read_table(scratch, name, entry, origin)
+                tables[name] = _read_scope(tables, tables[name], entry.get("scope"), origin)
         finally:
             scratch.close()
         return cls(tables, text)
+
+    @property
+    def scoped(self) -> bool:
+        """Does any table hold records that belong to some offices only?"""
+        return any(t.scope is not None for t in self.tables.values())
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Schema:
@@ -350,11 +375,11 @@ class Schema:
 def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str) -> Table:
     if not isinstance(entry, dict) or not isinstance(entry.get("create"), str):
         raise SchemaError(f"{origin}: table {name} needs a 'create' SQL statement")
-    unknown = sorted(set(entry) - {"create", "policy"})
+    unknown = sorted(set(entry) - {"create", "policy", "scope"})
     if unknown:
         raise SchemaError(
             f"{origin}: table {name} has unknown key(s) {', '.join(unknown)}; "
-            "a table takes 'create' and 'policy'"
+            "a table takes 'create', 'policy' and 'scope'"
         )
     if name.startswith(("_fieldsync", "sqlite_")):
         raise SchemaError(f"{origin}: table name {name!r} is reserved")
@@ -410,6 +435,39 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
             "undo, so synced tables cannot have one"
         )
     return Table(name, columns, pk, policy, create)
+
+
+def _read_scope(tables: dict[str, Table], table: Table, entry: Any, origin: str) -> Table:
+    """``table`` with the scope its entry declares: ``scope = { column = "office" }``
+    or ``scope = { column = "case_id", parent = "cases" }``."""
+    if entry is None:
+        return table
+    where = f"{origin}: the scope of table {table.name}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("column"), str):
+        raise SchemaError(
+            f'{where} must name a column: scope = {{ column = "office" }}, or '
+            'scope = { column = "case_id", parent = "cases" } to follow a parent record'
+        )
+    unknown = sorted(set(entry) - {"column", "parent"})
+    if unknown:
+        raise SchemaError(f"{where} has unknown key(s) {', '.join(unknown)}")
+    column, parent = entry["column"], entry.get("parent")
+    if column not in table.column_names:
+        raise SchemaError(f"{where} names no column of {table.name}: {column!r}")
+    if column in table.primary_key:
+        raise SchemaError(f"{where} cannot be a primary key column ({column})")
+    if parent is None:
+        if table.column(column).type not in ("TEXT", ""):
+            raise SchemaError(f"{where}: {column} names an office, so it must be TEXT")
+        return replace(table, scope=Scope(column))
+    if not isinstance(parent, str) or parent not in tables or parent == table.name:
+        raise SchemaError(f"{where} follows {parent!r}, which is not a table declared before it")
+    found = tables[parent]
+    if found.scope is None:
+        raise SchemaError(f"{where} follows {parent}, which has no scope of its own")
+    if len(found.primary_key) != 1:
+        raise SchemaError(f"{where} follows {parent}, whose key has more than one column")
+    return replace(table, scope=Scope(column, parent))
 
 
 def table_type(columns: tuple[Column, ...], name: str) -> str:

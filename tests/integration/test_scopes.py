@@ -1,0 +1,200 @@
+"""Sync scopes against a real uvicorn hub: each office holds only its cases, moves."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub.app import create_app
+from hub.store import SqliteHubStore
+from node.agent import SyncAgent
+from node.client import HttpHubClient
+from node.store import NodeStore
+from shared.clock import Timestamp
+from shared.protocol import Change
+from shared.schema import Schema
+from tests.conftest import Hub, Office, serve
+
+pytestmark = pytest.mark.integration
+
+SCOPES = {
+    "[tables.cases]\n": '[tables.cases]\nscope = { column = "office" }\n',
+    "[tables.assistance]\n": (
+        '[tables.assistance]\nscope = { column = "case_id", parent = "cases" }\n'
+    ),
+}
+
+
+def scoped_schema() -> Schema:
+    text = Schema.load().source
+    for old, new in SCOPES.items():
+        text = text.replace(old, new)
+    schema = Schema.from_toml(text)
+    assert schema.scoped
+    return schema
+
+
+@pytest.fixture
+def scoped(tmp_path: Path) -> Iterator[tuple[Hub, Callable[..., Office]]]:
+    schema = scoped_schema()
+    store = SqliteHubStore(tmp_path / "hub.db", schema, create=True)
+    gen = serve(create_app(store))
+    hub = Hub(next(gen), store, tmp_path / "hub.db")
+    offices: list[Office] = []
+
+    def make(name: str, *scopes: str) -> Office:
+        token = store.add_node(name)
+        if scopes:
+            store.set_scopes(name, scopes)
+        path = tmp_path / f"{name}.db"
+        node = NodeStore.init(path, name, hub.url, token, schema)
+        client = HttpHubClient(hub.url, token, node=name)
+        office = Office(name, node, SyncAgent(node, client), client, path)
+        offices.append(office)
+        return office
+
+    try:
+        yield hub, make
+    finally:
+        for office in offices:
+            office.client.close()
+            office.store.close()
+        gen.close()
+        store.close()
+
+
+def write(office: Office, sql: str, *params: Any) -> None:
+    conn = sqlite3.connect(office.path)
+    with conn:
+        conn.execute(sql, params)
+    conn.close()
+
+
+def add_case(office: Office, case_id: str, owner: str | None = None, **values: Any) -> None:
+    row = {"id": case_id, "family_name": "Nazarova", "office": owner or office.name, **values}
+    marks = ", ".join("?" * len(row))
+    write(office, f"INSERT INTO cases ({', '.join(row)}) VALUES ({marks})", *row.values())
+
+
+def add_aid(office: Office, aid_id: str, case_id: str) -> None:
+    write(
+        office,
+        "INSERT INTO assistance (id, case_id, kind, quantity) VALUES (?, ?, 'food', 1)",
+        aid_id,
+        case_id,
+    )
+
+
+def ids(where: Office | Hub, table: str = "cases") -> set[str]:
+    return {row["id"] for row in where.store.rows(table)}
+
+
+def sync(*offices: Office, rounds: int = 2) -> None:
+    for _ in range(rounds):
+        for office in offices:
+            office.sync()
+
+
+def test_each_office_pulls_only_its_scope_and_a_new_office_starts_with_its_own(scoped):
+    hub, make = scoped
+    astana, almaty, hq = make("astana"), make("almaty"), make("hq", "*")
+    add_case(astana, "a1")
+    add_aid(astana, "a1-food", "a1")
+    add_case(almaty, "b1")
+    add_aid(almaty, "b1-food", "b1")
+    sync(astana, almaty, hq)
+    assert ids(astana) == {"a1"} and ids(astana, "assistance") == {"a1-food"}
+    assert ids(almaty) == {"b1"} and ids(almaty, "assistance") == {"b1-food"}
+    assert ids(hq) == {"a1", "b1"} and ids(hq, "assistance") == {"a1-food", "b1-food"}
+    # A third office registered later: its first sync brings none of the others' cases.
+    shymkent = make("shymkent")
+    shymkent.sync()
+    assert ids(shymkent) == set() and ids(shymkent, "assistance") == set()
+
+
+def test_a_change_outside_the_scope_is_refused_per_change_and_kept_aside(scoped):
+    hub, make = scoped
+    astana, almaty = make("astana"), make("almaty")
+    add_case(astana, "a1", notes="astana's")
+    sync(astana)
+    # Almaty cannot see a1; a forged push of an update and a delete is refused, per change.
+    stamp = Timestamp(hub.store.database.clock.tick().hlc, "almaty")
+    result = almaty.client.push(
+        [
+            Change(1, "cases", {"id": "a1"}, "update", stamp, {"notes": "overwritten"}),
+            Change(2, "cases", {"id": "a1"}, "delete", stamp, None),
+        ]
+    )
+    assert result.acked == 2 and result.applied == 0
+    assert [r.record for r in result.rejected] == [None, None]  # nothing of a1 leaks
+    assert all("outside its scope" in r.reason for r in result.rejected)
+    assert [r["notes"] for r in hub.store.rows("cases")] == ["astana's"]
+    # A new case of another office, made at almaty: kept aside there, not applied.
+    add_case(almaty, "x1", owner="astana")
+    almaty.sync()
+    assert ids(hub) == {"a1"}
+    [kept] = almaty.store.rejected()
+    assert "must belong to its scope" in kept["reason"]
+
+
+def test_a_case_moved_at_an_office_goes_with_its_assistance_and_leaves_no_delete(scoped):
+    hub, make = scoped
+    astana, almaty = make("astana"), make("almaty")
+    add_case(astana, "a1")
+    add_aid(astana, "a1-food", "a1")
+    add_case(astana, "a2")
+    sync(astana, almaty)
+    write(astana, "UPDATE cases SET office = 'almaty' WHERE id = 'a1'")
+    sync(astana, almaty)
+    assert ids(almaty) == {"a1"} and ids(almaty, "assistance") == {"a1-food"}
+    assert ids(astana) == {"a2"} and ids(astana, "assistance") == set()
+    assert astana.store.pending_count() == 0  # the removal was not captured
+    assert ids(hub) == {"a1", "a2"} and ids(hub, "assistance") == {"a1-food"}
+    # Almaty now works on it; astana hears nothing more of it.
+    write(almaty, "UPDATE cases SET notes = 'seen in almaty' WHERE id = 'a1'")
+    add_aid(almaty, "a1-tent", "a1")
+    sync(almaty, astana)
+    assert ids(astana) == {"a2"} and ids(astana, "assistance") == set()
+    assert ids(hub, "assistance") == {"a1-food", "a1-tent"}
+
+
+def test_an_offline_edit_to_a_case_an_admin_moved_away_is_merged_not_lost(scoped):
+    hub, make = scoped
+    astana, almaty = make("astana"), make("almaty")
+    add_case(astana, "a1")
+    add_aid(astana, "a1-food", "a1")
+    sync(astana, almaty)
+    write(astana, "UPDATE cases SET notes = 'written offline' WHERE id = 'a1'")
+    hub.store.move("cases", ["a1"], "almaty", "ops")
+    sync(astana, almaty)
+    [record] = hub.store.rows("cases")
+    assert record["notes"] == "written offline" and record["office"] == "almaty"
+    assert ids(astana) == set() and ids(astana, "assistance") == set()
+    assert ids(almaty) == {"a1"} and ids(almaty, "assistance") == {"a1-food"}
+    [moved] = almaty.store.rows("cases")
+    assert moved["notes"] == "written offline"
+    assert astana.store.rejected() == []
+
+
+def test_a_wider_then_narrower_scope_takes_effect_on_the_next_sync(scoped):
+    hub, make = scoped
+    astana, almaty = make("astana"), make("almaty")
+    add_case(astana, "a1")
+    add_aid(astana, "a1-food", "a1")
+    add_case(almaty, "b1")
+    sync(astana, almaty)
+    hub.store.set_scopes("almaty", ["almaty", "astana"])
+    almaty.sync()
+    assert ids(almaty) == {"a1", "b1"} and ids(almaty, "assistance") == {"a1-food"}
+    write(almaty, "UPDATE cases SET notes = 'regional review' WHERE id = 'a1'")
+    sync(almaty, astana)
+    assert {r["notes"] for r in astana.store.rows("cases")} == {"regional review"}
+    hub.store.set_scopes("almaty", ["almaty"])
+    almaty.sync()
+    assert ids(almaty) == {"b1"} and ids(almaty, "assistance") == set()
+    assert almaty.store.pending_count() == 0
+    assert ids(hub) == {"a1", "b1"}
