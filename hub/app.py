@@ -75,6 +75,7 @@ ERROR_CODES = {
     "method_not_allowed": status.HTTP_405_METHOD_NOT_ALLOWED,
     "diverged": status.HTTP_409_CONFLICT,
     "refused": status.HTTP_409_CONFLICT,
+    "upgrade_required": status.HTTP_409_CONFLICT,
     "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
     "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
     "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,

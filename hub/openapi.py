@@ -142,7 +142,7 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             "Records changed after a cursor, one page: each record's current state, once",
             "office",
             PullPage,
-            errors=("bad_request",),
+            errors=("bad_request", "upgrade_required"),
             params=(
                 Param("cursor", {"type": "integer", "minimum": 0, "default": 0}),
                 Param(
@@ -160,6 +160,12 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
                     _FLAG,
                     "1: a record whose columns all carry one version gets that version "
                     "alone as its versions (a string, not an object)",
+                ),
+                Param(
+                    "scopes",
+                    _FLAG,
+                    "1: this office understands sync scopes (gone rows, resync pages); "
+                    "required (409 upgrade_required) when the hub's schema has scopes",
                 ),
                 Param(
                     "node",

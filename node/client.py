@@ -52,6 +52,7 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
     "clock_skew": ClockSkewError,
     "diverged": DivergedError,
     "refused": HubRejectedError,
+    "upgrade_required": HubRejectedError,
 }
 
 

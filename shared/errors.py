@@ -107,6 +107,9 @@ ADVICE: dict[str, str] = {
     "invalid_change": "The hub refused the office's changes as malformed. Upgrade the "
     "office's fieldsync, or check its schema matches the hub's.",
     "bad_request": "The hub refused a malformed request. Upgrade the office's fieldsync.",
+    "upgrade_required": "The hub holds only some records for each office (sync scopes), "
+    "which this office's fieldsync cannot do. Upgrade fieldsync at the office; its changes "
+    "stay queued until then.",
     "local_database": "The office's own database failed (disk full, locked or damaged). "
     "Check the disk, then run `PRAGMA integrity_check` on it.",
     "stalled": "Changes wait at the office but none reach the hub. Check that its sync "
