@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from hub.app import create_app
@@ -198,3 +200,107 @@ def test_a_wider_then_narrower_scope_takes_effect_on_the_next_sync(scoped):
     assert ids(almaty) == {"b1"} and ids(almaty, "assistance") == set()
     assert almaty.store.pending_count() == 0
     assert ids(hub) == {"a1", "b1"}
+
+
+def test_an_office_too_old_for_scopes_is_told_to_upgrade_and_keeps_its_changes(scoped):
+    hub, make = scoped
+    astana = make("astana")
+    add_case(astana, "a1")
+    token = hub.store.add_node("old")  # an office whose fieldsync does not ask scopes=1
+    answer = httpx.get(
+        f"{hub.url}/v1/pull", params={"cursor": 0}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.status_code == 409
+    assert answer.json()["error"] == "upgrade_required"
+    assert "upgrade fieldsync" in answer.json()["detail"]
+    astana.sync()  # this version asks with scopes=1
+    assert astana.store.pending_count() == 0 and ids(hub) == {"a1"}
+
+
+# -- the command line, as an admin uses it ----------------------------------------------
+
+
+def test_scopes_from_the_command_line(tmp_path: Path) -> None:
+    from tests.integration.test_cli import (
+        HubProcess,
+        assert_one_line_error,
+        fieldsync,
+        ok,
+        query,
+    )
+
+    # The README's way: a copy of the shipped schema with its two scope lines uncommented.
+    text = Schema.load().source.replace("# scope = ", "scope = ")
+    schema_file = tmp_path / "cases.toml"
+    schema_file.write_text(text)
+    hub_db = tmp_path / "hub.db"
+    tokens = {}
+    for name, extra in (("astana", []), ("almaty", []), ("hq", ["--scope", "*"])):
+        out = ok("hub", "add-node", name, "--db", hub_db, "--schema", schema_file, *extra)
+        tokens[name] = out.strip().splitlines()[-1]
+    assert json.loads(ok("hub", "scope", "--db", hub_db, "--json")) == {
+        "almaty": ["almaty"],
+        "astana": ["astana"],
+        "hq": None,
+    }
+    server = HubProcess(hub_db, tmp_path / "hub.log")
+    server.start()
+    try:
+        dbs = {}
+        for name, token in tokens.items():
+            dbs[name] = tmp_path / f"{name}.db"
+            ok(
+                "node",
+                "init",
+                dbs[name],
+                "--name",
+                name,
+                "--hub",
+                server.url,
+                "--token",
+                token,
+                "--schema",
+                schema_file,
+            )
+
+        def sync_all() -> None:
+            for db in dbs.values():
+                ok("node", "sync", db)
+
+        def cases(name: str) -> list[tuple]:
+            return query(dbs[name], "SELECT id, office FROM cases ORDER BY id")
+
+        conn = sqlite3.connect(dbs["astana"])
+        with conn:
+            conn.execute("INSERT INTO cases (id, office) VALUES ('a1', 'astana')")
+            conn.execute("INSERT INTO assistance (id, case_id, kind) VALUES ('f1', 'a1', 'food')")
+        conn.close()
+        sync_all()
+        assert cases("astana") == [("a1", "astana")] and cases("almaty") == []
+        assert cases("hq") == [("a1", "astana")]
+        out = ok("hub", "move", "cases", "a1", "--to", "almaty", "--db", hub_db, "--by", "ops")
+        assert "Moved the cases record to almaty" in out
+        sync_all()
+        assert cases("astana") == [] and cases("almaty") == [("a1", "almaty")]
+        assert query(dbs["almaty"], "SELECT id FROM assistance") == [("f1",)]
+        assert query(dbs["astana"], "SELECT count(*) FROM assistance") == [(0,)]
+        # A regional office: almaty is given astana's records too.
+        out = ok("hub", "scope", "astana", "astana", "almaty", "--db", hub_db)
+        assert "Office astana now holds almaty, astana" in out
+        ok("node", "sync", dbs["astana"])
+        assert cases("astana") == [("a1", "almaty")]
+        # Bad input: one line each, nothing changed.
+        assert_one_line_error(
+            fieldsync("hub", "scope", "nobody", "x", "--db", hub_db), "no office named 'nobody'"
+        )
+        assert_one_line_error(
+            fieldsync("hub", "move", "assistance", "f1", "--to", "astana", "--db", hub_db),
+            "follow their cases record",
+        )
+        assert_one_line_error(
+            fieldsync("hub", "move", "cases", "nope", "--to", "astana", "--db", hub_db),
+            "holds no cases record",
+        )
+        assert query(hub_db, "SELECT office FROM cases") == [("almaty",)]
+    finally:
+        server.stop()
