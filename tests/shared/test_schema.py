@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from shared.errors import InvalidChangeError
-from shared.schema import Schema, key_values, pk_key
+from shared.errors import InvalidChangeError, SchemaError
+from shared.schema import Schema, Scope, key_values, pk_key
 
 CASES = Schema.load().table("cases")
 
@@ -82,3 +82,51 @@ def test_key_text_is_sqlites_json_array() -> None:
         [(text,)] = conn.execute("SELECT json_array(?)", [value])
         assert CASES.pk_key({"id": value}) == text
         assert key_values(text) == [value]
+
+
+# -- sync scopes --------------------------------------------------------------------
+
+_PARENT = 'create = "CREATE TABLE cases (id TEXT PRIMARY KEY, office TEXT, size INTEGER)"'
+_CHILD = 'create = "CREATE TABLE aid (id TEXT PRIMARY KEY, case_id TEXT, kind TEXT)"'
+
+
+def test_scopes_are_read_per_table() -> None:
+    schema = Schema.from_toml(
+        f'[tables.cases]\n{_PARENT}\nscope = {{ column = "office" }}\n'
+        f'[tables.aid]\n{_CHILD}\nscope = {{ column = "case_id", parent = "cases" }}\n'
+        '[tables.kinds]\ncreate = "CREATE TABLE kinds (name TEXT PRIMARY KEY)"\n'
+    )
+    assert schema.scoped
+    assert schema.tables["cases"].scope == Scope("office")
+    assert schema.tables["aid"].scope == Scope("case_id", "cases")
+    assert schema.tables["kinds"].scope is None
+    assert not Schema.load().scoped  # as shipped, every office holds every record
+    shipped = Schema.from_toml(Schema.load().source.replace("# scope = ", "scope = "))
+    assert shipped.tables["assistance"].scope == Scope("case_id", "cases")
+
+
+@pytest.mark.parametrize(
+    ("cases_scope", "aid_scope", "message"),
+    [
+        ('"office"', None, "must name a column"),
+        ('{ column = "nope" }', None, "names no column of cases: 'nope'"),
+        ('{ column = "id" }', None, "cannot be a primary key column"),
+        ('{ column = "size" }', None, "must be TEXT"),
+        ('{ column = "office", other = 1 }', None, "unknown key(s) other"),
+        (None, '{ column = "case_id", parent = "cases" }', "which has no scope of its own"),
+        ('{ column = "office" }', '{ column = "case_id", parent = "later" }', "not a table"),
+        ('{ column = "office" }', '{ column = "case_id", parent = "aid" }', "not a table"),
+    ],
+)
+def test_a_bad_scope_is_refused_with_what_is_wrong(
+    cases_scope: str | None, aid_scope: str | None, message: str
+) -> None:
+    text = f"[tables.cases]\n{_PARENT}\n"
+    if cases_scope:
+        text += f"scope = {cases_scope}\n"
+    text += f"[tables.aid]\n{_CHILD}\n"
+    if aid_scope:
+        text += f"scope = {aid_scope}\n"
+    with pytest.raises(SchemaError) as caught:
+        Schema.from_toml(text)
+    assert message in str(caught.value)
