@@ -27,7 +27,7 @@ from hub.conflicts import conflict_row, write_conflicts
 from hub.database import HubDatabase
 from hub.history import Version, write_history
 from hub.rejected import write_rejected
-from hub.scopes import UNASSIGNED, Gate, exits_and_followers
+from hub.scopes import UNASSIGNED, Gate, Move, exits_and_followers
 from hub.status import count_push
 from hub.times import utcnow
 from shared.clock import COUNTER_BITS
@@ -107,7 +107,7 @@ class Ingest:
                 for c in changes
                 if c.seq > acked and c.table in schema.tables
             )
-        moves: dict[RecordKey, tuple[Table, str, str | None, str, int]] = {}
+        moves: dict[RecordKey, Move] = {}  # each scoped record written: where it was, is
         out_of_scope: set[int] = set()
         dirty: dict[RecordKey, records.RecordWrite] = {}
         conflict_rows: list[list[Any]] = []
