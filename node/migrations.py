@@ -20,7 +20,8 @@ that differ (see :func:`node.capture.refresh_triggers`), as before.
 
 Tables fieldsync owns (all prefixed ``_fieldsync_``):
 
-- ``_fieldsync_state``: one row: office name, hub URL and token, clock floor, pull cursor,
+- ``_fieldsync_state``: one row: office name, hub URL and token (and the link's
+  settings: a private CA file, plain http allowed), clock floor, pull cursor,
   the ``applying`` flag that silences the triggers while pulled changes are applied
   (so they are not captured again), and the outcome of the last sync;
 - ``_fieldsync_schema``: the synced tables' schema (TOML), apart from the state row;
@@ -64,7 +65,9 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     last_error_at TEXT,
     last_pushed INTEGER,
     last_pulled INTEGER,
-    last_conflicts INTEGER
+    last_conflicts INTEGER,
+    ca_file TEXT,
+    allow_http INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_schema (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -152,6 +155,13 @@ def _add_sent_seq(conn: sqlite3.Connection, schema: Schema) -> None:
     )
 
 
+def _add_link_settings(conn: sqlite3.Connection, schema: Schema) -> None:
+    # The hub link's settings: a private CA to verify the hub with, and whether plain
+    # http:// to another machine was allowed on purpose (see node/link.py).
+    conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN ca_file TEXT")
+    conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN allow_http INTEGER NOT NULL DEFAULT 0")
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -167,6 +177,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "sent mark",
         _add_sent_seq,
         lambda db: "sent_seq" in db.table("_fieldsync_state").columns_dict,
+    ),
+    Migration(
+        "hub link settings",
+        _add_link_settings,
+        lambda db: "ca_file" in db.table("_fieldsync_state").columns_dict,
     ),
 )
 VERSION = len(MIGRATIONS)

@@ -16,6 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from node._times import stamp_time, utcnow
+from node.link import is_unencrypted
 from node.outbox import PENDING
 from node.rejected import count_rejected
 from shared import __version__
@@ -40,6 +41,14 @@ class NodeStatus:
     cursor: int
     clock_offset_ms: int
     rejected: int = 0
+    ca_file: str | None = None  # the private CA the hub is verified with, if any
+    allow_http: bool = False  # plain http:// to another machine allowed on purpose
+
+    @property
+    def unencrypted(self) -> bool:
+        """Whether the token and case data cross a network in clear (http://, not to
+        this machine)."""
+        return is_unencrypted(self.hub_url)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +63,9 @@ class NodeStatus:
             "cursor": self.cursor,
             "clock_offset_ms": self.clock_offset_ms,
             "rejected": self.rejected,
+            "unencrypted": self.unencrypted,
+            "ca_file": self.ca_file,
+            "allow_http": self.allow_http,
         }
 
 
@@ -62,7 +74,7 @@ def read_status(db: sqlite_utils.Database) -> NodeStatus:
     conn = db.conn
     state = conn.execute(
         "SELECT node, hub_url, last_sync_at, last_success_at, last_error, last_error_at, "
-        "cursor, offset_ms FROM _fieldsync_state"
+        "cursor, offset_ms, ca_file, allow_http FROM _fieldsync_state"
     ).fetchone()
     count, oldest = conn.execute(
         f"SELECT count(*), min(hlc) FROM _fieldsync_changes WHERE {PENDING}"
@@ -79,6 +91,8 @@ def read_status(db: sqlite_utils.Database) -> NodeStatus:
         cursor=state[6],
         clock_offset_ms=state[7],
         rejected=count_rejected(conn),
+        ca_file=state[8],
+        allow_http=bool(state[9]),
     )
 
 

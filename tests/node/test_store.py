@@ -725,6 +725,9 @@ def test_status_numbers(store: NodeStore, path: Path) -> None:
         "cursor",
         "clock_offset_ms",
         "rejected",
+        "unencrypted",
+        "ca_file",
+        "allow_http",
     }
 
 
