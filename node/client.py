@@ -124,6 +124,12 @@ def _tls_failure(exc: BaseException) -> str | None:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code in (62, 64):
+            # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            return (
+                f"the hub's TLS certificate is for another name ({cause.verify_message}); "
+                "use the host name or address the certificate was made for in the hub URL"
+            )
         if isinstance(cause, ssl.SSLCertVerificationError):
             return (
                 f"the hub's TLS certificate is not trusted ({cause.verify_message}); if the "

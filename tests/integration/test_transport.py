@@ -155,6 +155,24 @@ def test_an_office_that_speaks_https_to_a_plain_http_hub_is_told_so(tmp_path: Pa
         assert_one_line_error(fieldsync("node", "sync", office), "TLS handshake failed", "https")
 
 
+def test_a_certificate_for_another_name_is_refused_in_one_line(
+    tmp_path: Path, ca: trustme.CA, tls_files: tuple[Path, Path, Path]
+) -> None:
+    ca_pem, _, _ = tls_files
+    other = ca.issue_cert("hub.example.org")
+    cert, key = tmp_path / "other-cert.pem", tmp_path / "other-key.pem"
+    other.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    other.private_key_pem.write_to_path(str(key))
+    with served(tmp_path, "--certfile", str(cert), "--keyfile", str(key)) as hub:
+        hub.wait(verify=False)
+        token = add_node(hub.db, "astana")
+        office = tmp_path / "astana.db"
+        init = ["--name", "astana", "--hub", hub.url, "--token", token, "--ca-file", ca_pem]
+        ok("node", "init", office, *init)
+        line = assert_one_line_error(fieldsync("node", "sync", office), "for another name")
+        assert "127.0.0.1" in line and "--ca-file" not in line
+
+
 def test_hub_serve_refuses_a_key_that_is_not_the_certificates(
     tmp_path: Path, ca: trustme.CA, tls_files: tuple[Path, Path, Path]
 ) -> None:
