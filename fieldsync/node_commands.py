@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -383,33 +385,94 @@ def node_drop_change(db_path: str, seq: int) -> None:
     type=click.FloatRange(0.1, 7 * 86400),  # NaN passes a range: refused below
     help="Seconds, 0.1 to 604800 (a week).",
 )
-def node_run(db_path: str, interval: float) -> None:
-    """Run the sync agent: sync every INTERVAL seconds until Ctrl-C or SIGTERM."""
+@click.option(
+    "--heartbeat",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(1, 7 * 86400),
+    help="Seconds between 'still syncing' lines while syncs have nothing to move.",
+)
+def node_run(db_path: str, interval: float, heartbeat: float) -> None:
+    """Run the sync agent: sync every INTERVAL seconds until Ctrl-C or SIGTERM.
+
+    Each line starts with the local time. A sync that moved nothing prints nothing
+    (but the first); a 'still syncing' line comes every HEARTBEAT seconds instead.
+    A failed sync says when the next try comes.
+    """
     if interval != interval:
         raise click.BadParameter("not a number", param_hint="'--interval'")
     agent = _agent(db_path)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        click.echo(f"Stopping after the current sync ({signal.Signals(signum).name}).", err=True)
+        name = signal.Signals(signum).name
+        click.echo(f"{_now()} Stopping after the current sync ({name}).", err=True)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    quiet = _Quiet(heartbeat)
+
     def on_report(report: SyncReport | None, error: FieldsyncError | None) -> None:
         if report is not None:
-            click.echo(f"Synced {agent.store.node}: {report.summary()}")
-        else:
-            click.echo(f"Sync failed: {_named(error, db_path)} (changes are kept)", err=True)
+            if quiet.says(report):
+                click.echo(f"{_now()} Synced {agent.store.node}: {report.summary()}")
+            elif quiet.heartbeat_due():
+                click.echo(f"{_now()} Still syncing {agent.store.node}: {quiet.summary()}")
+            return
+        quiet.failed()
+        wait = agent.next_try_seconds
+        next_try = f"; next try in {wait:.0f} s" if wait is not None else ""
+        click.echo(
+            f"{_now()} Sync failed: {_named(error, db_path)} (changes are kept){next_try}",
+            err=True,
+        )
 
-    click.echo(f"Syncing {agent.store.node} every {interval:g} s; Ctrl-C stops.", err=True)
+    click.echo(f"{_now()} Syncing {agent.store.node} every {interval:g} s; Ctrl-C stops.", err=True)
     try:
         agent.run(interval, stop=stop, on_report=on_report)
     finally:
         agent.client.close()
         agent.store.close()
-    click.echo("Stopped.", err=True)
+    click.echo(f"{_now()} Stopped.", err=True)
+
+
+def _now() -> str:
+    """The local time, as each line of `node run` starts."""
+    return datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+class _Quiet:
+    """Which syncs `node run` reports: the first, those that moved something, and a
+    heartbeat every ``heartbeat_seconds`` for the quiet ones between."""
+
+    def __init__(self, heartbeat_seconds: float) -> None:
+        self.heartbeat_seconds = heartbeat_seconds
+        self.first = True
+        self.quiet = 0  # syncs with nothing to move since the last line
+        self.last_line = time.monotonic()
+
+    def says(self, report: SyncReport) -> bool:
+        moved = report.pushed or report.pulled or report.conflicts or report.rejected
+        if moved or self.first:
+            self.first, self.quiet, self.last_line = False, 0, time.monotonic()
+            return True
+        self.quiet += 1
+        return False
+
+    def heartbeat_due(self) -> bool:
+        if time.monotonic() - self.last_line < self.heartbeat_seconds:
+            return False
+        self.last_line = time.monotonic()
+        return True
+
+    def summary(self) -> str:
+        said, self.quiet = self.quiet, 0
+        return f"{said} sync{'' if said == 1 else 's'} with nothing to move"
+
+    def failed(self) -> None:
+        self.last_line = time.monotonic()
 
 
 @node.command("status")
@@ -440,6 +503,8 @@ def node_status(db_path: str, as_json: bool) -> None:
     click.echo(f"Last success:      {status.last_success_at or 'never'}")
     if status.last_error:
         click.echo(f"Last error:        {status.last_error} ({status.last_error_at})")
+    if status.next_try_at and status.last_error:
+        click.echo(f"Next try:          {status.next_try_at} (backing off after failures)")
     if status.rejected:
         click.echo(
             f"Rejected changes:  {status.rejected}, kept here "

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
@@ -100,6 +100,8 @@ class SyncAgent:
         self._now = now
         self.interval_seconds: float | None = None  # set by run(), reported to the hub
         self._connect = connect
+        # Set by the schedule while it backs off: the wait before the next try.
+        self.next_try_seconds: float | None = None
         self._settings = store.hub_settings() if connect else None
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
@@ -139,6 +141,14 @@ class SyncAgent:
         if self._connect is None or self._lock.is_locked:
             return False
         return self.store.hub_settings(own_connection=True) != self._settings
+
+    def backing_off(self, seconds: float) -> None:
+        """A running agent waits ``seconds`` before its next try, after a failed sync
+        (whose record cleared the time before); `node status` shows when."""
+        self.next_try_seconds = seconds
+        at = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+        with contextlib.suppress(sqlite3.Error):  # shown to people only
+            self.store.note_next_try(at)
 
     def _reconnect(self) -> None:
         """Make a new client if the stored settings changed (see ``connect``)."""

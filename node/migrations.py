@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     last_pulled INTEGER,
     last_conflicts INTEGER,
     ca_file TEXT,
-    allow_http INTEGER NOT NULL DEFAULT 0
+    allow_http INTEGER NOT NULL DEFAULT 0,
+    next_try_at TEXT
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_schema (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -160,6 +161,8 @@ def _add_link_settings(conn: sqlite3.Connection, schema: Schema) -> None:
     # http:// to another machine was allowed on purpose (see node/link.py).
     conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN ca_file TEXT")
     conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN allow_http INTEGER NOT NULL DEFAULT 0")
+    # When a running agent, backing off after failures, tries next (for `node status`).
+    conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN next_try_at TEXT")
 
 
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
@@ -179,7 +182,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         lambda db: "sent_seq" in db.table("_fieldsync_state").columns_dict,
     ),
     Migration(
-        "hub link settings",
+        "hub link settings, next try",
         _add_link_settings,
         lambda db: "ca_file" in db.table("_fieldsync_state").columns_dict,
     ),

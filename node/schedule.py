@@ -170,14 +170,17 @@ class SyncJob:
         except (HubUnavailableError, HubRejectedError) as exc:
             delay = self.backoff.failed()
             log.log(self._level, "%s; next try in %.0f s", exc, delay)
+            self.agent.backing_off(delay)
             self._report(None, exc)
             self.later(delay)
             return
         except FieldsyncError as exc:
             log.log(self._level, "%s", exc)
+            self.agent.next_try_seconds = None
             self._report(None, exc)
             return
         self.backoff.succeeded()
+        self.agent.next_try_seconds = None
         log.log(self._level, "sync: %s", report.summary())
         self._report(report, None)
 

@@ -319,4 +319,5 @@ class NodeStore:
     record_sync = _on_db(sync_status.record_sync)
     status_report = _on_db(sync_status.status_report)
     mark_reported = _on_db(sync_status.mark_reported)
+    note_next_try = _on_db(sync_status.note_next_try)
     status = _on_db(sync_status.read_status)

@@ -38,6 +38,9 @@ from tests.integration.test_cli import (
 
 pytestmark = pytest.mark.integration
 
+# How each line of `node run` starts: the local time, to the second, with its offset.
+STAMPED = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d "
+
 
 class Served(HubProcess):
     """``fieldsync hub serve`` with extra options, started at once (:meth:`wait` for it)."""
@@ -329,6 +332,13 @@ def test_a_revoked_office_keeps_its_queue_and_a_running_agent_takes_the_new_toke
             assert pending(office) == 3
             assert query(hub.db, "SELECT count(*) FROM cases") == [(0,)]
             assert f"node set {office} --token NEW" in err.read_text()
+            # Each line says when; a failure says when the next try comes, as does status.
+            failed = [x for x in err.read_text().splitlines() if "Sync failed" in x]
+            assert all(re.match(STAMPED + r"Sync failed: .*next try in \d+ s$", x) for x in failed)
+            assert [int(x.rsplit(" ", 2)[1]) for x in failed[:4]] == [1, 2, 4, 8], failed
+            status = json.loads(ok("node", "status", office, "--json"))
+            assert status["next_try_at"] is not None
+            assert "Next try:" in ok("node", "status", office)
 
             register_token(hub.db, "astana", "new-token-for-astana")
             set_at = time.monotonic()
@@ -338,8 +348,9 @@ def test_a_revoked_office_keeps_its_queue_and_a_running_agent_takes_the_new_toke
             assert time.monotonic() - set_at < 4, "the agent waited out its back-off"
             assert query(hub.db, "SELECT count(*) FROM cases") == [(3,)]
             assert agent.poll() is None, "the agent restarted or stopped"
+            assert json.loads(ok("node", "status", office, "--json"))["next_try_at"] is None
         finally:
             agent.terminate()
             agent.wait(timeout=10)
     assert "Traceback" not in err.read_text()
-    assert re.search(r"^Synced astana: pushed 3,", out.read_text(), re.M), out.read_text()
+    assert re.search(r"^[\d:+ -]+ Synced astana: pushed 3,", out.read_text(), re.M)

@@ -278,3 +278,13 @@ def test_settings_are_not_compared_while_a_sync_runs(quiet_office):
         assert not agent.settings_changed()
     assert agent.settings_changed()
     assert not SyncAgent(quiet_office, FakeHub(node="almaty")).settings_changed()
+
+
+def test_status_shows_the_next_try_while_backing_off(quiet_office):
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    hub.answer("hub_time", down)
+    run_ticks(quiet_office, hub, 1, jitter_seconds=0)
+    waits = datetime.fromisoformat(quiet_office.status().next_try_at or "") - datetime.now(UTC)
+    assert timedelta(seconds=100) < waits <= timedelta(seconds=120)  # 2 x the 60 s interval
+    run_ticks(quiet_office, hub, 1, jitter_seconds=0)  # a success: no wait any more
+    assert quiet_office.status().next_try_at is None

@@ -728,6 +728,7 @@ def test_status_numbers(store: NodeStore, path: Path) -> None:
         "unencrypted",
         "ca_file",
         "allow_http",
+        "next_try_at",
     }
 
 
