@@ -292,7 +292,8 @@ def _check_token(node: str, settings: HubSettings) -> str:
     from node.client import HttpHubClient
 
     try:
-        with HttpHubClient.from_settings(settings, node) as client:
+        # A hub that does not answer within 10 s is as good as unreachable here.
+        with HttpHubClient.from_settings(settings, node, timeout_seconds=10) as client:
             owner = client.token_owner()
     except HubUnavailableError as exc:
         return f"not checked: {exc}"

@@ -217,9 +217,17 @@ class HttpHubClient:
         }
 
     @classmethod
-    def from_settings(cls, settings: HubSettings, node: str | None = None) -> HttpHubClient:
+    def from_settings(
+        cls, settings: HubSettings, node: str | None = None, *, timeout_seconds: float = 60.0
+    ) -> HttpHubClient:
         """A client for the hub an office's stored settings name."""
-        return cls(settings.hub_url, settings.token, node=node, ca_file=settings.ca_file)
+        return cls(
+            settings.hub_url,
+            settings.token,
+            node=node,
+            ca_file=settings.ca_file,
+            timeout_seconds=timeout_seconds,
+        )
 
     def close(self) -> None:
         self._client.close()
