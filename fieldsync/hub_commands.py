@@ -61,6 +61,22 @@ def _stale(seconds: int | None) -> timedelta | None:
     help="Refuse changes stamped further than this ahead of the hub's clock.",
 )
 @_stale_after
+@click.option(
+    "--certfile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Serve https:// with this certificate (PEM, with its chain); needs --keyfile.",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The private key (PEM) of --certfile.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="ADDRS",
+    help="Behind a reverse proxy: the proxy's addresses (comma-separated; * for any), "
+    "whose X-Forwarded-For and X-Forwarded-Proto headers are believed. [default: none]",
+)
 @schema_option
 def hub_serve(
     db_path: str,
@@ -68,13 +84,21 @@ def hub_serve(
     port: int,
     max_future_seconds: int,
     stale_after: int | None,
+    certfile: str | None,
+    keyfile: str | None,
+    forwarded_allow_ips: str | None,
     schema_path: str | None,
 ) -> None:
-    """Serve the hub over HTTP (under uvicorn): the sync API, and the admin dashboard at /."""
+    """Serve the hub (under uvicorn): the sync API, and the admin dashboard at /.
+
+    Over https:// with --certfile and --keyfile; plain http:// otherwise (for this
+    machine, or behind a reverse proxy that serves https://).
+    """
     import uvicorn
 
     from hub.app import create_app
 
+    _check_tls(certfile, keyfile)
     _listen(host, port).close()  # a port in use is a one-line error, before any file
     new = not os.path.exists(db_path)
     store = _open_hub(db_path, schema_path, create=True)
@@ -82,12 +106,23 @@ def hub_serve(
         click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")
     store.max_future_ms = max_future_seconds * 1000
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"fieldsync hub {__version__}: {db_path} on http://{shown}:{port}", err=True)
+    scheme = "https" if certfile else "http"
+    click.echo(f"fieldsync hub {__version__}: {db_path} on {scheme}://{shown}:{port}", err=True)
     try:
         app = create_app(store, stale_after=_stale(stale_after))
         # uvicorn binds the port again (serving on a socket handed to it measured
-        # about 8% slower per pushed change).
-        config = uvicorn.Config(app, host=host, port=port, log_level="info")
+        # about 8% slower per pushed change). Forwarded headers are believed only
+        # from the addresses given (uvicorn's default would trust any local process).
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            proxy_headers=bool(forwarded_allow_ips),
+            forwarded_allow_ips=forwarded_allow_ips or "",
+        )
         server = uvicorn.Server(config)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down cleanly, exit 0
             server.run()
@@ -95,6 +130,22 @@ def hub_serve(
             raise FieldsyncError(f"the hub did not start on {host}:{port} (see the log above)")
     finally:
         store.close()
+
+
+def _check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """A one-line error, before anything starts, for a certificate and key that do not
+    make a TLS server (or one given without the other)."""
+    if not certfile and not keyfile:
+        return
+    if not (certfile and keyfile):
+        raise click.UsageError("--certfile and --keyfile go together")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise FieldsyncError(f"cannot serve TLS with {certfile} and {keyfile}: {why}") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:

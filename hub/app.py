@@ -4,7 +4,8 @@ The hub's web layer: ``create_app(store)`` returns the Starlette application.
 Routes of the sync protocol (``shared.protocol.PROTOCOL_VERSION``; paths under ``/v1``):
 
 - ``GET  /v1/health``   liveness and the hub's time, no token needed; with an office's
-  token, also ``acked``: that office's last change the hub has dealt with
+  token, also ``acked``: that office's last change the hub has dealt with, and
+  ``node``: the office the token belongs to
 - ``POST /v1/push``     a batch of an office's changes (bearer token; gzip body welcome)
 - ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
 - ``POST /v1/status``   the office's state and its recent syncs, after each sync
@@ -193,23 +194,29 @@ def create_app(
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
 
-    def office_acked(request: Request) -> int | None:
-        """The last change number the hub has dealt with of the office whose token the
-        request carries (None: no office token)."""
+    def office_acked(request: Request) -> tuple[str, int] | None:
+        """The office whose token the request carries and the last change number of it
+        the hub has dealt with (None: no office token)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
         try:
-            return store.acked(store.authenticate(token.strip()))
+            node = store.authenticate(token.strip())
+            return node, store.acked(node)
         except FieldsyncError:
             return None
 
     async def health(request: Request) -> JSONResponse:
-        acked = None
+        office = None
         if "authorization" in request.headers:  # an office asking before it syncs
-            acked = await run_in_threadpool(office_acked, request)
+            office = await run_in_threadpool(office_acked, request)
         answer = Health(
-            "ok", PROTOCOL_VERSION, __version__, now_ms(), UNSET if acked is None else acked
+            "ok",
+            PROTOCOL_VERSION,
+            __version__,
+            now_ms(),
+            UNSET if office is None else office[1],
+            UNSET if office is None else office[0],
         )
         return JSONResponse(msgspec.to_builtins(answer))
 

@@ -114,7 +114,8 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             "get",
             "/v1/health",
             "Liveness, the protocol version and the hub's clock; with an office's token, "
-            "also acked: that office's last change the hub has dealt with",
+            "also acked: that office's last change the hub has dealt with, and node: the "
+            "office the token belongs to",
             None,
             Health,
         ),

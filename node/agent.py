@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
 from node.client import HubClient
 from node.schedule import local_now, run_agent
-from node.store import NodeStore
+from node.store import HubSettings, NodeStore
 from shared.clock import now_ms
 from shared.errors import (
     ClockSkewError,
@@ -85,7 +85,11 @@ class SyncAgent:
         batch_size: int = DEFAULT_BATCH_SIZE,
         page_size: int = DEFAULT_PAGE_SIZE,
         now: Callable[[], int] = now_ms,
+        connect: Callable[[HubSettings], HubClient] | None = None,
     ) -> None:
+        """``connect``: how to make a client from the office's stored settings. With it,
+        each sync reads them first and, if `node set` changed them, makes a new
+        client (the one before is closed); without it ``client`` is kept for good."""
         if batch_size < 1 or page_size < 1:
             raise ValueError(
                 f"batch_size and page_size must be positive, got {batch_size}, {page_size}"
@@ -96,6 +100,10 @@ class SyncAgent:
         self.page_size = page_size
         self._now = now
         self.interval_seconds: float | None = None  # set by run(), reported to the hub
+        self._connect = connect
+        # Set by the schedule while it backs off: the wait before the next try.
+        self.next_try_seconds: float | None = None
+        self._settings = store.hub_settings() if connect else None
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
 
@@ -113,6 +121,7 @@ class SyncAgent:
                 f"another sync of {self.store.path} is running; try again when it ends"
             ) from None
         try:
+            self._reconnect()
             return self._sync(progress or (lambda phase, done, total: None))
         except sqlite3.Error as exc:
             # sqlite3 quotes undecodable text in its message: never pass that on.
@@ -125,6 +134,40 @@ class SyncAgent:
             raise error from exc
         finally:
             self._lock.release()
+
+    def settings_changed(self) -> bool:
+        """Whether `node set` changed the hub link's settings since the last sync (False
+        while a sync runs, or when the agent keeps one client for good). Safe to call
+        from another thread than the syncing one."""
+        if self._connect is None or self._lock.is_locked:
+            return False
+        return self.store.hub_settings(own_connection=True) != self._settings
+
+    def backing_off(self, seconds: float) -> None:
+        """A running agent waits ``seconds`` before its next try, after a failed sync
+        (whose record cleared the time before); `node status` shows when."""
+        self.next_try_seconds = seconds
+        at = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+        with contextlib.suppress(sqlite3.Error):  # shown to people only
+            self.store.note_next_try(at)
+
+    def _reconnect(self) -> None:
+        """Make a new client if the stored settings changed (see ``connect``)."""
+        if self._connect is None:
+            return
+        settings = self.store.hub_settings()
+        if settings == self._settings:
+            return
+        try:
+            client = self._connect(settings)
+        except FieldsyncError as exc:  # a CA file that cannot be read: recorded, kept
+            self.store.record_sync(
+                pushed=0, pulled=0, conflicts=0, error=str(exc), error_code=error_code(exc)
+            )
+            raise
+        self.client.close()
+        before, self.client, self._settings = self._settings, client, settings
+        log.info("hub settings changed: %s", _changes(before, settings))
 
     def _sync(self, progress: Progress) -> SyncReport:
         started = time.monotonic()
@@ -409,3 +452,15 @@ class SyncAgent:
             scheduler=scheduler,
             now=now,
         )
+
+
+def _changes(before: HubSettings | None, after: HubSettings) -> str:
+    """What changed between two hub settings, in words (never the token itself)."""
+    said = []
+    if before is None or before.hub_url != after.hub_url:
+        said.append(f"hub URL now {after.hub_url}")
+    if before is None or before.token != after.token:
+        said.append("token replaced")
+    if before is None or before.ca_file != after.ca_file:
+        said.append(f"CA file now {after.ca_file}" if after.ca_file else "no CA file")
+    return ", ".join(said)

@@ -6,15 +6,21 @@ with httpx.
 All HTTP error mapping happens here, in :func:`_hub_errors`: network failures,
 timeouts and 5xx answers become :class:`HubUnavailableError` (retry later); 4xx
 answers become :class:`HubRejectedError` subclasses chosen by the JSON ``error`` code.
+
+The link: :func:`tls_context` decides how the hub is verified (the usual public CAs,
+or a private CA's file; nothing is loaded for plain ``http://``); node/link.py says
+which URLs would carry the token in clear.
 """
 
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -23,6 +29,7 @@ from shared.errors import (
     AuthError,
     ClockSkewError,
     DivergedError,
+    FieldsyncError,
     HubRejectedError,
     HubUnavailableError,
     ProtocolError,
@@ -37,6 +44,9 @@ from shared.protocol import (
     loads,
 )
 
+if TYPE_CHECKING:
+    from node.store import HubSettings
+
 _T = TypeVar("_T")
 
 # Every error code the hub answers with, and the exception it becomes here.
@@ -48,6 +58,7 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
     "not_found": HubRejectedError,
     "method_not_allowed": HubRejectedError,
     "unauthorized": AuthError,
+    "revoked": AuthError,
     "forbidden": AuthError,
     "clock_skew": ClockSkewError,
     "diverged": DivergedError,
@@ -63,6 +74,14 @@ class HubClock(NamedTuple):
 
     time_ms: int
     acked: int | None = None
+
+
+class TokenOwner(NamedTuple):
+    """The hub's answer about a token: accepted or not, and its office (None from hubs
+    that do not say)."""
+
+    accepted: bool
+    node: str | None
 
 
 class HubClient(Protocol):
@@ -85,6 +104,48 @@ class HubClient(Protocol):
     def close(self) -> None: ...
 
 
+def tls_context(url: str, ca_file: str | None) -> ssl.SSLContext | bool:
+    """How the client verifies the hub: True (the usual public CAs), a context trusting
+    the private CA in ``ca_file`` alone, or for ``http://`` an empty context that
+    trusts nothing (loading the CA bundle costs about 20 ms of CPU, for nothing)."""
+    if urlsplit(url).scheme != "https":
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if not ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise FieldsyncError(f"cannot use the CA file {ca_file}: {why}") from None
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What went wrong with TLS in a failed connection, in words, or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_code in (62, 64):
+            # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+            return (
+                f"the hub's TLS certificate is for another name ({cause.verify_message}); "
+                "use the host name or address the certificate was made for in the hub URL"
+            )
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"the hub's TLS certificate is not trusted ({cause.verify_message}); if the "
+                "hub uses a private CA, give its certificate with `fieldsync node set "
+                "NODE.db --ca-file CA.pem`"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return (
+                f"the TLS handshake failed ({cause.reason or cause}); is the hub serving "
+                "https:// on that port?"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _gzip(body: bytes) -> bytes:
     """A request body as sent: gzip level 3 (most of the gain of 9, at a third of the CPU)."""
     return gzip.compress(body, compresslevel=3)
@@ -97,7 +158,8 @@ def _hub_errors(action: str, url: str) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise HubUnavailableError(f"cannot {action} {url}: timed out ({exc})") from exc
     except httpx.TransportError as exc:
-        raise HubUnavailableError(f"cannot {action} {url}: {exc or type(exc).__name__}") from exc
+        why = _tls_failure(exc) or exc or type(exc).__name__
+        raise HubUnavailableError(f"cannot {action} {url}: {why}") from exc
 
 
 def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
@@ -117,6 +179,8 @@ def _raise_for_status(response: httpx.Response, action: str, url: str) -> None:
             f"cannot {action} {url}: the hub answered {response.status_code} ({detail})"
         )
     cls = ERROR_CLASSES.get(code, HubRejectedError)
+    if response.status_code == 401:
+        detail = f"{detail}; give the office a new token: `fieldsync node set NODE.db --token NEW`"
     raise cls(
         f"cannot {action} {url}: the hub refused it ({response.status_code} {code}): {detail}",
         code or "rejected",
@@ -137,11 +201,14 @@ class HttpHubClient:
         timeout_seconds: float = 60.0,
         client: httpx.Client | None = None,
         node: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         # The office this client speaks for; the hub refuses a token of another office.
         self.node = node
-        self._client = client or httpx.Client(timeout=timeout_seconds)
+        self._client = client or httpx.Client(
+            timeout=timeout_seconds, verify=tls_context(self.url, ca_file)
+        )
         self.bytes_sent = 0  # request and answer bodies, as on the wire
         self.bytes_received = 0
         self._traffic_lock = threading.Lock()
@@ -149,6 +216,19 @@ class HttpHubClient:
             "Authorization": f"Bearer {token}",
             "User-Agent": f"fieldsync/{__version__}",
         }
+
+    @classmethod
+    def from_settings(
+        cls, settings: HubSettings, node: str | None = None, *, timeout_seconds: float = 60.0
+    ) -> HttpHubClient:
+        """A client for the hub an office's stored settings name."""
+        return cls(
+            settings.hub_url,
+            settings.token,
+            node=node,
+            ca_file=settings.ca_file,
+            timeout_seconds=timeout_seconds,
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -227,6 +307,22 @@ class HttpHubClient:
             raise ProtocolError(f"cannot {action} {self.url}: its health check has no hub time")
         acked = body.get("acked")
         return HubClock(value, acked if type(acked) is int and acked >= 0 else None)
+
+    def token_owner(self) -> TokenOwner:
+        """Whether the hub accepts this client's token, and whose office it is (from
+        its health check, asked with the token)."""
+        action = "reach"
+        with _hub_errors(action, self.url):
+            response = self._client.get(f"{self.url}/v1/health", headers=self._headers)
+        if response.status_code == 401:
+            return TokenOwner(False, None)
+        _raise_for_status(response, action, self.url)
+        body = self._json(response, action)
+        if not isinstance(body, dict) or type(body.get("hub_time_ms")) is not int:
+            raise ProtocolError(f"cannot {action} {self.url}: is this a fieldsync hub?")
+        node = body.get("node")
+        # A hub answers "acked" (and "node") only to an office's token it accepts.
+        return TokenOwner("acked" in body, node if isinstance(node, str) else None)
 
     def report_status(self, report: StatusReport) -> bool:
         """Tell the hub how this office is; False if the hub is too old to listen."""

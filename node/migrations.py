@@ -20,7 +20,8 @@ that differ (see :func:`node.capture.refresh_triggers`), as before.
 
 Tables fieldsync owns (all prefixed ``_fieldsync_``):
 
-- ``_fieldsync_state``: one row: office name, hub URL and token, clock floor, pull cursor,
+- ``_fieldsync_state``: one row: office name, hub URL and token (and the link's
+  settings: a private CA file, plain http allowed), clock floor, pull cursor,
   the ``applying`` flag that silences the triggers while pulled changes are applied
   (so they are not captured again), and the outcome of the last sync;
 - ``_fieldsync_schema``: the synced tables' schema (TOML), apart from the state row;
@@ -66,7 +67,10 @@ CREATE TABLE IF NOT EXISTS _fieldsync_state (
     last_error_at TEXT,
     last_pushed INTEGER,
     last_pulled INTEGER,
-    last_conflicts INTEGER
+    last_conflicts INTEGER,
+    ca_file TEXT,
+    allow_http INTEGER NOT NULL DEFAULT 0,
+    next_try_at TEXT
 );
 CREATE TABLE IF NOT EXISTS _fieldsync_schema (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -169,6 +173,15 @@ def _add_resync(conn: sqlite3.Connection, schema: Schema) -> None:
     conn.execute(RESYNC)
 
 
+def _add_link_settings(conn: sqlite3.Connection, schema: Schema) -> None:
+    # The hub link's settings: a private CA to verify the hub with, and whether plain
+    # http:// to another machine was allowed on purpose (see node/link.py).
+    conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN ca_file TEXT")
+    conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN allow_http INTEGER NOT NULL DEFAULT 0")
+    # When a running agent, backing off after failures, tries next (for `node status`).
+    conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN next_try_at TEXT")
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -186,6 +199,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         lambda db: "sent_seq" in db.table("_fieldsync_state").columns_dict,
     ),
     Migration("resync", _add_resync, _has_table("_fieldsync_resync")),
+    Migration(
+        "hub link settings, next try",
+        _add_link_settings,
+        lambda db: "ca_file" in db.table("_fieldsync_state").columns_dict,
+    ),
 )
 VERSION = len(MIGRATIONS)
 

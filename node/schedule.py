@@ -32,6 +32,8 @@ log = logging.getLogger("fieldsync.agent")
 
 # The scheduler's id of the sync job.
 JOB_ID = "fieldsync-sync"
+# While backing off, how often to look for new hub settings, at most.
+WATCH_SECONDS = 5.0
 
 
 def local_now() -> datetime:
@@ -77,7 +79,14 @@ def run_agent(
     schedule(scheduler, job, interval_seconds, jitter_seconds=jitter, first_run=now())
     scheduler.start()
     try:
-        stop.wait()
+        # While backing off, new settings (`node set --token`, `--hub`, `--ca-file`) may
+        # cure the failure: look every interval (at most every WATCH_SECONDS), and if so
+        # sync now rather than at the end of the wait.
+        while not stop.wait(min(interval_seconds, WATCH_SECONDS)):
+            if job.backoff.failures and agent.settings_changed():
+                log.info("hub settings changed; syncing now")
+                job.backoff.succeeded()
+                later(0)
     finally:
         stop.set()
         with reschedule:  # no job is between its check of stop and modify_job
@@ -161,14 +170,17 @@ class SyncJob:
         except (HubUnavailableError, HubRejectedError) as exc:
             delay = self.backoff.failed()
             log.log(self._level, "%s; next try in %.0f s", exc, delay)
+            self.agent.backing_off(delay)
             self._report(None, exc)
             self.later(delay)
             return
         except FieldsyncError as exc:
             log.log(self._level, "%s", exc)
+            self.agent.next_try_seconds = None
             self._report(None, exc)
             return
         self.backoff.succeeded()
+        self.agent.next_try_seconds = None
         log.log(self._level, "sync: %s", report.summary())
         self._report(report, None)
 

@@ -16,6 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from node._times import stamp_time, utcnow
+from node.link import is_unencrypted
 from node.outbox import PENDING
 from node.rejected import count_rejected
 from shared import __version__
@@ -40,6 +41,15 @@ class NodeStatus:
     cursor: int
     clock_offset_ms: int
     rejected: int = 0
+    ca_file: str | None = None  # the private CA the hub is verified with, if any
+    allow_http: bool = False  # plain http:// to another machine allowed on purpose
+    next_try_at: str | None = None  # a running agent backing off tries again then
+
+    @property
+    def unencrypted(self) -> bool:
+        """Whether the token and case data cross a network in clear (http://, not to
+        this machine)."""
+        return is_unencrypted(self.hub_url)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +64,10 @@ class NodeStatus:
             "cursor": self.cursor,
             "clock_offset_ms": self.clock_offset_ms,
             "rejected": self.rejected,
+            "unencrypted": self.unencrypted,
+            "ca_file": self.ca_file,
+            "allow_http": self.allow_http,
+            "next_try_at": self.next_try_at,
         }
 
 
@@ -62,7 +76,7 @@ def read_status(db: sqlite_utils.Database) -> NodeStatus:
     conn = db.conn
     state = conn.execute(
         "SELECT node, hub_url, last_sync_at, last_success_at, last_error, last_error_at, "
-        "cursor, offset_ms FROM _fieldsync_state"
+        "cursor, offset_ms, ca_file, allow_http, next_try_at FROM _fieldsync_state"
     ).fetchone()
     count, oldest = conn.execute(
         f"SELECT count(*), min(hlc) FROM _fieldsync_changes WHERE {PENDING}"
@@ -79,6 +93,9 @@ def read_status(db: sqlite_utils.Database) -> NodeStatus:
         cursor=state[6],
         clock_offset_ms=state[7],
         rejected=count_rejected(conn),
+        ca_file=state[8],
+        allow_http=bool(state[9]),
+        next_try_at=state[10],
     )
 
 
@@ -102,12 +119,14 @@ def record_sync(
         if error is None:
             conn.execute(
                 "UPDATE _fieldsync_state SET last_sync_at = ?, last_success_at = ?, "
-                "last_error = NULL, last_pushed = ?, last_pulled = ?, last_conflicts = ?",
+                "last_error = NULL, last_pushed = ?, last_pulled = ?, last_conflicts = ?, "
+                "next_try_at = NULL",
                 [now, now, pushed, pulled, conflicts],
             )
         else:
             conn.execute(
-                "UPDATE _fieldsync_state SET last_sync_at = ?, last_error = ?, last_error_at = ?",
+                "UPDATE _fieldsync_state SET last_sync_at = ?, last_error = ?, last_error_at = ?, "
+                "next_try_at = NULL",
                 [now, error, now],
             )
         conn.execute(
@@ -133,6 +152,12 @@ def record_sync(
             "_fieldsync_sync_log) - ?",
             [SYNC_LOG_KEPT],
         )
+
+
+def note_next_try(db: sqlite_utils.Database, at: str | None) -> None:
+    """A running agent backing off tries again at ``at`` (ISO time; None: no wait)."""
+    with write(db) as conn:
+        conn.execute("UPDATE _fieldsync_state SET next_try_at = ?", [at])
 
 
 def status_report(db: sqlite_utils.Database, interval_seconds: float | None = None) -> StatusReport:

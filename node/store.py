@@ -25,6 +25,7 @@ import functools
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -43,7 +44,7 @@ from shared.protocol import Change, PullPage, Rejection, check_hub_url, check_to
 from shared.schema import Schema
 from shared.sqlite import Checkpointer, connect, create_tables, table_rows, write
 
-__all__ = ["NodeStatus", "NodeStore", "Pending", "trigger_sql"]
+__all__ = ["HubSettings", "NodeStatus", "NodeStore", "Pending", "trigger_sql"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,6 +58,22 @@ def _on_db(func: Callable[Concatenate[Database, P], R]) -> Callable[Concatenate[
         return func(self.db, *args, **kwargs)
 
     return method
+
+
+@dataclass(frozen=True, slots=True)
+class HubSettings:
+    """How the office reaches its hub, as stored: what its HTTP client is made from."""
+
+    hub_url: str
+    token: str
+    ca_file: str | None = None  # a private CA's certificate (PEM) to verify the hub with
+
+
+def read_hub_settings(conn: sqlite3.Connection) -> HubSettings:
+    url, token, ca_file = conn.execute(
+        "SELECT hub_url, token, ca_file FROM _fieldsync_state"
+    ).fetchone()
+    return HubSettings(str(url), str(token), ca_file)
 
 
 class NodeStore:
@@ -93,10 +110,14 @@ class NodeStore:
         hub_url: str,
         token: str,
         schema: Schema | None = None,
+        *,
+        ca_file: str | None = None,
+        allow_http: bool = False,
     ) -> NodeStore:
         """Create (or adopt) an office database: tables, capture triggers, state.
 
         Rows already in a synced table are logged as inserts, so they reach the hub.
+        ``ca_file`` and ``allow_http``: the link's settings (see :meth:`set_hub`).
         """
         check_node_name(node)
         hub_url = check_hub_url(hub_url)
@@ -118,9 +139,9 @@ class NodeStore:
                 migrations.create(conn)
                 create_tables(conn, schema)
                 conn.execute(
-                    "INSERT INTO _fieldsync_state (id, node, hub_url, token, created_at) "
-                    "VALUES (1, ?, ?, ?, ?)",
-                    [node, hub_url, token, utcnow()],
+                    "INSERT INTO _fieldsync_state (id, node, hub_url, token, created_at, "
+                    "ca_file, allow_http) VALUES (1, ?, ?, ?, ?, ?, ?)",
+                    [node, hub_url, token, utcnow(), ca_file, int(allow_http)],
                 )
                 conn.execute(
                     "INSERT INTO _fieldsync_schema (id, source) VALUES (1, ?)", [schema.source]
@@ -156,8 +177,17 @@ class NodeStore:
     ) -> None:
         self.close()
 
-    def set_hub(self, hub_url: str | None = None, token: str | None = None) -> None:
-        """Point the office at another hub URL or token."""
+    def set_hub(
+        self,
+        hub_url: str | None = None,
+        token: str | None = None,
+        *,
+        ca_file: str | None = None,
+        allow_http: bool | None = None,
+    ) -> None:
+        """Point the office at another hub URL or token, CA file (``""``: none, the
+        usual public CAs) or choice about plain http (None: unchanged). A running agent
+        takes them on its next sync (see :meth:`hub_settings`)."""
         if hub_url:
             hub_url = check_hub_url(hub_url)
         if token:
@@ -169,6 +199,28 @@ class NodeStore:
             if token:
                 conn.execute("UPDATE _fieldsync_state SET token = ?", [token])
                 self.token = token
+            if ca_file is not None:
+                conn.execute("UPDATE _fieldsync_state SET ca_file = ?", [ca_file or None])
+            if allow_http is not None:
+                conn.execute("UPDATE _fieldsync_state SET allow_http = ?", [int(allow_http)])
+
+    def hub_settings(self, *, own_connection: bool = False) -> HubSettings:
+        """The hub link's settings as stored now (`node set` may have changed them).
+
+        ``own_connection``: read on a connection of its own, for a thread other than
+        the one syncing (the store's connection is the sync's).
+        """
+        if not own_connection:
+            return read_hub_settings(self.db.conn)
+        uri = f"{self.path.absolute().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            return read_hub_settings(conn)
+
+    @property
+    def allow_http(self) -> bool:
+        """Whether plain http:// to another machine was allowed on purpose."""
+        return bool(self.db.conn.execute("SELECT allow_http FROM _fieldsync_state").fetchone()[0])
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every row of a synced table, ordered by primary key."""
@@ -271,4 +323,5 @@ class NodeStore:
     record_sync = _on_db(sync_status.record_sync)
     status_report = _on_db(sync_status.status_report)
     mark_reported = _on_db(sync_status.mark_reported)
+    note_next_try = _on_db(sync_status.note_next_try)
     status = _on_db(sync_status.read_status)

@@ -524,6 +524,8 @@ class Health(Struct, frozen=True):
     hub_time_ms: int
     # with an office's token: the last change of that office the hub has dealt with
     acked: int | UnsetType = UNSET
+    # with an office's token: the office it belongs to (`node set --token` checks it)
+    node: str | UnsetType = UNSET
 
 
 class StatusKept(Struct, frozen=True):

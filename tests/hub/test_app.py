@@ -124,6 +124,15 @@ def test_health_tells_an_office_how_far_the_hub_has_its_changes(
     assert all(o.last_error is None for o in hub_store.offices())  # not an office's error
 
 
+def test_health_names_the_office_a_token_belongs_to(
+    client: httpx.Client, tokens: dict[str, str], hub_store: SqliteHubStore
+) -> None:
+    # What `node set --token` checks a new token against.
+    assert client.get("/v1/health", headers=auth(tokens["almaty"])).json()["node"] == "almaty"
+    for headers in ({}, auth("not-a-token"), auth(hub_store.add_admin("root"))):
+        assert "node" not in client.get("/v1/health", headers=headers).json(), headers
+
+
 def test_unknown_path_is_json_404(client: httpx.Client) -> None:
     detail = assert_error(client.get("/v1/nothing"), 404, "not_found")
     assert "/v1/nothing" in detail

@@ -44,7 +44,7 @@ def assert_one_line_error(result: Result, *needles: str) -> None:
 
 
 def node_init(
-    db: Path, *more: str | Path, name: str = "a", hub: str = "http://h:1", token: str = "t"
+    db: Path, *more: str | Path, name: str = "a", hub: str = "https://h:1", token: str = "t"
 ) -> Result:
     """``fieldsync node init DB`` with a name, hub URL and token, and ``more`` options."""
     return run("node", "init", db, "--name", name, "--hub", hub, "--token", token, *more)

@@ -410,7 +410,7 @@ def test_node_run_syncs_until_a_signal_stops_it(
             proc.wait()
     assert "Traceback" not in err.read_text()
     assert "Stopped." in err.read_text()
-    assert re.search(r"^Synced almaty: pushed 0, pulled 1,", out.read_text(), re.M)
+    assert re.search(r"^[\d:+ -]+ Synced almaty: pushed 0, pulled 1,", out.read_text(), re.M)
 
 
 def _digest(db: Path, table: str) -> tuple[int, str]:

@@ -7,6 +7,7 @@ APScheduler's real timing, with short intervals.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -18,8 +19,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.schedule import JOB_ID, Backoff, backoff_seconds, schedule
-from node.store import NodeStore
-from shared.errors import AuthError, HubUnavailableError, StoreError
+from node.store import HubSettings, NodeStore
+from shared.errors import AuthError, FieldsyncError, HubUnavailableError, StoreError
 from tests.fakes import FakeHub, ManualScheduler
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -228,3 +229,62 @@ def test_stop_during_a_failing_sync_returns(office, error):
     runner.join(10)
     assert not runner.is_alive(), "run() did not return after stop"
     assert reports == [error]
+
+
+def test_the_client_is_made_once_and_again_only_when_the_settings_change(quiet_office, caplog):
+    made: list[HubSettings] = []
+    first = FakeHub(node="almaty")
+
+    def connect(settings: HubSettings) -> FakeHub:
+        made.append(settings)
+        return FakeHub(node="almaty")
+
+    agent = SyncAgent(quiet_office, first, connect=connect)
+    for _ in range(3):
+        agent.sync_once()
+    assert made == [] and agent.client is first and len(first.requests) > 0
+    assert not agent.settings_changed()
+
+    quiet_office.set_hub(token="the-new-token")
+    assert agent.settings_changed()
+    with caplog.at_level(logging.INFO, logger="fieldsync.agent"):
+        agent.sync_once()
+        agent.sync_once()
+    assert made == [HubSettings("http://127.0.0.1:9", "the-new-token", None)]
+    assert agent.client is not first and len(agent.client.requests) > 0
+    assert "token replaced" in caplog.text and "the-new-token" not in caplog.text
+
+    quiet_office.set_hub("https://hub.example.org", ca_file="/etc/ca.pem")
+    agent.sync_once()
+    assert made[-1] == HubSettings("https://hub.example.org", "the-new-token", "/etc/ca.pem")
+    assert len(made) == 2
+
+
+def test_a_client_that_cannot_be_made_fails_the_sync_and_is_recorded(quiet_office):
+    def connect(settings: HubSettings) -> FakeHub:
+        raise FieldsyncError(f"cannot use the CA file {settings.ca_file}: No such file")
+
+    agent = SyncAgent(quiet_office, FakeHub(node="almaty"), connect=connect)
+    quiet_office.set_hub(ca_file="/gone/ca.pem")
+    with pytest.raises(FieldsyncError, match="/gone/ca.pem"):
+        agent.sync_once()
+    assert "/gone/ca.pem" in (quiet_office.status().last_error or "")
+
+
+def test_settings_are_not_compared_while_a_sync_runs(quiet_office):
+    agent = SyncAgent(quiet_office, FakeHub(node="almaty"), connect=lambda s: FakeHub())
+    quiet_office.set_hub(token="another")
+    with agent._lock:
+        assert not agent.settings_changed()
+    assert agent.settings_changed()
+    assert not SyncAgent(quiet_office, FakeHub(node="almaty")).settings_changed()
+
+
+def test_status_shows_the_next_try_while_backing_off(quiet_office):
+    hub, down = FakeHub(node="almaty"), HubUnavailableError("hub down")
+    hub.answer("hub_time", down)
+    run_ticks(quiet_office, hub, 1, jitter_seconds=0)
+    waits = datetime.fromisoformat(quiet_office.status().next_try_at or "") - datetime.now(UTC)
+    assert timedelta(seconds=100) < waits <= timedelta(seconds=120)  # 2 x the 60 s interval
+    run_ticks(quiet_office, hub, 1, jitter_seconds=0)  # a success: no wait any more
+    assert quiet_office.status().next_try_at is None

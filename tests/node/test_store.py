@@ -725,6 +725,10 @@ def test_status_numbers(store: NodeStore, path: Path) -> None:
         "cursor",
         "clock_offset_ms",
         "rejected",
+        "unencrypted",
+        "ca_file",
+        "allow_http",
+        "next_try_at",
     }
 
 
