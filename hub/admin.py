@@ -33,10 +33,11 @@ from starlette.responses import JSONResponse as StarletteJSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from hub.health import HEALTH_STATES
+from hub.limits import read_json
 from hub.store import HubStore
 from shared import __version__
 from shared.errors import AuthError, FieldsyncError, HubRejectedError, ProtocolError
-from shared.protocol import dumps, loads
+from shared.protocol import dumps
 
 CONFLICT_STATUSES = ("open", "logged", "resolved", "unsettled")
 MAX_CONFLICTS = 1000
@@ -251,10 +252,7 @@ def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> li
 
     async def resolve_conflict(request: Request) -> _JSON:
         who = await admin(request)
-        try:
-            data = loads(await request.body())
-        except ValueError:
-            raise ProtocolError("the request body is not valid JSON") from None
+        data = await read_json(request)  # bounded, parsed off the event loop
         done = await run_in_threadpool(resolve, store, request.path_params["id"], who, data)
         return _JSON(done.to_json())
 

@@ -20,7 +20,6 @@ person can act on. The office is always the token's owner, never read from the b
 from __future__ import annotations
 
 import logging
-import zlib
 from datetime import timedelta
 from typing import Any
 
@@ -32,12 +31,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
 
 from hub.admin import admin_routes
 from hub.dashboard import dashboard_routes
+from hub.limits import (
+    CutOffError,
+    TooLargeError,
+    check_items,
+    inflate,
+    int_param,
+    parse_json,
+    read_body,
+    read_json,
+)
 from hub.openapi import openapi_document
 from hub.store import HubStore
 from shared import __version__
@@ -49,6 +58,10 @@ from shared.errors import (
     ProtocolError,
 )
 from shared.protocol import (
+    MAX_CHANGES_PER_PUSH,
+    MAX_INFLATED_PUSH_BYTES,
+    MAX_PUSH_BYTES,
+    MAX_PUSH_VALUES,
     PROTOCOL_VERSION,
     Change,
     Health,
@@ -56,14 +69,13 @@ from shared.protocol import (
     StatusReport,
     check_version,
     dumps,
-    loads,
     read_push,
 )
 
 log = logging.getLogger("fieldsync.hub")
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # as sent (compressed)
-DEFAULT_MAX_BATCH = 10_000
+DEFAULT_MAX_BODY_BYTES = MAX_PUSH_BYTES  # as sent (compressed)
+DEFAULT_MAX_BATCH = MAX_CHANGES_PER_PUSH
 MAX_PAGE = 10_000
 
 # Every error code the hub answers with (node/client.py maps each one back).
@@ -93,14 +105,6 @@ class JSONResponse(StarletteJSONResponse):
         return dumps(content)
 
 
-class _TooLargeError(ProtocolError):
-    code = "too_large"
-
-
-class _CutOffError(ProtocolError):
-    """The office went away mid-request: a bad link, not something for admins to fix."""
-
-
 def _error(
     code: str, detail: str, status_code: int | None = None, details: dict[str, Any] | None = None
 ) -> JSONResponse:
@@ -116,9 +120,14 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
+    max_inflated_bytes: int | None = None,
     stale_after: timedelta | None = None,
 ) -> Starlette:
     """Build the hub application around ``store``.
+
+    A push is at most ``max_body_bytes`` as sent, ``max_inflated_bytes`` once inflated
+    (by default four times ``max_body_bytes``, at most MAX_INFLATED_PUSH_BYTES), and
+    ``max_batch`` changes (see hub/limits.py).
 
     ``stale_after``: how long without a successful sync makes an office stale (by
     default three of its sync intervals).
@@ -149,51 +158,6 @@ def create_app(
                 403,
             )
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            raise _TooLargeError(f"the request body is over the {max_body_bytes} byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise _TooLargeError(
-                        f"the request body is over the {max_body_bytes} byte limit"
-                    )
-                chunks.append(chunk)
-        except ClientDisconnect:
-            # A bad link: the office sends it again. Nothing was applied.
-            log.info(
-                "%s %s: the office went away before its request arrived whole",
-                request.method,
-                request.url.path,
-            )
-            raise _CutOffError("the request was cut off before it arrived whole") from None
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding == "gzip":
-            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            limit = max_body_bytes * 8
-            try:
-                body = inflater.decompress(body, limit)
-            except zlib.error as exc:
-                raise ProtocolError(f"the gzip body is corrupt: {exc}") from None
-            if inflater.unconsumed_tail:
-                raise _TooLargeError(f"the request body inflates past the {limit} byte limit")
-            if not inflater.eof:
-                raise ProtocolError("the gzip body is cut short")
-        elif encoding != "identity":
-            raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip")
-        return body
-
-    def parse(body: bytes) -> Any:
-        try:
-            return loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
-
     def office_acked(request: Request) -> tuple[str, int] | None:
         """The office whose token the request carries and the last change number of it
         the hub has dealt with (None: no office token)."""
@@ -222,12 +186,12 @@ def create_app(
 
     def check_size(count: int) -> None:
         if count > max_batch:
-            raise _TooLargeError(
+            raise TooLargeError(
                 f"the push carries {count} changes; send at most {max_batch} per request"
             )
 
     def read_push_the_long_way(body: bytes, node: str) -> tuple[Any, list[Change]]:
-        data = parse(body)
+        data = parse_json(body)
         check_version(data, "the push")
         check_claim(node, data.get("node"))
         raw = data.get("changes")
@@ -236,13 +200,22 @@ def create_app(
         check_size(len(raw))
         return data.get("node"), [Change.from_json(item, node) for item in raw]
 
-    async def push(request: Request) -> JSONResponse:
-        node = await run_in_threadpool(authenticate, request)
-        body = await read_body(request)
+    inflated_limit = max_inflated_bytes or min(4 * max_body_bytes, MAX_INFLATED_PUSH_BYTES)
+
+    def read_whole_push(body: bytes, encoding: str, node: str) -> tuple[Any, list[Change]]:
+        # In a worker thread: inflating, counting and parsing are the costly part.
+        body = inflate(body, encoding, inflated_limit)
+        check_items(body, MAX_PUSH_VALUES)
         read = read_push(body, node)
         if read is None:  # the long way, which says what is wrong
             read = read_push_the_long_way(body, node)
-        claimed, changes = read
+        return read
+
+    async def push(request: Request) -> JSONResponse:
+        node = await run_in_threadpool(authenticate, request)
+        body = await read_body(request, max_body_bytes)
+        encoding = request.headers.get("content-encoding", "identity")
+        claimed, changes = await run_in_threadpool(read_whole_push, body, encoding, node)
         check_claim(node, claimed)
         check_size(len(changes))
         seqs = [c.seq for c in changes]
@@ -263,13 +236,8 @@ def create_app(
     async def pull(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
         check_claim(node, request.query_params.get("node"))
-        try:
-            cursor = int(request.query_params.get("cursor", "0"))
-            limit = int(request.query_params.get("limit", "1000"))
-        except ValueError:
-            raise ProtocolError("cursor and limit must be whole numbers") from None
-        if cursor < 0 or not 1 <= limit <= MAX_PAGE:
-            raise ProtocolError(f"cursor must be >= 0 and limit between 1 and {MAX_PAGE}")
+        cursor = int_param(request, "cursor", 0, 0)
+        limit = int_param(request, "limit", 1000, 1, MAX_PAGE)
         own = request.query_params.get("own") == "1"
         count = request.query_params.get("count") == "1"
         packed = request.query_params.get("packed") == "1"
@@ -287,7 +255,7 @@ def create_app(
 
     async def report_status(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
-        data = parse(await read_body(request))
+        data = await read_json(request)
         check_claim(node, data.get("node") if isinstance(data, dict) else None)
         report = StatusReport.from_json(data)
         await run_in_threadpool(store.record_status, node, report)
@@ -300,7 +268,7 @@ def create_app(
         if isinstance(exc, HubRejectedError | ProtocolError):
             node = getattr(request.state, "node", None)
             code = exc.code
-            if node is not None and code != "unauthorized" and not isinstance(exc, _CutOffError):
+            if node is not None and code != "unauthorized" and not isinstance(exc, CutOffError):
                 # Admins see why an office's syncs fail, even when it cannot report.
                 await run_in_threadpool(store.note_error, node, code, str(exc))
         if isinstance(exc, HubRejectedError):

@@ -45,6 +45,7 @@ from hub.admin import conflicts_of, record_history, resolve
 from hub.auth import SESSION_HOURS
 from hub.export import FORMATS, stream_export
 from hub.health import OfficeStatus
+from hub.limits import SIGNED_IN_FORM, read_form
 from hub.render import (
     HERE,
     SECURITY_HEADERS,
@@ -213,7 +214,7 @@ class _Dashboard:
                 return redirect("/login")
 
             async def checked() -> Response:
-                form = await request.form()
+                form = await read_form(request, **SIGNED_IN_FORM)
                 _check_form(request, session, form)
                 return await handler(request, session, form)
 
@@ -235,7 +236,7 @@ class _Dashboard:
     async def _login(self, request: Request) -> Response:
         if not _same_origin(request):
             raise HTTPException(403, "This sign-in form was sent from another site.")
-        form = await request.form()
+        form = await read_form(request)  # small: bounded before it is parsed
         target = _local_path(_text(form, "next"))
         try:
             admin = await run_in_threadpool(self.store.authenticate_admin, _text(form, "token"))

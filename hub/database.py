@@ -14,6 +14,7 @@ layout up to date (hub/migrations.py) and reads or stores its schema.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -52,6 +53,8 @@ class HubDatabase:
             )
         if self.path.exists():
             _check_hub_file(self.path, create)
+        else:
+            _make_private(self.path)
         self.db = connect(self.path, synchronous="FULL")
         self.checkpointer = Checkpointer(self.db, self.path, synchronous="FULL")
         self.lock = threading.Lock()
@@ -109,6 +112,17 @@ def _stored_schema(conn: sqlite3.Connection, schema: Schema | None, path: str | 
             f"hub database {path} already uses another schema; omit --schema to use the stored one"
         )
     return found
+
+
+def _make_private(path: Path) -> None:
+    """Create ``path`` empty, readable by its owner only (0600, whatever the umask):
+    SQLite then makes the -wal and -shm files with the same mode."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:  # made meanwhile by another program: checked as it is
+        _check_hub_file(path, create=True)
+    except OSError as exc:
+        raise FieldsyncError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def _check_hub_file(path: Path, create: bool) -> None:

@@ -11,7 +11,10 @@ the same bytes as an iterator of chunks, for a download served by the dashboard.
 
 CSV: a header row of the synced columns in table order, then one row per record
 (``csv`` module defaults: comma, ``"`` quoting where needed, CRLF line ends), UTF-8;
-NULL is an empty field (so is an empty text: JSON keeps them apart). JSON: an array
+NULL is an empty field (so is an empty text: JSON keeps them apart); a text starting
+with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a ``'`` in front, so
+that a spreadsheet shows it rather than running it as a formula (numbers stored as
+numbers, negative ones too, are written as they are). JSON: an array
 written incrementally, one object per line, UTF-8 (``ensure_ascii=False``); numbers are
 numbers, REAL values exactly as Python's ``repr`` writes them, NULL is ``null``.
 """
@@ -338,10 +341,22 @@ def _csv_pieces(table: Table, chunks: Iterator[list[Any]]) -> _Pieces:
     yield parts.take()
     count = 0
     for rows in chunks:
-        writer.writerows(rows)  # None is written as an empty field
+        writer.writerows([[_cell(value) for value in row] for row in rows])  # None: empty
         yield parts.take()
         count += len(rows)
     return count
+
+
+# A text starting with one of these is a formula to a spreadsheet (OWASP, CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: a text a spreadsheet would run as a formula gets a ``'`` in front
+    (OWASP's advice); numbers, held as INTEGER or REAL, are written as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def _json_pieces(table: Table, chunks: Iterator[list[Any]]) -> _Pieces:

@@ -93,6 +93,7 @@ class Endpoint:
     path_types: tuple[tuple[str, str], ...] = ()  # path parameters that are not text
     # The dashboard's own refusals are HTML pages; 405 and 500 are JSON everywhere.
     html_errors: bool = False
+    body_schema: dict[str, Any] | None = None  # a body given as a media type: its fields
 
 
 _JSON_OBJECT = ("application/json", "a JSON object (see the summary)")
@@ -100,6 +101,14 @@ _HTML = ("text/html", "the page")
 _FORM = ("application/x-www-form-urlencoded", "the form's fields (see the summary)")
 _FLAG = {"type": "integer", "enum": [0, 1]}
 _ADMIN_LIMIT = {"type": "integer", "minimum": 1}
+_KEEP = {"enum": ["kept", "other", "value"]}
+
+
+def _fields(required: tuple[str, ...], **fields: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": fields, "required": list(required)}
+
+
+_TEXT: dict[str, Any] = {"type": "string"}
 
 
 def endpoints(max_page: int) -> tuple[Endpoint, ...]:
@@ -230,7 +239,8 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             'Settle a conflict: {"keep": "kept" | "other" | "value", "value": ..., '
             '"force": true|false}; answers the conflict as settled',
             body=("application/json", '{"keep", "value", "force"}'),
-            errors=("bad_request", "invalid_change", "not_found", "refused"),
+            body_schema=_fields(("keep",), keep=_KEEP, value={}, force={"type": "boolean"}),
+            errors=("bad_request", "too_large", "invalid_change", "not_found", "refused"),
             path_types=(("id", "integer"),),
             **admin_json,
         ),
@@ -260,7 +270,14 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
         ),
         # -- the dashboard (HTML for people; see hub/dashboard.py) --
         Endpoint("get", "/", "Offices and their health", **page),
-        Endpoint("get", "/login", "The sign-in form", None, _HTML),
+        Endpoint(
+            "get",
+            "/login",
+            "The sign-in form",
+            None,
+            _HTML,
+            params=(Param("next", _TEXT, "the page to go to once signed in (a path here)"),),
+        ),
         Endpoint(
             "post",
             "/login",
@@ -269,12 +286,14 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             ("text/html", "303 to the page asked for, or the form again"),
             body=_FORM,
             html_errors=True,
+            body_schema=_fields(("token",), token=_TEXT, next=_TEXT),
         ),
         Endpoint(
             "post",
             "/logout",
             "Sign out (form field csrf)",
             answer=("text/html", "303 to /login"),
+            body_schema=_fields(("csrf",), csrf=_TEXT),
             **form,
         ),
         Endpoint("get", "/offices/{name}", "One office, its syncs and rejected changes", **page),
@@ -298,6 +317,9 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             "Settle a conflict (form fields csrf, keep: kept|other|value, value, force)",
             answer=("text/html", "303 to the conflict"),
             path_types=(("id", "integer"),),
+            body_schema=_fields(
+                ("csrf", "keep"), csrf=_TEXT, keep=_KEEP, value=_TEXT, force={"enum": ["1"]}
+            ),
             **form,
         ),
         Endpoint("get", "/hq", "Headquarters' figures and charts, download links", **page),
@@ -380,7 +402,11 @@ def _operation(endpoint: Endpoint, codes: Mapping[str, int]) -> dict[str, Any]:
     if parameters:
         operation["parameters"] = parameters
     if endpoint.body is not None:
-        operation["requestBody"] = {"required": True, "content": _content(endpoint.body)}
+        content = _content(endpoint.body)
+        if endpoint.body_schema is not None:
+            for media in content.values():
+                media["schema"] = {**media["schema"], **endpoint.body_schema}
+        operation["requestBody"] = {"required": True, "content": content}
     responses: dict[str, Any] = {
         "200": {"description": "done", "content": _content(endpoint.answer)}
     }
@@ -391,6 +417,11 @@ def _operation(endpoint: Endpoint, codes: Mapping[str, int]) -> dict[str, Any]:
             "description": "an HTML page saying what is wrong",
             "content": _content(_HTML),
         }
+        if endpoint.path_types:  # a path whose number is not one matches no route: JSON
+            responses["404"] = {
+                "description": "not_found",
+                "content": {**_content(_HTML), **_content(ErrorBody)},
+            }
     refusals: dict[str, list[str]] = {}
     for code in (*_AUTH_ERRORS.get(endpoint.auth or "", ()), *endpoint.errors, *_ALWAYS):
         refusals.setdefault(str(codes[code]), []).append(code)

@@ -49,6 +49,16 @@ from shared.errors import ProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION: Final = 2
 
+# -- limits: what one request may hold (the hub answers 413 too_large past them) -------
+
+INT64_MAX: Final = 2**63 - 1  # every integer on the wire fits SQLite's 64 bits
+MAX_PUSH_BYTES: Final = 16 * 1024 * 1024  # a push body as sent (gzip or not)
+MAX_INFLATED_PUSH_BYTES: Final = 64 * 1024 * 1024  # a push body once inflated
+MAX_CHANGES_PER_PUSH: Final = 10_000
+# JSON values (objects, arrays, strings, numbers...) in one push, counted before parsing
+MAX_PUSH_VALUES: Final = 1_000_000
+MAX_JSON_BODY_BYTES: Final = 1024 * 1024  # any other JSON body (a status report, a decision)
+
 
 def dumps(data: Any) -> bytes:
     """JSON as UTF-8 bytes, compact (orjson: about ten times json.dumps' speed).
@@ -109,7 +119,8 @@ Stamp = Annotated[
     int, Meta(gt=0, le=2**63 - 1, description="HLC stamp: wall_ms << 16 | counter (64-bit)")
 ]
 Seq = Annotated[int, Meta(gt=0, le=2**63 - 1, description="position in the office's change log")]
-Count = Annotated[int, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Int64 = Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)]
 # Checked after decoding (shared.clock.are_stamps does a whole map in one go), so the
 # pattern is for the schema only.
 VersionText = Annotated[
@@ -151,7 +162,7 @@ class PushedChange(Struct, frozen=True):
 class PushRequest(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     """A batch of an office's changes, in increasing ``seq`` order."""
 
-    changes: list[PushedChange]
+    changes: Annotated[list[PushedChange], Meta(max_length=MAX_CHANGES_PER_PUSH)]
     node: str | None = None  # the office it thinks it is; the hub checks the token agrees
 
 
@@ -222,7 +233,7 @@ def read_push(body: bytes, node: str) -> tuple[str | None, list[Change]] | None:
     :func:`check_version`, :meth:`Change.from_json`), which says what."""
     try:
         request = _PUSH.decode(body)
-    except msgspec.DecodeError:  # a ValidationError too
+    except (msgspec.DecodeError, RecursionError):  # a ValidationError too; nested too deep
         return None
     if not isinstance(request, PushRequest):
         return None
@@ -464,7 +475,7 @@ class StatusReport(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSI
     pending: Count  # changes waiting to be pushed
     oldest_pending_at: IsoTime | None  # when the oldest of them was made
     rejected: Count  # changes the hub rejected, kept aside at the office
-    clock_offset_ms: int  # how far the office clock is behind the hub's
+    clock_offset_ms: Int64  # how far the office clock is behind the hub's
     version: str  # the office's fieldsync version (the hub keeps MAX_VERSION_CHARS)
     # its sync interval, when it runs the agent
     interval_seconds: Annotated[float, Meta(gt=0, lt=10**7)] | None = None
@@ -566,7 +577,10 @@ def _read(kind: type[_T], data: Any, what: str) -> _T:
             decoder = _DECODERS.get(kind) or _DECODERS.setdefault(
                 kind, msgspec.json.Decoder(target)
             )
-            found = decoder.decode(data)
+            try:
+                found = decoder.decode(data)
+            except RecursionError:
+                raise ProtocolError(f"{what}: the JSON is nested too deep") from None
         else:
             found = msgspec.convert(data, target)
         if isinstance(found, _Unversioned):
