@@ -52,6 +52,8 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
     "clock_skew": ClockSkewError,
     "diverged": DivergedError,
     "refused": HubRejectedError,
+    "revoked": AuthError,  # the office's token was revoked or replaced
+    "throttled": HubRejectedError,  # admin sign-ins only
 }
 
 
