@@ -436,7 +436,9 @@ def hub_set_role(name: str, role: str, db_path: str) -> None:
     """Change admin NAME's role (viewer, resolver or owner); effective at once."""
     with _open_hub(db_path) as store:
         old = store.set_role(name, role)
-    click.echo(f"Admin {name!r} is now a {role} (was a {old}).")
+    from hub.admin import with_article
+
+    click.echo(f"Admin {name!r} is now {with_article(role)} (was {with_article(old)}).")
 
 
 @hub.command("admins")

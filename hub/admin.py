@@ -110,10 +110,15 @@ def role_refusal(admin: Admin, needed: str) -> str:
         "owner": "read case data or the audit log",
     }.get(needed, "do this")
     return (
-        f"admin {admin.name!r} is a {admin.role}; only a {needed}"
+        f"admin {admin.name!r} is {with_article(admin.role)}; only {with_article(needed)}"
         f"{'' if needed == 'owner' else ' or an owner'} may {what} "
         f"(`fieldsync hub set-role {admin.name} {needed}`)"
     )
+
+
+def with_article(role: str) -> str:
+    """``a viewer``, ``an owner``."""
+    return f"{'an' if role[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {role}"
 
 
 def authenticate_admin(
