@@ -337,6 +337,9 @@ def hub_resolve(
     conflict_id: int, db_path: str, keep: str, value: str | None, by: str, force: bool
 ) -> None:
     """Settle a conflict; the decision reaches every office on its next sync."""
+    from hub.admin import audit_resolution
+    from hub.audit import Actor
+
     with _open_hub(db_path) as store:
         record = store.conflict(conflict_id)
         side = keep
@@ -361,6 +364,7 @@ def hub_resolve(
         elif value is not None:
             raise click.ClickException("--value goes with --keep value")
         done = store.resolve(conflict_id, side, by, parsed, force=force)
+        audit_resolution(store, Actor.cli(), done)
     click.echo(
         f"Conflict {done.id} resolved ({side}); offices get the decision on their next sync."
     )

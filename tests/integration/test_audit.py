@@ -139,11 +139,18 @@ def test_the_audit_log_records_who_what_where_and_never_values(
     write(astana, "INSERT INTO cases (id, family_name, notes) VALUES ('c1', ?, 'n')", SECRET)
     for office in (astana, almaty, astana, almaty):
         office.sync()
-    write(astana, "UPDATE cases SET notes = ? WHERE id = 'c1'", f"{SECRET}-a")
-    write(almaty, "UPDATE cases SET notes = ? WHERE id = 'c1'", f"{SECRET}-b")
+    for office in (astana, almaty):
+        sets = "notes = ?, given_name = ?"
+        write(
+            office,
+            f"UPDATE cases SET {sets} WHERE id = 'c1'",
+            f"{SECRET}-{office.name}",
+            office.name,
+        )
     for office in (astana, almaty, astana, almaty):
         office.sync()
-    [conflict] = hub.store.conflicts()
+    [conflict] = [c for c in hub.store.conflicts() if c.column == "notes"]
+    [by_cli] = [c for c in hub.store.conflicts() if c.column == "given_name"]
     owner = hub.store.add_admin("ops", "owner")
     with httpx.Client(base_url=hub.url, timeout=30) as web:
         assert web.post("/login", data={"token": owner, "next": "/"}).status_code == 303
@@ -168,6 +175,22 @@ def test_the_audit_log_records_who_what_where_and_never_values(
         timeout=30,
     )
     assert export.returncode == 0 and SECRET in export.stdout
+    resolved = subprocess.run(
+        [
+            str(FIELDSYNC),
+            "hub",
+            "resolve",
+            str(by_cli.id),
+            "--db",
+            str(hub.path),
+            "--keep",
+            "other",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert resolved.returncode == 0, resolved.stderr
 
     rows = audit_rows(hub)
     by_action = {r["action"]: r for r in reversed(rows)}  # the newest of each
@@ -178,9 +201,11 @@ def test_the_audit_log_records_who_what_where_and_never_values(
         "office": "almaty",
     }
     assert (by_action["download"]["actor"], by_action["download"]["source"]) == ("ops", "127.0.0.1")
-    assert by_action["resolve"]["target"] == f"conflict {conflict.id}"
-    assert by_action["resolve"]["detail"]["pk"] == {"id": "c1"}
-    assert by_action["resolve"]["detail"]["keep"] == "value"
+    resolutions = {r["target"]: r for r in rows if r["action"] == "resolve"}
+    web = resolutions[f"conflict {conflict.id}"]
+    assert (web["actor"], web["source"]) == ("ops", "127.0.0.1")
+    assert web["detail"]["pk"] == {"id": "c1"} and web["detail"]["keep"] == "value"
+    assert resolutions[f"conflict {by_cli.id}"]["source"] == "cli"
     assert by_action["view_record"]["detail"]["pk"] == {"id": "c1"}
     assert by_action["export"]["source"] == "cli"
     assert by_action["export"]["detail"]["rows"] == 1
