@@ -75,9 +75,11 @@ def sign_in(
 ) -> Admin:
     """The admin whose ``token`` comes from ``address``, counted by ``throttle``.
 
-    A blocked address (or admin) gets ThrottledError before the token is even looked
-    at; a wrong token is counted and AuthError raised. Failures and refusals go to the
-    audit log, and so does a dashboard sign-in.
+    A blocked address gets ThrottledError before the token is even looked at; a wrong
+    token is counted against the address, and a revoked one also against the admin it
+    names (whose revoked tokens are then refused from every address for a while; their
+    current token still works). Failures and refusals go to the audit log, and so does
+    a dashboard sign-in.
     """
     kind = "sign_in" if dashboard else "api_auth"
     here = [f"addr:{address}"]
@@ -89,15 +91,16 @@ def sign_in(
         admin = store.identify_admin(token)
     except AuthError as exc:
         name = exc.details.get("name") if exc.code == "revoked" else None
+        named = [f"admin:{name}"] if name else []
+        wait = throttle.retry_after(named)
+        if wait is not None:
+            store.audit(f"{kind}_throttled", Actor(str(name), address), retry_after=wait)
+            raise ThrottledError(wait) from None
         if exc.status == 401:  # a guess; an office's token at the wrong door is not
-            throttle.failed([*here, f"admin:{name}"] if name else here)
+            throttle.failed([*here, *named])
         store.audit(f"{kind}_failed", Actor(name or NOBODY, address), reason=exc.code)
         raise
-    wait = throttle.retry_after([f"admin:{admin.name}"])
-    if wait is not None:
-        store.audit(f"{kind}_throttled", Actor(admin.name, address), retry_after=wait)
-        raise ThrottledError(wait)
-    throttle.succeeded([*here, f"admin:{admin.name}"])
+    throttle.succeeded(here)
     if dashboard:
         store.audit("sign_in", Actor(admin.name, address), role=admin.role)
     return admin
