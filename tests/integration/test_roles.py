@@ -236,3 +236,10 @@ def test_hq_offers_downloads_to_owners_only(hub: Hub, world: dict[str, Any]) -> 
     for role in ("resolver", "viewer"):
         page = world["sessions"][role].get("/hq")
         assert page.status_code == 200 and "/export/" not in page.text, role
+
+
+def test_only_owners_are_offered_record_histories(hub: Hub, world: dict[str, Any]) -> None:
+    path = f"/conflicts/{world['any_id']}"
+    assert "/records/cases?id=c1" in world["sessions"]["owner"].get(path).text
+    page = world["sessions"]["resolver"].get(path)
+    assert page.status_code == 200 and "/records/" not in page.text
