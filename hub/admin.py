@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse as StarletteJSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from hub.audit import NOBODY, Actor
-from hub.auth import Admin, SignInThrottle, ThrottledError, allows
+from hub.auth import Admin, RevokedError, SignInThrottle, ThrottledError, allows
 from hub.health import HEALTH_STATES
 from hub.store import HubStore
 from shared import __version__
@@ -90,7 +90,7 @@ def sign_in(
     try:
         admin = store.identify_admin(token)
     except AuthError as exc:
-        name = exc.details.get("name") if exc.code == "revoked" else None
+        name = exc.name if isinstance(exc, RevokedError) else None
         named = [f"admin:{name}"] if name else []
         wait = throttle.retry_after(named)
         if wait is not None:

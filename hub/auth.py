@@ -133,7 +133,7 @@ def authenticate(hub: HubDatabase, token: str) -> str:
     raise AuthError("unknown or revoked token", "unauthorized", 401)
 
 
-def revoked_token(hub: HubDatabase, token: str, kind: str) -> AuthError | None:
+def revoked_token(hub: HubDatabase, token: str, kind: str) -> RevokedError | None:
     """The error for a token of ``kind`` that was revoked or replaced (None: it was not):
     401 ``revoked``, saying what to do."""
     digest = hash_token(token)
@@ -162,7 +162,15 @@ def revoked_token(hub: HubDatabase, token: str, kind: str) -> AuthError | None:
             f"the token of admin {name!r} was revoked at {when}; ask an owner of the hub "
             f"for a new one (`fieldsync hub rotate-token {name} --admin`)"
         )
-    return AuthError(detail, "revoked", 401, details={"name": name})
+    return RevokedError(detail, name)
+
+
+class RevokedError(AuthError):
+    """A token that was revoked or replaced: 401 ``revoked``; ``name`` is its holder."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message, "revoked", 401)
+        self.name = name
 
 
 def acked(hub: HubDatabase, node: str) -> int:
@@ -398,10 +406,7 @@ class ThrottledError(HubRejectedError):
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(
-            f"too many failed sign-ins; try again in {retry_after} s",
-            "throttled",
-            429,
-            details={"retry_after": retry_after},
+            f"too many failed sign-ins; try again in {retry_after} s", "throttled", 429
         )
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}

@@ -93,6 +93,7 @@ def test_revoke_and_rotate_an_office_on_the_running_hub(tmp_path: Path, hub: Hub
     assert refused.status_code == 401 and refused.json()["error"] == "revoked"
     assert "node set --token NEW" in refused.json()["detail"]
     assert "\n" not in refused.json()["detail"]
+    assert set(refused.json()) == {"error", "detail", "hub_time_ms"}  # as ErrorBody says
     assert push_status(hub, new).status_code == 200
 
     ok("node", "set", astana.db, "--token", new)
