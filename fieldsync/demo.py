@@ -184,7 +184,7 @@ def _story(echo: Echo, base: Path, serve_port: int | None, stop: threading.Event
                 raise FieldsyncError(f"the offices and the hub disagree on {table}")
         echo("   Astana, Almaty and the hub hold exactly the same data.")
 
-        token = hub.add_admin("demo")
+        token = hub.add_admin("demo", "owner")
         echo(f"8. The admin dashboard is at {url}/ : offices, conflicts, headquarters figures.")
         if serve_port is None:
             echo("   (The hub stops with the demo; `fieldsync demo --serve` keeps it up.)")

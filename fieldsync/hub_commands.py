@@ -188,18 +188,29 @@ def hub_add_node(
     click.echo(token)
 
 
+_ROLES = ("viewer", "resolver", "owner")  # hub/auth.py's ROLES (checked by a test)
+
+
 @hub.command("add-admin")
 @click.argument("name")
 @_hub_db
-def hub_add_admin(name: str, db_path: str) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(_ROLES),
+    default="viewer",
+    show_default=True,
+    help="viewer: status and figures; resolver: also settles conflicts; owner: also "
+    "downloads case data, reads record histories and the audit log.",
+)
+def hub_add_admin(name: str, db_path: str, role: str) -> None:
     """Make an admin; print the admin token on the last line (keep it secret).
 
     The token signs in to the dashboard at the hub's address and is the bearer
-    token of the admin API and /metrics.
+    token of the admin API and /metrics. Change the role later with `hub set-role`.
     """
     with _open_hub(db_path, create=True) as store:
-        token = store.add_admin(name)
-    click.echo(f"Made admin {name!r}. The token (shown once, stored only as a hash):")
+        token = store.add_admin(name, role)
+    click.echo(f"Made admin {name!r} ({role}). The token (shown once, stored only as a hash):")
     click.echo(token)
 
 
@@ -335,13 +346,25 @@ def hub_export(table: str, db_path: str, fmt: str, office: str | None, out_path:
 
     if out_path == "-":
         stdout = getattr(sys.stdout, "buffer", sys.stdout)  # UTF-8 bytes, whatever the locale
-        export_rows(db_path, table, fmt.lower(), stdout, office)
+        count = export_rows(db_path, table, fmt.lower(), stdout, office)
         stdout.flush()
-        return
-    count = export_to_path(db_path, table, fmt.lower(), out_path, office)
-    click.echo(
-        f"Exported {count} row{'' if count == 1 else 's'} of {table} to {out_path}", err=True
-    )
+    else:
+        count = export_to_path(db_path, table, fmt.lower(), out_path, office)
+        click.echo(
+            f"Exported {count} row{'' if count == 1 else 's'} of {table} to {out_path}", err=True
+        )
+    _audit_export(db_path, table, fmt.lower(), office, out_path, count)
+
+
+def _audit_export(
+    db_path: str, table: str, fmt: str, office: str | None, out_path: str, count: int
+) -> None:
+    """Record a finished export in the audit log (names and a count, never values)."""
+    from hub.audit import Actor
+
+    with _open_hub(db_path) as store:
+        what = {"format": fmt, "office": office, "out": out_path, "rows": count}
+        store.audit("export", Actor.cli(), table, table=table, **what)
 
 
 def _show(value: Any, kind: str) -> str:
@@ -371,6 +394,9 @@ def hub_resolve(
     conflict_id: int, db_path: str, keep: str, value: str | None, by: str, force: bool
 ) -> None:
     """Settle a conflict; the decision reaches every office on its next sync."""
+    from hub.admin import audit_resolution
+    from hub.audit import Actor
+
     with _open_hub(db_path) as store:
         record = store.conflict(conflict_id)
         side = keep
@@ -395,6 +421,134 @@ def hub_resolve(
         elif value is not None:
             raise click.ClickException("--value goes with --keep value")
         done = store.resolve(conflict_id, side, by, parsed, force=force)
+        audit_resolution(store, Actor.cli(), done)
     click.echo(
         f"Conflict {done.id} resolved ({side}); offices get the decision on their next sync."
     )
+
+
+# -- taking keys back, roles, the audit log ---------------------------------------------
+
+_kind = click.option(
+    "--office",
+    "kind",
+    flag_value="office",
+    help="NAME is an office (needed only when an admin has the same name).",
+)
+_kind_admin = click.option(
+    "--admin",
+    "kind",
+    flag_value="admin",
+    help="NAME is an admin (needed only when an office has the same name).",
+)
+
+
+@hub.command("revoke")
+@click.argument("name")
+@_hub_db
+@_kind
+@_kind_admin
+def hub_revoke(name: str, db_path: str, kind: str | None) -> None:
+    """Revoke the token of office or admin NAME, at once, even on a running hub.
+
+    The office's next sync is refused (401 revoked) and its changes wait at the office
+    until `hub rotate-token` gives it a new token; an admin's dashboard sessions end.
+    Revoking twice changes nothing more; each time is recorded in the audit log.
+    """
+    with _open_hub(db_path) as store:
+        kind, already = store.revoke(name, kind)
+    if already:
+        click.echo(f"The token of {kind} {name!r} was already revoked.")
+    else:
+        click.echo(f"Revoked the token of {kind} {name!r}; it is refused from the next request on.")
+    if kind == "office":
+        click.echo(
+            f"To let the office sync again: fieldsync hub rotate-token {name} --db {db_path}"
+        )
+
+
+@hub.command("rotate-token")
+@click.argument("name")
+@_hub_db
+@_kind
+@_kind_admin
+def hub_rotate_token(name: str, db_path: str, kind: str | None) -> None:
+    """Give office or admin NAME a new token; print it on the last line (keep it secret).
+
+    The old token is refused from the next request on, even on a running hub; a
+    revoked office or admin is active again. An office keeps what the hub knows of it
+    (its changes already taken); set the new token at the office with
+    `fieldsync node set --token NEW` and its waiting changes go on its next sync.
+    """
+    with _open_hub(db_path) as store:
+        kind, token = store.rotate_token(name, kind)
+    where = (
+        " (set it at the office with `fieldsync node set --token NEW`)" if kind == "office" else ""
+    )
+    click.echo(f"New token of {kind} {name!r}{where}. Shown once, stored only as a hash:")
+    click.echo(token)
+
+
+@hub.command("set-role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(_ROLES))
+@_hub_db
+def hub_set_role(name: str, role: str, db_path: str) -> None:
+    """Change admin NAME's role (viewer, resolver or owner); effective at once."""
+    with _open_hub(db_path) as store:
+        old = store.set_role(name, role)
+    from hub.admin import with_article
+
+    click.echo(f"Admin {name!r} is now {with_article(role)} (was {with_article(old)}).")
+
+
+@hub.command("admins")
+@_hub_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hub_admins(db_path: str, as_json: bool) -> None:
+    """List the admins, their roles and whether their tokens are revoked."""
+    with _open_hub(db_path) as store:
+        found = store.admins()
+    if as_json:
+        echo_json(found)
+        return
+    if not found:
+        click.echo("No admins yet; make one with `fieldsync hub add-admin NAME --role ROLE`.")
+    for admin in found:
+        revoked = f"  revoked {admin['revoked_at']}" if admin["revoked_at"] else ""
+        click.echo(f"{admin['name']}  {admin['role']}  made {admin['created_at']}{revoked}")
+
+
+@hub.command("audit")
+@_hub_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="How many entries, newest first.",
+)
+def hub_audit(db_path: str, as_json: bool, limit: int) -> None:
+    """Show the audit log, newest first: who did what, when, from where.
+
+    Sign-ins (failed and throttled ones too), resolutions, downloads and exports,
+    record histories read, tokens revoked and rotated, roles changed, offices and
+    admins added. It never holds case values.
+    """
+    with _open_hub(db_path) as store:
+        entries = store.audit_entries(limit)
+    if as_json:
+        echo_json(entries)
+        return
+    if not entries:
+        click.echo("The audit log is empty.")
+    for e in entries:
+        detail = ", ".join(
+            f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in e["detail"].items()
+        )
+        target = f" {e['target']}" if e["target"] else ""
+        click.echo(
+            f"{e['at']}  {e['actor']}@{e['source']}  {e['action']}{target}"
+            + (f"  ({detail})" if detail else "")
+        )

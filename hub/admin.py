@@ -2,17 +2,26 @@
 The admin HTTP API (JSON, ``/v1/admin/...``) and ``GET /metrics`` (Prometheus).
 
 Both take an admin token as a bearer token (``fieldsync hub add-admin NAME``); an
-office token gets 403, a missing or unknown one 401. Routes:
+office token gets 403, a missing or unknown one 401 (``revoked`` for a token taken
+back), an admin whose role is short of the route's 403. Routes, with the least role
+each needs (hub/auth.py: viewer < resolver < owner):
 
-- ``GET  /v1/admin/offices``                 every office, with its health
-- ``GET  /v1/admin/offices/{name}``          one office and its recent syncs
-- ``GET  /v1/admin/conflicts?status=&limit=`` the conflict log (``unsettled``: open + logged)
-- ``GET  /v1/admin/conflicts/{id}``
-- ``POST /v1/admin/conflicts/{id}/resolve``  ``{"keep": "kept"|"other"|"value", "value", "force"}``
-- ``GET  /v1/admin/rejected?office=``        changes the hub set aside (no values)
-- ``GET  /v1/admin/history/{table}?COLUMN=VALUE`` every version of one record
-- ``GET  /v1/admin/figures``                 consolidated figures for headquarters
-- ``GET  /metrics``                          per-office gauges, Prometheus text format
+- ``GET  /v1/admin/offices``                 viewer: every office, with its health
+- ``GET  /v1/admin/offices/{name}``          viewer: one office and its recent syncs
+- ``GET  /v1/admin/conflicts?status=&limit=`` resolver: the conflict log (``unsettled``:
+  open + logged)
+- ``GET  /v1/admin/conflicts/{id}``          resolver
+- ``POST /v1/admin/conflicts/{id}/resolve``  resolver: ``{"keep": "kept"|"other"|"value",
+  "value", "force"}``
+- ``GET  /v1/admin/rejected?office=``        viewer: changes the hub set aside (no values)
+- ``GET  /v1/admin/history/{table}?COLUMN=VALUE`` owner: every version of one record
+- ``GET  /v1/admin/figures``                 viewer: consolidated figures for headquarters
+- ``GET  /v1/admin/audit?limit=&before=``    owner: the audit log, newest first
+- ``GET  /metrics``                          viewer: per-office gauges, Prometheus format
+
+Wrong tokens are counted per client address (:class:`hub.auth.SignInThrottle`): too
+many get 429 with Retry-After. Failures, throttled attempts, resolutions and record
+histories read are written to the audit log (hub/audit.py).
 
 (Downloads are the dashboard's: ``GET /export/{table}.{csv|json}``.) The OpenAPI
 document (``hub/openapi.py``) describes each route, its parameters and its errors.
@@ -32,6 +41,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse as StarletteJSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from hub.audit import NOBODY, Actor
+from hub.auth import Admin, RevokedError, SignInThrottle, ThrottledError, allows
 from hub.health import HEALTH_STATES
 from hub.limits import read_json
 from hub.store import HubStore
@@ -41,6 +52,7 @@ from shared.protocol import dumps
 
 CONFLICT_STATUSES = ("open", "logged", "resolved", "unsettled")
 MAX_CONFLICTS = 1000
+MAX_AUDIT = 1000
 
 
 class _JSON(StarletteJSONResponse):
@@ -54,8 +66,73 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def authenticate_admin(store: HubStore, request: Request) -> str:
-    """The admin making ``request`` (bearer token); AuthError otherwise."""
+def client_address(request: Request) -> str:
+    """Where a request comes from (as uvicorn saw it, or as a trusted proxy said)."""
+    return request.client.host if request.client else "unknown"
+
+
+def sign_in(
+    store: HubStore, throttle: SignInThrottle, token: str, address: str, *, dashboard: bool
+) -> Admin:
+    """The admin whose ``token`` comes from ``address``, counted by ``throttle``.
+
+    A blocked address gets ThrottledError before the token is even looked at; a wrong
+    token is counted against the address, and a revoked one also against the admin it
+    names (whose revoked tokens are then refused from every address for a while; their
+    current token still works). Failures and refusals go to the audit log, and so does
+    a dashboard sign-in.
+    """
+    kind = "sign_in" if dashboard else "api_auth"
+    here = [f"addr:{address}"]
+    wait = throttle.retry_after(here)
+    if wait is not None:
+        store.audit(f"{kind}_throttled", Actor(NOBODY, address), retry_after=wait)
+        raise ThrottledError(wait)
+    try:
+        admin = store.identify_admin(token)
+    except AuthError as exc:
+        name = exc.name if isinstance(exc, RevokedError) else None
+        named = [f"admin:{name}"] if name else []
+        wait = throttle.retry_after(named)
+        if wait is not None:
+            store.audit(f"{kind}_throttled", Actor(str(name), address), retry_after=wait)
+            raise ThrottledError(wait) from None
+        if exc.status == 401:  # a guess; an office's token at the wrong door is not
+            throttle.failed([*here, *named])
+        store.audit(f"{kind}_failed", Actor(name or NOBODY, address), reason=exc.code)
+        raise
+    throttle.succeeded(here)
+    if dashboard:
+        store.audit("sign_in", Actor(admin.name, address), role=admin.role)
+    return admin
+
+
+def role_refusal(admin: Admin, needed: str) -> str:
+    """Why ``admin`` may not do what needs the role ``needed`` (one line)."""
+    what = {
+        "resolver": "settle conflicts (and see their values)",
+        "owner": "read case data or the audit log",
+    }.get(needed, "do this")
+    return (
+        f"admin {admin.name!r} is {with_article(admin.role)}; only {with_article(needed)}"
+        f"{'' if needed == 'owner' else ' or an owner'} may {what} "
+        f"(`fieldsync hub set-role {admin.name} {needed}`)"
+    )
+
+
+def with_article(role: str) -> str:
+    """``a viewer``, ``an owner``."""
+    return f"{'an' if role[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {role}"
+
+
+def authenticate_admin(
+    store: HubStore,
+    request: Request,
+    needed: str = "viewer",
+    throttle: SignInThrottle | None = None,
+) -> Admin:
+    """The admin making ``request`` (bearer token), if their role is at least
+    ``needed``; AuthError (401, 403) or ThrottledError (429) otherwise."""
     token = bearer_token(request)
     if token is None:
         raise AuthError(
@@ -64,7 +141,12 @@ def authenticate_admin(store: HubStore, request: Request) -> str:
             "unauthorized",
             401,
         )
-    return store.authenticate_admin(token)
+    admin = sign_in(
+        store, throttle or SignInThrottle(), token, client_address(request), dashboard=False
+    )
+    if not allows(admin.role, needed):
+        raise AuthError(role_refusal(admin, needed), "forbidden", 403)
+    return admin
 
 
 def not_found(message: str) -> HubRejectedError:
@@ -114,6 +196,32 @@ def record_history(store: HubStore, table: str, params: dict[str, str]) -> dict[
         "pk": dict(zip(found.primary_key, values, strict=True)),
         "versions": versions,
     }
+
+
+def audit_resolution(store: HubStore, actor: Actor, done: Any) -> None:
+    """Record a settled conflict: its id, table, key and the side kept (never a value)."""
+    how = done.resolution.get("keep") if isinstance(done.resolution, dict) else done.resolution
+    store.audit(
+        "resolve",
+        actor,
+        f"conflict {done.id}",
+        table=done.table,
+        pk=done.pk,
+        column=done.column,
+        keep=how,
+    )
+
+
+def audit_record_view(store: HubStore, actor: Actor, found: dict[str, Any]) -> None:
+    """Record that ``actor`` read every version of a record (its table and key)."""
+    store.audit(
+        "view_record",
+        actor,
+        f"{found['table']} record",
+        table=found["table"],
+        pk=found["pk"],
+        versions=len(found["versions"]),
+    )
 
 
 class _OfficeCollector:
@@ -196,13 +304,21 @@ class _OfficeCollector:
         yield info
 
 
-def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> list[BaseRoute]:
-    """The admin API and /metrics, for :func:`hub.app.create_app`."""
+def admin_routes(
+    store: HubStore,
+    *,
+    stale_after: timedelta | None = None,
+    throttle: SignInThrottle | None = None,
+) -> list[BaseRoute]:
+    """The admin API and /metrics, for :func:`hub.app.create_app` (``throttle``: the
+    hub's, shared with the dashboard's sign-in)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_OfficeCollector(store, stale_after))
+    counted = throttle or SignInThrottle()
 
-    async def admin(request: Request) -> str:
-        return await run_in_threadpool(authenticate_admin, store, request)
+    async def admin(request: Request, needed: str = "viewer") -> str:
+        found = await run_in_threadpool(authenticate_admin, store, request, needed, counted)
+        return found.name
 
     def int_param(request: Request, name: str, default: int, high: int) -> int:
         try:
@@ -232,14 +348,14 @@ def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> li
         return _JSON((await run_in_threadpool(load)).to_json())
 
     async def conflicts(request: Request) -> _JSON:
-        await admin(request)
+        await admin(request, "resolver")
         status = request.query_params.get("status", "unsettled")
         limit = int_param(request, "limit", 100, MAX_CONFLICTS)
         found = await run_in_threadpool(conflicts_of, store, status, limit)
         return _JSON({"conflicts": [c.to_json() for c in found]})
 
     async def conflict(request: Request) -> _JSON:
-        await admin(request)
+        await admin(request, "resolver")
         conflict_id = request.path_params["id"]
 
         def load() -> Any:
@@ -251,9 +367,10 @@ def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> li
         return _JSON((await run_in_threadpool(load)).to_json())
 
     async def resolve_conflict(request: Request) -> _JSON:
-        who = await admin(request)
+        who = await admin(request, "resolver")
         data = await read_json(request)  # bounded, parsed off the event loop
         done = await run_in_threadpool(resolve, store, request.path_params["id"], who, data)
+        await run_in_threadpool(audit_resolution, store, Actor(who, client_address(request)), done)
         return _JSON(done.to_json())
 
     async def rejected(request: Request) -> _JSON:
@@ -269,10 +386,22 @@ def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> li
         return _JSON({"rejected": await run_in_threadpool(load)})
 
     async def history(request: Request) -> _JSON:
-        await admin(request)
+        who = await admin(request, "owner")
         params = dict(request.query_params)
         found = await run_in_threadpool(record_history, store, request.path_params["table"], params)
+        await run_in_threadpool(
+            audit_record_view, store, Actor(who, client_address(request)), found
+        )
         return _JSON(found)
+
+    async def audit_log(request: Request) -> _JSON:
+        await admin(request, "owner")
+        limit = int_param(request, "limit", 100, MAX_AUDIT)
+        before = None
+        if "before" in request.query_params:
+            before = int_param(request, "before", 1, 2**62)
+        found = await run_in_threadpool(store.audit_entries, limit, before)
+        return _JSON({"entries": found})
 
     async def figures(request: Request) -> _JSON:
         await admin(request)
@@ -292,5 +421,6 @@ def admin_routes(store: HubStore, *, stale_after: timedelta | None = None) -> li
         Route("/v1/admin/rejected", rejected),
         Route("/v1/admin/history/{table}", history),
         Route("/v1/admin/figures", figures),
+        Route("/v1/admin/audit", audit_log),
         Route("/metrics", metrics),
     ]

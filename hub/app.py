@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
 
 from hub.admin import admin_routes
+from hub.auth import SignInThrottle
 from hub.dashboard import dashboard_routes
 from hub.limits import (
     CutOffError,
@@ -83,6 +84,7 @@ ERROR_CODES = {
     "bad_request": status.HTTP_400_BAD_REQUEST,
     "version_mismatch": status.HTTP_400_BAD_REQUEST,
     "unauthorized": status.HTTP_401_UNAUTHORIZED,
+    "revoked": status.HTTP_401_UNAUTHORIZED,
     "forbidden": status.HTTP_403_FORBIDDEN,
     "not_found": status.HTTP_404_NOT_FOUND,
     "method_not_allowed": status.HTTP_405_METHOD_NOT_ALLOWED,
@@ -92,6 +94,7 @@ ERROR_CODES = {
     "too_large": status.HTTP_413_CONTENT_TOO_LARGE,
     "invalid_change": status.HTTP_422_UNPROCESSABLE_CONTENT,
     "clock_skew": status.HTTP_422_UNPROCESSABLE_CONTENT,
+    "throttled": status.HTTP_429_TOO_MANY_REQUESTS,
 }
 
 # Every route, body and error (served at /v1/openapi.json).
@@ -122,6 +125,7 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_inflated_bytes: int | None = None,
     stale_after: timedelta | None = None,
+    throttle: SignInThrottle | None = None,
 ) -> Starlette:
     """Build the hub application around ``store``.
 
@@ -130,7 +134,8 @@ def create_app(
     ``max_batch`` changes (see hub/limits.py).
 
     ``stale_after``: how long without a successful sync makes an office stale (by
-    default three of its sync intervals).
+    default three of its sync intervals). ``throttle``: how failed admin sign-ins are
+    counted (by default hub/auth.py's limits).
     """
 
     def authenticate(request: Request) -> str:
@@ -272,7 +277,9 @@ def create_app(
                 # Admins see why an office's syncs fail, even when it cannot report.
                 await run_in_threadpool(store.note_error, node, code, str(exc))
         if isinstance(exc, HubRejectedError):
-            return _error(exc.code, str(exc), exc.status, exc.details)
+            answer = _error(exc.code, str(exc), exc.status, exc.details)
+            answer.headers.update(getattr(exc, "headers", {}))  # Retry-After of a 429
+            return answer
         if isinstance(exc, ProtocolError):
             return _error(exc.code, str(exc))
         # Messages of the hub's own failures name functions and tables, not case data.
@@ -293,10 +300,11 @@ def create_app(
             status_code=500,
         )
 
+    throttle = throttle or SignInThrottle()  # shared by the admin API and /login
     return Starlette(
         routes=[
-            *admin_routes(store, stale_after=stale_after),
-            *dashboard_routes(store, stale_after=stale_after),
+            *admin_routes(store, stale_after=stale_after, throttle=throttle),
+            *dashboard_routes(store, stale_after=stale_after, throttle=throttle),
             Route("/v1/health", health),
             Route("/v1/push", push, methods=["POST"]),
             Route("/v1/pull", pull),

@@ -6,6 +6,17 @@ how far the hub has dealt with its changes); an admin reads and settles with an 
 token (``_fieldsync_admins``) or, in the dashboard, a session cookie with its CSRF
 token (``_fieldsync_sessions``). Tokens and session cookies are stored only as
 SHA-256 hashes. Neither kind of token opens the other's door.
+
+Every check reads the database (nothing is cached), so a token revoked or replaced
+by ``fieldsync hub revoke`` / ``rotate-token`` is refused on the running hub's very
+next request, and a revoked admin's sessions end with it. The hash of a token taken
+back is kept (``_fieldsync_retired_tokens``) so that whoever still sends it is told
+it was revoked, rather than that it is unknown.
+
+An admin has a role (:data:`ROLES`): a viewer sees status and figures, a resolver
+also settles conflicts, an owner also reads case data (downloads, record histories)
+and the audit log. :class:`SignInThrottle` slows down guessing; every change of a
+key or a role is recorded in the audit log (hub/audit.py) in its own transaction.
 """
 
 from __future__ import annotations
@@ -13,16 +24,47 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
+from hub import audit
+from hub.audit import Actor
 from hub.database import HubDatabase
 from hub.times import utcnow
 from shared.clock import check_node_name
-from shared.errors import AuthError, FieldsyncError
+from shared.errors import AuthError, FieldsyncError, HubRejectedError
 
 # How long a dashboard session lasts.
 SESSION_HOURS = 12
+
+# Admin roles, least to most; each may do what those before it may.
+ROLES = ("viewer", "resolver", "owner")
+DEFAULT_ROLE = "viewer"
+
+# The two tables of tokens, by the kind of holder.
+_TABLES = {"office": "_fieldsync_nodes", "admin": "_fieldsync_admins"}
+
+
+class Admin(NamedTuple):
+    """A signed-in admin: name and role."""
+
+    name: str
+    role: str
+
+
+def allows(role: str, needed: str) -> bool:
+    """Whether an admin of ``role`` may do what needs ``needed``."""
+    return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    return role
 
 
 def hash_token(token: str) -> str:
@@ -48,13 +90,15 @@ def new_token(conn: sqlite3.Connection, table: str, name: str, taken: str) -> st
 # -- offices ---------------------------------------------------------------------------
 
 
-def add_node(hub: HubDatabase, name: str) -> str:
+def add_node(hub: HubDatabase, name: str, by: Actor | None = None) -> str:
     """Register an office and return its new token (only its hash is stored)."""
     check_node_name(name)
     if name == "hub":
         raise ValueError("the office name 'hub' is reserved")
     with hub.write() as conn:
-        return new_token(conn, "_fieldsync_nodes", name, f"office {name!r} is already registered")
+        token = new_token(conn, "_fieldsync_nodes", name, f"office {name!r} is already registered")
+        audit.record(conn, "add_office", by or Actor.cli(), f"office {name}")
+        return token
 
 
 def nodes(hub: HubDatabase) -> list[dict[str, Any]]:
@@ -81,9 +125,52 @@ def authenticate(hub: HubDatabase, token: str) -> str:
             "forbidden",
             403,
         )
-    if row is None or row[1] is not None:
-        raise AuthError("unknown or revoked token", "unauthorized", 401)
-    return str(row[0])
+    if row is not None and row[1] is None:
+        return str(row[0])
+    revoked = revoked_token(hub, token, "office")
+    if revoked is not None:
+        raise revoked
+    raise AuthError("unknown or revoked token", "unauthorized", 401)
+
+
+def revoked_token(hub: HubDatabase, token: str, kind: str) -> RevokedError | None:
+    """The error for a token of ``kind`` that was revoked or replaced (None: it was not):
+    401 ``revoked``, saying what to do."""
+    digest = hash_token(token)
+    with hub.read() as conn:
+        row = conn.execute(
+            f"SELECT name, revoked_at FROM {_TABLES[kind]} "
+            "WHERE token_hash = ? AND revoked_at IS NOT NULL",
+            [digest],
+        ).fetchone()
+        if row is None:
+            row = conn.execute(
+                "SELECT name, at FROM _fieldsync_retired_tokens WHERE token_hash = ? AND kind = ?",
+                [digest, kind],
+            ).fetchone()
+    if row is None:
+        return None
+    name, when = str(row[0]), str(row[1])
+    if kind == "office":
+        detail = (
+            f"the token of office {name!r} was revoked at {when}; ask the hub's admin for a "
+            f"new one (`fieldsync hub rotate-token {name}`) and set it at the office with "
+            "`fieldsync node set --token NEW`"
+        )
+    else:
+        detail = (
+            f"the token of admin {name!r} was revoked at {when}; ask an owner of the hub "
+            f"for a new one (`fieldsync hub rotate-token {name} --admin`)"
+        )
+    return RevokedError(detail, name)
+
+
+class RevokedError(AuthError):
+    """A token that was revoked or replaced: 401 ``revoked``; ``name`` is its holder."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message, "revoked", 401)
+        self.name = name
 
 
 def acked(hub: HubDatabase, node: str) -> int:
@@ -100,19 +187,32 @@ def acked(hub: HubDatabase, node: str) -> int:
 # -- admins and sessions ---------------------------------------------------------------
 
 
-def add_admin(hub: HubDatabase, name: str) -> str:
-    """Register an admin and return a new token (only its hash is stored)."""
+def add_admin(
+    hub: HubDatabase, name: str, role: str = DEFAULT_ROLE, by: Actor | None = None
+) -> str:
+    """Register an admin of ``role`` and return a new token (only its hash is stored)."""
     check_node_name(name)
+    check_role(role)
     with hub.write() as conn:
-        return new_token(conn, "_fieldsync_admins", name, f"admin {name!r} already exists")
+        token = new_token(conn, "_fieldsync_admins", name, f"admin {name!r} already exists")
+        conn.execute("UPDATE _fieldsync_admins SET role = ? WHERE name = ?", [role, name])
+        audit.record(conn, "add_admin", by or Actor.cli(), f"admin {name}", role=role)
+        return token
 
 
 def authenticate_admin(hub: HubDatabase, token: str) -> str:
-    """Return the admin who owns ``token``; AuthError 401 (unknown) or 403 (an office's)."""
+    """Return the admin who owns ``token``; AuthError 401 (unknown or revoked) or 403
+    (an office's)."""
+    return identify_admin(hub, token).name
+
+
+def identify_admin(hub: HubDatabase, token: str) -> Admin:
+    """The admin who owns ``token`` and their role; AuthError 401 (unknown, or
+    ``revoked``) or 403 (an office's)."""
     digest = hash_token(token)
     with hub.read() as conn:
         row = conn.execute(
-            "SELECT name FROM _fieldsync_admins WHERE token_hash = ? AND revoked_at IS NULL",
+            "SELECT name, role FROM _fieldsync_admins WHERE token_hash = ? AND revoked_at IS NULL",
             [digest],
         ).fetchone()
         office = (
@@ -123,7 +223,7 @@ def authenticate_admin(hub: HubDatabase, token: str) -> str:
             else None
         )
     if row is not None:
-        return str(row[0])
+        return Admin(str(row[0]), str(row[1]))
     if office is not None:
         raise AuthError(
             "an office token cannot open the admin pages; sign in with an admin token "
@@ -131,6 +231,9 @@ def authenticate_admin(hub: HubDatabase, token: str) -> str:
             "forbidden",
             403,
         )
+    revoked = revoked_token(hub, token, "admin")
+    if revoked is not None:
+        raise revoked
     raise AuthError("unknown or revoked admin token", "unauthorized", 401)
 
 
@@ -167,18 +270,193 @@ def start_session(hub: HubDatabase, admin: str) -> tuple[str, str]:
     return token, csrf
 
 
-def session(hub: HubDatabase, token: str) -> tuple[str, str] | None:
-    """(admin, CSRF token) of a live session, or None (unknown, expired, admin revoked)."""
+def session(hub: HubDatabase, token: str) -> tuple[str, str, str] | None:
+    """(admin, CSRF token, role) of a live session, or None (unknown, expired, admin
+    revoked). The role is read each time: a changed role takes effect at once."""
     with hub.read() as conn:
         row = conn.execute(
-            "SELECT s.admin, s.csrf FROM _fieldsync_sessions AS s "
+            "SELECT s.admin, s.csrf, a.role FROM _fieldsync_sessions AS s "
             "JOIN _fieldsync_admins AS a ON a.name = s.admin AND a.revoked_at IS NULL "
             "WHERE s.token_hash = ? AND s.expires_at > ?",
             [hash_token(token), utcnow()],
         ).fetchone()
-    return (str(row[0]), str(row[1])) if row else None
+    return (str(row[0]), str(row[1]), str(row[2])) if row else None
 
 
 def end_session(hub: HubDatabase, token: str) -> None:
     with hub.write() as conn:
         conn.execute("DELETE FROM _fieldsync_sessions WHERE token_hash = ?", [hash_token(token)])
+
+
+# -- taking keys back ------------------------------------------------------------------
+
+
+def _kind_of(conn: sqlite3.Connection, name: str, kind: str | None) -> str:
+    """Whether ``name`` is an office or an admin (``kind`` chooses when it is both)."""
+    found = [
+        k
+        for k, table in _TABLES.items()
+        if (kind is None or k == kind)
+        and conn.execute(f"SELECT 1 FROM {table} WHERE name = ?", [name]).fetchone()
+    ]
+    if not found:
+        what = {"office": "no office", "admin": "no admin"}.get(kind or "", "no office or admin")
+        raise FieldsyncError(f"there is {what} named {name!r}")
+    if len(found) > 1:
+        raise FieldsyncError(
+            f"{name!r} is both an office and an admin; say which with --office or --admin"
+        )
+    return found[0]
+
+
+def _retire(conn: sqlite3.Connection, kind: str, name: str, why: str) -> None:
+    """Keep the hash of ``name``'s current token, so that it is answered ``revoked``."""
+    conn.execute(
+        f"INSERT OR IGNORE INTO _fieldsync_retired_tokens (token_hash, kind, name, why, at) "
+        f"SELECT token_hash, ?, name, ?, ? FROM {_TABLES[kind]} WHERE name = ?",
+        [kind, why, utcnow(), name],
+    )
+
+
+def revoke(
+    hub: HubDatabase, name: str, kind: str | None = None, by: Actor | None = None
+) -> tuple[str, bool]:
+    """Revoke the token of office or admin ``name``: (its kind, whether it already was).
+
+    Idempotent; recorded each time. An admin's dashboard sessions end with it. An
+    office's state at the hub (what it pushed, its acknowledgements) is kept.
+    """
+    with hub.write() as conn:
+        kind = _kind_of(conn, name, kind)
+        table = _TABLES[kind]
+        already = (
+            conn.execute(f"SELECT revoked_at FROM {table} WHERE name = ?", [name]).fetchone()[0]
+            is not None
+        )
+        if not already:
+            conn.execute(f"UPDATE {table} SET revoked_at = ? WHERE name = ?", [utcnow(), name])
+        if kind == "admin":
+            conn.execute("DELETE FROM _fieldsync_sessions WHERE admin = ?", [name])
+        audit.record(conn, "revoke", by or Actor.cli(), f"{kind} {name}", already=already)
+    return kind, already
+
+
+def rotate_token(
+    hub: HubDatabase, name: str, kind: str | None = None, by: Actor | None = None
+) -> tuple[str, str]:
+    """Give office or admin ``name`` a new token: (its kind, the token).
+
+    The old token is refused from the next request on (answered ``revoked``); a
+    revoked office or admin is active again with the new one. An admin's sessions
+    end; an office keeps its state at the hub (what it pushed, acknowledgements).
+    """
+    with hub.write() as conn:
+        kind = _kind_of(conn, name, kind)
+        table = _TABLES[kind]
+        was_revoked = (
+            conn.execute(f"SELECT revoked_at FROM {table} WHERE name = ?", [name]).fetchone()[0]
+            is not None
+        )
+        _retire(conn, kind, name, "rotated")
+        token = secrets.token_urlsafe(32)
+        conn.execute(
+            f"UPDATE {table} SET token_hash = ?, revoked_at = NULL WHERE name = ?",
+            [hash_token(token), name],
+        )
+        if kind == "admin":
+            conn.execute("DELETE FROM _fieldsync_sessions WHERE admin = ?", [name])
+        audit.record(conn, "rotate", by or Actor.cli(), f"{kind} {name}", was_revoked=was_revoked)
+    return kind, token
+
+
+def set_role(hub: HubDatabase, name: str, role: str, by: Actor | None = None) -> str:
+    """Give admin ``name`` the role ``role``; return the role they had."""
+    check_role(role)
+    with hub.write() as conn:
+        row = conn.execute("SELECT role FROM _fieldsync_admins WHERE name = ?", [name]).fetchone()
+        if row is None:
+            raise FieldsyncError(f"there is no admin named {name!r}")
+        conn.execute("UPDATE _fieldsync_admins SET role = ? WHERE name = ?", [role, name])
+        audit.record(conn, "set_role", by or Actor.cli(), f"admin {name}", old=row[0], new=role)
+    return str(row[0])
+
+
+def admins(hub: HubDatabase) -> list[dict[str, Any]]:
+    """Every admin, by name: role, when made, when revoked (never a token)."""
+    with hub.read() as conn:
+        cursor = conn.execute(
+            "SELECT name, role, created_at, revoked_at FROM _fieldsync_admins ORDER BY name"
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+# -- sign-in throttling -----------------------------------------------------------------
+
+# A client address, or an admin named by a failed attempt, with FAILURES failures
+# within WINDOW_SECONDS is refused (429) for BLOCK_SECONDS. A success clears them.
+FAILURES = 5
+WINDOW_SECONDS = 60.0
+BLOCK_SECONDS = 60.0
+_MAX_KEYS = 10_000  # forget the oldest beyond this many addresses
+
+
+class ThrottledError(HubRejectedError):
+    """Too many failed sign-ins: 429, with Retry-After."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many failed sign-ins; try again in {retry_after} s", "throttled", 429
+        )
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class SignInThrottle:
+    """Failed sign-ins per key (``addr:ADDRESS``, ``admin:NAME``), kept in memory.
+
+    One per hub process, shared by the dashboard's /login and the admin API.
+    """
+
+    def __init__(
+        self,
+        failures: int = FAILURES,
+        window: float = WINDOW_SECONDS,
+        block: float = BLOCK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failures, self.window, self.block, self.clock = failures, window, block, clock
+        self._lock = threading.Lock()
+        self._failed: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}  # key: until
+
+    def retry_after(self, keys: Sequence[str]) -> int | None:
+        """Seconds until the most blocked of ``keys`` may try again; None: none is."""
+        now = self.clock()
+        with self._lock:
+            waits = [self._blocked[k] - now for k in keys if self._blocked.get(k, 0) > now]
+        return max(1, int(max(waits) + 0.999)) if waits else None
+
+    def failed(self, keys: Sequence[str]) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                times = self._failed.setdefault(key, deque())
+                times.append(now)
+                while times and times[0] <= now - self.window:
+                    times.popleft()
+                if len(times) >= self.failures:
+                    self._blocked[key] = now + self.block
+                    times.clear()
+            self._forget_oldest()
+
+    def succeeded(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._failed.pop(key, None)
+                self._blocked.pop(key, None)
+
+    def _forget_oldest(self) -> None:
+        for kept in (self._failed, self._blocked):
+            while len(kept) > _MAX_KEYS:
+                del kept[next(iter(kept))]

@@ -2,17 +2,26 @@
 The admin dashboard: server-rendered pages at ``/`` for the people who run the hub.
 
 Pages (every one but ``/login`` needs a signed-in admin; without a session a page
-redirects to ``/login?next=PATH``):
+redirects to ``/login?next=PATH``), with the least role each needs (hub/auth.py;
+short of it: a 403 page):
 
-- ``GET  /``                         offices and their health (refreshes every 30 s)
-- ``GET  /offices/{name}``           one office in words, its syncs, its rejected changes
-- ``GET  /conflicts?status=``        the conflict inbox: unsettled by default (refreshes)
-- ``GET  /conflicts/{id}``           both sides of one conflict, and the form that settles it
-- ``POST /conflicts/{id}/resolve``   form fields csrf, keep (kept|other|value), value, force
-- ``GET  /hq``                       headquarters' figures and charts, download links
-- ``GET  /export/{table}.{csv|json}?office=``  a streamed download
-- ``GET  /records``, ``GET /records/{table}?COLUMN=VALUE``  every version of one record
+- ``GET  /``                         viewer: offices and their health (refreshes every 30 s)
+- ``GET  /offices/{name}``           viewer: one office, its syncs, its rejected changes
+- ``GET  /conflicts?status=``        resolver: the conflict inbox (refreshes)
+- ``GET  /conflicts/{id}``           resolver: both sides of one conflict, and its form
+- ``POST /conflicts/{id}/resolve``   resolver: form fields csrf, keep, value, force
+- ``GET  /hq``                       viewer: headquarters' figures and charts (owners:
+  download links)
+- ``GET  /export/{table}.{csv|json}?office=``  owner: a streamed download
+- ``GET  /records``, ``GET /records/{table}?COLUMN=VALUE``  owner: every version of one
+  record
+- ``GET  /audit?before=``            owner: the audit log, newest first, paged
 - ``GET|POST /login``, ``POST /logout``; ``/static/`` holds the one style sheet
+
+Failed sign-ins are counted per client address (and per admin a revoked token
+names) by the hub's :class:`hub.auth.SignInThrottle`: too many get 429. Sign-ins
+(failed, throttled), sign-outs, resolutions, downloads and record histories read go
+to the audit log (hub/audit.py).
 
 Signing in takes an admin token (``fieldsync hub add-admin NAME``) and starts a session
 (see hub/auth.py) kept in an HttpOnly, SameSite=Strict cookie. A form that changes
@@ -41,8 +50,18 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from hub.admin import conflicts_of, record_history, resolve
-from hub.auth import SESSION_HOURS
+from hub.admin import (
+    audit_record_view,
+    audit_resolution,
+    client_address,
+    conflicts_of,
+    record_history,
+    resolve,
+    role_refusal,
+    sign_in,
+)
+from hub.audit import Actor
+from hub.auth import SESSION_HOURS, Admin, SignInThrottle, ThrottledError, allows
 from hub.export import FORMATS, stream_export
 from hub.health import OfficeStatus
 from hub.limits import SIGNED_IN_FORM, read_form
@@ -51,6 +70,7 @@ from hub.render import (
     SECURITY_HEADERS,
     Session,
     country_chart,
+    error_page,
     guarded,
     health_summary,
     kind_month_grid,
@@ -70,6 +90,7 @@ MAX_LISTED = 200  # conflicts, events and rejected changes shown on one page
 EVENTS_SHOWN = 50
 
 WRONG_TOKEN = "That token is not an admin token."
+AUDIT_PAGE = 100  # audit entries on one page
 OFFICE_TOKEN = (
     "This is an office token; sign in with an admin token (fieldsync hub add-admin NAME)."
 )
@@ -88,12 +109,22 @@ Page = Callable[[Request, Session], Awaitable[Response]]
 FormPage = Callable[[Request, Session, FormData], Awaitable[Response]]
 
 
-def dashboard_routes(store: HubStore, *, stale_after: timedelta | None = None) -> list[BaseRoute]:
-    """The dashboard's routes, mounted at ``/`` by :func:`hub.app.create_app`."""
-    return _Dashboard(store, stale_after).routes()
+def dashboard_routes(
+    store: HubStore,
+    *,
+    stale_after: timedelta | None = None,
+    throttle: SignInThrottle | None = None,
+) -> list[BaseRoute]:
+    """The dashboard's routes, mounted at ``/`` by :func:`hub.app.create_app`
+    (``throttle``: the hub's, shared with the admin API)."""
+    return _Dashboard(store, stale_after, throttle or SignInThrottle()).routes()
 
 
 # -- sessions and forms ---------------------------------------------------------------
+
+
+def _role_refused(session: Session, needed: str) -> HTTPException:
+    return HTTPException(403, role_refusal(Admin(session.admin, session.role), needed))
 
 
 def _local_path(target: str | None) -> str:
@@ -165,9 +196,12 @@ def _download_name(name: str) -> str:
 
 
 class _Dashboard:
-    def __init__(self, store: HubStore, stale_after: timedelta | None) -> None:
+    def __init__(
+        self, store: HubStore, stale_after: timedelta | None, throttle: SignInThrottle
+    ) -> None:
         self.store = store
         self.stale_after = stale_after
+        self.throttle = throttle
 
     def routes(self) -> list[BaseRoute]:
         page, form = self._page, self._form
@@ -177,13 +211,18 @@ class _Dashboard:
             Route("/login", self.login, methods=["POST"]),
             Route("/logout", form(self.logout), methods=["POST"]),
             Route("/offices/{name}", page(self.office)),
-            Route("/conflicts", page(self.conflicts)),
-            Route("/conflicts/{id:int}", page(self.conflict)),
-            Route("/conflicts/{id:int}/resolve", form(self.resolve_conflict), methods=["POST"]),
+            Route("/conflicts", page(self.conflicts, "resolver")),
+            Route("/conflicts/{id:int}", page(self.conflict, "resolver")),
+            Route(
+                "/conflicts/{id:int}/resolve",
+                form(self.resolve_conflict, "resolver"),
+                methods=["POST"],
+            ),
             Route("/hq", page(self.hq)),
-            Route("/export/{file}", page(self.export)),
-            Route("/records", page(self.find_record)),
-            Route("/records/{table}", page(self.record)),
+            Route("/export/{file}", page(self.export, "owner")),
+            Route("/records", page(self.find_record, "owner")),
+            Route("/records/{table}", page(self.record, "owner")),
+            Route("/audit", page(self.audit, "owner")),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ]
 
@@ -192,21 +231,25 @@ class _Dashboard:
         if not token:
             return None
         found = await run_in_threadpool(self.store.session, token)
-        return Session(found[0], found[1], token) if found else None
+        return Session(found[0], found[1], token, found[2]) if found else None
 
-    def _page(self, handler: Page) -> Endpoint:
-        """A page for signed-in admins; anyone else is sent to sign in."""
+    def _page(self, handler: Page, needed: str = "viewer") -> Endpoint:
+        """A page for signed-in admins of role ``needed`` or above; anyone else is sent
+        to sign in, an admin of a lesser role gets a 403 page."""
 
         async def endpoint(request: Request) -> Response:
             session = await self._session(request)
             if session is None:
                 return _to_login(request)
+            if not allows(session.role, needed):
+                return error_page(_role_refused(session, needed), session)
             return await guarded(handler(request, session), session)
 
         return endpoint
 
-    def _form(self, handler: FormPage) -> Endpoint:
-        """A form that changes something: signed in, same origin, the session's CSRF token."""
+    def _form(self, handler: FormPage, needed: str = "viewer") -> Endpoint:
+        """A form that changes something: signed in with role ``needed`` or above, same
+        origin, the session's CSRF token."""
 
         async def endpoint(request: Request) -> Response:
             session = await self._session(request)
@@ -214,6 +257,8 @@ class _Dashboard:
                 return redirect("/login")
 
             async def checked() -> Response:
+                if not allows(session.role, needed):
+                    raise _role_refused(session, needed)
                 form = await read_form(request, **SIGNED_IN_FORM)
                 _check_form(request, session, form)
                 return await handler(request, session, form)
@@ -238,11 +283,22 @@ class _Dashboard:
             raise HTTPException(403, "This sign-in form was sent from another site.")
         form = await read_form(request)  # small: bounded before it is parsed
         target = _local_path(_text(form, "next"))
+        address = client_address(request)
         try:
-            admin = await run_in_threadpool(self.store.authenticate_admin, _text(form, "token"))
+            found = await run_in_threadpool(
+                sign_in, self.store, self.throttle, _text(form, "token"), address, dashboard=True
+            )
+        except ThrottledError as exc:
+            error = f"Too many failed sign-ins from here; try again in {exc.retry_after} seconds."
+            page = render("login.html", 429, next=target, error=error)
+            page.headers.update(exc.headers)
+            return page
         except AuthError as exc:
             error = OFFICE_TOKEN if exc.status == 403 else WRONG_TOKEN
+            if exc.code == "revoked":
+                error = "That admin token was revoked; ask an owner of the hub for a new one."
             return render("login.html", 403 if exc.status == 403 else 401, next=target, error=error)
+        admin = found.name
         token, _csrf = await run_in_threadpool(self.store.start_session, admin)
         log.info("admin %s signed in to the dashboard", admin)
         response = redirect(target)
@@ -259,6 +315,8 @@ class _Dashboard:
 
     async def logout(self, request: Request, session: Session, form: FormData) -> Response:
         await run_in_threadpool(self.store.end_session, session.token)
+        actor = Actor(session.admin, client_address(request))
+        await run_in_threadpool(self.store.audit, "sign_out", actor)
         response = redirect("/login")
         response.delete_cookie(
             COOKIE, path="/", secure=request.url.scheme == "https", httponly=True, samesite="strict"
@@ -373,13 +431,17 @@ class _Dashboard:
         try:
             if keep == "value":
                 decision["value"] = _parse_value(self.store, record, typed)
-            await run_in_threadpool(resolve, self.store, conflict_id, session.admin, decision)
+            done = await run_in_threadpool(
+                resolve, self.store, conflict_id, session.admin, decision
+            )
         except (HubRejectedError, ProtocolError) as exc:
             status = exc.status if isinstance(exc, HubRejectedError) else 400
             if status == 404:
                 raise
             record = await run_in_threadpool(self._conflict, conflict_id)
             return self._conflict_page(session, record, status=status, error=str(exc), typed=typed)
+        actor = Actor(session.admin, client_address(request))
+        await run_in_threadpool(audit_resolution, self.store, actor, done)
         log.info("admin %s resolved conflict %d: keep %s", session.admin, conflict_id, keep)
         return redirect(f"/conflicts/{conflict_id}?done=1")
 
@@ -419,6 +481,9 @@ class _Dashboard:
         except FieldsyncError as exc:  # the table and format are known: the office is not
             raise HTTPException(400, f"Cannot export {table}: {exc}.") from None
         log.info("admin %s downloads %s (office %s)", session.admin, name, office or "all")
+        actor = Actor(session.admin, client_address(request))
+        what = {"table": table, "format": fmt, "office": office}
+        await run_in_threadpool(lambda: self.store.audit("download", actor, name, **what))
         return StreamingResponse(
             _drain(chunks),
             media_type="text/csv; charset=utf-8" if fmt == "csv" else "application/json",
@@ -472,6 +537,8 @@ class _Dashboard:
             found = await run_in_threadpool(record_history, self.store, table, params)
         except ProtocolError as exc:  # the key is missing or mistyped
             return self._lookup_page(session, 400, str(exc), {**params, "table": table})
+        actor = Actor(session.admin, client_address(request))
+        await run_in_threadpool(audit_record_view, self.store, actor, found)
         return render(
             "record.html",
             200 if found["versions"] else 404,
@@ -480,4 +547,22 @@ class _Dashboard:
             table=table,
             pk=found["pk"],
             versions=found["versions"],
+        )
+
+    # -- the audit log ---------------------------------------------------------------
+
+    async def audit(self, request: Request, session: Session) -> Response:
+        text = request.query_params.get("before", "")
+        before = int(text) if text.isdigit() and 0 < int(text) < 2**62 else None
+        found = await run_in_threadpool(self.store.audit_entries, AUDIT_PAGE + 1, before)
+        entries = found[:AUDIT_PAGE]
+        older = entries[-1]["id"] if len(found) > AUDIT_PAGE else None
+        return render(
+            "audit.html",
+            200,
+            session,
+            section="audit",
+            entries=entries,
+            older=older,
+            paged=before is not None,
         )

@@ -229,8 +229,38 @@ def _scopes(db: sqlite_utils.Database) -> None:
     _run(db.conn, _SCOPES)
 
 
+_AUDIT_TABLES = """
+CREATE TABLE IF NOT EXISTS _fieldsync_audit (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _fieldsync_retired_tokens (
+    token_hash TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    why TEXT NOT NULL,
+    at TEXT NOT NULL
+)
+"""
+
+
+def _roles_and_audit(db: sqlite_utils.Database) -> None:
+    """Step 3: admin roles (admins made before roles keep every right: owner), the audit log
+    (hub/audit.py) and the hashes of tokens revoked or replaced (hub/auth.py)."""
+    if "role" not in db["_fieldsync_admins"].columns_dict:
+        db.conn.execute(
+            "ALTER TABLE _fieldsync_admins ADD COLUMN role TEXT NOT NULL DEFAULT 'owner'"
+        )
+    _run(db.conn, _AUDIT_TABLES)
+
+
 # In order; step n brings a database from user_version n - 1 to n.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_baseline, _scopes]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_baseline, _scopes, _roles_and_audit]
 
 
 def migrate(db: sqlite_utils.Database) -> None:

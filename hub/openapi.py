@@ -60,8 +60,9 @@ SECURITY_SCHEMES: Final[dict[str, Any]] = {
 }
 # The codes a caller may be refused with for want of a good token or session.
 _AUTH_ERRORS: Final[dict[str, tuple[str, ...]]] = {
-    "office": ("unauthorized", "forbidden"),
-    "admin": ("unauthorized", "forbidden"),
+    "office": ("unauthorized", "revoked", "forbidden"),
+    # forbidden: an office token, or an admin whose role is short of the route's
+    "admin": ("unauthorized", "revoked", "forbidden", "throttled"),
     "session": (),  # the dashboard sends such a browser to /login instead
 }
 # Every route may answer these: another method (405) or the hub's own failure (500).
@@ -263,6 +264,22 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
         Endpoint("get", "/v1/admin/figures", "Consolidated figures for headquarters", **admin_json),
         Endpoint(
             "get",
+            "/v1/admin/audit",
+            "The audit log, newest first (owners only): sign-ins, downloads, resolutions, "
+            "tokens revoked and rotated, roles changed; never case values",
+            errors=("bad_request",),
+            params=(
+                Param("limit", {**_ADMIN_LIMIT, "maximum": 1000, "default": 100}),
+                Param(
+                    "before",
+                    {**_ADMIN_LIMIT, "maximum": 2**62},
+                    "only entries older than this id (the next page)",
+                ),
+            ),
+            **admin_json,
+        ),
+        Endpoint(
+            "get",
             "/metrics",
             "Per-office gauges and counters",
             "admin",
@@ -331,6 +348,13 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             ("text/csv", "the table's rows (application/json for .json)"),
             params=(Param("office", {"type": "string"}),),
             html_errors=True,
+        ),
+        Endpoint(
+            "get",
+            "/audit",
+            "The audit log, newest first, a page at a time (owners only)",
+            params=(Param("before", {"type": "integer"}, "entries older than this id"),),
+            **page,
         ),
         Endpoint("get", "/records", "Find a record by its key", **page),
         Endpoint(

@@ -51,11 +51,13 @@ STATUS_WORDS = {
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """The signed-in admin, the session's CSRF token and its cookie value."""
+    """The signed-in admin, the session's CSRF token, its cookie value and the admin's
+    role (hub/auth.py's ROLES)."""
 
     admin: str
     csrf: str
     token: str
+    role: str = "viewer"
 
 
 # -- rendering ----------------------------------------------------------------------
@@ -131,6 +133,7 @@ def render(
     page = _templates.get_template(template).render(
         admin=session.admin if session else None,
         csrf=session.csrf if session else "",
+        role=session.role if session else None,
         section=context.pop("section", None),
         refresh=context.pop("refresh", None),
         **context,

@@ -8,7 +8,8 @@ handed the shared :class:`hub.database.HubDatabase` (connection, lock, schema, c
 ==================  ===============================================================
 hub/database.py     opening the file; the writer's connection, its lock, snapshots
 hub/migrations.py   the layout, as one ordered list keyed by ``PRAGMA user_version``
-hub/auth.py         office and admin tokens, dashboard sessions
+hub/auth.py         office and admin tokens, roles, dashboard sessions, revoking
+hub/audit.py        the audit log: sign-ins, downloads, resolutions, key changes
 hub/ingest.py       push: checks, merge (:func:`shared.merge.merge`), receipts, writes
 hub/records.py      each record's state and hub seq, mirrored into real tables
 hub/pull.py         pull: records by seq, on a snapshot
@@ -33,7 +34,9 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from hub import auth, conflicts, history, pull, rejected, report, scopes, status
+from hub import audit, auth, conflicts, history, pull, rejected, report, scopes, status
+from hub.audit import Actor
+from hub.auth import Admin
 from hub.conflicts import ConflictRecord
 from hub.database import HubDatabase
 from hub.health import OfficeStatus
@@ -106,13 +109,21 @@ class HubStore(Protocol):
 
     # -- admins, office status and history -------------------------------------
 
-    def add_admin(self, name: str) -> str: ...
+    def add_admin(self, name: str, role: str = auth.DEFAULT_ROLE) -> str: ...
 
     def authenticate_admin(self, token: str) -> str: ...
 
+    def identify_admin(self, token: str) -> Admin: ...
+
     def start_session(self, admin: str) -> tuple[str, str]: ...
 
-    def session(self, token: str) -> tuple[str, str] | None: ...
+    def session(self, token: str) -> tuple[str, str, str] | None: ...
+
+    def audit(self, action: str, actor: Actor, target: str = "", **detail: Any) -> None: ...
+
+    def audit_entries(
+        self, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]: ...
 
     def end_session(self, token: str) -> None: ...
 
@@ -216,11 +227,14 @@ class SqliteHubStore:
     def acked(self, node: str) -> int:
         return auth.acked(self.database, node)
 
-    def add_admin(self, name: str) -> str:
-        return auth.add_admin(self.database, name)
+    def add_admin(self, name: str, role: str = auth.DEFAULT_ROLE, by: Actor | None = None) -> str:
+        return auth.add_admin(self.database, name, role, by)
 
     def authenticate_admin(self, token: str) -> str:
         return auth.authenticate_admin(self.database, token)
+
+    def identify_admin(self, token: str) -> Admin:
+        return auth.identify_admin(self.database, token)
 
     def is_admin_token(self, token: str) -> bool:
         return auth.is_admin_token(self.database, token)
@@ -228,11 +242,35 @@ class SqliteHubStore:
     def start_session(self, admin: str) -> tuple[str, str]:
         return auth.start_session(self.database, admin)
 
-    def session(self, token: str) -> tuple[str, str] | None:
+    def session(self, token: str) -> tuple[str, str, str] | None:
         return auth.session(self.database, token)
 
     def end_session(self, token: str) -> None:
         auth.end_session(self.database, token)
+
+    # -- taking keys back, roles, the audit log (hub/auth.py, hub/audit.py) -----------
+
+    def revoke(
+        self, name: str, kind: str | None = None, by: Actor | None = None
+    ) -> tuple[str, bool]:
+        return auth.revoke(self.database, name, kind, by)
+
+    def rotate_token(
+        self, name: str, kind: str | None = None, by: Actor | None = None
+    ) -> tuple[str, str]:
+        return auth.rotate_token(self.database, name, kind, by)
+
+    def set_role(self, name: str, role: str, by: Actor | None = None) -> str:
+        return auth.set_role(self.database, name, role, by)
+
+    def admins(self) -> list[dict[str, Any]]:
+        return auth.admins(self.database)
+
+    def audit(self, action: str, actor: Actor, target: str = "", **detail: Any) -> None:
+        audit.log(self.database, action, actor, target, **detail)
+
+    def audit_entries(self, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
+        return audit.entries(self.database, limit, before)
 
     # -- push and pull (hub/ingest.py, hub/pull.py) -----------------------------------
 

@@ -58,12 +58,13 @@ ERROR_CLASSES: dict[str, type[HubRejectedError]] = {
     "not_found": HubRejectedError,
     "method_not_allowed": HubRejectedError,
     "unauthorized": AuthError,
-    "revoked": AuthError,
     "forbidden": AuthError,
     "clock_skew": ClockSkewError,
     "diverged": DivergedError,
     "refused": HubRejectedError,
     "upgrade_required": HubRejectedError,
+    "revoked": AuthError,  # the office's token was revoked or replaced
+    "throttled": HubRejectedError,  # admin sign-ins only
 }
 
 

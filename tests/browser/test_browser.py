@@ -85,7 +85,7 @@ def test_an_admin_settles_a_conflict_in_the_browser(
     write(almaty, "UPDATE cases SET family_name = 'Abenova (almaty)' WHERE id = 'c1'")
     sync_all(astana, almaty)
     [conflict] = hub.store.conflicts()
-    token = hub.store.add_admin("ops")
+    token = hub.store.add_admin("ops", "owner")
 
     page = browser.new_page()
     page.set_default_timeout(10_000)

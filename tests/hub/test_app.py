@@ -117,7 +117,7 @@ def test_health_tells_an_office_how_far_the_hub_has_its_changes(
     assert push(client, tokens["astana"], insert(1, "c1"), insert(2, "c2")).status_code == 200
     assert client.get("/v1/health", headers=auth(tokens["astana"])).json()["acked"] == 2
     assert client.get("/v1/health", headers=auth(tokens["almaty"])).json()["acked"] == 0
-    admin = hub_store.add_admin("root")
+    admin = hub_store.add_admin("root", "owner")
     for headers in ({}, auth("not-a-token"), auth(admin), {"Authorization": "Basic x"}):
         answer = client.get("/v1/health", headers=headers)
         assert answer.status_code == 200 and "acked" not in answer.json(), headers

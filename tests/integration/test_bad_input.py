@@ -284,7 +284,7 @@ def test_a_pushed_seq_out_of_range_is_a_400_and_changes_nothing(hub, seq: int) -
 
 
 def test_admin_routes_answer_404_for_ids_and_offices_that_cannot_exist(hub) -> None:
-    admin = hub.store.add_admin("root")
+    admin = hub.store.add_admin("root", "owner")
     headers = {"Authorization": f"Bearer {admin}"}
     for number in (2**63, 2**64):
         got = httpx.get(f"{hub.url}/v1/admin/conflicts/{number}", headers=headers)

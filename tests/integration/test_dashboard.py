@@ -111,7 +111,7 @@ def web(hub: Hub) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def admin_token(hub: Hub) -> str:
-    return hub.store.add_admin(ADMIN)
+    return hub.store.add_admin(ADMIN, "owner")
 
 
 @pytest.fixture
@@ -490,7 +490,7 @@ def test_hq_page_says_what_the_schema_lacks(admin: httpx.Client, tmp_path: Path)
     server = serve(create_app(store))
     try:
         with httpx.Client(base_url=next(server)) as client:
-            assert sign_in(client, store.add_admin(ADMIN)).status_code == 303
+            assert sign_in(client, store.add_admin(ADMIN, "owner")).status_code == 303
             page = client.get("/hq").text
     finally:
         server.close()

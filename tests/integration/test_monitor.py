@@ -102,7 +102,7 @@ def write(office: Any, sql: str, *params: Any) -> None:
 
 def test_offices_report_after_each_sync_and_admins_see_it(hub, make_office) -> None:
     astana, almaty = make_office("astana"), make_office("almaty")
-    admin = hub.store.add_admin("ops")
+    admin = hub.store.add_admin("ops", "owner")
     for n in range(3):
         write(astana, "INSERT INTO cases (id, office) VALUES (?, 'astana')", f"a{n}")
     astana.sync()
@@ -185,7 +185,7 @@ def test_stale_stalled_and_the_reported_interval(hub, make_office) -> None:
 def test_tokens_keep_to_their_side(hub, make_office) -> None:
     astana = make_office("astana")
     office_token = astana.store.token
-    admin = hub.store.add_admin("ops")
+    admin = hub.store.add_admin("ops", "owner")
     stored = sqlite3.connect(hub.path).execute("SELECT token_hash FROM _fieldsync_admins")
     assert stored.fetchall() == [(hash_token(admin),)]
     for path in ("/v1/admin/offices", "/v1/admin/conflicts", "/metrics", "/v1/admin/figures"):
@@ -210,7 +210,7 @@ def test_tokens_keep_to_their_side(hub, make_office) -> None:
 
 def test_metrics_match_the_offices(hub, make_office) -> None:
     astana, almaty = make_office("astana"), make_office("almaty")
-    admin = hub.store.add_admin("ops")
+    admin = hub.store.add_admin("ops", "owner")
     write(astana, "INSERT INTO cases (id, family_name) VALUES ('c1', 'A')")
     astana.sync()
     almaty.sync()
@@ -245,7 +245,7 @@ def test_metrics_match_the_offices(hub, make_office) -> None:
 
 def test_conflicts_resolved_through_the_api_reach_both_offices(hub, make_office) -> None:
     astana, almaty = make_office("astana"), make_office("almaty")
-    admin = hub.store.add_admin("ops")
+    admin = hub.store.add_admin("ops", "owner")
     write(astana, "INSERT INTO cases (id, family_name) VALUES ('c1', 'Original')")
     astana.sync()
     almaty.sync()
