@@ -4,7 +4,7 @@ The audit log: who did what to the hub's keys and case data, when and from where
 One row per event in ``_fieldsync_audit``, kept apart from the conflict log: sign-ins
 (and failed or throttled ones, at the dashboard and at the admin API), resolutions,
 downloads and exports, record histories read, offices and admins added, tokens revoked
-and rotated, roles changed. Each row names
+and rotated, roles changed, offices' scopes changed, records moved. Each row names
 
 - ``actor``: the admin (``?`` when a token named nobody), or the OS user of a command;
 - ``source``: the client's address, or ``cli`` for a command run on the hub's machine;
@@ -43,6 +43,8 @@ ACTIONS = {
     "revoke": "revoked a token",
     "rotate": "replaced a token",
     "set_role": "changed an admin's role",
+    "set_scope": "changed which records an office holds (its scopes)",
+    "move": "moved a record to another office",
 }
 
 # Who is nobody in particular: a token that matched no admin.

@@ -37,7 +37,8 @@ from typing import Any
 
 import orjson
 
-from hub import records
+from hub import audit, records
+from hub.audit import Actor
 from hub.database import HubDatabase
 from hub.history import Version, write_history
 from hub.times import utcnow
@@ -81,10 +82,13 @@ def describe(scopes: frozenset[str] | None) -> str:
     return ", ".join(sorted(repr(k) if k == UNASSIGNED else k for k in scopes)) or "nothing"
 
 
-def set_scopes(hub: HubDatabase, node: str, keys: Sequence[str]) -> frozenset[str] | None:
+def set_scopes(
+    hub: HubDatabase, node: str, keys: Sequence[str], by: Actor | None = None
+) -> frozenset[str] | None:
     """Give office ``node`` the scopes ``keys`` (``*``: every record); return them.
 
     The office pulls its whole scope again on its next sync, and drops what falls out.
+    Recorded in the audit log, as done by ``by`` (None: the command's user).
     """
     if not keys:
         raise FieldsyncError("give at least one scope key (an office name), or * for all")
@@ -102,6 +106,7 @@ def set_scopes(hub: HubDatabase, node: str, keys: Sequence[str]) -> frozenset[st
                 "UPDATE _fieldsync_nodes SET scopes = ?, rescope = 1 WHERE name = ?",
                 [text, node],
             )
+            audit.record(conn, "set_scope", by or Actor.cli(), f"office {node}", scopes=wanted)
     return read_scopes(text, node)
 
 
@@ -383,8 +388,16 @@ def write_hub_change(
     return seq
 
 
-def move(hub: HubDatabase, table_name: str, key: Sequence[Any], to: str, by: str) -> int:
-    """Move a record (and its followers) to scope key ``to``, as admin ``by``.
+def move(
+    hub: HubDatabase,
+    table_name: str,
+    key: Sequence[Any],
+    to: str,
+    by: str,
+    actor: Actor | None = None,
+) -> int:
+    """Move a record (and its followers) to scope key ``to``, as admin ``by``
+    (recorded in the audit log as done by ``actor``; None: the command's user).
 
     Written as a change of the scope column stamped by the hub, so it reaches every
     office as any change does. Returns the record's new seq.
@@ -413,7 +426,7 @@ def move(hub: HubDatabase, table_name: str, key: Sequence[Any], to: str, by: str
         state = RecordState(
             {**current.values, column: to}, {**current.versions, column: stamp}, False
         )
-        return write_hub_change(
+        seq = write_hub_change(
             conn,
             hub,
             table,
@@ -425,3 +438,6 @@ def move(hub: HubDatabase, table_name: str, key: Sequence[Any], to: str, by: str
             op="move",
             change={column: to},
         )
+        where = f"{table.name} {table.pk_key(pk)}"
+        audit.record(conn, "move", actor or Actor.cli(), where, to=to, seq=seq)
+        return seq

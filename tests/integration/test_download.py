@@ -23,7 +23,7 @@ def test_a_downloaded_csv_neutralises_formulas(
     add_case(astana, "c1", family_name="=cmd|' /C calc'!A0", notes="@SUM(1)", household_size=-2)
     sync_all(astana)
     with httpx.Client(base_url=hub.url, timeout=30) as web:
-        assert sign_in(web, hub.store.add_admin("ops")).status_code == 303
+        assert sign_in(web, hub.store.add_admin("ops", "owner")).status_code == 303
         response = web.get("/export/cases.csv")
     assert response.status_code == 200, response.text[:300]
     [row] = list(csv.DictReader(io.StringIO(response.text, newline="")))

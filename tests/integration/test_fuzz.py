@@ -56,7 +56,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_off_the_document(
     sync_all(astana, almaty)
     make_conflict(hub, (astana, almaty), "family_name", ("Ali", "Bek"))
     office_token = hub.store.add_node("bishkek")
-    admin_token = hub.store.add_admin("fuzz")
+    admin_token = hub.store.add_admin("fuzz", "owner")
     with httpx.Client(base_url=hub.url, timeout=30) as web:
         # a change to a table the hub does not have: set aside, listed on pages
         unknown = {"seq": 1, "table": "nope", "pk": {"id": 1}, "op": "delete", "ts": 1 << 40}

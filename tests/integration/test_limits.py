@@ -187,7 +187,7 @@ def test_a_pull_query_integer_out_of_range_is_a_400(
 
 
 def test_an_admin_resolve_body_over_the_limit_is_a_413(hub: Hub, web: httpx.Client) -> None:
-    token = hub.store.add_admin("ops")
+    token = hub.store.add_admin("ops", "owner")
     big = b'{"keep": "value", "value": "' + b"x" * (2 * MIB) + b'"}'
     response = web.post(
         "/v1/admin/conflicts/1/resolve",
@@ -225,7 +225,7 @@ def test_an_admin_resolve_body_over_the_limit_is_a_413(hub: Hub, web: httpx.Clie
 def test_a_sign_in_form_is_bounded_before_it_is_parsed(
     hub: Hub, web: httpx.Client, content: bytes, content_type: str, status: int
 ) -> None:
-    hub.store.add_admin("ops")
+    hub.store.add_admin("ops", "owner")
     headers = {"Content-Type": content_type, "Origin": hub.url}
     response = web.post("/login", content=content, headers=headers)
     # before: read and parsed whole, then a plain 401 for a wrong token
@@ -235,7 +235,7 @@ def test_a_sign_in_form_is_bounded_before_it_is_parsed(
 
 
 def test_the_sign_in_form_still_signs_in(hub: Hub, web: httpx.Client) -> None:
-    token = hub.store.add_admin("ops")
+    token = hub.store.add_admin("ops", "owner")
     response = sign_in(web, token, "/hq")
     assert response.status_code == 303, response.text[:300]
     assert response.headers["location"] == "/hq"
@@ -265,7 +265,7 @@ def test_an_office_page_lists_changes_to_unknown_tables_and_old_bad_keys(
             "'2026-01-01T00:00:00+00:00')"
         )
     conn.close()
-    admin = hub.store.add_admin("ops")
+    admin = hub.store.add_admin("ops", "owner")
     assert sign_in(web, admin).status_code == 303
     page = web.get("/offices/almaty")
     assert page.status_code == 200, page.text[-500:]  # before: 500, for good

@@ -302,5 +302,10 @@ def test_scopes_from_the_command_line(tmp_path: Path) -> None:
             "holds no cases record",
         )
         assert query(hub_db, "SELECT office FROM cases") == [("almaty",)]
+        # Both are recorded in the audit log: who, and what (names and keys, no values).
+        entries = json.loads(ok("hub", "audit", "--db", hub_db, "--json"))
+        done = {(e["action"], e["target"]) for e in entries}
+        assert {("set_scope", "office hq"), ("set_scope", "office astana")} <= done
+        assert ("move", 'cases ["a1"]') in done
     finally:
         server.stop()
