@@ -162,7 +162,9 @@ class Ingest:
             vals = None if change.values is None else dumps_text(change.values)
             # A record new to the hub holds just the change's values: the same text.
             same = vals if current is None else None
-            scope, parent = gate.locator.place(table, outcome.state.values)
+            scope = parent = None
+            if gate.active:
+                scope, parent = gate.locator.place(table, outcome.state.values)
             if scope is not None:
                 gate.locator.batch[ref] = scope
                 before = moves[ref][2] if ref in moves else gate.before.get(ref)
