@@ -26,7 +26,8 @@ the office is told again that the record left. Anything else is rejected, per ch
 with no word of where the record now is.
 
 **Scope changes.** When an admin gives an office other scopes, its next pull answers
-``resync``: the office pulls its whole scope again and drops what that did not bring.
+``resync``: the office pulls its whole scope again and drops what that did not bring
+(not when it has never reached the hub: it holds nothing yet).
 """
 
 from __future__ import annotations
@@ -102,8 +103,11 @@ def set_scopes(
         if row is None:
             raise FieldsyncError(f"no office named {node!r} is registered")
         if read_scopes(row[0], node) != read_scopes(text, node):
+            # An office that never reached the hub holds nothing to pull again or drop
+            # (headquarters given * as it is registered): its first pull is plain.
             conn.execute(
-                "UPDATE _fieldsync_nodes SET scopes = ?, rescope = 1 WHERE name = ?",
+                "UPDATE _fieldsync_nodes SET scopes = ?, "
+                "rescope = (rescope OR last_seen_at IS NOT NULL) WHERE name = ?",
                 [text, node],
             )
             audit.record(conn, "set_scope", by or Actor.cli(), f"office {node}", scopes=wanted)
