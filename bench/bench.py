@@ -250,6 +250,8 @@ class Hub:
         store = SqliteHubStore(path)
         try:
             self.tokens = {name: store.add_node(name) for name in offices}
+            for name in offices:  # B pulls everything A made: every office holds every case
+                store.set_scopes(name, ["*"])
         finally:
             store.close()
         self.port = free_port()
