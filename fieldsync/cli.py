@@ -56,7 +56,7 @@ cli.add_command(node)
     help="With --serve: the loopback port of the hub (0: any free one).",
 )
 def demo(keep_dir: str | None, serve: bool, port: int) -> None:
-    """Show two offices and a hub syncing, with an outage and a conflict.
+    """Show a hub and three offices syncing: sync scopes, an outage, a conflict, a move.
 
     It ends with the address of the admin dashboard and an admin token.
     """

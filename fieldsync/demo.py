@@ -1,5 +1,7 @@
 """
-`fieldsync demo`: two offices and a hub on one machine, an outage and a conflict.
+`fieldsync demo`: a hub and three offices on one machine: sync scopes (astana and almaty
+hold their own cases, headquarters every case), an outage, a conflict and a case moved
+from one office to another.
 
 Everything runs in one process on 127.0.0.1: the hub under uvicorn in a thread, the
 offices as SQLite files written with plain ``sqlite3`` (capture needs no fieldsync
@@ -36,6 +38,7 @@ from shared.errors import FieldsyncError, HubUnavailableError
 
 Echo = Callable[[str], None]
 TABLES = ("cases", "assistance")
+OFFICES = ("astana", "almaty", "hq")  # hq: headquarters, holding every case
 # Country of origin -> (given names, family names).
 PEOPLE = {
     "AFG": ("Ahmad Farida Gulalai Mohammad Zarghona Najibullah Mariam",
@@ -63,7 +66,7 @@ def run_demo(
     """Run the demo, printing what happens through ``echo``.
 
     With ``serve_port`` the hub listens on that loopback port and stays up, with
-    both offices syncing every few seconds, until ``stop`` is set.
+    the offices syncing every few seconds, until ``stop`` is set.
     """
     quiet = logging.getLogger("fieldsync")
     level = quiet.level
@@ -75,7 +78,7 @@ def run_demo(
             return
         base = Path(keep_dir)
         base.mkdir(parents=True, exist_ok=True)
-        if any((base / f"{name}.db").exists() for name in ("hub", "astana", "almaty")):
+        if any((base / f"{name}.db").exists() for name in ("hub", *OFFICES)):
             raise FieldsyncError(f"{base} already holds demo databases; choose an empty folder")
         echo(f"Files are kept in {base}")
         _story(echo, base, serve_port, stop)
@@ -112,84 +115,105 @@ def _story(echo: Echo, base: Path, serve_port: int | None, stop: threading.Event
     with contextlib.ExitStack() as stack:
         hub = SqliteHubStore(base / "hub.db")
         stack.callback(hub.close)
-        tokens = {name: hub.add_node(name) for name in ("astana", "almaty")}
+        tokens = {name: hub.add_node(name) for name in OFFICES}
+        hub.set_scopes("hq", ["*"])  # fieldsync hub add-node hq --scope '*'
         url = stack.enter_context(_serve(create_app(hub), serve_port or 0))
-        echo(f"1. The hub serves {url} from {base / 'hub.db'};")
-        echo("   offices astana and almaty are registered (their tokens are stored as hashes).")
+        echo(f"1. The hub serves {url} from {base / 'hub.db'}.")
+        echo("   Registered (their tokens are stored as hashes): offices astana and almaty,")
+        echo("   each holding only its own cases, and hq, headquarters' own office database,")
+        echo("   holding every case (scope *).")
         offices = [Office(base, name, url, token) for name, token in tokens.items()]
         for office in offices:
             stack.callback(office.close)
-        astana, almaty = offices
+        astana, almaty, hq = offices
 
-        echo("2. Staff register cases with Python's plain sqlite3 module; triggers capture them:")
-        for office in offices:
+        echo("2. Staff register cases with Python's plain sqlite3 module; triggers capture them.")
+        echo("   Each case names its office (cases.office):")
+        for office in (astana, almaty):
             _register(office, rng, 40, days_back=700)
             echo(f"   {office.name}: {_counts(office)}; {office.store.pending_count()} changes")
-        echo("3. Both offices sync:")
-        for office in (astana, almaty, astana):
+        echo("3. Every office syncs:")
+        for office in offices:
             echo(f"   {office.sync()}")
-        echo(f"   each office now holds {_counts(astana)}")
+        for office, what in ((astana, "its own"), (almaty, "its own"), (hq, "everyone's")):
+            echo(f"   {office.name} holds {_counts(office)}: {what}")
 
         dead = _dead_url()
-        almaty.link(dead)
-        echo(f"4. Almaty's link goes down (its hub address now leads nowhere: {dead}).")
-        clash = _pick(almaty, "office = 'astana' AND status = 'asylum_seeker'")
-        shared = _pick(almaty, "office = 'almaty' AND notes IS NULL")
-        gone = _pick(astana, "office = 'astana' AND id NOT IN (SELECT case_id FROM assistance)")
-        almaty.run("UPDATE cases SET status = 'closed' WHERE id = ?", [[clash]])
-        almaty.run("UPDATE cases SET household_size = household_size + 2 WHERE id = ?", [[shared]])
-        added = _register(almaty, rng, 6, days_back=1)
-        echo(f"   almaty: {_case(almaty, clash)}: status -> closed")
-        echo(f"   almaty: {_case(almaty, shared)}: household_size +2 (a newborn and a cousin)")
-        echo(f"   almaty: registers {added}")
-        try:
-            almaty.sync()
-        except HubUnavailableError as exc:
-            echo(f"   almaty: sync failed: {exc}")
-        pending = almaty.store.status().pending
-        echo(f"   almaty keeps its {pending} changes (node status: {pending} pending) for later")
-
-        time.sleep(0.01)  # Astana decides a little later than Almaty
-        gone_name = _case(astana, gone)
+        astana.link(dead)
+        echo(f"4. Astana's link goes down (its hub address now leads nowhere: {dead}).")
+        clash = _pick(astana, "status = 'asylum_seeker'")
+        shared = _pick(astana, "notes IS NULL", clash)
+        aided = "id IN (SELECT case_id FROM assistance GROUP BY case_id HAVING count(*) > 1)"
+        moved = _pick(astana, aided, clash, shared)
+        moved_name, moved_aid = _case(astana, moved), _aid(astana, moved)
         astana.run("UPDATE cases SET status = 'refugee' WHERE id = ?", [[clash]])
-        astana.run("UPDATE cases SET notes = 'moved to Karaganda' WHERE id = ?", [[shared]])
-        astana.run("DELETE FROM cases WHERE id = ?", [[gone]])
-        echo(f"   astana: {_case(astana, clash)}: status -> refugee (same field!)")
-        echo(f"   astana: {_case(astana, shared)}: notes edited (another field)")
-        echo(f"   astana: deletes {gone_name}, registered twice by mistake")
-        echo(f"   {astana.sync()}")
+        astana.run("UPDATE cases SET household_size = household_size + 2 WHERE id = ?", [[shared]])
+        astana.run("UPDATE cases SET office = 'almaty' WHERE id = ?", [[moved]])
+        added = _register(astana, rng, 6, days_back=1)
+        echo(f"   astana: {_case(astana, clash)}: status -> refugee")
+        echo(f"   astana: {_case(astana, shared)}: household_size +2 (a newborn and a cousin)")
+        echo(f"   astana: {moved_name} moved to Almaty: office -> almaty")
+        echo(f"   astana: registers {added}")
+        try:
+            astana.sync()
+        except HubUnavailableError as exc:
+            echo(f"   astana: sync failed: {exc}")
+        pending = astana.store.status().pending
+        echo(f"   astana keeps its {pending} changes (node status: {pending} pending) for later")
 
-        almaty.link(url)
-        echo("5. Almaty's link is back; everyone syncs twice:")
-        for office in (almaty, astana, almaty, astana):
+        time.sleep(0.01)  # headquarters corrects a little later than Astana
+        echo("   Meanwhile headquarters reviews Astana's files:")
+        hq.run("UPDATE cases SET status = 'closed' WHERE id = ?", [[clash]])
+        hq.run("UPDATE cases SET notes = 'moved to Karaganda' WHERE id = ?", [[shared]])
+        echo(f"   hq: {_case(hq, clash)}: status -> closed (same field!)")
+        echo(f"   hq: {_case(hq, shared)}: notes edited (another field)")
+        echo(f"   {hq.sync()}")
+
+        astana.link(url)
+        echo("5. Astana's link is back; every office syncs twice:")
+        for office in (*offices, *offices):
             echo(f"   {office.sync()}")
 
         echo("6. What the hub decided:")
         for record in hub.conflicts():
             _show_conflict(echo, record.to_json(), _case(astana, record.pk["id"]))
-        size, notes = almaty.store.db.conn.execute(
+        size, notes = astana.store.db.conn.execute(
             "SELECT household_size, notes FROM cases WHERE id = ?", [shared]
         ).fetchone()
-        echo(f"   {_case(almaty, shared)}: edits to different fields merge cleanly:")
-        echo(f"      household_size {size} (from almaty), notes {notes!r} (from astana)")
-        deleted = almaty.store.db.conn.execute("SELECT count(*) FROM cases WHERE id = ?", [gone])
-        echo(f"   {gone_name}: deleted in almaty too ({deleted.fetchone()[0]} rows left)")
+        echo(f"   {_case(astana, shared)}: edits to different fields merge cleanly:")
+        echo(f"      household_size {size} (from astana), notes {notes!r} (from hq)")
+        (owner,) = almaty.store.db.conn.execute(
+            "SELECT office FROM cases WHERE id = ?", [moved]
+        ).fetchone()
+        (left,) = astana.store.db.conn.execute(
+            "SELECT count(*) FROM cases WHERE id = ?", [moved]
+        ).fetchone()
+        aid = f"{_aid(almaty, moved)} of {moved_aid} assistance deliveries"
+        echo(f"   {moved_name}, id {moved}, moved to almaty:")
+        echo(f"      almaty holds it now (office {owner!r}), with its {aid};")
+        echo(f"      astana's copy is gone ({left} rows): removed without a delete")
+        echo(f"      captured or sent (astana: {astana.store.status().pending} changes pending)")
 
-        echo("7. Convergence: rows and sha256 of the sorted rows of each table:")
-        sources = {"astana": astana.store.rows, "almaty": almaty.store.rows, "hub": hub.rows}
+        echo("7. Scopes: each office holds exactly the hub's rows in its scope (rows and sha256")
+        echo("   of the sorted rows; hq holds *, all of the hub's):")
+        scopes = hub.scopes()
         for table in TABLES:
-            seen = {name: _digest(rows(table)) for name, rows in sources.items()}
-            echo(f"   {table:<11}" + "   ".join(f"{n} {c} {d}" for n, (c, d) in seen.items()))
-            if len(set(seen.values())) != 1:
-                raise FieldsyncError(f"the offices and the hub disagree on {table}")
-        echo("   Astana, Almaty and the hub hold exactly the same data.")
+            seen = []
+            for office in offices:
+                count, digest = _digest(office.store.rows(table))
+                if (count, digest) != _digest(_in_scope(hub, table, scopes[office.name])):
+                    raise FieldsyncError(f"{office.name} does not hold its scope of {table}")
+                seen.append(f"{office.name} {count} {digest}")
+            count, digest = _digest(hub.rows(table))
+            echo(f"   {table:<11}" + "   ".join([*seen, f"hub {count} {digest}"]))
+        echo("   Astana holds only Astana's cases, Almaty only Almaty's, headquarters all.")
 
         token = hub.add_admin("demo", "owner")
         echo(f"8. The admin dashboard is at {url}/ : offices, conflicts, headquarters figures.")
         if serve_port is None:
             echo("   (The hub stops with the demo; `fieldsync demo --serve` keeps it up.)")
         else:
-            echo("   The hub stays up and both offices sync every 10 s; Ctrl-C stops.")
+            echo("   The hub stays up and the three offices sync every 10 s; Ctrl-C stops.")
             for office in offices:
                 agent = SyncAgent(office.store, office.client)
                 thread = threading.Thread(
@@ -276,9 +300,31 @@ def _counts(office: Office) -> str:
     return ", ".join(f"{len(office.store.rows(t))} {t}" for t in TABLES)
 
 
-def _pick(office: Office, where: str) -> str:
-    sql = f"SELECT id FROM cases WHERE {where} ORDER BY case_number LIMIT 1"
-    return str(office.store.db.conn.execute(sql).fetchone()[0])
+def _pick(office: Office, where: str, *besides: str) -> str:
+    """The first of the office's own cases (by number) matching ``where``, but ``besides``."""
+    marks = ", ".join("?" * len(besides))
+    sql = (
+        f"SELECT id FROM cases WHERE office = ? AND {where} AND id NOT IN ({marks}) "
+        "ORDER BY case_number LIMIT 1"
+    )
+    return str(office.store.db.conn.execute(sql, [office.name, *besides]).fetchone()[0])
+
+
+def _aid(office: Office, case_id: str) -> int:
+    sql = "SELECT count(*) FROM assistance WHERE case_id = ?"
+    return int(office.store.db.conn.execute(sql, [case_id]).fetchone()[0])
+
+
+def _in_scope(hub: SqliteHubStore, table: str, scopes: list[str] | None) -> list[dict[str, Any]]:
+    """The hub's rows of ``table`` in ``scopes`` (None: all), from the values alone: a
+    case by its office, an assistance delivery by its case's."""
+    rows = hub.rows(table)
+    if scopes is None:
+        return rows
+    if table == "cases":
+        return [row for row in rows if row["office"] in scopes]
+    office = {row["id"]: row["office"] for row in hub.rows("cases")}
+    return [row for row in rows if office.get(row["case_id"]) in scopes]
 
 
 def _case(office: Office, case_id: str) -> str:

@@ -111,7 +111,10 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
 
 @pytest.fixture
 def make_office(tmp_path: Path, hub: Hub) -> Iterator[Callable[..., Office]]:
-    """Factory: ``make_office("astana")`` registers an office on the hub and inits its db."""
+    """Factory: ``make_office("astana")`` registers an office on the hub and inits its db.
+
+    Offices hold every record (``scopes=("*",)``) unless told otherwise: most tests are
+    about sync mechanics between offices sharing cases, not about sync scopes."""
     offices: list[Office] = []
 
     def make(
@@ -121,8 +124,11 @@ def make_office(tmp_path: Path, hub: Hub) -> Iterator[Callable[..., Office]]:
         batch_size: int = 1000,
         page_size: int = 1000,
         transport: httpx.BaseTransport | None = None,
+        scopes: tuple[str, ...] = ("*",),
     ) -> Office:
         token = hub.store.add_node(name)
+        if scopes:
+            hub.store.set_scopes(name, scopes)
         path = tmp_path / f"{name}.db"
         store = NodeStore.init(path, name, hub.url, token, schema)
         client = HttpHubClient(

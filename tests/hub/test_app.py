@@ -31,7 +31,10 @@ from tests.asgi import client as asgi_client
 
 @pytest.fixture
 def tokens(hub_store: SqliteHubStore) -> dict[str, str]:
-    return {name: hub_store.add_node(name) for name in ("astana", "almaty")}
+    tokens = {name: hub_store.add_node(name) for name in ("astana", "almaty")}
+    for name in tokens:
+        hub_store.set_scopes(name, ["*"])  # both offices hold every record
+    return tokens
 
 
 @pytest.fixture
@@ -84,7 +87,8 @@ def push(client: httpx.Client, token: str, *changes: dict[str, Any]) -> Any:
 
 
 def pull(client: httpx.Client, token: str, cursor: int = 0, limit: int = 1000) -> Any:
-    return client.get("/v1/pull", params={"cursor": cursor, "limit": limit}, headers=auth(token))
+    params = {"cursor": cursor, "limit": limit, "scopes": 1}  # as offices of today ask
+    return client.get("/v1/pull", params=params, headers=auth(token))
 
 
 def assert_error(response: Any, status: int, code: str) -> str:
@@ -175,7 +179,8 @@ def test_push_and_pull_need_a_valid_token(
 
 
 def test_token_scheme_is_case_insensitive(client: httpx.Client, tokens: dict[str, str]) -> None:
-    response = client.get("/v1/pull", headers={"Authorization": f"bearer {tokens['astana']}"})
+    headers = {"Authorization": f"bearer {tokens['astana']}"}
+    response = client.get("/v1/pull", params={"scopes": 1}, headers=headers)
     assert response.status_code == 200
 
 
@@ -525,7 +530,7 @@ def test_packed_pull_sends_one_version_for_a_record_written_once(
         "base": {"notes": str(Timestamp(other["ts"], "astana"))},
     }
     push(client, tokens["astana"], first, other, edit)
-    params = {"cursor": 0, "limit": 10, "packed": 1}
+    params = {"cursor": 0, "limit": 10, "packed": 1, "scopes": 1}
     answer = client.get("/v1/pull", params=params, headers=auth(tokens["almaty"])).json()
     by_id = {row["pk"]["id"]: row for row in answer["rows"]}
     assert by_id["c1"]["versions"] == v1  # every column at one version: that version
@@ -712,6 +717,8 @@ def test_cursor_past_the_hubs_last_seq_serves_everything_again(hub_store: Sqlite
     # An office's cursor is ahead when the hub was restored from an older backup.
     token = hub_store.add_node("astana")
     other = hub_store.add_node("almaty")
+    for name in ("astana", "almaty"):
+        hub_store.set_scopes(name, ["*"])
     assert token != other
     c = Change(
         1,

@@ -74,7 +74,9 @@ def store(tmp_path: Path) -> Iterator[SqliteHubStore]:
     """
     hub = SqliteHubStore(tmp_path / "hub.db")
     hub.add_node("astana")
+    hub.set_scopes("astana", ["*"])
     hub.add_node("almaty")
+    hub.set_scopes("almaty", ["*"])
     hub.add_node("shymkent")  # registered, never pushed
     changes = [change(i, "astana", i, "cases", k, v) for i, (k, v) in enumerate(CASES.items(), 1)]
     changes += [

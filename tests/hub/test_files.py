@@ -52,6 +52,7 @@ def test_the_hub_database_wal_and_shm_are_private(tmp_path: Path, loose_umask: N
     path = tmp_path / "hub.db"
     with SqliteHubStore(path) as hub:
         hub.add_node("astana")
+        hub.set_scopes("astana", ["*"])
         hub.push("astana", [case("c1", 1, family_name="Ali")])
         files = [path, path.with_name("hub.db-wal"), path.with_name("hub.db-shm")]
         assert all(f.exists() for f in files)
@@ -75,6 +76,7 @@ def test_a_hub_made_by_the_cli_is_private(tmp_path: Path, loose_umask: None) -> 
 def hub(tmp_path: Path) -> Iterator[SqliteHubStore]:
     with SqliteHubStore(tmp_path / "hub.db") as hub:
         hub.add_node("astana")
+        hub.set_scopes("astana", ["*"])
         hub.push(
             "astana",
             [

@@ -104,7 +104,9 @@ def live(hub: SqliteHubStore) -> dict[str, dict[str, dict[str, Any]]]:
     """Fill ``hub`` from two offices; return the live records the hub should hold."""
     rng = random.Random(2024)
     hub.add_node("astana")
+    hub.set_scopes("astana", ["*"])
     hub.add_node("almaty")
+    hub.set_scopes("almaty", ["*"])
     offices = {"astana": Office("astana"), "almaty": Office("almaty")}
     pushed: dict[str, list[Change]] = {"astana": [], "almaty": []}
     cases: dict[str, dict[str, Any]] = {}
@@ -526,6 +528,7 @@ def test_record_history_follows_every_version_and_survives_the_old_layout(
     try:
         for office in ("astana", "almaty"):
             store.add_node(office)
+            store.set_scopes(office, ["*"])
         one, two = _stamp(1, "astana"), _stamp(2, "astana")
         # Two versions of c1 in one batch (the second follows the first), and c2.
         store.push(

@@ -80,7 +80,9 @@ def test_long_reads_do_not_wait_for_the_hubs_writes(
     # snapshot of its own, it neither waits for a push holding the store nor holds one up.
     with SqliteHubStore(tmp_path / "hub.db") as store:
         store.add_node("astana")
+        store.set_scopes("astana", ["*"])
         store.add_node("almaty")
+        store.set_scopes("almaty", ["*"])
         stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
         store.push(
             "astana",

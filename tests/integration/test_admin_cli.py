@@ -89,7 +89,7 @@ def test_demo_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
         assert f"dashboard is at http://127.0.0.1:{port}/" in "\n".join(lines)
         auth = {"Authorization": f"Bearer {token}"}
         offices = httpx.get(f"http://127.0.0.1:{port}/v1/admin/offices", headers=auth).json()
-        assert [o["name"] for o in offices["offices"]] == ["almaty", "astana"]
+        assert [o["name"] for o in offices["offices"]] == ["almaty", "astana", "hq"]
         assert all(o["health"] == "ok" for o in offices["offices"])
         conflicts = httpx.get(f"http://127.0.0.1:{port}/v1/admin/conflicts", headers=auth)
         assert len(conflicts.json()["conflicts"]) == 1  # the demo's conflict waits for review

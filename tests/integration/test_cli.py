@@ -155,8 +155,8 @@ def hub_value(hub: HubProcess, case_id: str, column: str) -> Any:
 
 
 def add_node(hub_db: Path, name: str) -> str:
-    """Register an office; return its token (the last line of the output)."""
-    return ok("hub", "add-node", name, "--db", hub_db).strip().splitlines()[-1]
+    """Register an office holding every record; return its token (the last line)."""
+    return ok("hub", "add-node", name, "--db", hub_db, "--scope", "*").strip().splitlines()[-1]
 
 
 def init_office(tmp_path: Path, hub: HubProcess, name: str) -> Office:
@@ -413,24 +413,32 @@ def test_node_run_syncs_until_a_signal_stops_it(
     assert re.search(r"^[\d:+ -]+ Synced almaty: pushed 0, pulled 1,", out.read_text(), re.M)
 
 
-def _digest(db: Path, table: str) -> tuple[int, str]:
-    """Rows and sha256 of a table's rows, as the demo computes them."""
+def _digest(db: Path, sql: str, *params: Any) -> tuple[int, str]:
+    """Rows and sha256 of the rows ``sql`` selects, as the demo computes them."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        cursor = conn.execute(f"SELECT * FROM {table} ORDER BY id")
+        cursor = conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
         rows = [dict(zip(names, row, strict=True)) for row in cursor]
     text = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return len(rows), hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-CONVERGED = re.compile(
-    r"^ +(cases|assistance) +astana (\d+) (\w{12}) +almaty (\d+) (\w{12}) +hub (\d+) (\w{12})$",
+HELD = re.compile(
+    r"^ +(cases|assistance) +astana (\d+) (\w{12}) +almaty (\d+) (\w{12}) +hq (\d+) (\w{12})"
+    r" +hub (\d+) (\w{12})$",
     re.M,
 )
+# The hub's rows in an office's scope, worked out from the values: a case by its office,
+# an assistance delivery by its case's office.
+IN_SCOPE = {
+    "cases": "SELECT * FROM cases WHERE office = ? ORDER BY id",
+    "assistance": "SELECT a.* FROM assistance a JOIN cases c ON c.id = a.case_id "
+    "WHERE c.office = ? ORDER BY a.id",
+}
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["temporary", "kept"])
-def test_demo_shows_the_conflict_and_converges(tmp_path: Path, keep: bool) -> None:
+def test_demo_shows_scopes_an_outage_a_conflict_and_a_move(tmp_path: Path, keep: bool) -> None:
     keep_dir = tmp_path / "demo"
     started = time.monotonic()
     result = fieldsync("demo", *(["--keep", str(keep_dir)] if keep else []), timeout=30)
@@ -440,11 +448,16 @@ def test_demo_shows_the_conflict_and_converges(tmp_path: Path, keep: bool) -> No
     out = result.stdout
     assert "sync failed" in out and "kept" in out
     assert re.search(r"conflict #1 on case .*\n.*field status", out), out
-    assert re.search(r"astana +set \"refugee\"", out) and re.search(r"almaty +set \"closed\"", out)
-    sums = {m[0]: m[1:] for m in CONVERGED.findall(out)}
-    assert set(sums) == {"cases", "assistance"}, out
-    for table, (n1, d1, n2, d2, n3, d3) in sums.items():
-        assert n1 == n2 == n3 and d1 == d2 == d3 and int(n1) > 40, table
+    assert re.search(r"hq +set \"closed\"", out) and re.search(r"astana +set \"refugee\"", out)
+    assert re.search(r"kept \"closed\"", out), out  # headquarters' correction came later
+    held = {m[0]: m[1:] for m in HELD.findall(out)}
+    assert set(held) == {"cases", "assistance"}, out
+    for table, (n1, d1, n2, d2, n3, d3, n4, d4) in held.items():
+        # astana and almaty hold their own, apart; hq holds all of the hub's
+        assert int(n1) + int(n2) == int(n3) == int(n4) > 80 and d3 == d4, table
+        assert len({d1, d2, d3}) == 3, table
+    moved = re.search(r"id ([0-9a-f-]{36}), moved to almaty:", out)
+    assert moved, out
     lines = out.strip().splitlines()
     assert re.fullmatch(r"[A-Za-z0-9_-]{32,}", lines[-1]), "the admin token is the last line"
     assert re.search(r"dashboard is at http://127\.0\.0\.1:\d+/", out), out
@@ -453,9 +466,21 @@ def test_demo_shows_the_conflict_and_converges(tmp_path: Path, keep: bool) -> No
         assert "Files are kept" not in out
         return
     assert lines[0] == f"Files are kept in {keep_dir}"
-    for table, (count, digest, *_) in sums.items():
-        for name in ("astana", "almaty", "hub"):
-            assert _digest(keep_dir / f"{name}.db", table) == (int(count), digest), name
-    (conflict,) = json.loads(ok("hub", "conflicts", "--db", keep_dir / "hub.db", "--json"))
+    hub_db = keep_dir / "hub.db"
+    for table, (n1, d1, n2, d2, n3, d3, *_) in held.items():
+        for name, count, digest in (("astana", n1, d1), ("almaty", n2, d2), ("hq", n3, d3)):
+            in_office = _digest(keep_dir / f"{name}.db", f"SELECT * FROM {table} ORDER BY id")
+            assert in_office == (int(count), digest), (name, table)
+            if name != "hq":
+                assert _digest(hub_db, IN_SCOPE[table], name) == in_office, (name, table)
+        assert _digest(hub_db, f"SELECT * FROM {table} ORDER BY id") == (int(n3), d3), table
+    # The moved case is at almaty with its assistance, and gone from astana.
+    case_id = moved[1]
+    for name, office in (("almaty", [("almaty",)]), ("hq", [("almaty",)]), ("astana", [])):
+        db = keep_dir / f"{name}.db"
+        assert query(db, "SELECT office FROM cases WHERE id = ?", (case_id,)) == office, name
+        aid = query(db, "SELECT count(*) FROM assistance WHERE case_id = ?", (case_id,))
+        assert (aid[0][0] > 0) == bool(office), name
+    (conflict,) = json.loads(ok("hub", "conflicts", "--db", hub_db, "--json"))
     assert conflict["column"] == "status"
-    assert {conflict["kept"]["office"], conflict["other"]["office"]} == {"astana", "almaty"}
+    assert {conflict["kept"]["office"], conflict["other"]["office"]} == {"astana", "hq"}

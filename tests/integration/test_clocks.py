@@ -102,6 +102,7 @@ def new_office(hub: Any, tmp_path: Path, name: str, clock: str) -> Path:
     the office's clock (so even its first stamp comes from that clock)."""
     path = tmp_path / f"{name}.db"
     token = hub.store.add_node(name)
+    hub.store.set_scopes(name, ["*"])
     fieldsync_at(clock, "node", "init", path, "--name", name, "--hub", hub.url, "--token", token)
     return path
 

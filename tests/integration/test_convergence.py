@@ -100,6 +100,7 @@ def test_offices_converge_after_two_rounds(ops, policy):
                 paths[name] = Path(tmp) / f"{name}.db"
                 stores[name] = NodeStore.init(paths[name], name, "http://testserver", "-", schema)
                 client = HttpHubClient("http://testserver", hub.add_node(name), client=http)
+                hub.set_scopes(name, ["*"])  # every office holds every case
                 agents[name] = SyncAgent(stores[name], client, batch_size=3, page_size=2)
             for op in ops:
                 run(op, paths, agents)
@@ -250,15 +251,8 @@ def in_scope(hub: SqliteHubStore, table: str, scopes: list[str] | None) -> list[
 def test_with_scopes_and_moves_each_office_holds_exactly_its_scope(ops):
     from shared.schema import Schema
 
-    text = (
-        Schema.load()
-        .source.replace("[tables.cases]\n", '[tables.cases]\nscope = { column = "office" }\n')
-        .replace(
-            "[tables.assistance]\n",
-            '[tables.assistance]\nscope = { column = "case_id", parent = "cases" }\n',
-        )
-    )
-    schema = Schema.from_toml(text)
+    schema = Schema.load()  # as shipped: cases by office, assistance with its case
+    assert schema.scoped
     with tempfile.TemporaryDirectory() as tmp:
         hub = SqliteHubStore(Path(tmp) / "hub.db", schema)
         http = asgi_client(create_app(hub))

@@ -57,6 +57,7 @@ def _world(tmp_path, schema: Schema, names=("astana", "almaty"), **app_options):
     offices = []
     for name in names:
         token = store.add_node(name)
+        store.set_scopes(name, ["*"])
         node = NodeStore.init(tmp_path / f"{name}.db", name, url, token, schema)
         client = HttpHubClient(url, token, node=name)
         offices.append(Office(name, node, SyncAgent(node, client), client, node.path))

@@ -54,6 +54,7 @@ def offices(strict_hub: Hub, tmp_path: Path) -> Iterator[list[Office]]:
     made = []
     for name in ("astana", "almaty"):
         token = strict_hub.store.add_node(name)
+        strict_hub.store.set_scopes(name, ["*"])
         path = tmp_path / f"{name}.db"
         store = NodeStore.init(path, name, strict_hub.url, token)  # the default schema
         client = HttpHubClient(strict_hub.url, token, node=name)

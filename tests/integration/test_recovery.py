@@ -155,6 +155,7 @@ def test_a_change_whose_answer_was_lost_keeps_the_stamp_the_hub_committed(policy
         return "ok"
 
     token = hub.store.add_node("astana")
+    hub.store.set_scopes("astana", ["*"])
     store = NodeStore.init(tmp_path / "astana.db", "astana", hub.url, token, schema)
     transport = FlakyTransport(plan)
     client = HttpHubClient(hub.url, token, client=httpx.Client(transport=transport), node="astana")
@@ -194,6 +195,7 @@ def test_a_restored_copy_keeps_the_stamp_the_hub_committed(policy_hub, tmp_path)
     says, before anything is re-stamped, how far it has this office's changes."""
     hub, schema = policy_hub
     token = hub.store.add_node("astana")
+    hub.store.set_scopes("astana", ["*"])
     store = NodeStore.init(tmp_path / "astana.db", "astana", hub.url, token, schema)
     client = HttpHubClient(hub.url, token, node="astana")
     office = type("Office", (), {"path": store.path, "client": client, "name": "astana"})()

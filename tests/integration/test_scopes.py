@@ -1,72 +1,37 @@
-"""Sync scopes against a real uvicorn hub: each office holds only its cases, moves."""
+"""Sync scopes against a real uvicorn hub: each office holds only its cases, moves.
+
+The shipped schema is scoped (cases by office, assistance with its case): these tests
+use it as it is."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from hub.app import create_app
-from hub.store import SqliteHubStore
-from node.agent import SyncAgent
-from node.client import HttpHubClient
-from node.store import NodeStore
 from shared.clock import Timestamp
 from shared.protocol import Change
 from shared.schema import Schema
-from tests.conftest import Hub, Office, serve
+from tests.conftest import Hub, Office
 
 pytestmark = pytest.mark.integration
 
-SCOPES = {
-    "[tables.cases]\n": '[tables.cases]\nscope = { column = "office" }\n',
-    "[tables.assistance]\n": (
-        '[tables.assistance]\nscope = { column = "case_id", parent = "cases" }\n'
-    ),
-}
-
-
-def scoped_schema() -> Schema:
-    text = Schema.load().source
-    for old, new in SCOPES.items():
-        text = text.replace(old, new)
-    schema = Schema.from_toml(text)
-    assert schema.scoped
-    return schema
-
 
 @pytest.fixture
-def scoped(tmp_path: Path) -> Iterator[tuple[Hub, Callable[..., Office]]]:
-    schema = scoped_schema()
-    store = SqliteHubStore(tmp_path / "hub.db", schema, create=True)
-    gen = serve(create_app(store))
-    hub = Hub(next(gen), store, tmp_path / "hub.db")
-    offices: list[Office] = []
+def scoped(hub: Hub, make_office: Callable[..., Office]) -> tuple[Hub, Callable[..., Office]]:
+    """The conftest hub, with the shipped schema; ``make("hq", "*")`` registers an
+    office holding the given scopes (none: its own name, as `hub add-node` does)."""
+    assert hub.store.schema.scoped and Schema.load().scoped  # as shipped
 
     def make(name: str, *scopes: str) -> Office:
-        token = store.add_node(name)
-        if scopes:
-            store.set_scopes(name, scopes)
-        path = tmp_path / f"{name}.db"
-        node = NodeStore.init(path, name, hub.url, token, schema)
-        client = HttpHubClient(hub.url, token, node=name)
-        office = Office(name, node, SyncAgent(node, client), client, path)
-        offices.append(office)
-        return office
+        return make_office(name, scopes=scopes)
 
-    try:
-        yield hub, make
-    finally:
-        for office in offices:
-            office.client.close()
-            office.store.close()
-        gen.close()
-        store.close()
+    return hub, make
 
 
 def write(office: Office, sql: str, *params: Any) -> None:
@@ -229,14 +194,11 @@ def test_scopes_from_the_command_line(tmp_path: Path) -> None:
         query,
     )
 
-    # The README's way: a copy of the shipped schema with its two scope lines uncommented.
-    text = Schema.load().source.replace("# scope = ", "scope = ")
-    schema_file = tmp_path / "cases.toml"
-    schema_file.write_text(text)
+    # The README's way, with the shipped schema: headquarters holds everything.
     hub_db = tmp_path / "hub.db"
     tokens = {}
     for name, extra in (("astana", []), ("almaty", []), ("hq", ["--scope", "*"])):
-        out = ok("hub", "add-node", name, "--db", hub_db, "--schema", schema_file, *extra)
+        out = ok("hub", "add-node", name, "--db", hub_db, *extra)
         tokens[name] = out.strip().splitlines()[-1]
     assert json.loads(ok("hub", "scope", "--db", hub_db, "--json")) == {
         "almaty": ["almaty"],
@@ -259,8 +221,6 @@ def test_scopes_from_the_command_line(tmp_path: Path) -> None:
                 server.url,
                 "--token",
                 token,
-                "--schema",
-                schema_file,
             )
 
         def sync_all() -> None:
@@ -309,3 +269,16 @@ def test_scopes_from_the_command_line(tmp_path: Path) -> None:
         assert ("move", 'cases ["a1"]') in done
     finally:
         server.stop()
+
+
+def test_an_office_given_scopes_before_it_ever_synced_pulls_at_once(scoped):
+    hub, make = scoped
+    astana = make("astana")
+    add_case(astana, "a1")
+    astana.sync()
+    hq = make("hq", "*")  # `hub add-node hq --scope '*'`: registered, then given scopes
+    page = hq.client.pull(0, 100)
+    assert not page.resync and [row.pk for row in page.rows] == [{"id": "a1"}]
+    # Once it has pulled, new scopes make it pull its whole scope again.
+    hub.store.set_scopes("hq", ["almaty"])
+    assert hq.client.pull(page.cursor, 100).resync

@@ -164,6 +164,7 @@ def _offices(policy_hub, tmp_path):
     offices = []
     for name in ("astana", "almaty"):
         token = hub.store.add_node(name)
+        hub.store.set_scopes(name, ["*"])
         store = NodeStore.init(tmp_path / f"{name}.db", name, hub.url, token, schema)
         client = HttpHubClient(hub.url, token, node=name)
         offices.append(

@@ -100,8 +100,9 @@ def test_scopes_are_read_per_table() -> None:
     assert schema.tables["cases"].scope == Scope("office")
     assert schema.tables["aid"].scope == Scope("case_id", "cases")
     assert schema.tables["kinds"].scope is None
-    assert not Schema.load().scoped  # as shipped, every office holds every record
-    shipped = Schema.from_toml(Schema.load().source.replace("# scope = ", "scope = "))
+    shipped = Schema.load()  # as shipped, each office holds only its own cases
+    assert shipped.scoped
+    assert shipped.tables["cases"].scope == Scope("office")
     assert shipped.tables["assistance"].scope == Scope("case_id", "cases")
 
 
