@@ -37,7 +37,8 @@ def insert_case(office: Office, case_id: str) -> None:
 
 
 def push_status(hub: HubProcess, token: str) -> httpx.Response:
-    return httpx.get(f"{hub.url}/v1/pull", headers={"Authorization": f"Bearer {token}"})
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.get(f"{hub.url}/v1/pull", params={"scopes": 1}, headers=headers)
 
 
 def audit(hub: HubProcess) -> list[dict[str, object]]:
