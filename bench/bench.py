@@ -244,13 +244,22 @@ def peak_rss_of(pid: int) -> int | None:
 class Hub:
     """A real hub: ``fieldsync hub serve`` in a subprocess, on a loopback port."""
 
-    def __init__(self, workdir: Path, offices: Sequence[str], ready_within: float = 60) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        offices: Sequence[str],
+        ready_within: float = 60,
+        *,
+        everything: bool = True,
+    ) -> None:
+        """``everything``: each office holds every record (scope ``*``); else its own
+        name's records, as ``fieldsync hub add-node NAME`` registers it."""
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "hub.db"
         store = SqliteHubStore(path)
         try:
             self.tokens = {name: store.add_node(name) for name in offices}
-            for name in offices:  # B pulls everything A made: every office holds every case
+            for name in offices if everything else ():  # B pulls everything A made
                 store.set_scopes(name, ["*"])
         finally:
             store.close()
