@@ -175,7 +175,29 @@ def _parse_value(store: HubStore, record: ConflictRecord, text: str) -> Any:
         raise ProtocolError(
             f"conflict {record.id} is about a whole record; keep one side or the other"
         )
-    return store.schema.table(record.table).parse_value(record.column, text)
+    table = store.schema.table(record.table)
+    value = table.parse_value(record.column, text)
+    allowed = table.choices(record.column)
+    if allowed is not None and value is not None and value not in allowed:
+        raise ProtocolError(f"{record.column} takes one of: {', '.join(allowed)}")
+    return value
+
+
+def _outcome(store: HubStore, record: ConflictRecord) -> dict[str, Any] | None:
+    """What a resolution decided (``side``: kept, other or value; ``value``), and the
+    value the hub holds now (``now``; ``gone``: the record is deleted now)."""
+    if record.status != "resolved":
+        return None
+    side = record.resolution.get("keep") if isinstance(record.resolution, dict) else None
+    decided = {"kept": record.kept_value, "other": record.other_value}.get(side or "")
+    if side == "value":
+        decided = record.resolution.get("value")
+    state = store.record_state(record.table, record.pk)
+    gone = state is None or state.deleted
+    now: Any = None
+    if not gone and state is not None:
+        now = state.values if record.column is None else state.values.get(record.column)
+    return {"side": side, "value": decided, "now": now, "gone": gone, "same": now == decided}
 
 
 async def _drain(chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
@@ -399,9 +421,11 @@ class _Dashboard:
         done: bool = False,
     ) -> HTMLResponse:
         table = self.store.schema.tables.get(record.table)
-        column_type = ""
+        column_type, choices, notnull = "", None, False
         if table is not None and record.column is not None:
             column_type = table.column(record.column).type.upper()
+            choices = table.choices(record.column)
+            notnull = table.column(record.column).notnull
         return render(
             "conflict.html",
             status,
@@ -409,6 +433,9 @@ class _Dashboard:
             section="conflicts",
             c=record,
             column_type=column_type,
+            choices=choices,
+            notnull=notnull,
+            outcome=_outcome(self.store, record),
             error=error,
             # the record changed since: the force box can apply the decision anyway
             changed=error is not None and status == 409 and record.status != "resolved",
@@ -417,9 +444,13 @@ class _Dashboard:
         )
 
     async def conflict(self, request: Request, session: Session) -> Response:
-        record = await run_in_threadpool(self._conflict, request.path_params["id"])
         done = request.query_params.get("done") == "1"
-        return self._conflict_page(session, record, done=done)
+
+        def load() -> HTMLResponse:  # the page reads the record's value now
+            record = self._conflict(request.path_params["id"])
+            return self._conflict_page(session, record, done=done)
+
+        return await run_in_threadpool(load)
 
     async def resolve_conflict(
         self, request: Request, session: Session, form: FormData
@@ -438,8 +469,15 @@ class _Dashboard:
             status = exc.status if isinstance(exc, HubRejectedError) else 400
             if status == 404:
                 raise
-            record = await run_in_threadpool(self._conflict, conflict_id)
-            return self._conflict_page(session, record, status=status, error=str(exc), typed=typed)
+            message = str(exc)
+
+            def again() -> HTMLResponse:
+                found = self._conflict(conflict_id)
+                return self._conflict_page(
+                    session, found, status=status, error=message, typed=typed
+                )
+
+            return await run_in_threadpool(again)
         actor = Actor(session.admin, client_address(request))
         await run_in_threadpool(audit_resolution, self.store, actor, done)
         log.info("admin %s resolved conflict %d: keep %s", session.admin, conflict_id, keep)

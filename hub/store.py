@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from hub import audit, auth, conflicts, history, pull, rejected, report, scopes, status
+from hub import audit, auth, conflicts, history, pull, records, rejected, report, scopes, status
 from hub.audit import Actor
 from hub.auth import Admin
 from hub.conflicts import ConflictRecord
@@ -42,6 +42,7 @@ from hub.database import HubDatabase
 from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
 from shared.clock import now_ms
+from shared.merge import RecordState
 from shared.protocol import Change, PullPage, PushResult, StatusReport
 from shared.schema import Schema
 from shared.sqlite import table_rows
@@ -147,6 +148,8 @@ class HubStore(Protocol):
     def record_history(self, table: str, pk: Sequence[Any]) -> list[dict[str, Any]]: ...
 
     def figures(self) -> dict[str, Any]: ...
+
+    def record_state(self, table: str, pk: dict[str, Any]) -> RecordState | None: ...
 
 
 class SqliteHubStore:
@@ -362,3 +365,10 @@ class SqliteHubStore:
         found = self.schema.table(table)
         with self.database.snapshot() as conn:
             return table_rows(conn, found)
+
+    def record_state(self, table: str, pk: dict[str, Any]) -> RecordState | None:
+        """One record's values as the hub holds them now (None: never seen)."""
+        key = self.schema.table(table).pk_key(pk)
+        with self.database.read() as conn:
+            found = records.load(conn, self.schema, table, key)
+        return None if found is None else found[0]

@@ -41,6 +41,10 @@ RecordKey = tuple[str, str]
 Versions = dict[str, str]
 
 
+# A SQL text literal, and comments outside literals (for Table.choices).
+_LITERAL = r"'(?:[^']|'')*'"
+_COMMENT = re.compile(rf"({_LITERAL})|--[^\n]*|/\*.*?\*/", re.DOTALL)
+
 _NUMERIC = ("INTEGER", "INT", "REAL", "FLOAT", "DOUBLE", "NUMERIC")
 
 
@@ -119,6 +123,30 @@ class Table:
             if col.name == name:
                 return col
         raise KeyError(name)
+
+    def choices(self, name: str) -> tuple[str, ...] | None:
+        """The values a ``CHECK (name IN ('a', 'b'))`` in the table's SQL allows column
+        ``name``, in the order written; None when no such check lists them.
+
+        A check of the form ``name IN (...) OR name IS NULL`` counts too; identifiers may
+        be quoted ("name", `name`, [name]); comments are ignored. Only lists of text
+        literals count (the dashboard offers them as a choice).
+        """
+        self.column(name)  # KeyError for a column the table lacks
+        sql = _COMMENT.sub(lambda m: m.group(1) or " ", self.create)
+        ident = (
+            "|".join(re.escape(form) for form in (f'"{name}"', f"`{name}`", f"[{name}]"))
+            + rf"|\b{re.escape(name)}\b"
+        )
+        pattern = re.compile(
+            rf"\bCHECK\s*\(\s*(?:{ident})\s+IN\s*\(\s*({_LITERAL}(?:\s*,\s*{_LITERAL})*)\s*\)"
+            rf"(?:\s+OR\s+(?:{ident})\s+IS\s+NULL)?\s*\)",
+            re.IGNORECASE,
+        )
+        found = pattern.search(sql)
+        if found is None:
+            return None
+        return tuple(text[1:-1].replace("''", "'") for text in re.findall(_LITERAL, found[1]))
 
     def pack_versions(self, versions: Mapping[str, str], stamps: set[Any] | None = None) -> str:
         """The stored text of a record's versions (column -> stamp), as JSON.

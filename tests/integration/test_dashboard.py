@@ -429,6 +429,77 @@ def test_a_record_changed_since_needs_force(
     assert hub_value(hub, "c1", "family_name") == conflict.other_value
 
 
+def outcome_of(page: str) -> dict[str, str]:
+    """The resolved page's outcome box: decision, value kept, by whom, value now (text)."""
+    box = re.search(
+        r'<section class="outcome-box" id="outcome" data-kept="(\w*)">(.*?)</section>', page, re.S
+    )
+    assert box, "the page shows no outcome"
+    found = {"kept": box.group(1)}
+    for name in ("decision", "kept-value", "resolution", "now-value"):
+        cell = re.search(rf'<dd class="{name}"[^>]*>(.*?)</dd>', box.group(2), re.S)
+        assert cell, f"the outcome has no {name}"
+        found[name] = " ".join(re.sub(r"<[^>]+>", "", cell.group(1)).split())
+    return found
+
+
+def test_after_keeping_the_other_value_the_page_shows_the_outcome(
+    hub: Hub, admin: httpx.Client, offices: tuple[Office, Office]
+) -> None:
+    conflict = make_conflict(hub, offices, "status", ("closed", "refugee"))
+    assert conflict.kept_value == "closed" or conflict.other_value == "closed"
+    response = decide(admin, conflict.id, keep="other")
+    assert response.status_code == 303, response.text
+    page = admin.get(response.headers["location"]).text
+    assert "Current value (kept)" not in page  # the old side is no longer "kept"
+    outcome = outcome_of(page)
+    assert outcome["kept"] == "other"
+    assert f"kept the other value, from {conflict.other_node}" in outcome["decision"]
+    assert outcome["kept-value"] == conflict.other_value
+    assert outcome["now-value"] == conflict.other_value
+    assert outcome["resolution"].startswith(f"{ADMIN},") and "UTC" in outcome["resolution"]
+    # the record changes later: the page says what the hub holds now
+    write(offices[0], "UPDATE cases SET status = 'rejected' WHERE id = 'c1'")
+    offices[0].sync()
+    outcome = outcome_of(admin.get(f"/conflicts/{conflict.id}").text)
+    assert outcome["kept-value"] == conflict.other_value
+    assert outcome["now-value"] == "rejected (changed since the decision)"
+
+
+def test_a_column_with_a_check_list_offers_its_values(
+    hub: Hub, admin: httpx.Client, offices: tuple[Office, Office]
+) -> None:
+    conflict = make_conflict(hub, offices, "status", ("closed", "refugee"))
+    page = admin.get(f"/conflicts/{conflict.id}").text
+    select = re.search(r'<select name="value" id="value">(.*?)</select>', page, re.S)
+    assert select, "status is typed free-hand"
+    options = re.findall(r'<option value="([^"]*)"', select.group(1))
+    assert options == ["asylum_seeker", "refugee", "rejected", "closed", "null"]
+    assert '<input type="text" name="value"' not in page
+    # a value the list lacks is refused by the hub, whatever the browser sends
+    refused = decide(admin, conflict.id, keep="value", value="deported")
+    assert refused.status_code == 400
+    assert "status takes one of: asylum_seeker, refugee, rejected, closed" in refused.text
+    assert hub.store.conflict(conflict.id).status == "logged"
+    chosen = decide(admin, conflict.id, keep="value", value="rejected")
+    assert chosen.status_code == 303, chosen.text
+    assert hub_value(hub, "c1", "status") == "rejected"
+    outcome = outcome_of(admin.get(chosen.headers["location"]).text)
+    assert (outcome["kept"], outcome["kept-value"], outcome["now-value"]) == (
+        "value",
+        "rejected",
+        "rejected",
+    )
+
+
+def test_a_column_without_a_check_list_is_typed(
+    hub: Hub, admin: httpx.Client, offices: tuple[Office, Office]
+) -> None:
+    conflict = make_conflict(hub, offices, "family_name", ("Abenova", "Abenov"))
+    page = admin.get(f"/conflicts/{conflict.id}").text
+    assert '<input type="text" name="value" id="value"' in page and "<select" not in page
+
+
 def test_an_unknown_conflict_is_an_html_404(admin: httpx.Client) -> None:
     page = admin.get("/conflicts/999")
     assert page.status_code == 404

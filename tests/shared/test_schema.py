@@ -131,3 +131,75 @@ def test_a_bad_scope_is_refused_with_what_is_wrong(
     with pytest.raises(SchemaError) as caught:
         Schema.from_toml(text)
     assert message in str(caught.value)
+
+
+# -- the values a CHECK (column IN (...)) allows -----------------------------------------
+
+
+def choices_of(column_sql: str, column: str = "status") -> tuple[str, ...] | None:
+    """The choices of ``column`` in a table made with ``column_sql`` after its key."""
+    create = f"CREATE TABLE t (\n  id TEXT PRIMARY KEY NOT NULL,\n  {column_sql}\n)"
+    text = f'[tables.t]\npolicy = "merge"\ncreate = """{create}"""\n'
+    return Schema.from_toml(text).table("t").choices(column)
+
+
+def test_the_shipped_status_column_lists_its_values() -> None:
+    assert CASES.choices("status") == ("asylum_seeker", "refugee", "rejected", "closed")
+    assert CASES.choices("family_name") is None
+
+
+@pytest.mark.parametrize(
+    ("column_sql", "expected"),
+    [
+        pytest.param("status TEXT CHECK (status IN ('a', 'b'))", ("a", "b"), id="plain"),
+        pytest.param("status TEXT check(status in('a','b'))", ("a", "b"), id="lower-tight"),
+        pytest.param(
+            "status TEXT CHECK (\n    status\n    IN (\n 'a',\n 'b' )\n)", ("a", "b"), id="lines"
+        ),
+        pytest.param('"status" TEXT CHECK ("status" IN (\'a\'))', ("a",), id="double-quoted"),
+        pytest.param("status TEXT CHECK (`status` IN ('a'))", ("a",), id="backquoted"),
+        pytest.param("status TEXT CHECK ([status] IN ('a'))", ("a",), id="bracketed"),
+        pytest.param("status TEXT CHECK (STATUS IN ('a'))", ("a",), id="any-case"),
+        pytest.param(
+            "status TEXT CHECK (status IN ('it''s', 'b,c'))", ("it's", "b,c"), id="quotes"
+        ),
+        pytest.param(
+            "status TEXT CHECK (status IN ('a', 'b') OR status IS NULL)", ("a", "b"), id="or-null"
+        ),
+        pytest.param(
+            "status TEXT,\n  CONSTRAINT known CHECK (status IN ('x', 'y'))",
+            ("x", "y"),
+            id="table-level",
+        ),
+        pytest.param(
+            "status TEXT -- was CHECK (status IN ('old'))\n  CHECK (status IN ('new'))",
+            ("new",),
+            id="comment-ignored",
+        ),
+        pytest.param("status TEXT CHECK (status IN ('a -- b', 'c'))", ("a -- b", "c"), id="dashes"),
+    ],
+)
+def test_choices_read_the_check_list(column_sql: str, expected: tuple[str, ...]) -> None:
+    assert choices_of(column_sql) == expected
+
+
+@pytest.mark.parametrize(
+    "column_sql",
+    [
+        pytest.param("status TEXT", id="no-check"),
+        pytest.param("status TEXT CHECK (status NOT IN ('a'))", id="not-in"),
+        pytest.param("status TEXT CHECK (status IN ('a') AND length(status) < 3)", id="more"),
+        pytest.param("status INTEGER CHECK (status IN (1, 2))", id="numbers"),
+        pytest.param(
+            "status TEXT, other_status TEXT CHECK (other_status IN ('a'))", id="another-column"
+        ),
+        pytest.param("status TEXT CHECK (length(status) IN ('a'))", id="an-expression"),
+    ],
+)
+def test_choices_are_none_without_a_plain_list(column_sql: str) -> None:
+    assert choices_of(column_sql) is None
+
+
+def test_choices_of_an_unknown_column_is_a_key_error() -> None:
+    with pytest.raises(KeyError):
+        CASES.choices("no_such_column")
