@@ -6,7 +6,8 @@ redirects to ``/login?next=PATH``), with the least role each needs (hub/auth.py;
 short of it: a 403 page):
 
 - ``GET  /``                         viewer: offices and their health (refreshes every 30 s)
-- ``GET  /offices/{name}``           viewer: one office, its syncs, its rejected changes
+- ``GET  /offices/{name}?page=``     viewer: one office, its syncs (added up, and 20 a
+  page, newest first), its rejected changes
 - ``GET  /conflicts?status=``        resolver: the conflict inbox (refreshes)
 - ``GET  /conflicts/{id}``           resolver: both sides of one conflict, and its form
 - ``POST /conflicts/{id}/resolve``   resolver: form fields csrf, keep, value, force
@@ -79,6 +80,7 @@ from hub.render import (
     redirect,
     render,
 )
+from hub.status import EVENTS_KEPT
 from hub.store import ConflictRecord, HubStore, SqliteHubStore
 from shared.errors import AuthError, FieldsyncError, HubRejectedError, ProtocolError
 
@@ -87,8 +89,9 @@ log = logging.getLogger("fieldsync.hub")
 COOKIE = "fieldsync_session"
 REFRESH_SECONDS = 30  # the offices and conflicts pages reload themselves
 MAX_LISTED = 200  # conflicts, events and rejected changes shown on one page
-EVENTS_SHOWN = 50
+EVENTS_SHOWN = 20  # syncs on one page of an office's history (newest first)
 
+SUMMED = ("pushed", "pulled", "conflicts", "rejected")  # an office's sync history, added up
 WRONG_TOKEN = "That token is not an admin token."
 AUDIT_PAGE = 100  # audit entries on one page
 OFFICE_TOKEN = (
@@ -198,6 +201,15 @@ def _outcome(store: HubStore, record: ConflictRecord) -> dict[str, Any] | None:
     if not gone and state is not None:
         now = state.values if record.column is None else state.values.get(record.column)
     return {"side": side, "value": decided, "now": now, "gone": gone, "same": now == decided}
+
+
+def _sync_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an office's kept syncs add up to: how many, how many failed, the changes
+    they moved, and since when (``events``: newest first)."""
+    total = {key: sum(e[key] or 0 for e in events) for key in SUMMED}
+    failed = sum(1 for e in events if e["outcome"] != "ok")
+    since = events[-1]["started_at"] if events else None
+    return {"syncs": len(events), "failed": failed, "since": since, **total}
 
 
 async def _drain(chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
@@ -369,20 +381,29 @@ class _Dashboard:
     async def office(self, request: Request, session: Session) -> Response:
         name = request.path_params["name"]
 
+        text = request.query_params.get("page", "1")
+        number = int(text) if text.isdigit() and 0 < int(text) <= EVENTS_KEPT else 1
+
         def load() -> tuple[OfficeStatus, list[dict[str, Any]]]:
             try:
-                found = self.store.office(name, stale_after=self.stale_after, events=EVENTS_SHOWN)
+                found = self.store.office(name, stale_after=self.stale_after, events=EVENTS_KEPT)
             except FieldsyncError:
                 raise HTTPException(404, f"There is no office {name!r}.") from None
             return found, self.store.rejected(name)
 
         office, rejected = await run_in_threadpool(load)
+        events = office.events[(number - 1) * EVENTS_SHOWN : number * EVENTS_SHOWN]
         return render(
             "office.html",
             200,
             session,
             section="offices",
             office=office,
+            events=events,
+            history=_sync_summary(office.events),
+            page=number,
+            newer=number - 1 if number > 1 else None,
+            older=number + 1 if len(office.events) > number * EVENTS_SHOWN else None,
             rejected=rejected[:MAX_LISTED],
             more_rejected=len(rejected) > MAX_LISTED,
         )

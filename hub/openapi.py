@@ -313,7 +313,13 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             body_schema=_fields(("csrf",), csrf=_TEXT),
             **form,
         ),
-        Endpoint("get", "/offices/{name}", "One office, its syncs and rejected changes", **page),
+        Endpoint(
+            "get",
+            "/offices/{name}",
+            "One office, its syncs (20 a page, added up) and rejected changes",
+            params=(Param("page", {"type": "integer", "minimum": 1}),),
+            **page,
+        ),
         Endpoint(
             "get",
             "/conflicts",

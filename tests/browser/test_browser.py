@@ -130,3 +130,161 @@ def test_an_admin_settles_a_conflict_in_the_browser(
         page.goto(hub.url + path)
         assert_fits(page, path)
     assert problems == []
+
+
+# -- every page on a desktop and on a phone ------------------------------------------------
+
+DESKTOP = {"width": 1280, "height": 800}
+LONG_NAME = "Abenova-Kuanyshbekova, returned from the Kostanay region in March"
+LONG_TOKEN = "https://example.org/cases/" + "0123456789abcdef" * 5
+# The tallest each page may be on a phone (px): usable without endless scrolling.
+PHONE_HEIGHTS = {
+    "offices": 1600,
+    "office": 3200,
+    "rejected": 3200,
+    "conflicts": 2400,
+    "conflict": 2000,
+    "resolved": 2000,
+    "history": 3200,  # 37 versions: about 80 px each
+    "lookup": 1200,
+    "hq": 4000,
+    "audit": 6000,
+    "login": 900,
+}
+
+
+def add_case(office: Office, case_id: str, /, **values: Any) -> None:
+    row = {"id": case_id, "family_name": "Nazarova", "status": "refugee", "office": office.name}
+    row.update(values)
+    marks = ", ".join("?" for _ in row)
+    write(office, f"INSERT INTO cases ({', '.join(row)}) VALUES ({marks})", *row.values())
+
+
+def conflicting(astana: Office, almaty: Office, column: str, values: tuple[Any, Any]) -> None:
+    write(astana, f"UPDATE cases SET {column} = ? WHERE id = 'c1'", values[0])
+    write(almaty, f"UPDATE cases SET {column} = ? WHERE id = 'c1'", values[1])
+    sync_all(astana, almaty)
+
+
+def measure(page: Page) -> dict[str, int]:
+    return page.evaluate(
+        "({scroll: document.scrollingElement.scrollWidth, inner: window.innerWidth,"
+        " height: document.scrollingElement.scrollHeight})"
+    )
+
+
+def right_edges(page: Page, selector: str) -> list[float]:
+    """The right edge (px from the page's left) of every element ``selector`` finds."""
+    return page.eval_on_selector_all(
+        selector, "els => els.map(e => e.getBoundingClientRect().right + window.scrollX)"
+    )
+
+
+# Per page: elements that must be on screen without scrolling sideways (inside a table's
+# own scroll box too), at both sizes.
+IN_VIEW = {
+    "offices": ["tr[data-office] td", "tr[data-office] th"],
+    "conflicts": ["tr[data-conflict] a", "tr[data-conflict] td"],
+    "office": ["tr[data-event] td"],
+    "rejected": ["tr[data-rejected] td"],
+    "conflict": ['button[name="keep"]', "#value"],
+    "resolved": ["#outcome dd"],
+    "history": ["tr[data-seq] td"],
+}
+
+
+@pytest.fixture
+def busy_hub(hub: Hub, make_office: Callable[..., Office]) -> dict[str, str]:
+    """A hub with long values in conflicts, a long sync history, rejected changes and an
+    audit log; the pages to look at, by name."""
+    astana, almaty = make_office("astana"), make_office("almaty")
+    kyiv = make_office("kyiv", scopes=("kyiv",))
+    add_case(astana, "c1", notes="first")
+    sync_all(astana, almaty)
+    conflicting(astana, almaty, "family_name", (LONG_NAME + " (astana)", LONG_NAME + " (almaty)"))
+    conflicting(astana, almaty, "notes", (LONG_TOKEN + "/a", LONG_TOKEN + "/b"))
+    conflicting(astana, almaty, "status", ("closed", "rejected"))
+    for number in range(30):  # a busy office: a sync every few seconds
+        write(astana, "UPDATE cases SET household_size = ? WHERE id = 'c1'", number)
+        astana.sync()
+    add_case(kyiv, "k1", office="almaty")  # outside kyiv's scope: set aside
+    kyiv.sync()
+    assert hub.store.rejected("kyiv"), "kyiv's change was not rejected"
+    conflicts = hub.store.conflicts()
+    resolved = next(c for c in conflicts if c.column == "status")
+    hub.store.resolve(resolved.id, "other", "ops")
+    field = next(c for c in conflicts if c.column == "family_name")
+    return {
+        "offices": "/",
+        "office": "/offices/astana",
+        "rejected": "/offices/kyiv",
+        "conflicts": "/conflicts",
+        "conflict": f"/conflicts/{field.id}",
+        "resolved": f"/conflicts/{resolved.id}",
+        "history": "/records/cases?id=c1",
+        "lookup": "/records",
+        "hq": "/hq",
+        "audit": "/audit",
+    }
+
+
+def test_every_page_fits_a_desktop_and_a_phone(
+    hub: Hub, busy_hub: dict[str, str], browser: Browser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = hub.store.add_admin("ops", "owner")
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    page.goto(hub.url + "/login")
+    pages = {**busy_hub, "login": "/login"}
+    heights: dict[str, dict[str, int]] = {}
+    problems: list[str] = []
+    for size_name, size in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(size)
+        for name, path in pages.items():
+            if name == "login":
+                page.context.clear_cookies()
+            elif "fieldsync_session" not in {c["name"] for c in page.context.cookies()}:
+                page.goto(hub.url + "/login")
+                page.get_by_label("Admin token").fill(token)
+                page.get_by_role("button", name="Sign in").click()
+                page.wait_for_url(hub.url + "/")
+            response = page.goto(hub.url + path)
+            assert response is not None and response.status == 200, f"{path}: {response}"
+            found = measure(page)
+            heights.setdefault(name, {})[size_name] = found["height"]
+            if found["scroll"] > found["inner"]:
+                problems.append(f"{size_name} {name}: page {found['scroll']} px wide")
+            for selector in IN_VIEW.get(name, []):
+                edges = right_edges(page, selector)
+                assert edges, f"{name}: nothing matches {selector}"
+                if max(edges) > found["inner"] + 1:
+                    problems.append(f"{size_name} {name}: {selector} reaches {max(edges):.0f} px")
+            if size_name == "phone" and found["height"] > PHONE_HEIGHTS[name]:
+                problems.append(f"phone {name}: {found['height']} px tall")
+    with capsys.disabled():
+        print("\npage heights (px) at 1280x800 and 390x844:")
+        for name, measured in heights.items():
+            print(f"  {name:10} {measured['desktop']:6} {measured['phone']:6}")
+    context.close()
+    assert problems == []
+
+
+def test_values_wrap_by_words_on_a_phone(
+    hub: Hub, busy_hub: dict[str, str], browser: Browser
+) -> None:
+    """A long value takes a few lines at most, never one character per line."""
+    token = hub.store.add_admin("ops", "owner")
+    page = browser.new_page(viewport=PHONE)
+    page.goto(hub.url + "/login")
+    page.get_by_label("Admin token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(hub.url + "/")
+    for path in (busy_hub["conflicts"], busy_hub["history"], busy_hub["conflict"]):
+        page.goto(hub.url + path)
+        boxes = page.eval_on_selector_all(
+            ".value", "els => els.map(e => [e.textContent, e.getBoundingClientRect().width])"
+        )
+        for text, width in boxes:
+            if len(text) >= 20:  # room for at least ~15 characters a line
+                assert width >= 120, f"{path}: {text[:30]!r}… is {width:.0f} px wide"

@@ -285,6 +285,31 @@ def test_office_page_shows_its_state_and_sync_history(
     assert "Rejected changes" in page.text
 
 
+def test_office_page_pages_its_sync_history_and_adds_it_up(
+    hub: Hub, admin: httpx.Client, offices: tuple[Office, Office]
+) -> None:
+    astana = offices[0]
+    for number in range(25):
+        write(astana, "UPDATE cases SET household_size = ? WHERE id = 'c1'", number)
+        astana.sync()
+    events = hub.store.sync_events("astana", 200)
+    assert len(events) >= 27
+    first = admin.get("/offices/astana").text
+    assert rows(first, "data-event") == [str(e["id"]) for e in events[:20]]
+    summary = re.search(r'data-syncs="(\d+)" data-failed="(\d+)">(.*?)</p>', first, re.S)
+    assert summary and int(summary.group(1)) == len(events) and summary.group(2) == "0"
+    pushed = sum(e["pushed"] for e in events)
+    assert f"{pushed} changes pushed" in summary.group(3)
+    assert 'href="/offices/astana?page=2#syncs" rel="next">Older syncs' in first
+    second = admin.get("/offices/astana?page=2").text
+    assert rows(second, "data-event") == [str(e["id"]) for e in events[20:40]]
+    assert 'href="/offices/astana#syncs" rel="prev">Newer syncs' in second
+    for wrong in ("0", "x", "-1", "99999999999"):  # a page number out of range: the first
+        assert rows(admin.get(f"/offices/astana?page={wrong}").text, "data-event") == rows(
+            first, "data-event"
+        )
+
+
 def test_an_unknown_office_is_an_html_404(admin: httpx.Client) -> None:
     page = admin.get("/offices/nowhere")
     assert page.status_code == 404
