@@ -119,6 +119,10 @@ def test_an_admin_settles_a_conflict_in_the_browser(
     page.get_by_role("button", name="Keep the other value").click()
     page.wait_for_url(f"{hub.url}/conflicts/{conflict.id}?done=1")
     assert "Conflict resolved" in page.get_by_role("status").inner_text()
+    outcome = page.locator("#outcome")  # the outcome, not the old sides' labels
+    assert f"kept the other value, from {conflict.other_node}" in outcome.inner_text()
+    assert outcome.locator("dd.now-value").inner_text().strip() == conflict.other_value
+    assert page.get_by_text("Current value (kept)").count() == 0
     done = hub.store.conflict(conflict.id)
     assert (done.status, done.resolved_by) == ("resolved", "ops")
 
@@ -288,3 +292,41 @@ def test_values_wrap_by_words_on_a_phone(
         for text, width in boxes:
             if len(text) >= 20:  # room for at least ~15 characters a line
                 assert width >= 120, f"{path}: {text[:30]!r}… is {width:.0f} px wide"
+
+
+def test_a_status_is_chosen_from_its_allowed_values(
+    hub: Hub, make_office: Callable[..., Office], browser: Browser
+) -> None:
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1")
+    sync_all(astana, almaty)
+    conflicting(astana, almaty, "status", ("closed", "rejected"))
+    [conflict] = hub.store.conflicts()
+    token = hub.store.add_admin("ops", "resolver")
+    for size in (DESKTOP, PHONE):
+        page = browser.new_page(viewport=size)
+        page.goto(f"{hub.url}/login?next=/conflicts/{conflict.id}")
+        page.get_by_label("Admin token").fill(token)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{hub.url}/conflicts/{conflict.id}")
+        choice = page.get_by_label("Or set status to")
+        options = choice.locator("option").evaluate_all("os => os.map(o => o.value)")
+        assert options == ["asylum_seeker", "refugee", "rejected", "closed", "null"]
+        box = choice.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= size["width"]
+        page.close()
+    page = browser.new_page(viewport=PHONE)
+    page.goto(f"{hub.url}/login?next=/conflicts/{conflict.id}")
+    page.get_by_label("Admin token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_label("Or set status to").select_option("refugee")
+    page.get_by_role("button", name="Use this value").click()
+    page.wait_for_url(f"{hub.url}/conflicts/{conflict.id}?done=1")
+    assert page.locator("#outcome dd.kept-value").inner_text().strip() == "refugee"
+    assert page.locator("#outcome dd.now-value").inner_text().strip() == "refugee"
+    sync_all(astana, almaty)
+    for office in (astana, almaty):
+        with sqlite3.connect(office.path) as conn:
+            [status] = conn.execute("SELECT status FROM cases WHERE id = 'c1'").fetchone()
+        conn.close()
+        assert status == "refugee"
