@@ -195,12 +195,16 @@ def _outcome(store: HubStore, record: ConflictRecord) -> dict[str, Any] | None:
     decided = {"kept": record.kept_value, "other": record.other_value}.get(side or "")
     if side == "value":
         decided = record.resolution.get("value")
-    state = store.record_state(record.table, record.pk)
+    known = record.table in store.schema.tables
+    state = store.record_state(record.table, record.pk) if known else None
     gone = state is None or state.deleted
     now: Any = None
     if not gone and state is not None:
         now = state.values if record.column is None else state.values.get(record.column)
-    return {"side": side, "value": decided, "now": now, "gone": gone, "same": now == decided}
+    same = now == decided
+    if isinstance(now, dict) and isinstance(decided, dict):  # a whole record: its fields
+        same = all(now.get(name) == value for name, value in decided.items())
+    return {"side": side, "value": decided, "now": now, "gone": gone, "same": same}
 
 
 def _sync_summary(events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -462,7 +462,9 @@ def outcome_of(page: str) -> dict[str, str]:
     assert box, "the page shows no outcome"
     found = {"kept": box.group(1)}
     for name in ("decision", "kept-value", "resolution", "now-value"):
-        cell = re.search(rf'<dd class="{name}"[^>]*>(.*?)</dd>', box.group(2), re.S)
+        # up to the next of the outcome's own labels (a whole record is a list of its own)
+        end = r'<dt>(?:Value kept|Decided by|Now at the hub)</dt>|</dl>\s*<p class="hint">'
+        cell = re.search(rf'<dd class="{name}"[^>]*>(.*?)(?:{end})', box.group(2), re.S)
         assert cell, f"the outcome has no {name}"
         found[name] = " ".join(re.sub(r"<[^>]+>", "", cell.group(1)).split())
     return found
@@ -489,6 +491,20 @@ def test_after_keeping_the_other_value_the_page_shows_the_outcome(
     outcome = outcome_of(admin.get(f"/conflicts/{conflict.id}").text)
     assert outcome["kept-value"] == conflict.other_value
     assert outcome["now-value"] == "rejected (changed since the decision)"
+
+
+def test_after_applying_a_delete_the_outcome_says_the_record_is_gone(
+    hub: Hub, admin: httpx.Client, offices: tuple[Office, Office]
+) -> None:
+    astana, almaty = offices
+    write(astana, "DELETE FROM cases WHERE id = 'c1'")
+    write(almaty, "UPDATE cases SET family_name = 'Later' WHERE id = 'c1'")
+    sync_all(astana, almaty)
+    [conflict] = [c for c in hub.store.conflicts() if c.kind == "delete"]
+    assert decide(admin, conflict.id, keep="kept").status_code == 303
+    kept = outcome_of(admin.get(f"/conflicts/{conflict.id}").text)
+    assert kept["kept"] == "kept" and "Later" in kept["kept-value"]
+    assert "Later" in kept["now-value"] and "changed since" not in kept["now-value"]
 
 
 def test_a_column_with_a_check_list_offers_its_values(
