@@ -190,8 +190,7 @@ def expected_table(
 ) -> dict[str, Any]:
     """Counted by the record's scope: a case's office, an assistance record's case's."""
     offices = Counter(
-        r["office"] if name == "cases" else cases[r["case_id"]]["office"]
-        for r in records.values()
+        r["office"] if name == "cases" else cases[r["case_id"]]["office"] for r in records.values()
     )
     return {
         "table": name,
