@@ -262,6 +262,15 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             errors=("bad_request", "not_found"),
             **admin_json,
         ),
+        Endpoint(
+            "get",
+            "/v1/admin/records",
+            "Live records whose key or a text column contains q (any case), at most 50: "
+            '{"query", "results": [{"table", "pk", "values", "matched"}], "more"}',
+            errors=("bad_request",),
+            params=(Param("q", {"type": "string", "minLength": 2}, "the text to look for"),),
+            **admin_json,
+        ),
         Endpoint("get", "/v1/admin/figures", "Consolidated figures for headquarters", **admin_json),
         Endpoint(
             "get",

@@ -105,3 +105,34 @@ def test_history_is_in_stamp_order_with_the_lost_edit_marked(
     assert [(v["actor"], v["op"], v["outcome"]) for v in body["versions"]] == expected
     assert body["current"]["values"]["notes"] == "astana, later"
     assert [v["seq"] for v in body["versions"]] != sorted(v["seq"] for v in body["versions"])
+
+
+def test_the_admin_api_finds_records_for_owners(
+    hub: Hub, make_office: Callable[..., Office]
+) -> None:
+    astana = make_office("astana")
+    add_case(astana, "c1", case_number="AST-0001", family_name="Nazarova")
+    sync_all(astana)
+    owner, viewer = hub.store.add_admin("api-owner", "owner"), hub.store.add_admin("v", "viewer")
+
+    def get(token: str, text: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"}
+        return httpx.get(f"{hub.url}/v1/admin/records", params={"q": text}, headers=headers)
+
+    found = get(owner, "ast-0001")
+    assert found.status_code == 200
+    assert found.json() == {
+        "query": "ast-0001",
+        "results": [
+            {
+                "table": "cases",
+                "pk": {"id": "c1"},
+                "values": hub.store.rows("cases")[0],
+                "matched": ["case_number"],
+            }
+        ],
+        "more": False,
+    }
+    assert get(owner, "x").status_code == 400
+    refused = get(viewer, "Nazarova")
+    assert refused.status_code == 403 and "Nazarova" not in refused.text
