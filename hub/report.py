@@ -147,11 +147,15 @@ def _table_counts(conn: sqlite3.Connection, spec: Table, columns: frozenset[str]
     if spec.scope is None:
         (count,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
         return {"table": name, "records": int(count), "by_office": None}
+    # The live records of a table are those _fieldsync_records holds undeleted (the
+    # mirrored table holds the same ones): one range of its key, no lookup per record.
     by_office = [
         {"office": _json(office), "records": int(n)}
         for office, n in conn.execute(
-            f"SELECT fs_office, COUNT(*) FROM (SELECT {_office_of(spec)} AS fs_office "
-            f"FROM {table} AS t) GROUP BY fs_office ORDER BY (fs_office IS NULL), fs_office"
+            "SELECT NULLIF(scope, '') AS fs_office, COUNT(*) FROM _fieldsync_records "
+            "WHERE tbl = ? AND deleted = 0 GROUP BY fs_office "
+            "ORDER BY (fs_office IS NULL), fs_office",
+            [name],
         )
     ]
     return {
