@@ -57,6 +57,7 @@ def test_search_by_case_number_name_and_key(store: SqliteHubStore) -> None:
     assert sorted(found(store, "ast-2024")) == ["0f3a9c1e-uuid", "7b21d004-uuid"]  # any case
     assert found(store, "nazar") == ["0f3a9c1e-uuid"]  # part of a name
     assert found(store, "Абаев") == ["c9e4aa10-uuid"]
+    assert found(store, "абаев") == ["c9e4aa10-uuid"]  # not only ASCII letters fold
     assert found(store, "7b21d0") == ["7b21d004-uuid"]  # part of the key
     [hit] = store.find_records("karimov")["results"]
     assert hit["table"] == "cases" and hit["matched"] == ["family_name"]
