@@ -327,7 +327,8 @@ def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
 @click.option("--format", "fmt", required=True, metavar="csv|json", help="csv or json.")
 @click.option(
     "--office",
-    help="Only records whose latest change came from this office (hub: an admin's).",
+    help="Only the records that belong to this office (its scope; the same records "
+    "headquarters' figures count for it). Not for a table without a scope.",
 )
 @click.option(
     "--out",

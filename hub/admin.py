@@ -14,7 +14,10 @@ each needs (hub/auth.py: viewer < resolver < owner):
 - ``POST /v1/admin/conflicts/{id}/resolve``  resolver: ``{"keep": "kept"|"other"|"value",
   "value", "force"}``
 - ``GET  /v1/admin/rejected?office=``        viewer: changes the hub set aside (no values)
-- ``GET  /v1/admin/history/{table}?COLUMN=VALUE`` owner: every version of one record
+- ``GET  /v1/admin/history/{table}?COLUMN=VALUE`` owner: every version of one record,
+  in stamp order, winners and losers marked, and the record now
+- ``GET  /v1/admin/records?q=``             owner: records found by case number, name or
+  key (hub/search.py; at most 50, ``more`` when there are others)
 - ``GET  /v1/admin/figures``                 viewer: consolidated figures for headquarters
 - ``GET  /v1/admin/audit?limit=&before=``    owner: the audit log, newest first
 - ``GET  /metrics``                          viewer: per-office gauges, Prometheus format
@@ -181,7 +184,8 @@ def resolve(store: HubStore, conflict_id: int, admin: str, data: Any) -> Any:
 
 
 def record_history(store: HubStore, table: str, params: dict[str, str]) -> dict[str, Any]:
-    """Every version of the record of ``table`` whose key ``params`` give, oldest first."""
+    """Every version of the record of ``table`` whose key ``params`` give, in stamp order,
+    each marked winner or loser, and the record as the hub holds it (hub/history.py)."""
     found = store.schema.tables.get(table)
     if found is None:
         raise not_found(f"there is no synced table {table!r}")
@@ -190,11 +194,12 @@ def record_history(store: HubStore, table: str, params: dict[str, str]) -> dict[
         raise ProtocolError(f"name the record by its key: {', '.join(found.primary_key)}")
     # Typed text, read as the CLI and the dashboard's forms read it (a ProtocolError).
     values = [found.parse_value(column, params[column]) for column in found.primary_key]
-    versions = store.record_history(table, values)
+    story = store.record_versions(table, values)
     return {
         "table": table,
         "pk": dict(zip(found.primary_key, values, strict=True)),
-        "versions": versions,
+        "versions": story["versions"],
+        "current": story["current"],
     }
 
 
@@ -394,6 +399,18 @@ def admin_routes(
         )
         return _JSON(found)
 
+    async def find_records(request: Request) -> _JSON:
+        who = await admin(request, "owner")
+        text = request.query_params.get("q", "")
+        try:
+            found = await run_in_threadpool(store.find_records, text)
+        except ValueError as exc:  # too short
+            raise ProtocolError(str(exc)) from None
+        actor = Actor(who, client_address(request))
+        shown = len(found["results"])  # the count, never the text searched for
+        await run_in_threadpool(lambda: store.audit("search_records", actor, shown=shown))
+        return _JSON(found)
+
     async def audit_log(request: Request) -> _JSON:
         await admin(request, "owner")
         limit = int_param(request, "limit", 100, MAX_AUDIT)
@@ -420,6 +437,7 @@ def admin_routes(
         Route("/v1/admin/conflicts/{id:int}/resolve", resolve_conflict, methods=["POST"]),
         Route("/v1/admin/rejected", rejected),
         Route("/v1/admin/history/{table}", history),
+        Route("/v1/admin/records", find_records),
         Route("/v1/admin/figures", figures),
         Route("/v1/admin/audit", audit_log),
         Route("/metrics", metrics),

@@ -38,6 +38,7 @@ ACTIONS = {
     "download": "downloaded a table from the dashboard",
     "export": "exported a table with `fieldsync hub export`",
     "view_record": "read every version of one record",
+    "search_records": "searched records by case number, name or key (the count, not the text)",
     "add_office": "registered an office",
     "add_admin": "made an admin",
     "revoke": "revoked a token",

@@ -14,8 +14,8 @@ short of it: a 403 page):
 - ``GET  /hq``                       viewer: headquarters' figures and charts (owners:
   download links)
 - ``GET  /export/{table}.{csv|json}?office=``  owner: a streamed download
-- ``GET  /records``, ``GET /records/{table}?COLUMN=VALUE``  owner: every version of one
-  record
+- ``GET  /records?q=``, ``GET /records/{table}?COLUMN=VALUE``  owner: search records by
+  case number, name or key (hub/search.py); every version of one record, marked
 - ``GET  /audit?before=``            owner: the audit log, newest first, paged
 - ``GET|POST /login``, ``POST /logout``; ``/static/`` holds the one style sheet
 
@@ -564,8 +564,10 @@ class _Dashboard:
         status: int = 200,
         error: str | None = None,
         chosen: dict[str, str] | None = None,
+        found: dict[str, Any] | None = None,
     ) -> HTMLResponse:
-        """The form that finds a record by table and key (``chosen``: what was typed)."""
+        """The forms that search for records and find one by table and key (``chosen``:
+        what was typed; ``found``: a search's answer, hub/search.py)."""
         tables = self.store.schema.tables
         keys = list(dict.fromkeys(c for t in tables.values() for c in t.primary_key))
         return render(
@@ -577,10 +579,23 @@ class _Dashboard:
             keys=keys,
             chosen=chosen or {},
             error=error,
+            found=found,
         )
+
+    async def _search(self, request: Request, session: Session, text: str) -> Response:
+        try:
+            found = await run_in_threadpool(self.store.find_records, text)
+        except ValueError as exc:  # too short
+            return self._lookup_page(session, 400, f"{exc}.", {"q": text})
+        actor = Actor(session.admin, client_address(request))
+        shown = len(found["results"])  # the audit log keeps the count, never the text
+        await run_in_threadpool(lambda: self.store.audit("search_records", actor, shown=shown))
+        return self._lookup_page(session, chosen={"q": text}, found=found)
 
     async def find_record(self, request: Request, session: Session) -> Response:
         params = request.query_params
+        if "q" in params:
+            return await self._search(request, session, params["q"])
         table = params.get("table")
         if not table:
             return self._lookup_page(session)
@@ -610,6 +625,7 @@ class _Dashboard:
             table=table,
             pk=found["pk"],
             versions=found["versions"],
+            current=found["current"],
         )
 
     # -- the audit log ---------------------------------------------------------------

@@ -27,9 +27,11 @@ import io
 import json
 import math
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Generator, Iterator, Sequence
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 
@@ -40,11 +42,6 @@ from shared.sqlite import read_snapshot
 
 FORMATS = ("csv", "json")
 CHUNK_ROWS = 1000
-# The office that issued the newest version stamp of a record (text form
-# ``<16 hex digits>-<office>``; the text sorts like the stamp).
-_LAST_OFFICE = "substr((SELECT max(value) FROM json_each(r.vers)), 18)"
-# Conflict resolutions made on the hub are stamped by this name.
-HUB_NAME = "hub"
 
 HubSource = str | os.PathLike[str] | sqlite3.Connection | SqliteHubStore
 
@@ -65,17 +62,14 @@ def export_rows(
     opened again, read-only) or an open ``sqlite3`` connection (used as it is, never
     written). ``out`` is a binary stream (UTF-8 is written) or a text stream.
 
-    ``office`` keeps only the records whose **newest version stamp** was issued by
-    that office. Of the stamps in the record's ``vers`` (one per column written, and
-    one for its existence once deleted or re-inserted), the latest names the office
-    whose change is the most recent one still visible in the record, whether that
-    change was applied as it was or merged with other offices' edits. (The ``origin``
-    column is only set for changes applied exactly, so it would miss merged ones; the
-    ``office`` column of the default schema is user data.) A change that lost every
-    conflict left no stamp, so it does not count. ``hub`` selects the records an
-    admin's conflict resolution wrote last. The filter joins the mirrored table with
-    ``_fieldsync_records`` through the latter's primary-key index, row by row in key
-    order: no sort, no temporary table, no scan of ``_fieldsync_records``.
+    ``office`` keeps only the records that belong to that office: the record's scope
+    key (``_fieldsync_records.scope``: its scope column's value, or, for a table that
+    follows a parent, its parent's key; hub/scopes.py), the same key headquarters'
+    per-office figures count by (hub/report.py), so a download has as many rows as its
+    figure. A table without a scope is held by every office: it has no per-office
+    download. The filter joins the mirrored table with ``_fieldsync_records`` through
+    the latter's primary-key index, row by row in key order: no sort, no temporary
+    table, no scan of ``_fieldsync_records``.
 
     Everything is checked before the first byte is written: an unknown table, office
     or format raises :class:`FieldsyncError` naming the ones there are.
@@ -88,7 +82,7 @@ def export_rows(
         schema = _hub_schema(conn, source)
         spec = schema.table(table)
         if office is not None:
-            _check_office(conn, office)
+            _check_office(conn, spec, office)
         cursor = conn.execute(*export_query(spec, office))
         return _write(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), _Sink(out))
 
@@ -119,14 +113,22 @@ def stream_export(
         conn = stack.enter_context(_reading(source, check_same_thread=False))
         spec = _hub_schema(conn, source).table(table)
         if office is not None:
-            _check_office(conn, office)
+            _check_office(conn, spec, office)
         cursor = conn.execute(*export_query(spec, office))
     except BaseException:
         stack.close()
         raise
     chunks = _encoded(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), stack)
     next(chunks)  # started: closing it unread now closes the connection too
-    return f"{spec.name}.{fmt}", chunks
+    return download_name(spec.name, fmt, office), chunks
+
+
+def download_name(table: str, fmt: str, office: str | None = None, day: date | None = None) -> str:
+    """A download's file name: table, office (if one) and the day (UTC), e.g.
+    ``cases-astana-2026-12-03.csv``; characters unsafe in a file name become ``_``."""
+    parts = [table] if office is None else [table, office]
+    when = (day or datetime.now(UTC).date()).isoformat()
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([*parts, when])) + f".{fmt}"
 
 
 def export_query(table: Table, office: str | None = None) -> tuple[str, list[Any]]:
@@ -135,6 +137,8 @@ def export_query(table: Table, office: str | None = None) -> tuple[str, list[Any
     order = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     if office is None:
         return f"SELECT {columns} FROM {quote(table.name)} AS t ORDER BY {order}", []
+    if table.scope is None:
+        raise FieldsyncError(_no_scope(table))
     # CROSS JOIN keeps the mirrored table outside, read through its key index in key
     # order; each record's state is then one lookup in the (tbl, pk) key of
     # _fieldsync_records, whose pk is json_array() of the key columns (pk_key).
@@ -143,8 +147,15 @@ def export_query(table: Table, office: str | None = None) -> tuple[str, list[Any
         f"SELECT {columns} FROM {quote(table.name)} AS t "
         "CROSS JOIN _fieldsync_records AS r "
         f"ON r.tbl = ? AND r.pk = json_array({key}) "
-        f"WHERE r.deleted = 0 AND {_LAST_OFFICE} = ? ORDER BY {order}",
+        f"WHERE r.deleted = 0 AND COALESCE(r.scope, '') = ? ORDER BY {order}",
         [table.name, office],
+    )
+
+
+def _no_scope(table: Table) -> str:
+    return (
+        f"table {table.name} has no scope: every office holds all its records, so it has "
+        "no per-office export; export the whole table (leave out the office)"
     )
 
 
@@ -237,14 +248,22 @@ def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:
     return Schema.from_toml(row[0], f"the schema stored in {name}")
 
 
-def _check_office(conn: sqlite3.Connection, office: str) -> None:
+def _check_office(conn: sqlite3.Connection, table: Table, office: str) -> None:
+    """An office to export ``table`` for: a registered office, or a scope key records of
+    ``table`` have (a case may name an office not registered yet)."""
+    if table.scope is None:
+        raise FieldsyncError(_no_scope(table))
     offices = [row[0] for row in conn.execute("SELECT name FROM _fieldsync_nodes ORDER BY name")]
-    if office not in offices and office != HUB_NAME:
-        known = ", ".join(offices) if offices else "none registered"
-        raise FieldsyncError(
-            f"unknown office {office!r}; offices are {known} "
-            f"(and {HUB_NAME}, for records an admin's conflict resolution wrote last)"
-        )
+    if office in offices:
+        return
+    held = conn.execute(
+        "SELECT 1 FROM _fieldsync_records WHERE tbl = ? AND scope = ? AND deleted = 0 LIMIT 1",
+        [table.name, office],
+    ).fetchone()
+    if office and held is not None:
+        return
+    known = ", ".join(offices) if offices else "none registered"
+    raise FieldsyncError(f"unknown office {office!r}; offices are {known}")
 
 
 def _chunks(cursor: sqlite3.Cursor, size: int) -> Iterator[list[Any]]:

@@ -1,5 +1,6 @@
 """
-The record history: every version of a record the hub took, who made it and when.
+The record history: every version of a record the hub took, who made it and when,
+in stamp order, each marked as in the current record (winner) or not (loser).
 
 ``_fieldsync_history`` has one row per version, keyed by the hub ``seq`` that version
 got, each naming the seq of the record's version before it (``prev``): a push appends
@@ -18,6 +19,7 @@ from typing import Any
 from hub.database import HubDatabase
 from hub.times import stamp_time
 from shared.errors import InvalidChangeError
+from shared.schema import EXISTS
 
 # A version of a record for its history: hub seq, the seq of the record's version before
 # (None: the first), table, key, who, stamp, op, the values the change set, time received.
@@ -34,7 +36,26 @@ def write_history(conn: sqlite3.Connection, rows: Sequence[Version]) -> None:
 
 
 def record_history(hub: HubDatabase, table: str, pk: Sequence[Any]) -> list[dict[str, Any]]:
-    """Every version of one record the hub took, oldest first: who, when, what."""
+    """Every version of one record the hub took, in stamp order (see record_versions)."""
+    versions: list[dict[str, Any]] = record_versions(hub, table, pk)["versions"]
+    return versions
+
+
+def record_versions(hub: HubDatabase, table: str, pk: Sequence[Any]) -> dict[str, Any]:
+    """One record's story, read on one snapshot::
+
+        {"versions": [...], "current": {"values": {...} | None, "deleted": bool} | None}
+
+    Versions are ordered by their stamp (the HLC stamp the change was made with), not
+    by when the hub received them: an edit made offline yesterday and pushed today sits
+    at yesterday. Each has who, when, what, and its ``outcome``: ``winner`` when some of
+    its values are in the current record (``current_columns`` names them), ``loser``
+    when none are, with the ``reason``: it lost a logged conflict; it arrived after a
+    change with a later stamp had reached the hub (so its values never took); or a
+    later change overrode it. A record that followed its parent to another office
+    (op ``move`` with no values) has the outcome ``moved``. ``current``: the record as
+    the hub holds it now (None: the hub has never seen it).
+    """
     found = hub.schema.table(table)
     if len(pk) != len(found.primary_key):
         raise InvalidChangeError(
@@ -55,15 +76,52 @@ def record_history(hub: HubDatabase, table: str, pk: Sequence[Any]) -> list[dict
             "JOIN _fieldsync_history AS h ON h.seq = chain.seq ORDER BY h.seq",
             [table, key],
         ).fetchall()
-    return [
-        {
-            "seq": seq,
-            "actor": actor,
-            "stamp": ts,
-            "time": stamp_time(ts),
-            "op": op,
-            "values": json.loads(vals) if vals is not None else None,
-            "received_at": at,
+        state = conn.execute(
+            "SELECT vals, vers, deleted FROM _fieldsync_records WHERE tbl = ? AND pk = ?",
+            [table, key],
+        ).fetchone()
+        lost = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT other_version FROM _fieldsync_conflicts WHERE tbl = ? AND pk = ?",
+                [table, key],
+            )
         }
-        for seq, actor, ts, op, vals, at in rows
-    ]
+    current = None
+    stamps: dict[str, list[str]] = {}  # stamp -> the columns it set that are current
+    if state is not None:
+        for column, stamp in found.unpack_versions(state[1]).items():
+            stamps.setdefault(stamp, []).append(column)
+        current = {"values": None if state[2] else json.loads(state[0]), "deleted": bool(state[2])}
+    versions = []
+    newest = ""  # the latest stamp among the versions received so far
+    for seq, actor, ts, op, vals, at in rows:  # in the order the hub received them
+        values = json.loads(vals) if vals is not None else None
+        columns = [c for c in stamps.get(ts, []) if c != EXISTS]
+        if op == "move" and values is None:
+            outcome, reason = "moved", "followed its parent record"
+        elif ts in stamps:
+            outcome, reason = "winner", None
+        elif ts in lost:
+            outcome, reason = "loser", "lost a conflict"
+        elif ts < newest:
+            outcome, reason = "loser", "arrived after a later change: its values did not take"
+        else:
+            outcome, reason = "loser", "overridden by a later change"
+        newest = max(newest, ts)
+        versions.append(
+            {
+                "seq": seq,
+                "actor": actor,
+                "stamp": ts,
+                "time": stamp_time(ts),
+                "op": op,
+                "values": values,
+                "received_at": at,
+                "outcome": outcome,
+                "reason": reason,
+                "current_columns": columns,
+            }
+        )
+    versions.sort(key=lambda v: (v["stamp"], v["seq"]))
+    return {"versions": versions, "current": current}

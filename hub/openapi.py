@@ -256,9 +256,19 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
         Endpoint(
             "get",
             "/v1/admin/history/{table}",
-            "Every version of one record, oldest first; name it by its key columns as "
-            "query parameters (?COLUMN=VALUE)",
+            "Every version of one record in stamp order, each marked winner (its values are "
+            "in the record now) or loser (with why), and the record now; name it by its "
+            "key columns as query parameters (?COLUMN=VALUE)",
             errors=("bad_request", "not_found"),
+            **admin_json,
+        ),
+        Endpoint(
+            "get",
+            "/v1/admin/records",
+            "Live records whose key or a text column contains q (any case), at most 50: "
+            '{"query", "results": [{"table", "pk", "values", "matched"}], "more"}',
+            errors=("bad_request",),
+            params=(Param("q", {"type": "string", "minLength": 2}, "the text to look for"),),
             **admin_json,
         ),
         Endpoint("get", "/v1/admin/figures", "Consolidated figures for headquarters", **admin_json),
@@ -362,11 +372,17 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             params=(Param("before", {"type": "integer"}, "entries older than this id"),),
             **page,
         ),
-        Endpoint("get", "/records", "Find a record by its key", **page),
+        Endpoint(
+            "get",
+            "/records",
+            "Find a record by its key, or search (?q=) by case number, name or part of a key",
+            **page,
+        ),
         Endpoint(
             "get",
             "/records/{table}",
-            "Every version of one record (?COLUMN=VALUE for its key)",
+            "Every version of one record in stamp order, winners and losers marked, and the "
+            "record now (?COLUMN=VALUE for its key)",
             **page,
         ),
         Endpoint(

@@ -17,7 +17,7 @@ A deployment may use its own schema: a section whose table or columns are missin
       "tables": [                       # every synced table, in schema order
         {"table": "cases", "records": 1234,
          "by_office": [{"office": "almaty", "records": 600}, ...] | null}
-      ],                                # by_office: null without an office column;
+      ],                                # by_office: null for a table without a scope;
                                         # offices by name, null (no office) last
       "cases_by_office_status": null | {
         "statuses": ["asylum_seeker", "refugee", "rejected", "closed", <others>, "unknown"],
@@ -36,6 +36,13 @@ A deployment may use its own schema: a section whose table or columns are missin
         "by_month": [{"month": m, "deliveries": n, "quantity": q}, ...]
       }
     }
+
+**Per office** means the record's scope key (``_fieldsync_records.scope``, see
+:mod:`hub.scopes`): the value of its scope column, or its parent's key for a table that
+follows one (assistance follows its case). It is what an office holds and what a
+download for that office (:mod:`hub.export`) writes, so each office's figure is the row
+count of its download. A record with no office (key ``""``) is counted under ``null``.
+A table without a scope is held whole by every office: it has no per-office figures.
 
 Statuses: only those present are listed, the four known ones first in their fixed
 order, then any others (a custom schema's) sorted, then ``"unknown"`` for cases with
@@ -59,7 +66,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from shared.schema import Schema, quote
+from shared.schema import Schema, Table, quote
 
 KNOWN_STATUSES = ("asylum_seeker", "refugee", "rejected", "closed")
 UNKNOWN_STATUS = "unknown"  # the status key of cases whose status is NULL
@@ -84,8 +91,12 @@ def figures(conn: sqlite3.Connection, schema: Schema) -> dict[str, Any]:
             for name, table in schema.tables.items()
         }
         return {
-            "tables": [_table_counts(conn, name, columns[name]) for name in schema.tables],
-            "cases_by_office_status": _cases_by_office_status(conn, columns.get("cases")),
+            "tables": [
+                _table_counts(conn, table, columns[name]) for name, table in schema.tables.items()
+            ],
+            "cases_by_office_status": _cases_by_office_status(
+                conn, schema.tables.get("cases"), columns.get("cases")
+            ),
             "cases_by_country": _cases_by_country(conn, columns.get("cases")),
             "assistance_by_kind_month": _assistance_by_kind_month(conn, columns.get("assistance")),
         }
@@ -114,18 +125,37 @@ def _has(columns: frozenset[str] | None, *names: str) -> bool:
     return columns is not None and all(name in columns for name in names)
 
 
-def _table_counts(conn: sqlite3.Connection, name: str, columns: frozenset[str]) -> dict[str, Any]:
+def _office_of(table: Table) -> str:
+    """SQL (over ``t``, the mirrored table) for the office a record belongs to: its scope
+    key, NULL for none (one lookup in ``_fieldsync_records``' key per record)."""
+    key = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    return (
+        "(SELECT NULLIF(r.scope, '') FROM _fieldsync_records AS r "
+        f"WHERE r.tbl = {_literal(table.name)} AND r.pk = json_array({key}))"
+    )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _table_counts(conn: sqlite3.Connection, spec: Table, columns: frozenset[str]) -> dict[str, Any]:
+    name = spec.name
     if not columns:  # declared, but not in this database: it holds no records
-        return {"table": name, "records": 0, "by_office": None}
+        return {"table": name, "records": 0, "by_office": None if spec.scope is None else []}
     table = quote(name)
-    if "office" not in columns:
+    if spec.scope is None:
         (count,) = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
         return {"table": name, "records": int(count), "by_office": None}
+    # The live records of a table are those _fieldsync_records holds undeleted (the
+    # mirrored table holds the same ones): one range of its key, no lookup per record.
     by_office = [
         {"office": _json(office), "records": int(n)}
         for office, n in conn.execute(
-            f"SELECT office, COUNT(*) FROM {table} GROUP BY office "
-            "ORDER BY (office IS NULL), office"
+            "SELECT NULLIF(scope, '') AS fs_office, COUNT(*) FROM _fieldsync_records "
+            "WHERE tbl = ? AND deleted = 0 GROUP BY fs_office "
+            "ORDER BY (fs_office IS NULL), fs_office",
+            [name],
         )
     ]
     return {
@@ -136,16 +166,23 @@ def _table_counts(conn: sqlite3.Connection, name: str, columns: frozenset[str]) 
 
 
 def _cases_by_office_status(
-    conn: sqlite3.Connection, columns: frozenset[str] | None
+    conn: sqlite3.Connection, spec: Table | None, columns: frozenset[str] | None
 ) -> dict[str, Any] | None:
-    if not _has(columns, "office", "status"):
+    if spec is None or not _has(columns, "status"):
+        return None
+    if spec.scope is not None:
+        office = _office_of(spec)
+    elif _has(columns, "office"):
+        office = "t.office"
+    else:
         return None
     counts: dict[Any, dict[str, int]] = {}  # office -> status key -> cases
-    for office, status, n in conn.execute(
-        "SELECT office, status, COUNT(*) FROM cases GROUP BY office, status "
-        "ORDER BY (office IS NULL), office"
+    for office_name, status, n in conn.execute(
+        f"SELECT fs_office, status, COUNT(*) FROM (SELECT {office} AS fs_office, "
+        "t.status AS status FROM cases AS t) GROUP BY fs_office, status "
+        "ORDER BY (fs_office IS NULL), fs_office"
     ):
-        per_office = counts.setdefault(_json(office), {})
+        per_office = counts.setdefault(_json(office_name), {})
         key = UNKNOWN_STATUS if status is None else str(status)
         per_office[key] = per_office.get(key, 0) + int(n)
     present = {key for per_office in counts.values() for key in per_office}

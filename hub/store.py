@@ -34,7 +34,19 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from hub import audit, auth, conflicts, history, pull, records, rejected, report, scopes, status
+from hub import (
+    audit,
+    auth,
+    conflicts,
+    history,
+    pull,
+    records,
+    rejected,
+    report,
+    scopes,
+    search,
+    status,
+)
 from hub.audit import Actor
 from hub.auth import Admin
 from hub.conflicts import ConflictRecord
@@ -146,6 +158,10 @@ class HubStore(Protocol):
     ) -> OfficeStatus: ...
 
     def record_history(self, table: str, pk: Sequence[Any]) -> list[dict[str, Any]]: ...
+
+    def record_versions(self, table: str, pk: Sequence[Any]) -> dict[str, Any]: ...
+
+    def find_records(self, text: str, table: str | None = None) -> dict[str, Any]: ...
 
     def figures(self) -> dict[str, Any]: ...
 
@@ -351,6 +367,14 @@ class SqliteHubStore:
 
     def record_history(self, table: str, pk: Sequence[Any]) -> list[dict[str, Any]]:
         return history.record_history(self.database, table, pk)
+
+    def record_versions(self, table: str, pk: Sequence[Any]) -> dict[str, Any]:
+        """Every version of a record, marked, and the record now (see hub/history.py)."""
+        return history.record_versions(self.database, table, pk)
+
+    def find_records(self, text: str, table: str | None = None) -> dict[str, Any]:
+        """Live records with ``text`` in a key or text column (see hub/search.py)."""
+        return search.find_records(self.database, text, table)
 
     def figures(self) -> dict[str, Any]:
         """Consolidated figures for headquarters (see hub/report.py).

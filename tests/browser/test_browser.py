@@ -149,7 +149,7 @@ PHONE_HEIGHTS = {
     "conflicts": 2400,
     "conflict": 2000,
     "resolved": 2000,
-    "history": 3200,  # 37 versions: about 80 px each
+    "history": 5000,  # 37 versions, each marked winner or loser and why: about 125 px each
     "lookup": 1200,
     "hq": 4000,
     "audit": 6000,

@@ -239,38 +239,44 @@ def exported_ids(store: SqliteHubStore, office: str, fmt: str = "json") -> list[
     return [r["id"] for r in json.loads(text)]
 
 
-def test_office_filter_takes_the_office_of_the_newest_change(store: SqliteHubStore) -> None:
-    # c06 is astana's record with almaty's later edit merged in: almaty's.
-    assert exported_ids(store, "almaty") == ["b01", "c06"]
-    # c07's newest change is the admin's resolution, stamped by the hub.
-    assert exported_ids(store, "astana") == ["c01", "c02", "c03", "c04"]
-    assert exported_ids(store, "hub") == ["c07"]
+def test_office_filter_takes_the_records_scope(store: SqliteHubStore) -> None:
+    """A record belongs to the office its scope column names, whoever changed it last."""
+    # c06 is astana's record naming almaty; almaty's edit of it changes nothing.
+    assert exported_ids(store, "almaty") == ["c06"]
+    # b01 was made by almaty and names astana: astana's.
+    assert exported_ids(store, "astana") == ["b01"]
     assert exported_ids(store, "shymkent") == []
-    assert exported_ids(store, "almaty", "csv") == ["b01", "c06"]
+    assert exported_ids(store, "almaty", "csv") == ["c06"]
 
 
-def test_office_filter_splits_the_table(store: SqliteHubStore) -> None:
-    """Every record belongs to exactly one office, whatever its office column says."""
+def test_office_filter_of_a_follower_takes_its_parents_office(store: SqliteHubStore) -> None:
+    """Assistance follows its case: c01 names no office, so its assistance has none."""
+    text = exported(store, "assistance", "--format", "json", "--office", "astana")
+    assert json.loads(text) == []
+    store.push("astana", [change(40, "astana", 60, "cases", "c01", {"office": "astana"}, "update")])
+    text = exported(store, "assistance", "--format", "json", "--office", "astana")
+    assert len(json.loads(text)) == len(QUANTITIES) + 1
+
+
+def test_office_filter_and_the_unassigned_split_the_table(store: SqliteHubStore) -> None:
+    """Every record belongs to one office or to none: the parts make the whole table."""
     parts = {
         office: json.loads(exported(store, "cases", "--format", "json", "--office", office))
-        for office in ("almaty", "astana", "hub", "shymkent")
+        for office in ("almaty", "astana", "shymkent")
     }
-    together = sorted((r for part in parts.values() for r in part), key=lambda r: r["id"])
-    assert together == store.rows("cases")
-    assert [r["office"] for r in parts["almaty"]] == ["astana", "almaty"]
+    listed = sorted((r for part in parts.values() for r in part), key=lambda r: r["id"])
+    assert listed == [r for r in store.rows("cases") if r["office"] is not None]
+    assert [r["office"] for r in parts["almaty"]] == ["almaty"]
 
 
-def test_office_filter_is_not_the_origin_column(store: SqliteHubStore) -> None:
-    """The merged edit of c06 left no origin; the filter still finds its office."""
-    conn = sqlite3.connect(store.path)
+def test_office_filter_of_a_table_without_a_scope(tmp_path: Path) -> None:
+    hub = SqliteHubStore(tmp_path / "visits.db", Schema.from_toml(VISITS))
     try:
-        origin = conn.execute(
-            "SELECT origin FROM _fieldsync_records WHERE tbl = 'cases' AND pk = '[\"c06\"]'"
-        ).fetchone()
+        hub.add_node("astana")
+        result = export(hub, "visits", "--format", "csv", "--office", "astana")
     finally:
-        conn.close()
-    assert origin == (None,)
-    assert "c06" in exported_ids(store, "almaty")
+        hub.close()
+    assert_one_line_error(result, "table visits has no scope", "export the whole table")
 
 
 # -- composite keys, other schemas, query plans ---------------------------------------
@@ -331,10 +337,8 @@ def test_composite_keys_in_key_order(tmp_path: Path) -> None:
         data = json.loads(exported(hub, "visits", "--format", "json"))
         assert data == hub.rows("visits")
         assert [(r["site"], r["n"]) for r in data] == [("a", 2), ("a", 10), ("b", 1), ("é", 3)]
-        almaty = json.loads(exported(hub, "visits", "--format", "json", "--office", "almaty"))
-        assert almaty == [r for r in data if (r["site"], r["n"]) == ("a", 10)]
-        astana = read_csv(exported(hub, "visits", "--format", "csv", "--office", "astana"))
-        assert [row[:2] for row in astana] == [["site", "n"], ["a", "2"], ["b", "1"], ["é", "3"]]
+        rows = read_csv(exported(hub, "visits", "--format", "csv"))
+        assert [row[:2] for row in rows[:3]] == [["site", "n"], ["a", "2"], ["a", "10"]]
     finally:
         hub.close()
 
@@ -350,6 +354,10 @@ def test_query_plan_reads_in_key_order_through_indexes(
     """No sort and no full scan of _fieldsync_records: a million rows stream."""
     hub = SqliteHubStore(tmp_path / "plan.db", Schema.from_toml(schema) if schema else None)
     try:
+        if office is not None and hub.schema.table(table).scope is None:
+            with pytest.raises(FieldsyncError, match="has no scope"):
+                export_query(hub.schema.table(table), office)
+            return
         sql, params = export_query(hub.schema.table(table), office)
         plan = [row[3] for row in hub.db.conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
     finally:
@@ -445,8 +453,9 @@ def test_out_writes_the_file_and_says_so(store: SqliteHubStore, tmp_path: Path) 
     assert out.read_bytes() == export(store, "cases", "--format", "json").stdout_bytes
     assert list(out.parent.iterdir()) == [out]  # no temporary file left
     assert out.stat().st_mode & 0o077 == 0  # case data: readable by its owner only
-    result = export(store, "cases", "--format", "csv", "--office", "hub", "--out", out)
+    result = export(store, "cases", "--format", "csv", "--office", "almaty", "--out", out)
     assert result.stderr == f"Exported 1 row of cases to {out}\n"
+    assert out.stat().st_mode & 0o077 == 0
 
 
 def test_out_dash_is_stdout(store: SqliteHubStore) -> None:
@@ -561,7 +570,7 @@ def test_export_to_a_text_stream_and_from_a_connection(store: SqliteHubStore) ->
 
 def fill(path: Path, count: int) -> None:
     """``count`` cases straight into a hub file (push would take minutes at this size):
-    the mirrored rows and their records, odd ones last changed by almaty."""
+    the mirrored rows and their records, odd ones almaty's."""
     SqliteHubStore(path).close()
     with sqlite3.connect(path) as conn:
         conn.executescript(
@@ -573,11 +582,12 @@ def fill(path: Path, count: int) -> None:
             SELECT printf('c%08d', i), 'Ålí ' || i, 'Given name number ' || i, i,
                    CASE WHEN i % 3 THEN 'Some notes about the case, ' || i END, 'astana'
             FROM n;
-            INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers)
+            INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers, scope)
             SELECT 'cases', json_array(id), household_size, NULL, 0, '{{}}',
                    json_object('id', printf('%016x-astana', household_size),
                                'notes', printf('%016x-%s', household_size + 1,
-                               iif(household_size % 2, 'almaty', 'astana')))
+                               iif(household_size % 2, 'almaty', 'astana'))),
+                   iif(household_size % 2, 'almaty', 'astana')
             FROM cases;
             """
         )

@@ -185,8 +185,13 @@ def conn(hub: SqliteHubStore, live: dict[str, Any]) -> Iterator[sqlite3.Connecti
         connection.close()
 
 
-def expected_table(name: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    offices = Counter(r["office"] for r in records.values())
+def expected_table(
+    name: str, records: dict[str, dict[str, Any]], cases: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Counted by the record's scope: a case's office, an assistance record's case's."""
+    offices = Counter(
+        r["office"] if name == "cases" else cases[r["case_id"]]["office"] for r in records.values()
+    )
     return {
         "table": name,
         "records": len(records),
@@ -201,8 +206,8 @@ def test_tables_count_live_records_by_office(
 ) -> None:
     result = figures(conn, hub.schema)
     assert result["tables"] == [
-        expected_table("cases", live["cases"]),
-        expected_table("assistance", live["assistance"]),
+        expected_table("cases", live["cases"], live["cases"]),
+        expected_table("assistance", live["assistance"], live["cases"]),
     ]
     assert result["tables"][0]["records"] == 48  # the deleted case is not counted
     assert any(e["office"] is None for e in result["tables"][0]["by_office"])
@@ -315,7 +320,9 @@ def test_one_read_only_snapshot_of_grouped_queries(
     queries = [q for q in statements[1:-1] if not q.startswith("--")]  # "--": SQLite's notes
     assert queries and all(q.startswith("SELECT ") for q in queries)
     # Rows are counted by SQL, never fetched: every query of a synced table aggregates.
-    of_tables = [q for q in queries if re.search(r"FROM (\S+ )?\(?\"?(cases|assistance)\b", q)]
+    # (Per-office counts read the records' scope keys in _fieldsync_records.)
+    pattern = r"FROM (\S+ )?\(?\"?(cases|assistance|_fieldsync_records)\b"
+    of_tables = [q for q in queries if re.search(pattern, q)]
     assert len(of_tables) >= 5 and all("COUNT(" in q for q in of_tables)
 
 
@@ -334,6 +341,7 @@ def test_an_empty_hub(hub: SqliteHubStore) -> None:
 
 CUSTOM = '''
 [tables.visits]
+scope = { column = "office" }
 create = """CREATE TABLE visits (id TEXT PRIMARY KEY, office TEXT, place TEXT) STRICT"""
 
 [tables.stock]
@@ -349,6 +357,7 @@ def test_a_schema_without_cases(tmp_path: Path) -> None:
     store = SqliteHubStore(tmp_path / "custom.db", Schema.from_toml(CUSTOM))
     try:
         store.add_node("astana")
+        store.set_scopes("astana", ["*"])
         office = Office("astana")
         visits = [("v1", "astana"), ("v2", "astana"), ("v3", None), ("v4", "almaty")]
         changes = [office.change("visits", k, "insert", {"office": o})[0] for k, o in visits]
@@ -371,7 +380,8 @@ def test_a_schema_without_cases(tmp_path: Path) -> None:
                 ],
             },
             {"table": "stock", "records": 3, "by_office": None},
-            {"table": "assistance", "records": 1, "by_office": [{"office": None, "records": 1}]},
+            # An office column but no scope: every office holds it whole.
+            {"table": "assistance", "records": 1, "by_office": None},
         ],
         "cases_by_office_status": None,
         "cases_by_country": None,

@@ -144,7 +144,11 @@ def test_the_audit_log_records_who_what_where_and_never_values(
     hub: Hub, make_office: Callable[..., Office], tmp_path: Path
 ) -> None:
     astana, almaty = make_office("astana"), make_office("almaty")
-    write(astana, "INSERT INTO cases (id, family_name, notes) VALUES ('c1', ?, 'n')", SECRET)
+    write(
+        astana,
+        "INSERT INTO cases (id, family_name, notes, office) VALUES ('c1', ?, 'n', 'almaty')",
+        SECRET,
+    )
     for office in (astana, almaty, astana, almaty):
         office.sync()
     for office in (astana, almaty):

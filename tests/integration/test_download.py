@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -29,3 +31,56 @@ def test_a_downloaded_csv_neutralises_formulas(
     [row] = list(csv.DictReader(io.StringIO(response.text, newline="")))
     assert (row["family_name"], row["notes"]) == ("'=cmd|' /C calc'!A0", "'@SUM(1)")
     assert row["household_size"] == "-2"
+
+
+def test_hq_figures_per_office_match_each_offices_download(
+    hub: Hub, make_office: Callable[..., Office]
+) -> None:
+    """Issue 15 point 7: the figure headquarters shows for an office is the row count of
+    that office's download, for cases and for assistance (which follows its case),
+    although another office changed some of them last; the files are named by table,
+    office and date."""
+    astana, almaty = make_office("astana", scopes=()), make_office("almaty", scopes=())
+    hq = make_office("hq")  # holds every record
+    for i in range(5):
+        add_case(astana, f"a{i}")
+    for i in range(3):
+        add_case(almaty, f"m{i}")
+    sync_all(astana, almaty, hq)
+    # Headquarters edits two of astana's cases and records assistance for both offices:
+    # the last change of those records is headquarters', yet they stay astana's.
+    with sqlite3.connect(hq.path) as conn:
+        conn.execute("UPDATE cases SET notes = 'checked by HQ' WHERE id IN ('a0', 'a1')")
+        conn.executemany(
+            "INSERT INTO assistance (id, case_id, kind, quantity, office) "
+            "VALUES (?, ?, 'food', 1, 'hq')",
+            [("s1", "a0"), ("s2", "a3"), ("s3", "m1")],
+        )
+    conn.close()
+    sync_all(hq, astana, almaty)
+    today = datetime.now(UTC).date().isoformat()
+    with httpx.Client(base_url=hub.url, timeout=30) as web:
+        assert sign_in(web, hub.store.add_admin("ops", "owner")).status_code == 303
+        figures = {t["table"]: t for t in hub.store.figures()["tables"]}
+        page = web.get("/hq").text
+        seen: dict[tuple[str, str], int] = {}
+        for table in ("cases", "assistance"):
+            for entry in figures[table]["by_office"]:
+                office, count = entry["office"], entry["records"]
+                assert f'data-office="{office}" data-records="{count}"' in page
+                response = web.get(f"/export/{table}.csv", params={"office": office})
+                assert response.status_code == 200, response.text[:300]
+                downloaded = list(csv.DictReader(io.StringIO(response.text, newline="")))
+                assert len(downloaded) == count, (table, office)
+                name = f"{table}-{office}-{today}.csv"
+                disposition = response.headers["content-disposition"]
+                assert disposition == f'attachment; filename="{name}"'
+                seen[(table, office)] = count
+        whole = web.get("/export/cases.json").headers["content-disposition"]
+    assert seen == {
+        ("cases", "almaty"): 3,
+        ("cases", "astana"): 5,
+        ("assistance", "almaty"): 1,
+        ("assistance", "astana"): 2,
+    }
+    assert whole == f'attachment; filename="cases-{today}.json"'

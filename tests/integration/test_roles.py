@@ -41,6 +41,7 @@ API = [
     ("POST", "/v1/admin/conflicts/{id}/resolve", "resolver"),
     ("GET", "/v1/admin/rejected", "viewer"),
     ("GET", "/v1/admin/history/cases?id=c1", "owner"),
+    ("GET", "/v1/admin/records?q=Nazarova", "owner"),
     ("GET", "/v1/admin/figures", "viewer"),
     ("GET", "/v1/admin/audit", "owner"),
     ("GET", "/metrics", "viewer"),
@@ -56,6 +57,7 @@ DASHBOARD = [
     ("GET", "/export/cases.json?office=astana", "owner"),
     ("GET", "/records", "owner"),
     ("GET", "/records/cases?id=c1", "owner"),
+    ("GET", "/records?q=Nazarova", "owner"),
     ("GET", "/audit", "owner"),
 ]
 
@@ -186,8 +188,8 @@ def test_every_route_and_credential(hub: Hub, world: dict[str, Any]) -> None:
                 else:  # no live session: sent to sign in
                     assert response.status_code == 303, where
                     assert response.headers["location"].startswith("/login"), where
-    assert cells == (len(API) + len(DASHBOARD)) * len(CREDENTIALS) == 126
-    assert refused_cells == 83
+    assert cells == (len(API) + len(DASHBOARD)) * len(CREDENTIALS) == 138
+    assert refused_cells == 93
     settled = {c.id: c.resolved_by for c in hub.store.conflicts("resolved")}
     assert settled == {ids[name, door]: name for name, door in ids}
 
