@@ -56,6 +56,12 @@ _ca_file = click.option(
     help="Accept an http:// hub URL on another machine (token and case data unencrypted: "
     "only over a link protected otherwise, such as a VPN).",
 )
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Create the office without asking the hub whether the token is this office's "
+    "(when the hub cannot be reached from here yet).",
+)
 @schema_option
 def node_init(
     db_path: str,
@@ -64,24 +70,35 @@ def node_init(
     token: str,
     ca_file: str | None,
     allow_http: bool,
+    offline: bool,
     schema_path: str | None,
 ) -> None:
-    """Create an office database with the synced tables and change capture."""
+    """Create an office database with the synced tables and change capture.
+
+    The token is checked with the hub first (the hub must accept it as this office's);
+    --offline skips the check.
+    """
     from node.link import check_link
-    from node.store import NodeStore
+    from node.store import HubSettings, NodeStore
     from shared.clock import check_node_name
     from shared.protocol import check_hub_url, check_token
 
     check_node_name(name)
     check_token(token)
-    check_link(check_hub_url(hub_url), allow_http)
+    hub_url = check_hub_url(hub_url)
+    check_link(hub_url, allow_http)
     ca_file = _checked_ca_file(ca_file)
+    schema = load_schema(schema_path)  # local mistakes first, before asking the hub
+    checked = "not checked with the hub (--offline)"
+    if not offline:
+        settings = HubSettings(hub_url, token, ca_file)
+        checked = _check_token(name, settings, creating=True)
     store = NodeStore.init(
         db_path,
         name,
         hub_url,
         token,
-        load_schema(schema_path),
+        schema,
         ca_file=ca_file,
         allow_http=allow_http,
     )
@@ -89,6 +106,7 @@ def node_init(
     tables = ", ".join(store.schema.tables)
     store.close()
     click.echo(f"Created office {name!r} in {db_path} (synced tables: {tables}).")
+    click.echo(f"Token: {checked}.")
     if pending:
         click.echo(f"{pending} existing rows will be pushed on the first sync.")
 
@@ -286,26 +304,36 @@ def node_set(
         click.echo("A running `fieldsync node run` uses this from its next sync.", err=True)
 
 
-def _check_token(node: str, settings: HubSettings) -> str:
+def _check_token(node: str, settings: HubSettings, *, creating: bool = False) -> str:
     """Ask the hub whether it accepts ``settings.token`` as ``node``'s: raise if it says
-    no; return how it was checked (or why it was not)."""
+    no; return how it was checked (or why it was not).
+
+    ``creating`` (``node init``): a hub that cannot be reached is a refusal too, since
+    nothing would ever have checked the token.
+    """
     from node.client import HttpHubClient
 
+    nothing, anyway = ("created", "create") if creating else ("changed", "set")
     try:
         # A hub that does not answer within 10 s is as good as unreachable here.
         with HttpHubClient.from_settings(settings, node, timeout_seconds=10) as client:
             owner = client.token_owner()
     except HubUnavailableError as exc:
+        if creating:
+            raise FieldsyncError(
+                f"{exc}; nothing was created. Check the hub URL, or create the office "
+                "without checking its token with --offline"
+            ) from exc
         return f"not checked: {exc}"
     if not owner.accepted:
         raise FieldsyncError(
             f"the hub at {settings.hub_url} does not accept this token (unknown or revoked); "
-            "nothing was changed. Check it, or set it anyway with --offline"
+            f"nothing was {nothing}. Check it, or {anyway} it anyway with --offline"
         )
     if owner.node is not None and owner.node != node:
         raise FieldsyncError(
             f"this token belongs to office {owner.node!r}, not {node!r}; nothing was "
-            f"changed. Use the token made for {node!r}"
+            f"{nothing}. Use the token made for {node!r}"
         )
     return "the hub accepts it" if owner.node is None else f"the hub accepts it as {node}'s"
 

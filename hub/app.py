@@ -273,7 +273,11 @@ def create_app(
         if isinstance(exc, HubRejectedError | ProtocolError):
             node = getattr(request.state, "node", None)
             code = exc.code
-            if node is not None and code != "unauthorized" and not isinstance(exc, CutOffError):
+            if node is not None and code == "forbidden":
+                # Not this office's failure: someone sent its token while claiming to be
+                # another office (a stray database set up with the wrong token).
+                log.warning("refused a request with office %s's token: %s", node, exc)
+            elif node is not None and code != "unauthorized" and not isinstance(exc, CutOffError):
                 # Admins see why an office's syncs fail, even when it cannot report.
                 await run_in_threadpool(store.note_error, node, code, str(exc))
         if isinstance(exc, HubRejectedError):

@@ -328,7 +328,10 @@ class HttpHubClient:
     def report_status(self, report: StatusReport) -> bool:
         """Tell the hub how this office is; False if the hub is too old to listen."""
         action = "report to"
-        response = self._post("/v1/status", _gzip(dumps(report.to_json())), action)
+        # The office named, as in a push or pull: a stray database sending another
+        # office's token must not report as that office.
+        body = {**report.to_json(), **({"node": self.node} if self.node else {})}
+        response = self._post("/v1/status", _gzip(dumps(body)), action)
         if response.status_code == 404:
             return False
         _raise_for_status(response, action, self.url)

@@ -2,9 +2,9 @@
 The inbox: records pulled from the hub, applied to the office's tables (the pull side).
 
 A page of pulled records is checked whole, then applied with the pull ``cursor`` in
-one transaction, with the state row's ``applying`` flag set so that the capture
-triggers do not log them again. A record with unpushed local changes is left alone:
-the local edit is kept and pushed next, and the hub decides.
+transactions of at most ROWS_PER_WRITE records, with the state row's ``applying`` flag
+set so that the capture triggers do not log them again. A record with unpushed local
+changes is left alone: the local edit is kept and pushed next, and the hub decides.
 
 Applying is on the pull's hot path: plain ``sqlite3`` with ``executemany``, and per
 record only the checks a record from the network needs.
@@ -16,12 +16,12 @@ from typing import Any
 
 import sqlite_utils
 
-from node.outbox import pending_keys
+from node.outbox import ROWS_PER_WRITE, pending_keys
 from node.versions import SAVE_VERSIONS
 from shared.clock import are_stamps
 from shared.errors import ProtocolError
-from shared.protocol import PullPage
-from shared.schema import Schema
+from shared.protocol import PullPage, PullRow
+from shared.schema import Schema, Table
 from shared.sqlite import put_rows, write
 
 
@@ -61,22 +61,31 @@ def start_resync(db: sqlite_utils.Database) -> None:
         )
 
 
+# A pulled record to write: its table, key, row, versions as stored, newest stamp.
+_Plan = tuple[Table, str, PullRow, str, str]
+
+
 def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int:
-    """Apply pulled records and save the next cursor, in one transaction.
+    """Apply pulled records and save the next cursor.
+
+    The page is checked whole first, then applied in transactions of at most
+    ROWS_PER_WRITE records, in the hub's ``seq`` order (so that other programs wait
+    less for the write lock): each saves, with its records, the cursor just before the
+    next record of the page, the last one the page's own cursor. An interrupted page is
+    pulled again from where it stopped.
 
     A record with unpushed local changes is left alone: the local edit is kept
     and pushed next, and the hub decides. A record that left the office's scope
     (``gone``) is dropped, and no delete is captured. Returns how many records
     were applied.
     """
-    plans = []
-    top = ""  # the newest stamp in the page (text sorts as stamps do)
-    for row in page.rows:
+    plans: list[_Plan] = []
+    for row in sorted(page.rows, key=lambda row: row.seq):
         try:
             table = schema.table(row.table)
             key = table.pk_key(table.check_pk(row.pk))
             if row.gone:
-                plans.append((table, key, row, ""))
+                plans.append((table, key, row, "", ""))
                 continue
             if row.values is not None:
                 table.check_values(row.values)
@@ -92,21 +101,36 @@ def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int
                 raise ValueError("a version is not a stamp")
         except (ValueError, KeyError) as exc:
             raise ProtocolError(f"the hub sent a record this office cannot take: {exc}") from exc
-        if stamps:
-            newest = max(stamps)
-            if newest > top:
-                top = newest
         # Stored as Table.pack_versions would; a stamp needs no JSON escapes.
         packed = f'"{given}"' if isinstance(given, str) else table.pack_versions(given, stamps)
-        plans.append((table, key, row, packed))
+        plans.append((table, key, row, packed, max(stamps) if stamps else ""))
     applied = 0
+    for start in range(0, max(len(plans), 1), ROWS_PER_WRITE):
+        chunk = plans[start : start + ROWS_PER_WRITE]
+        last = start + ROWS_PER_WRITE >= len(plans)
+        upto = page.cursor if last else plans[start + ROWS_PER_WRITE][2].seq - 1
+        applied += _apply(db, schema, chunk, upto, page.more if last else True)
+    return applied
+
+
+def _apply(
+    db: sqlite_utils.Database,
+    schema: Schema,
+    plans: list[_Plan],
+    cursor: int,
+    more: bool,
+) -> int:
+    """One transaction of :func:`apply_page`: ``plans``, then the cursor after them
+    (``more``: the pull goes on after it)."""
+    applied = 0
+    top = max((newest for *_, newest in plans), default="")  # text sorts as stamps do
     with write(db) as conn:
         conn.execute("UPDATE _fieldsync_state SET applying = 1")
         pending = pending_keys(conn)
         versions: list[tuple[str, str, str]] = []
         records: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
         gone: list[tuple[str, str]] = []
-        for table, key, row, packed in plans:
+        for table, key, row, packed, _ in plans:
             if pending and (table.name, key) in pending:
                 continue
             records.setdefault(table.name, []).append((row.pk, row.values))
@@ -121,13 +145,13 @@ def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int
         if gone:
             conn.executemany("DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", gone)
         if conn.execute("SELECT repull FROM _fieldsync_state").fetchone()[0]:
-            brought = [(t.name, k) for t, k, row, _ in plans if not row.gone]
+            brought = [(t.name, k) for t, k, row, *_ in plans if not row.gone]
             conn.executemany("DELETE FROM _fieldsync_resync WHERE tbl = ? AND pk = ?", brought)
-            if not page.more:
+            if not more:
                 _drop_unbrought(conn, schema, pending)
         conn.execute(
             "UPDATE _fieldsync_state SET applying = 0, cursor = ?, hlc = MAX(hlc, ?), "
             "repull = repull AND ?",
-            [page.cursor, int(top[:16], 16) if top else 0, page.more],
+            [cursor, int(top[:16], 16) if top else 0, more],
         )
     return applied

@@ -46,8 +46,11 @@ def assert_one_line_error(result: Result, *needles: str) -> None:
 def node_init(
     db: Path, *more: str | Path, name: str = "a", hub: str = "https://h:1", token: str = "t"
 ) -> Result:
-    """``fieldsync node init DB`` with a name, hub URL and token, and ``more`` options."""
-    return run("node", "init", db, "--name", name, "--hub", hub, "--token", token, *more)
+    """``fieldsync node init DB`` with a name, hub URL and token, and ``more`` options
+    (``--offline``: no hub answers at the made-up URL)."""
+    return run(
+        "node", "init", db, "--name", name, "--hub", hub, "--token", token, "--offline", *more
+    )
 
 
 def dump(path: Path) -> list[str]:

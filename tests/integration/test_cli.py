@@ -257,7 +257,9 @@ def test_sync_with_the_hub_down_fails_clearly_and_keeps_the_change(
 def test_sync_with_a_wrong_token_fails_clearly(tmp_path: Path, hub: HubProcess) -> None:
     add_node(hub.db, "astana")
     office = Office("astana", tmp_path / "astana.db")
-    ok("node", "init", office.db, "--name", "astana", "--hub", hub.url, "--token", "not-it")
+    init = ("node", "init", office.db, "--name", "astana", "--hub", hub.url, "--token", "not-it")
+    assert_one_line_error(fieldsync(*init), "does not accept this token", "--offline")
+    assert "Token: not checked with the hub (--offline)." in ok(*init, "--offline")
     office.shell("INSERT INTO cases (id, family_name) VALUES ('c1', 'Safi')")
     line = assert_one_line_error(fieldsync("node", "sync", office.db), "401")
     assert "token" in line
@@ -362,6 +364,46 @@ def test_resolve_with_bad_choices_fails_in_one_line_and_changes_nothing(
     assert (
         len(json.loads(ok("hub", "conflicts", "--db", hub.db, "--json", "--status", "logged"))) == 2
     )
+
+
+@needs_sqlite3_shell
+def test_node_init_asks_the_hub_whose_token_it_is(tmp_path: Path, hub: HubProcess) -> None:
+    almaty = init_office(tmp_path, hub, "almaty")
+    almaty_token = add_node(hub.db, "almaty-2")  # another office's token, for astana
+    add_node(hub.db, "astana")
+    db = tmp_path / "astana.db"
+
+    def init(token: str, url: str = hub.url, *more: str) -> subprocess.CompletedProcess[str]:
+        return fieldsync(
+            "node", "init", db, "--name", "astana", "--hub", url, "--token", token, *more
+        )
+
+    line = assert_one_line_error(init(almaty_token), "belongs to office 'almaty-2', not 'astana'")
+    assert "nothing was created" in line and not db.exists()
+    line = assert_one_line_error(init("no-such-token"), "does not accept this token")
+    assert "unknown or revoked" in line and not db.exists()
+    ok("hub", "revoke", "almaty-2", "--db", hub.db)
+    assert_one_line_error(init(almaty_token), "does not accept this token")
+    line = assert_one_line_error(init("t", f"http://127.0.0.1:{free_port()}"), "cannot reach")
+    assert "--offline" in line and not db.exists()
+    out = ok("node", "init", db, "--name", "astana", "--hub", hub.url, "--token", "t", "--offline")
+    assert "Created office 'astana'" in out and "not checked with the hub (--offline)" in out
+    db.unlink()
+
+    # A stray database syncing with almaty's token is refused, and almaty stays healthy.
+    token = add_node(hub.db, "almaty-3")
+    ok("node", "init", db, "--name", "astana", "--hub", hub.url, "--token", token, "--offline")
+    almaty.sync()
+    stray = Office("astana", db)
+    stray.shell("INSERT INTO cases (id, family_name) VALUES ('c1', 'Safi')")
+    assert_one_line_error(fieldsync("node", "sync", db), "403", "belongs to office 'almaty-3'")
+    offices = {o["name"]: o for o in json.loads(ok("hub", "status", "--db", hub.db, "--json"))}
+    assert offices["almaty"]["health"] == "ok"
+    assert offices["almaty-3"]["health"] == "never synced", (
+        offices["almaty-3"]["last_error"],
+        offices["almaty-3"]["health_reason"],
+    )
+    assert offices["almaty-3"]["last_error"] is None
 
 
 def test_node_init_with_a_bad_hub_url_fails_clearly(tmp_path: Path) -> None:

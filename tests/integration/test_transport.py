@@ -154,7 +154,10 @@ def test_an_office_that_speaks_https_to_a_plain_http_hub_is_told_so(tmp_path: Pa
         token = add_node(hub.db, "astana")
         office = tmp_path / "astana.db"
         url = hub.url.replace("http://", "https://")
-        ok("node", "init", office, "--name", "astana", "--hub", url, "--token", token)
+        init = ("node", "init", office, "--name", "astana", "--hub", url, "--token", token)
+        line = assert_one_line_error(fieldsync(*init), "TLS handshake failed", "https")
+        assert "--offline" in line and not office.exists()
+        ok(*init, "--offline")
         assert_one_line_error(fieldsync("node", "sync", office), "TLS handshake failed", "https")
 
 
@@ -171,7 +174,8 @@ def test_a_certificate_for_another_name_is_refused_in_one_line(
         token = add_node(hub.db, "astana")
         office = tmp_path / "astana.db"
         init = ["--name", "astana", "--hub", hub.url, "--token", token, "--ca-file", ca_pem]
-        ok("node", "init", office, *init)
+        assert_one_line_error(fieldsync("node", "init", office, *init), "for another name")
+        ok("node", "init", office, *init, "--offline")
         line = assert_one_line_error(fieldsync("node", "sync", office), "for another name")
         assert "127.0.0.1" in line and "--ca-file" not in line
 
@@ -205,7 +209,16 @@ def test_plain_http_to_another_machine_needs_allow_http(tmp_path: Path) -> None:
     )
     assert not db.exists()
 
-    ok("node", "init", db, *init, "--hub", "http://hub.example.org:8000", "--allow-http")
+    ok(
+        "node",
+        "init",
+        db,
+        *init,
+        "--hub",
+        "http://hub.example.org:8000",
+        "--allow-http",
+        "--offline",
+    )
     status = json.loads(ok("node", "status", db, "--json"))
     assert (status["unencrypted"], status["allow_http"]) == (True, True)
     assert re.search(r"^Link: +UNENCRYPTED", ok("node", "status", db), re.M)
@@ -223,7 +236,7 @@ def test_plain_http_to_another_machine_needs_allow_http(tmp_path: Path) -> None:
         ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"]
     ):
         local = tmp_path / f"local{n}.db"
-        ok("node", "init", local, *init, "--hub", url)
+        ok("node", "init", local, *init, "--hub", url, "--offline")
         assert json.loads(ok("node", "status", local, "--json"))["unencrypted"] is False
         assert "hub URL now" in ok("node", "set", local, "--hub", url.replace("8000", "8001"))
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlite_utils
 
+from node.outbox import ROWS_PER_WRITE
 from node.store import NodeStore, trigger_sql
 from shared.clock import COUNTER_BITS, Timestamp
 from shared.errors import ProtocolError, StoreError
@@ -906,3 +907,71 @@ def test_older_capture_triggers_are_replaced_when_opened(path: Path) -> None:
     NodeStore(path).close()  # opens again without replacing them twice
     with plain(path) as conn:
         assert conn.execute("PRAGMA schema_version").fetchone()[0] == version
+
+
+# -- how long a sync holds the write lock ---------------------------------------------
+
+
+def _count_transactions(store: NodeStore) -> list[str]:
+    """The write transactions the store opens from now on (their BEGIN statements)."""
+    begins: list[str] = []
+    store.db.conn.set_trace_callback(
+        lambda sql: begins.append(sql) if sql.startswith("BEGIN IMMEDIATE") else None
+    )
+    return begins
+
+
+def test_a_big_page_is_applied_in_transactions_of_at_most_rows_per_write(
+    store: NodeStore, path: Path
+) -> None:
+    k = ROWS_PER_WRITE
+    rows = [_row(seq, f"c{seq}", {"family_name": "F"}) for seq in range(1, 5 * k // 2 + 1)]
+    with plain(path) as conn:  # another program refuses one record of the third K
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON cases WHEN NEW.id = 'c{2 * k + 5}' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    begins = _count_transactions(store)
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        store.apply_page(_page(rows, cursor=3 * k))
+    # The first 2K records are applied, each K with the cursor just after it; the rest not.
+    assert len(begins) == 3
+    assert store.cursor == 2 * k
+    assert len(store.rows("cases")) == 2 * k and versions(store, "cases", [f"c{2 * k}"])
+    assert versions(store, "cases", [f"c{2 * k + 1}"]) is None
+    assert store.db.conn.execute("SELECT applying FROM _fieldsync_state").fetchone()[0] == 0
+    with plain(path) as conn:
+        conn.execute("DROP TRIGGER refuse")
+    # Pulled again from there, the page ends where the hub said.
+    assert store.apply_page(_page(rows[2 * k :], cursor=3 * k)) == k // 2
+    assert store.cursor == 3 * k and len(store.rows("cases")) == len(rows)
+    assert log(store) == []
+
+
+def test_a_big_acknowledged_batch_is_forgotten_in_transactions_of_at_most_rows_per_write(
+    store: NodeStore, path: Path
+) -> None:
+    k = ROWS_PER_WRITE
+    with plain(path) as conn:
+        conn.executemany(
+            "INSERT INTO cases (id, family_name) VALUES (?, 'F')",
+            [(f"c{i}",) for i in range(1, 5 * k // 2 + 1)],
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON _fieldsync_versions "
+            f"""WHEN NEW.pk = '["c{2 * k + 5}"]' BEGIN SELECT RAISE(ABORT, 'refused'); END"""
+        )
+    batch = store.pending(10 * k)
+    assert len(batch) == 5 * k // 2
+    begins = _count_transactions(store)
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        store.mark_acked(batch[-1].seq, batch)
+    # The first 2K are forgotten, with their versions; the rest still wait.
+    assert len(begins) == 3
+    assert [c.seq for c in store.pending(10 * k)] == [c.seq for c in batch[2 * k :]]
+    assert versions(store, "cases", [f"c{2 * k}"])
+    assert versions(store, "cases", [f"c{2 * k + 1}"]) is None
+    with plain(path) as conn:
+        conn.execute("DROP TRIGGER refuse")
+    store.mark_acked(batch[-1].seq, batch)
+    assert store.pending_count() == 0 and versions(store, "cases", [f"c{len(batch)}"])
