@@ -17,7 +17,7 @@ import threading
 import time
 from datetime import datetime
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -154,6 +154,8 @@ def node_sync(db_path: str, batch_size: int, progress: bool | None) -> None:
         agent.client.close()
         agent.store.close()
     click.echo(f"Synced {agent.store.node}: {report.summary()}")
+    if report.lost or report.resolved:
+        click.echo(f"See what won: `fieldsync node conflicts {db_path}`", err=True)
     if report.rejected:
         click.echo(
             f"The hub rejected {report.rejected} change"
@@ -310,6 +312,59 @@ def _check_token(node: str, settings: HubSettings) -> str:
     return "the hub accepts it" if owner.node is None else f"the hub accepts it as {node}'s"
 
 
+@node.command("conflicts")
+@_node_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (values included).")
+def node_conflicts(db_path: str, as_json: bool) -> None:
+    """List this office's edits that lost at the hub: what won, and an admin's decision.
+
+    Learned by `node sync` / `node run`; shown offline from the office database."""
+    from node.store import NodeStore
+
+    with NodeStore(db_path) as store:
+        lost = store.lost_edits()
+    if as_json:
+        echo_json(lost)
+        return
+    if not lost:
+        click.echo("No edits of this office lost at the hub.")
+        return
+    for entry in lost:
+        click.echo(_lost_edit(entry))
+
+
+def _lost_edit(entry: dict[str, Any]) -> str:
+    """One lost edit in words: what the office wrote, what won, and what became of it."""
+    key = ", ".join(f"{k}={v}" for k, v in entry["pk"].items())
+    where = f"{entry['table']} {key}" + (f" {entry['column']}" if entry["column"] else "")
+    mine = (
+        "deleted it"
+        if entry["kind"] == "delete" and entry["your_value"] is None
+        else (f"wrote {json.dumps(entry['your_value'], ensure_ascii=False)}")
+    )
+    if entry["hidden"]:
+        won = "a value not shown (the record is no longer in this office's scope)"
+    elif entry["kind"] == "delete" and entry["winning_value"] is None:
+        won = "the record's deletion"
+    else:
+        won = json.dumps(entry["winning_value"], ensure_ascii=False)
+    line = (
+        f"{entry['id']}: {where}: this office {mine} at {entry['your_time']}; "
+        f"kept {won}, by {entry['winning_office'] or 'the hub'} at {entry['winning_time']}"
+    )
+    if entry["status"] == "resolved":
+        keep = (entry["resolution"] or {}).get("keep")
+        decided = {
+            "kept": "kept the winner",
+            "other": "restored this office's edit",
+            "value": "chose another value",
+        }.get(str(keep), "decided")
+        return f"{line}; resolved by {entry['resolved_by']} at {entry['resolved_at']}: {decided}"
+    if entry["status"] == "open":
+        return f"{line}; awaiting an admin's decision"
+    return f"{line}; settled by the merge rule"
+
+
 @node.command("rejected")
 @_node_db
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (values included).")
@@ -456,6 +511,7 @@ class _Quiet:
 
     def says(self, report: SyncReport) -> bool:
         moved = report.pushed or report.pulled or report.conflicts or report.rejected
+        moved = moved or report.lost or report.resolved
         if moved or self.first:
             self.first, self.quiet, self.last_line = False, 0, time.monotonic()
             return True
@@ -510,6 +566,13 @@ def node_status(db_path: str, as_json: bool) -> None:
         click.echo(
             f"Rejected changes:  {status.rejected}, kept here "
             f"(see `fieldsync node rejected {db_path}`)"
+        )
+    if status.conflicts.lost:
+        lost = status.conflicts
+        click.echo(
+            f"Lost edits:        {lost.lost} of this office's edits lost at the hub "
+            f"({lost.open} awaiting an admin, {lost.resolved} resolved) "
+            f"(see `fieldsync node conflicts {db_path}`)"
         )
     if abs(status.clock_offset_ms) >= LARGE_OFFSET_MS:
         direction = "behind" if status.clock_offset_ms > 0 else "ahead of"

@@ -19,11 +19,12 @@ from typing import Any
 
 from hub import records
 from hub.database import HubDatabase
-from hub.scopes import write_hub_change
+from hub.scopes import office_scopes, write_hub_change
 from hub.times import stamp_time, utcnow
 from shared.clock import Timestamp
 from shared.errors import FieldsyncError, InvalidChangeError
 from shared.merge import Conflict, RecordState, resolution_writes, resolve as decide
+from shared.protocol import ConflictPage, LostEdit
 from shared.schema import Table, key_values
 
 
@@ -108,11 +109,16 @@ def conflict_row(table: str, key: str, conflict: Conflict, state: RecordState) -
     ]
 
 
+# The next number of the log's changes (column ``changed``): a new entry or a resolution.
+_NEXT_CHANGE = "(SELECT coalesce(max(changed), 0) + 1 FROM _fieldsync_conflicts)"
+
+
 def write_conflicts(conn: sqlite3.Connection, rows: Sequence[list[Any]]) -> None:
     conn.executemany(
         "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
         "kept_version, kept_node, other_value, other_version, other_node, status, "
-        "merged, state_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"merged, state_after, changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        f"{_NEXT_CHANGE})",
         rows,
     )
 
@@ -184,6 +190,64 @@ def _conflict(hub: HubDatabase, row: Sequence[Any]) -> ConflictRecord:
         merged=json.loads(row[16]) if row[16] is not None else None,
         state_after=row[17],
     )
+
+
+# -- an office's own entries (GET /v1/conflicts) ----------------------------------------
+
+
+def office_mark(conn: sqlite3.Connection, node: str) -> int:
+    """The last change to the entries in which ``node``'s write lost (0: none)."""
+    row = conn.execute(
+        "SELECT max(changed) FROM _fieldsync_conflicts WHERE other_node = ?", [node]
+    ).fetchone()
+    return int(row[0] or 0)
+
+
+def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictPage:
+    """The entries in which ``node``'s write lost, changed after ``after``; never another
+    office's. With sync scopes, the winning value of a record no longer in the office's
+    scopes is withheld (``hidden``): the office's own value is its own."""
+    with hub.read() as conn:
+        rows = conn.execute(
+            "SELECT c.*, r.scope, r.tbl IS NOT NULL FROM _fieldsync_conflicts AS c "
+            "LEFT JOIN _fieldsync_records AS r ON r.tbl = c.tbl AND r.pk = c.pk "
+            "WHERE c.other_node = ? AND c.changed > ? ORDER BY c.changed LIMIT ?",
+            [node, after, limit + 1],
+        ).fetchall()
+        scopes = office_scopes(conn, node)[0] if hub.schema.scoped else None
+    more = len(rows) > limit
+    found = []
+    for row in rows[:limit]:
+        record = _conflict(hub, row[:18])
+        scope, exists = row[19], row[20]
+        hidden = scopes is not None and (not exists or (scope is not None and scope not in scopes))
+        won = record.merged if record.kind == "custom" else record.kept_value
+        resolution = record.resolution
+        if hidden and isinstance(resolution, dict):
+            resolution = {k: v for k, v in resolution.items() if k != "value"}
+        found.append(
+            LostEdit(
+                id=record.id,
+                change=int(row[18]),
+                created_at=record.created_at,
+                table=record.table,
+                pk=record.pk,
+                kind=record.kind,
+                column=record.column,
+                value=record.other_value,
+                version=record.other_version,
+                status=record.status,
+                winner_value=None if hidden else won,
+                winner_office=record.kept_node,
+                winner_version=record.kept_version,
+                hidden=hidden,
+                resolved_by=record.resolved_by,
+                resolved_at=record.resolved_at,
+                resolution=resolution,
+            )
+        )
+    cursor = found[-1].change if found else after
+    return ConflictPage(found, cursor, more, node)
 
 
 # -- an admin's decision ---------------------------------------------------------------
@@ -285,7 +349,7 @@ def write_resolution(
         resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
         conn.execute(
             "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
-            "resolved_at = ?, resolution = ? WHERE id = ?",
+            f"resolved_at = ?, resolution = ?, changed = {_NEXT_CHANGE} WHERE id = ?",
             [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
         )
 
