@@ -333,24 +333,29 @@ def node_conflicts(db_path: str, as_json: bool) -> None:
         click.echo(_lost_edit(entry))
 
 
+def _said(value: Any, deleted: str, record: str, verb: str = "") -> str:
+    """A conflict's value in words: a delete (None), a whole record, or one value."""
+    if value is None:
+        return deleted
+    if isinstance(value, dict):
+        return record
+    return f"{verb} {json.dumps(value, ensure_ascii=False)}".strip()
+
+
 def _lost_edit(entry: dict[str, Any]) -> str:
     """One lost edit in words: what the office wrote, what won, and what became of it."""
     key = ", ".join(f"{k}={v}" for k, v in entry["pk"].items())
     where = f"{entry['table']} {key}" + (f" {entry['column']}" if entry["column"] else "")
-    mine = (
-        "deleted it"
-        if entry["kind"] == "delete" and entry["your_value"] is None
-        else (f"wrote {json.dumps(entry['your_value'], ensure_ascii=False)}")
-    )
+    mine = _said(entry["your_value"], "deleted it", "its version of the record", "wrote")
+    by = entry["winning_office"] or "the hub"
     if entry["hidden"]:
-        won = "a value not shown (the record is no longer in this office's scope)"
-    elif entry["kind"] == "delete" and entry["winning_value"] is None:
-        won = "the record's deletion"
+        won = f"a value of {by}'s (not shown: the record is no longer in this office's scope)"
     else:
-        won = json.dumps(entry["winning_value"], ensure_ascii=False)
+        won = _said(entry["winning_value"], f"{by}'s delete", f"{by}'s version of the record")
+        won = won if isinstance(entry["winning_value"], dict | None) else f"{won}, by {by}"
     line = (
         f"{entry['id']}: {where}: this office {mine} at {entry['your_time']}; "
-        f"kept {won}, by {entry['winning_office'] or 'the hub'} at {entry['winning_time']}"
+        f"the hub kept {won} at {entry['winning_time']}"
     )
     if entry["status"] == "resolved":
         keep = (entry["resolution"] or {}).get("keep")
