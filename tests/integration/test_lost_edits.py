@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,10 @@ def add_case(office: Office, case_id: str, owner: str | None = None) -> None:
     )
 
 
+def later() -> None:
+    time.sleep(0.02)  # so the second office's stamp is later by the wall clock
+
+
 def node_cli(*args: str) -> str:
     result = CliRunner().invoke(cli, ["node", *args])
     assert result.exit_code == 0, result.output
@@ -50,6 +55,7 @@ def test_a_delete_undone_by_a_later_update_is_shown_at_the_office_that_deleted(
     astana.sync()
     almaty.sync()
     write(astana, "DELETE FROM cases WHERE id = 'c1'")
+    later()
     write(almaty, "UPDATE cases SET notes = 'visited' WHERE id = 'c1'")
     astana.sync()
     pushed = almaty.agent.sync_once()
@@ -88,7 +94,8 @@ def test_a_same_field_edit_that_lost_and_an_admins_resolution_reach_the_office(
     astana.sync()
     almaty.sync()
     write(astana, "UPDATE cases SET family_name = 'Nazarov' WHERE id = 'c1'")
-    write(almaty, "UPDATE cases SET family_name = 'Nazarova-Ali' WHERE id = 'c1'")  # later
+    later()
+    write(almaty, "UPDATE cases SET family_name = 'Nazarova-Ali' WHERE id = 'c1'")
     astana.sync()
     almaty.sync()
     astana.sync()
@@ -128,6 +135,7 @@ def test_an_office_never_receives_another_offices_conflicts(
     for office in (astana, almaty, bishkek):
         office.sync()
     write(astana, "UPDATE cases SET notes = 'a' WHERE id = 'c1'")
+    later()
     write(almaty, "UPDATE cases SET notes = 'b' WHERE id = 'c1'")
     astana.sync()
     almaty.sync()
@@ -161,6 +169,7 @@ def test_the_winning_value_of_a_record_moved_out_of_the_offices_scope_is_withhel
     astana.sync()
     hq.sync()
     write(astana, "UPDATE cases SET notes = 'mine' WHERE id = 'a1'")
+    later()
     write(hq, "UPDATE cases SET notes = 'secret' WHERE id = 'a1'")
     astana.sync()
     hq.sync()
@@ -172,3 +181,41 @@ def test_the_winning_value_of_a_record_moved_out_of_the_offices_scope_is_withhel
     assert entry["hidden"] is True and entry["winning_value"] is None
     assert "secret" not in json.dumps(astana.store.lost_edits())
     assert "no longer in this office's scope" in node_cli("conflicts", str(astana.path))
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """A real transport that notes the path of every request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return super().handle_request(request)
+
+
+def test_the_office_asks_for_its_conflicts_only_when_there_is_something_new(
+    hub: Hub, make_office: Callable[..., Office]
+) -> None:
+    transport = CountingTransport()
+    astana, almaty = make_office("astana", transport=transport), make_office("almaty")
+    add_case(astana, "c1", "astana")
+    astana.sync()
+    almaty.sync()
+    for n in range(3):  # syncs with work but no conflict
+        write(astana, "UPDATE cases SET notes = ? WHERE id = 'c1'", f"round {n}")
+        astana.sync()
+        almaty.sync()
+    assert "/v1/conflicts" not in transport.paths
+    write(astana, "UPDATE cases SET notes = 'a' WHERE id = 'c1'")
+    later()
+    write(almaty, "UPDATE cases SET notes = 'b' WHERE id = 'c1'")
+    astana.sync()
+    almaty.sync()
+    astana.sync()
+    assert transport.paths.count("/v1/conflicts") == 1
+    astana.sync()
+    astana.sync()
+    assert transport.paths.count("/v1/conflicts") == 1
+    assert len(astana.store.lost_edits()) == 1
