@@ -357,6 +357,16 @@ def _lost_edit(entry: dict[str, Any]) -> str:
         f"{entry['id']}: {where}: this office {mine} at {entry['your_time']}; "
         f"the hub kept {won} at {entry['winning_time']}"
     )
+    if entry["overridden"]:  # this office's edit won, then an admin chose otherwise
+        chosen = _said(entry["winning_value"], "the delete", "the other version of the record")
+        if entry["hidden"]:
+            chosen = "a value not shown (the record is no longer in this office's scope)"
+        elif entry["winning_office"]:
+            chosen = f"{entry['winning_office']}'s {chosen}"
+        return (
+            f"{entry['id']}: {where}: this office {mine} at {entry['your_time']} and it "
+            f"won, until {entry['resolved_by']} chose {chosen} at {entry['resolved_at']}"
+        )
     if entry["status"] == "resolved":
         keep = (entry["resolution"] or {}).get("keep")
         decided = {

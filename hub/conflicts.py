@@ -195,24 +195,36 @@ def _conflict(hub: HubDatabase, row: Sequence[Any]) -> ConflictRecord:
 # -- an office's own entries (GET /v1/conflicts) ----------------------------------------
 
 
+# An entry in which an office's write won, until an admin decided for another value.
+_OVERRIDDEN = "status = 'resolved' AND json_extract(resolution, '$.keep') != 'kept'"
+
+
 def office_mark(conn: sqlite3.Connection, node: str) -> int:
-    """The last change to the entries in which ``node``'s write lost (0: none)."""
+    """The last change to the entries in which ``node``'s write lost or was overridden
+    by an admin (0: none)."""
     row = conn.execute(
         "SELECT max(changed) FROM _fieldsync_conflicts WHERE other_node = ?", [node]
     ).fetchone()
-    return int(row[0] or 0)
+    overridden = conn.execute(
+        f"SELECT max(changed) FROM _fieldsync_conflicts WHERE kept_node = ? AND {_OVERRIDDEN}",
+        [node],
+    ).fetchone()
+    return max(int(row[0] or 0), int(overridden[0] or 0))
 
 
 def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictPage:
-    """The entries in which ``node``'s write lost, changed after ``after``; never another
-    office's. With sync scopes, the winning value of a record no longer in the office's
-    scopes is withheld (``hidden``): the office's own value is its own."""
+    """The entries in which ``node``'s write lost (its conflict's *other* side) or, once
+    kept, was overridden by an admin's decision (``side`` kept), changed after
+    ``after``; never another office's. With sync scopes, the winning value of a record
+    no longer in the office's scopes is withheld (``hidden``): the office's own value is
+    its own."""
     with hub.read() as conn:
         rows = conn.execute(
             "SELECT c.*, r.scope, r.tbl IS NOT NULL FROM _fieldsync_conflicts AS c "
             "LEFT JOIN _fieldsync_records AS r ON r.tbl = c.tbl AND r.pk = c.pk "
-            "WHERE c.other_node = ? AND c.changed > ? ORDER BY c.changed LIMIT ?",
-            [node, after, limit + 1],
+            f"WHERE c.changed > ? AND (c.other_node = ? OR (c.kept_node = ? AND {_OVERRIDDEN})) "
+            "ORDER BY c.changed LIMIT ?",
+            [after, node, node, limit + 1],
         ).fetchall()
         scopes = office_scopes(conn, node)[0] if hub.schema.scoped else None
     more = len(rows) > limit
@@ -221,33 +233,48 @@ def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictP
         record = _conflict(hub, row[:18])
         scope, exists = row[19], row[20]
         hidden = scopes is not None and (not exists or (scope is not None and scope not in scopes))
-        won = record.merged if record.kind == "custom" else record.kept_value
-        resolution = record.resolution
-        if hidden and isinstance(resolution, dict):
-            resolution = {k: v for k, v in resolution.items() if k != "value"}
-        found.append(
-            LostEdit(
-                id=record.id,
-                change=int(row[18]),
-                created_at=record.created_at,
-                table=record.table,
-                pk=record.pk,
-                kind=record.kind,
-                column=record.column,
-                value=record.other_value,
-                version=record.other_version,
-                status=record.status,
-                winner_value=None if hidden else won,
-                winner_office=record.kept_node,
-                winner_version=record.kept_version,
-                hidden=hidden,
-                resolved_by=record.resolved_by,
-                resolved_at=record.resolved_at,
-                resolution=resolution,
-            )
-        )
+        found.append(_lost_edit(record, int(row[18]), node, hidden))
     cursor = found[-1].change if found else after
     return ConflictPage(found, cursor, more, node)
+
+
+def _lost_edit(record: ConflictRecord, change: int, node: str, hidden: bool) -> LostEdit:
+    """``record`` as ``node`` sees it: its own value, and what won over it."""
+    resolution = record.resolution
+    if hidden and isinstance(resolution, dict):
+        resolution = {k: v for k, v in resolution.items() if k != "value"}
+    version: str | None
+    if record.other_node == node:
+        side, value, version = "other", record.other_value, record.other_version
+        won = record.merged if record.kind == "custom" else record.kept_value
+        winner: tuple[str | None, str | None] = (record.kept_node, record.kept_version)
+    else:  # kept at first, then an admin chose the other side or a value
+        side, value, version = "kept", record.kept_value, record.kept_version
+        chose_other = isinstance(record.resolution, dict) and record.resolution["keep"] == "other"
+        if chose_other:
+            won, winner = record.other_value, (record.other_node, record.other_version)
+        else:
+            won, winner = (record.resolution or {}).get("value"), (None, None)
+    return LostEdit(
+        id=record.id,
+        change=change,
+        created_at=record.created_at,
+        table=record.table,
+        pk=record.pk,
+        kind=record.kind,
+        column=record.column,
+        value=value,
+        version=version or "",
+        status=record.status,
+        winner_value=None if hidden else won,
+        winner_office=winner[0],
+        winner_version=winner[1],
+        hidden=hidden,
+        resolved_by=record.resolved_by,
+        resolved_at=record.resolved_at,
+        resolution=resolution,
+        side=side,
+    )
 
 
 # -- an admin's decision ---------------------------------------------------------------

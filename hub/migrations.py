@@ -262,7 +262,10 @@ def _roles_and_audit(db: sqlite_utils.Database) -> None:
 _CONFLICT_CHANGES = """
 CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_office
     ON _fieldsync_conflicts (other_node, changed);
-CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_changed ON _fieldsync_conflicts (changed)
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_changed ON _fieldsync_conflicts (changed);
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_overridden
+    ON _fieldsync_conflicts (kept_node, changed)
+    WHERE status = 'resolved' AND json_extract(resolution, '$.keep') != 'kept'
 """
 
 

@@ -40,13 +40,14 @@ CREATE TABLE IF NOT EXISTS _fieldsync_conflicts (
     resolved_by TEXT,
     resolved_at TEXT,
     resolution TEXT,
+    side TEXT NOT NULL DEFAULT 'other',
     learned_at TEXT NOT NULL
 )
 """
 
 _COLUMNS = (
     "id, change, created_at, tbl, pk, kind, col, value, version, status, winner_value, "
-    "winner_office, winner_version, hidden, resolved_by, resolved_at, resolution"
+    "winner_office, winner_version, hidden, resolved_by, resolved_at, resolution, side"
 )
 
 
@@ -74,7 +75,7 @@ def store_lost(db: sqlite_utils.Database, edits: list[LostEdit]) -> tuple[int, i
         )
         conn.executemany(
             f"INSERT OR REPLACE INTO _fieldsync_conflicts ({_COLUMNS}, learned_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 [
                     e.id,
@@ -94,6 +95,7 @@ def store_lost(db: sqlite_utils.Database, edits: list[LostEdit]) -> tuple[int, i
                     e.resolved_by,
                     e.resolved_at,
                     None if e.resolution is None else _text(e.resolution),
+                    e.side,
                     now,
                 ]
                 for e in edits
@@ -162,6 +164,7 @@ def lost_edits(db: sqlite_utils.Database) -> list[dict[str, Any]]:
                 "resolved_by": row[14],
                 "resolved_at": row[15],
                 "resolution": json.loads(row[16]) if row[16] is not None else None,
+                "overridden": row[17] == "kept",  # it won, until an admin decided otherwise
             }
         )
     return found

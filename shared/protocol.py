@@ -427,7 +427,8 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
 
 class LostEdit(Struct, frozen=True):
     """An edit of the asking office that lost at the hub (it is the conflict's *other*
-    side), the write that won, and an admin's decision once there is one.
+    side), or that won but an admin's decision overrode (``side`` kept), the write that
+    won, and an admin's decision once there is one.
 
     ``change`` orders the office's entries by their last change (logged or resolved).
     ``hidden``: the record has left the office's scopes, so the winning value (and a
@@ -451,6 +452,9 @@ class LostEdit(Struct, frozen=True):
     resolved_by: str | None = None
     resolved_at: str | None = None
     resolution: Any = None  # {"keep": "kept" | "other" | "value", "value": ...}
+    # other: the office's write lost when the conflict was logged; kept: it won then,
+    # and an admin's decision overrode it
+    side: str = "other"
 
     def to_json(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]

@@ -120,6 +120,7 @@ def test_a_hub_of_layout_3_numbers_its_logged_conflicts_for_the_offices(tmp_path
     with sqlite3.connect(tmp_path / "hub.db") as conn:
         conn.execute("DROP INDEX _fieldsync_conflicts_office")
         conn.execute("DROP INDEX _fieldsync_conflicts_changed")
+        conn.execute("DROP INDEX _fieldsync_conflicts_overridden")
         conn.execute("ALTER TABLE _fieldsync_conflicts DROP COLUMN changed")
         for case, loser in (("c1", "astana"), ("c2", "almaty"), ("c3", "astana")):
             conn.execute(

@@ -219,3 +219,37 @@ def test_the_office_asks_for_its_conflicts_only_when_there_is_something_new(
     astana.sync()
     assert transport.paths.count("/v1/conflicts") == 1
     assert len(astana.store.lost_edits()) == 1
+
+
+def test_an_edit_that_won_but_an_admin_overrode_reaches_its_office(
+    hub: Hub, make_office: Callable[..., Office]
+) -> None:
+    astana, almaty = make_office("astana"), make_office("almaty")
+    add_case(astana, "c1", "astana")
+    astana.sync()
+    almaty.sync()
+    write(almaty, "UPDATE cases SET family_name = 'Nazarova-Ali' WHERE id = 'c1'")
+    later()
+    write(astana, "UPDATE cases SET family_name = 'Nazarov' WHERE id = 'c1'")  # wins
+    almaty.sync()
+    astana.sync()
+    almaty.sync()
+    assert astana.store.lost_edits() == [] and len(almaty.store.lost_edits()) == 1
+
+    [logged] = hub.store.conflicts()
+    hub.store.resolve(logged.id, "other", "ops")  # almaty's value after all
+    report = astana.agent.sync_once()
+    assert report.lost == 1
+    [entry] = astana.store.lost_edits()
+    assert entry["overridden"] is True and entry["status"] == "resolved"
+    assert entry["your_value"] == "Nazarov" and entry["winning_value"] == "Nazarova-Ali"
+    assert entry["winning_office"] == "almaty" and entry["resolved_by"] == "ops"
+    out = node_cli("conflicts", str(astana.path))
+    assert "it won, until ops chose almaty's" in out
+    assert astana.store.rows("cases")[0]["family_name"] == "Nazarova-Ali"
+
+    assert almaty.agent.sync_once().resolved == 1
+    [restored] = almaty.store.lost_edits()
+    assert restored["overridden"] is False and restored["resolution"] == {"keep": "other"}
+    # A decision that keeps the winner overrides no one: astana is not told of it again.
+    assert astana.agent.sync_once().lost == 0
