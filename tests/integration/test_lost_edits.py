@@ -36,6 +36,15 @@ def add_case(office: Office, case_id: str, owner: str | None = None) -> None:
     )
 
 
+def sharing_a_case(make_office: Callable[..., Office], **astana: Any) -> tuple[Office, Office]:
+    """Offices astana and almaty, both holding astana's case c1."""
+    offices = make_office("astana", **astana), make_office("almaty")
+    add_case(offices[0], "c1", "astana")
+    for office in offices:
+        office.sync()
+    return offices
+
+
 def later() -> None:
     time.sleep(0.02)  # so the second office's stamp is later by the wall clock
 
@@ -50,10 +59,7 @@ def test_a_delete_undone_by_a_later_update_is_shown_at_the_office_that_deleted(
     hub: Hub, make_office: Callable[..., Office]
 ) -> None:
     # The README's example: astana deletes a case, almaty's later update brings it back.
-    astana, almaty = make_office("astana"), make_office("almaty")
-    add_case(astana, "c1", "astana")
-    astana.sync()
-    almaty.sync()
+    astana, almaty = sharing_a_case(make_office)
     write(astana, "DELETE FROM cases WHERE id = 'c1'")
     later()
     write(almaty, "UPDATE cases SET notes = 'visited' WHERE id = 'c1'")
@@ -89,10 +95,7 @@ def test_a_delete_undone_by_a_later_update_is_shown_at_the_office_that_deleted(
 def test_a_same_field_edit_that_lost_and_an_admins_resolution_reach_the_office(
     hub: Hub, make_office: Callable[..., Office]
 ) -> None:
-    astana, almaty = make_office("astana"), make_office("almaty")
-    add_case(astana, "c1", "astana")
-    astana.sync()
-    almaty.sync()
+    astana, almaty = sharing_a_case(make_office)
     write(astana, "UPDATE cases SET family_name = 'Nazarov' WHERE id = 'c1'")
     later()
     write(almaty, "UPDATE cases SET family_name = 'Nazarova-Ali' WHERE id = 'c1'")
@@ -199,10 +202,7 @@ def test_the_office_asks_for_its_conflicts_only_when_there_is_something_new(
     hub: Hub, make_office: Callable[..., Office]
 ) -> None:
     transport = CountingTransport()
-    astana, almaty = make_office("astana", transport=transport), make_office("almaty")
-    add_case(astana, "c1", "astana")
-    astana.sync()
-    almaty.sync()
+    astana, almaty = sharing_a_case(make_office, transport=transport)
     for n in range(3):  # syncs with work but no conflict
         write(astana, "UPDATE cases SET notes = ? WHERE id = 'c1'", f"round {n}")
         astana.sync()
@@ -224,10 +224,7 @@ def test_the_office_asks_for_its_conflicts_only_when_there_is_something_new(
 def test_an_edit_that_won_but_an_admin_overrode_reaches_its_office(
     hub: Hub, make_office: Callable[..., Office]
 ) -> None:
-    astana, almaty = make_office("astana"), make_office("almaty")
-    add_case(astana, "c1", "astana")
-    astana.sync()
-    almaty.sync()
+    astana, almaty = sharing_a_case(make_office)
     write(almaty, "UPDATE cases SET family_name = 'Nazarova-Ali' WHERE id = 'c1'")
     later()
     write(astana, "UPDATE cases SET family_name = 'Nazarov' WHERE id = 'c1'")  # wins
