@@ -219,12 +219,17 @@ def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictP
     no longer in the office's scopes is withheld (``hidden``): the office's own value is
     its own."""
     with hub.read() as conn:
+        # Each side read along its own index, then merged in change order.
         rows = conn.execute(
-            "SELECT c.*, r.scope, r.tbl IS NOT NULL FROM _fieldsync_conflicts AS c "
+            "SELECT c.*, r.scope, r.tbl IS NOT NULL FROM ("
+            "SELECT * FROM (SELECT id FROM _fieldsync_conflicts WHERE other_node = ? "
+            "AND changed > ? ORDER BY changed LIMIT ?) UNION "
+            "SELECT * FROM (SELECT id FROM _fieldsync_conflicts WHERE kept_node = ? "
+            f"AND {_OVERRIDDEN} AND changed > ? ORDER BY changed LIMIT ?)) AS mine "
+            "JOIN _fieldsync_conflicts AS c ON c.id = mine.id "
             "LEFT JOIN _fieldsync_records AS r ON r.tbl = c.tbl AND r.pk = c.pk "
-            f"WHERE c.changed > ? AND (c.other_node = ? OR (c.kept_node = ? AND {_OVERRIDDEN})) "
             "ORDER BY c.changed LIMIT ?",
-            [after, node, node, limit + 1],
+            [node, after, limit + 1, node, after, limit + 1, limit + 1],
         ).fetchall()
         scopes = office_scopes(conn, node)[0] if hub.schema.scoped else None
     more = len(rows) > limit
