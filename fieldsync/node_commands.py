@@ -17,7 +17,7 @@ import threading
 import time
 from datetime import datetime
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -172,6 +172,8 @@ def node_sync(db_path: str, batch_size: int, progress: bool | None) -> None:
         agent.client.close()
         agent.store.close()
     click.echo(f"Synced {agent.store.node}: {report.summary()}")
+    if report.lost or report.resolved:
+        click.echo(f"See what won: `fieldsync node conflicts {db_path}`", err=True)
     if report.rejected:
         click.echo(
             f"The hub rejected {report.rejected} change"
@@ -338,6 +340,74 @@ def _check_token(node: str, settings: HubSettings, *, creating: bool = False) ->
     return "the hub accepts it" if owner.node is None else f"the hub accepts it as {node}'s"
 
 
+@node.command("conflicts")
+@_node_db
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (values included).")
+def node_conflicts(db_path: str, as_json: bool) -> None:
+    """List this office's edits that lost at the hub: what won, and an admin's decision.
+
+    Learned by `node sync` / `node run`; shown offline from the office database."""
+    from node.store import NodeStore
+
+    with NodeStore(db_path) as store:
+        lost = store.lost_edits()
+    if as_json:
+        echo_json(lost)
+        return
+    if not lost:
+        click.echo("No edits of this office lost at the hub.")
+        return
+    for entry in lost:
+        click.echo(_lost_edit(entry))
+
+
+def _said(value: Any, deleted: str, record: str, verb: str = "") -> str:
+    """A conflict's value in words: a delete (None), a whole record, or one value."""
+    if value is None:
+        return deleted
+    if isinstance(value, dict):
+        return record
+    return f"{verb} {json.dumps(value, ensure_ascii=False)}".strip()
+
+
+def _lost_edit(entry: dict[str, Any]) -> str:
+    """One lost edit in words: what the office wrote, what won, and what became of it."""
+    key = ", ".join(f"{k}={v}" for k, v in entry["pk"].items())
+    where = f"{entry['table']} {key}" + (f" {entry['column']}" if entry["column"] else "")
+    mine = _said(entry["your_value"], "deleted it", "its version of the record", "wrote")
+    by = entry["winning_office"] or "the hub"
+    if entry["hidden"]:
+        won = f"a value of {by}'s (not shown: the record is no longer in this office's scope)"
+    else:
+        won = _said(entry["winning_value"], f"{by}'s delete", f"{by}'s version of the record")
+        won = won if isinstance(entry["winning_value"], dict | None) else f"{won}, by {by}"
+    line = (
+        f"{entry['id']}: {where}: this office {mine} at {entry['your_time']}; "
+        f"the hub kept {won} at {entry['winning_time']}"
+    )
+    if entry["overridden"]:  # this office's edit won, then an admin chose otherwise
+        chosen = _said(entry["winning_value"], "the delete", "the other version of the record")
+        if entry["hidden"]:
+            chosen = "a value not shown (the record is no longer in this office's scope)"
+        elif entry["winning_office"]:
+            chosen = f"{entry['winning_office']}'s {chosen}"
+        return (
+            f"{entry['id']}: {where}: this office {mine} at {entry['your_time']} and it "
+            f"won, until {entry['resolved_by']} chose {chosen} at {entry['resolved_at']}"
+        )
+    if entry["status"] == "resolved":
+        keep = (entry["resolution"] or {}).get("keep")
+        decided = {
+            "kept": "kept the winner",
+            "other": "restored this office's edit",
+            "value": "chose another value",
+        }.get(str(keep), "decided")
+        return f"{line}; resolved by {entry['resolved_by']} at {entry['resolved_at']}: {decided}"
+    if entry["status"] == "open":
+        return f"{line}; awaiting an admin's decision"
+    return f"{line}; settled by the merge rule"
+
+
 @node.command("rejected")
 @_node_db
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (values included).")
@@ -484,6 +554,7 @@ class _Quiet:
 
     def says(self, report: SyncReport) -> bool:
         moved = report.pushed or report.pulled or report.conflicts or report.rejected
+        moved = moved or report.lost or report.resolved
         if moved or self.first:
             self.first, self.quiet, self.last_line = False, 0, time.monotonic()
             return True
@@ -538,6 +609,13 @@ def node_status(db_path: str, as_json: bool) -> None:
         click.echo(
             f"Rejected changes:  {status.rejected}, kept here "
             f"(see `fieldsync node rejected {db_path}`)"
+        )
+    if status.conflicts.lost:
+        lost = status.conflicts
+        click.echo(
+            f"Lost edits:        {lost.lost} of this office's edits lost at the hub "
+            f"({lost.open} awaiting an admin, {lost.resolved} resolved) "
+            f"(see `fieldsync node conflicts {db_path}`)"
         )
     if abs(status.clock_offset_ms) >= LARGE_OFFSET_MS:
         direction = "behind" if status.clock_offset_ms > 0 else "ahead of"

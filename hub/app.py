@@ -9,6 +9,7 @@ Routes of the sync protocol (``shared.protocol.PROTOCOL_VERSION``; paths under `
 - ``POST /v1/push``     a batch of an office's changes (bearer token; gzip body welcome)
 - ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
 - ``POST /v1/status``   the office's state and its recent syncs, after each sync
+- ``GET  /v1/conflicts`` the office's own edits that lost, changed after ``after``
 - ``GET  /v1/openapi.json``  every route, body and error (``hub/openapi.py``)
 
 and those of ``hub/admin.py`` (the admin API, ``/metrics``) and ``hub/dashboard.py``.
@@ -258,6 +259,14 @@ def create_app(
         )
         return JSONResponse(page.to_json())
 
+    async def lost_edits(request: Request) -> JSONResponse:
+        # The asking office's own lost edits only: the token decides whose.
+        node = await run_in_threadpool(authenticate, request)
+        after = int_param(request, "after", 0, 0)
+        limit = int_param(request, "limit", 1000, 1, MAX_PAGE)
+        page = await run_in_threadpool(store.lost_edits, node, after, limit)
+        return JSONResponse(page.to_json())
+
     async def report_status(request: Request) -> JSONResponse:
         node = await run_in_threadpool(authenticate, request)
         data = await read_json(request)
@@ -313,6 +322,7 @@ def create_app(
             Route("/v1/push", push, methods=["POST"]),
             Route("/v1/pull", pull),
             Route("/v1/status", report_status, methods=["POST"]),
+            Route("/v1/conflicts", lost_edits),
             Route("/v1/openapi.json", openapi),
         ],
         # Level 3: a tenth of level 9's CPU for about 20% more bytes (see README).

@@ -19,11 +19,12 @@ from typing import Any
 
 from hub import records
 from hub.database import HubDatabase
-from hub.scopes import write_hub_change
+from hub.scopes import office_scopes, write_hub_change
 from hub.times import stamp_time, utcnow
 from shared.clock import Timestamp
 from shared.errors import FieldsyncError, InvalidChangeError
 from shared.merge import Conflict, RecordState, resolution_writes, resolve as decide
+from shared.protocol import ConflictPage, LostEdit
 from shared.schema import Table, key_values
 
 
@@ -108,11 +109,16 @@ def conflict_row(table: str, key: str, conflict: Conflict, state: RecordState) -
     ]
 
 
+# The next number of the log's changes (column ``changed``): a new entry or a resolution.
+_NEXT_CHANGE = "(SELECT coalesce(max(changed), 0) + 1 FROM _fieldsync_conflicts)"
+
+
 def write_conflicts(conn: sqlite3.Connection, rows: Sequence[list[Any]]) -> None:
     conn.executemany(
         "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
         "kept_version, kept_node, other_value, other_version, other_node, status, "
-        "merged, state_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"merged, state_after, changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        f"{_NEXT_CHANGE})",
         rows,
     )
 
@@ -183,6 +189,96 @@ def _conflict(hub: HubDatabase, row: Sequence[Any]) -> ConflictRecord:
         resolution=json.loads(row[15]) if row[15] is not None else None,
         merged=json.loads(row[16]) if row[16] is not None else None,
         state_after=row[17],
+    )
+
+
+# -- an office's own entries (GET /v1/conflicts) ----------------------------------------
+
+
+# An entry in which an office's write won, until an admin decided for another value.
+_OVERRIDDEN = "status = 'resolved' AND json_extract(resolution, '$.keep') != 'kept'"
+
+
+def office_mark(conn: sqlite3.Connection, node: str) -> int:
+    """The last change to the entries in which ``node``'s write lost or was overridden
+    by an admin (0: none)."""
+    row = conn.execute(
+        "SELECT max(changed) FROM _fieldsync_conflicts WHERE other_node = ?", [node]
+    ).fetchone()
+    overridden = conn.execute(
+        f"SELECT max(changed) FROM _fieldsync_conflicts WHERE kept_node = ? AND {_OVERRIDDEN}",
+        [node],
+    ).fetchone()
+    return max(int(row[0] or 0), int(overridden[0] or 0))
+
+
+def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictPage:
+    """The entries in which ``node``'s write lost (its conflict's *other* side) or, once
+    kept, was overridden by an admin's decision (``side`` kept), changed after
+    ``after``; never another office's. With sync scopes, the winning value of a record
+    no longer in the office's scopes is withheld (``hidden``): the office's own value is
+    its own."""
+    with hub.read() as conn:
+        # Each side read along its own index, then merged in change order.
+        rows = conn.execute(
+            "SELECT c.*, r.scope, r.tbl IS NOT NULL FROM ("
+            "SELECT * FROM (SELECT id FROM _fieldsync_conflicts WHERE other_node = ? "
+            "AND changed > ? ORDER BY changed LIMIT ?) UNION "
+            "SELECT * FROM (SELECT id FROM _fieldsync_conflicts WHERE kept_node = ? "
+            f"AND {_OVERRIDDEN} AND changed > ? ORDER BY changed LIMIT ?)) AS mine "
+            "JOIN _fieldsync_conflicts AS c ON c.id = mine.id "
+            "LEFT JOIN _fieldsync_records AS r ON r.tbl = c.tbl AND r.pk = c.pk "
+            "ORDER BY c.changed LIMIT ?",
+            [node, after, limit + 1, node, after, limit + 1, limit + 1],
+        ).fetchall()
+        scopes = office_scopes(conn, node)[0] if hub.schema.scoped else None
+    more = len(rows) > limit
+    found = []
+    for row in rows[:limit]:
+        record = _conflict(hub, row[:18])
+        scope, exists = row[19], row[20]
+        hidden = scopes is not None and (not exists or (scope is not None and scope not in scopes))
+        found.append(_lost_edit(record, int(row[18]), node, hidden))
+    cursor = found[-1].change if found else after
+    return ConflictPage(found, cursor, more, node)
+
+
+def _lost_edit(record: ConflictRecord, change: int, node: str, hidden: bool) -> LostEdit:
+    """``record`` as ``node`` sees it: its own value, and what won over it."""
+    resolution = record.resolution
+    if hidden and isinstance(resolution, dict):
+        resolution = {k: v for k, v in resolution.items() if k != "value"}
+    version: str | None
+    if record.other_node == node:
+        side, value, version = "other", record.other_value, record.other_version
+        won = record.merged if record.kind == "custom" else record.kept_value
+        winner: tuple[str | None, str | None] = (record.kept_node, record.kept_version)
+    else:  # kept at first, then an admin chose the other side or a value
+        side, value, version = "kept", record.kept_value, record.kept_version
+        chose_other = isinstance(record.resolution, dict) and record.resolution["keep"] == "other"
+        if chose_other:
+            won, winner = record.other_value, (record.other_node, record.other_version)
+        else:
+            won, winner = (record.resolution or {}).get("value"), (None, None)
+    return LostEdit(
+        id=record.id,
+        change=change,
+        created_at=record.created_at,
+        table=record.table,
+        pk=record.pk,
+        kind=record.kind,
+        column=record.column,
+        value=value,
+        version=version or "",
+        status=record.status,
+        winner_value=None if hidden else won,
+        winner_office=winner[0],
+        winner_version=winner[1],
+        hidden=hidden,
+        resolved_by=record.resolved_by,
+        resolved_at=record.resolved_at,
+        resolution=resolution,
+        side=side,
     )
 
 
@@ -285,7 +381,7 @@ def write_resolution(
         resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
         conn.execute(
             "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
-            "resolved_at = ?, resolution = ? WHERE id = ?",
+            f"resolved_at = ?, resolution = ?, changed = {_NEXT_CHANGE} WHERE id = ?",
             [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
         )
 

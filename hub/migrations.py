@@ -259,8 +259,34 @@ def _roles_and_audit(db: sqlite_utils.Database) -> None:
     _run(db.conn, _AUDIT_TABLES)
 
 
+_CONFLICT_CHANGES = """
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_office
+    ON _fieldsync_conflicts (other_node, changed);
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_changed ON _fieldsync_conflicts (changed);
+CREATE INDEX IF NOT EXISTS _fieldsync_conflicts_overridden
+    ON _fieldsync_conflicts (kept_node, changed)
+    WHERE status = 'resolved' AND json_extract(resolution, '$.keep') != 'kept'
+"""
+
+
+def _conflict_changes(db: sqlite_utils.Database) -> None:
+    """Step 4: each conflict's last change (logged, then resolved), a number rising over
+    the whole log, so that an office learns what changed in its own (hub/conflicts.py)."""
+    if "changed" not in db["_fieldsync_conflicts"].columns_dict:
+        db.conn.execute(
+            "ALTER TABLE _fieldsync_conflicts ADD COLUMN changed INTEGER NOT NULL DEFAULT 0"
+        )
+        db.conn.execute("UPDATE _fieldsync_conflicts SET changed = id")
+    _run(db.conn, _CONFLICT_CHANGES)
+
+
 # In order; step n brings a database from user_version n - 1 to n.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_baseline, _scopes, _roles_and_audit]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _baseline,
+    _scopes,
+    _roles_and_audit,
+    _conflict_changes,
+]
 
 
 def migrate(db: sqlite_utils.Database) -> None:

@@ -28,6 +28,7 @@ import msgspec
 from shared import __version__
 from shared.protocol import (
     PROTOCOL_VERSION,
+    ConflictPage,
     ErrorBody,
     Health,
     PullPage,
@@ -194,6 +195,23 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             StatusKept,
             body=StatusReport,
             errors=("bad_request", "version_mismatch", "too_large"),
+        ),
+        Endpoint(
+            "get",
+            "/v1/conflicts",
+            "The asking office's own edits that lost at the hub (never another office's), "
+            "logged or resolved after a mark, in that order; a pull page's conflicts field "
+            "is the newest mark. Winning values of records outside the office's scopes are "
+            "withheld (hidden)",
+            "office",
+            ConflictPage,
+            errors=("bad_request",),
+            params=(
+                Param("after", {"type": "integer", "minimum": 0, "default": 0}),
+                Param(
+                    "limit", {"type": "integer", "minimum": 1, "maximum": max_page, "default": 1000}
+                ),
+            ),
         ),
         Endpoint(
             "get",
@@ -403,7 +421,16 @@ def openapi_document(error_codes: Mapping[str, int], max_page: int) -> dict[str,
     """The document: ``error_codes`` maps every code of the JSON error body to its
     HTTP status (the 500 answer, ``internal``, is added here)."""
     codes = {**error_codes, "internal": 500}
-    wire = [PushRequest, PushResult, PullPage, StatusReport, StatusKept, Health, ErrorBody]
+    wire = [
+        PushRequest,
+        PushResult,
+        PullPage,
+        StatusReport,
+        StatusKept,
+        Health,
+        ErrorBody,
+        ConflictPage,
+    ]
     _, schemas = msgspec.json.schema_components(wire, ref_template="#/components/schemas/{name}")
     schemas["ErrorBody"]["properties"]["error"]["enum"] = sorted(codes)
     # PullRow's versions has a default only so that its constructor can keep values

@@ -16,6 +16,7 @@ import sqlite3
 from typing import Any
 
 from hub import records
+from hub.conflicts import office_mark
 from hub.database import HubDatabase
 from hub.scopes import read_scopes
 from hub.status import count_pull
@@ -55,6 +56,7 @@ def pull(
             "SELECT acked_seq, scopes, rescope FROM _fieldsync_nodes WHERE name = ?", [node]
         ).fetchone()
         scopes = read_scopes(stored, node) if hub.schema.scoped else None
+        lost = office_mark(conn, node)
         resync = bool(rescope) and not (cursor == 0 and include_own)
         remaining = None
         if resync:
@@ -95,7 +97,7 @@ def pull(
         page_rows.append(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
         )
-    return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync)
+    return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost)
 
 
 def _scoped_rows(

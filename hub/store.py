@@ -55,7 +55,7 @@ from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
 from shared.clock import now_ms
 from shared.merge import RecordState
-from shared.protocol import Change, PullPage, PushResult, StatusReport
+from shared.protocol import Change, ConflictPage, PullPage, PushResult, StatusReport
 from shared.schema import Schema
 from shared.sqlite import table_rows
 
@@ -105,6 +105,8 @@ class HubStore(Protocol):
     ) -> list[ConflictRecord]: ...
 
     def conflict_counts(self) -> dict[str, int]: ...
+
+    def lost_edits(self, node: str, after: int, limit: int) -> ConflictPage: ...
 
     def conflict(self, conflict_id: int) -> ConflictRecord: ...
 
@@ -331,6 +333,9 @@ class SqliteHubStore:
 
     def conflict(self, conflict_id: int) -> ConflictRecord:
         return conflicts.conflict(self.database, conflict_id)
+
+    def lost_edits(self, node: str, after: int, limit: int) -> ConflictPage:
+        return conflicts.lost_edits(self.database, node, after, limit)
 
     def resolve(
         self, conflict_id: int, keep: str, by: str, value: Any = None, *, force: bool = False

@@ -61,12 +61,20 @@ class SyncReport:
     conflicts: int = 0
     seconds: float = 0.0
     rejected: int = 0
+    lost: int = 0  # this office's edits the hub newly told of as lost
+    resolved: int = 0  # of those it told of before, how many an admin resolved since
 
     def summary(self) -> str:
         rejected = f", rejected {self.rejected}" if self.rejected else ""
+        told = []
+        if self.lost:
+            told.append(f"{self.lost} of this office's edits lost")
+        if self.resolved:
+            told.append(f"{self.resolved} resolved by an admin")
+        lost = f" ({', '.join(told)}: see `fieldsync node conflicts`)" if told else ""
         return (
             f"pushed {self.pushed}, pulled {self.pulled}, conflicts {self.conflicts}"
-            f"{rejected} ({self.seconds:.1f} s)"
+            f"{lost}{rejected} ({self.seconds:.1f} s)"
         )
 
 
@@ -194,7 +202,8 @@ class SyncAgent:
         try:
             self._correct_clock()
             self._push_all(report, progress)
-            self._pull_all(report, progress)
+            mark = self._pull_all(report, progress)
+            self._learn_lost(mark, report)
         except FieldsyncError as exc:
             record(exc)
             if not isinstance(exc, HubUnavailableError):
@@ -241,10 +250,28 @@ class SyncAgent:
                 moved,
             )
 
-    def _pull_all(self, report: SyncReport, progress: Progress) -> None:
-        """Pull pages until the hub has nothing more, counting into ``report``."""
+    def _learn_lost(self, mark: int, report: SyncReport) -> None:
+        """Fetch this office's lost edits the hub logged or resolved since the last
+        ones stored, if the pull's ``mark`` says there are any (no request otherwise)."""
+        after = self.store.conflicts_mark()
+        while mark > after:
+            page = self.client.lost_edits(after, self.page_size)
+            self._check_identity(page.node)
+            if not page.conflicts:
+                break
+            new, settled = self.store.store_lost(page.conflicts)
+            report.lost += new
+            report.resolved += settled
+            after = page.cursor
+            if not page.more:
+                break
+
+    def _pull_all(self, report: SyncReport, progress: Progress) -> int:
+        """Pull pages until the hub has nothing more, counting into ``report``; returns
+        the newest mark of this office's lost edits the pages carried."""
         checked = resynced = False
         total = 0
+        mark = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
             ahead: tuple[Future[PullPage], int] | None = None
             while True:
@@ -262,6 +289,7 @@ class SyncAgent:
                 ahead = None
                 self._check_identity(page.node)
                 self._learn_offset(sent, page.hub_time_ms)
+                mark = max(mark, page.conflicts)
                 if page.resync:
                     # The office's scope changed: pull it whole again (once a sync).
                     if resynced:
@@ -291,6 +319,7 @@ class SyncAgent:
                 progress("pull", report.pulled, max(total, report.pulled))
                 if not page.more:
                     break
+        return mark
 
     def _push_all(self, report: SyncReport, progress: Progress) -> None:
         """Push what was pending when the sync began, counting into ``report``.

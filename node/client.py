@@ -37,6 +37,7 @@ from shared.errors import (
 from shared.protocol import (
     PROTOCOL_VERSION,
     Change,
+    ConflictPage,
     PullPage,
     PushResult,
     StatusReport,
@@ -97,6 +98,8 @@ class HubClient(Protocol):
     ) -> PullPage: ...
 
     def hub_time(self) -> HubClock: ...
+
+    def lost_edits(self, after: int, limit: int) -> ConflictPage: ...
 
     def report_status(self, report: StatusReport) -> bool: ...
 
@@ -294,6 +297,20 @@ class HttpHubClient:
         self._count(response, 0)
         _raise_for_status(response, action, self.url)
         return self._read(response, PullPage.from_json, action)
+
+    def lost_edits(self, after: int, limit: int) -> ConflictPage:
+        """This office's edits that lost at the hub, logged or resolved after mark
+        ``after`` (a pull page's ``conflicts`` says the newest)."""
+        action = "fetch this office's conflicts from"
+        with _hub_errors(action, self.url):
+            response = self._client.get(
+                f"{self.url}/v1/conflicts",
+                params={"after": after, "limit": limit},
+                headers=self._headers,
+            )
+        self._count(response, 0)
+        _raise_for_status(response, action, self.url)
+        return self._read(response, ConflictPage.from_json, action)
 
     def hub_time(self) -> HubClock:
         """The hub's clock, and how far it has dealt with this office's changes (from

@@ -32,7 +32,9 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
 - ``_fieldsync_rejected``: changes the hub rejected (see node/rejected.py);
 - ``_fieldsync_sync_log``: one row per sync (see node/status.py);
 - ``_fieldsync_resync``: while the office pulls its whole scope again, the records it
-  held that the pull has not brought yet (see node/inbox.py).
+  held that the pull has not brought yet (see node/inbox.py);
+- ``_fieldsync_conflicts``: this office's edits that lost at the hub, as the hub's
+  conflict log tells them (see node/conflicts.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from node.capture import refresh_triggers, stale_triggers
+from node.conflicts import LOST_EDITS
 from shared.schema import Schema
 from shared.sqlite import write
 
@@ -182,6 +185,10 @@ def _add_link_settings(conn: sqlite3.Connection, schema: Schema) -> None:
     conn.execute("ALTER TABLE _fieldsync_state ADD COLUMN next_try_at TEXT")
 
 
+def _add_lost_edits(conn: sqlite3.Connection, schema: Schema) -> None:
+    conn.execute(LOST_EDITS)
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -204,6 +211,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _add_link_settings,
         lambda db: "ca_file" in db.table("_fieldsync_state").columns_dict,
     ),
+    Migration("lost edits", _add_lost_edits, _has_table("_fieldsync_conflicts")),
 )
 VERSION = len(MIGRATIONS)
 
@@ -214,6 +222,7 @@ def create(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
     conn.execute(SYNC_LOG)
     conn.execute(RESYNC)
+    conn.execute(LOST_EDITS)
     _save_version(conn, VERSION)
 
 

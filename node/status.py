@@ -16,6 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from node._times import stamp_time, utcnow
+from node.conflicts import LostCounts, count_lost
 from node.link import is_unencrypted
 from node.outbox import PENDING
 from node.rejected import count_rejected
@@ -44,6 +45,7 @@ class NodeStatus:
     ca_file: str | None = None  # the private CA the hub is verified with, if any
     allow_http: bool = False  # plain http:// to another machine allowed on purpose
     next_try_at: str | None = None  # a running agent backing off tries again then
+    conflicts: LostCounts = LostCounts()  # this office's edits that lost at the hub
 
     @property
     def unencrypted(self) -> bool:
@@ -68,6 +70,7 @@ class NodeStatus:
             "ca_file": self.ca_file,
             "allow_http": self.allow_http,
             "next_try_at": self.next_try_at,
+            "conflicts": self.conflicts.to_json(),
         }
 
 
@@ -96,6 +99,7 @@ def read_status(db: sqlite_utils.Database) -> NodeStatus:
         ca_file=state[8],
         allow_http=bool(state[9]),
         next_try_at=state[10],
+        conflicts=count_lost(db),
     )
 
 

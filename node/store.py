@@ -13,7 +13,8 @@ the one door the agent and the CLI use; each concept behind it has a module:
 - ``node/inbox.py``: records pulled from the hub, applied with the cursor;
 - ``node/versions.py``: each record's versions, from which a change's base comes;
 - ``node/rejected.py``: changes the hub rejected, kept aside;
-- ``node/status.py``: the outcome of each sync, for ``node status`` and the hub.
+- ``node/status.py``: the outcome of each sync, for ``node status`` and the hub;
+- ``node/conflicts.py``: this office's edits that lost at the hub.
 
 A store is a context manager: ``with NodeStore(path) as store: ...`` closes it.
 """
@@ -32,7 +33,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlite_utils import Database
 
-from node import inbox, migrations, status as sync_status
+from node import conflicts as lost, inbox, migrations, status as sync_status
 from node._times import utcnow
 from node.capture import start_capture, trigger_sql
 from node.outbox import Outbox, Pending, restamp
@@ -325,3 +326,8 @@ class NodeStore:
     mark_reported = _on_db(sync_status.mark_reported)
     note_next_try = _on_db(sync_status.note_next_try)
     status = _on_db(sync_status.read_status)
+
+    # -- this office's lost edits: node/conflicts.py -----------------------------
+    conflicts_mark = _on_db(lost.mark)
+    store_lost = _on_db(lost.store_lost)
+    lost_edits = _on_db(lost.lost_edits)

@@ -398,6 +398,9 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     # The office's scope changed: it pulls its whole scope again from cursor 0 (with its
     # own records) and then drops what that did not bring. Such a page has no rows.
     resync: bool = False
+    # The newest change to this office's entries in the hub's conflict log (a new one,
+    # or an admin's resolution): above the office's own mark, it asks GET /v1/conflicts.
+    conflicts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -410,12 +413,75 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
             "acked": self.acked,
             **({"remaining": self.remaining} if self.remaining is not None else {}),
             **({"resync": True} if self.resync else {}),
+            **({"conflicts": self.conflicts} if self.conflicts else {}),
         }
 
     @classmethod
     def from_json(cls, data: Any) -> PullPage:
         """Read a page (parsed JSON, or its bytes); ProtocolError if malformed."""
         return _read(cls, data, "pull page")
+
+
+# -- an office's own conflicts (GET /v1/conflicts) ----------------------------------
+
+
+class LostEdit(Struct, frozen=True):
+    """An edit of the asking office that lost at the hub (it is the conflict's *other*
+    side), or that won but an admin's decision overrode (``side`` kept), the write that
+    won, and an admin's decision once there is one.
+
+    ``change`` orders the office's entries by their last change (logged or resolved).
+    ``hidden``: the record has left the office's scopes, so the winning value (and a
+    value an admin chose) is not sent; the office's own value always is.
+    """
+
+    id: int
+    change: int
+    created_at: str
+    table: str
+    pk: dict[str, Any]
+    kind: str  # field, record, delete or custom
+    column: str | None
+    value: Any  # the office's value that lost (None: its delete)
+    version: str
+    status: str  # logged (settled by policy), open (waits for an admin), resolved
+    winner_value: Any = None
+    winner_office: str | None = None
+    winner_version: str | None = None
+    hidden: bool = False
+    resolved_by: str | None = None
+    resolved_at: str | None = None
+    resolution: Any = None  # {"keep": "kept" | "other" | "value", "value": ...}
+    # other: the office's write lost when the conflict was logged; kept: it won then,
+    # and an admin's decision overrode it
+    side: str = "other"
+
+    def to_json(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+class ConflictPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
+    """A page of the asking office's lost edits changed after ``after``, in ``change``
+    order; ``cursor`` is the mark to ask from next."""
+
+    conflicts: list[LostEdit]
+    cursor: int
+    more: bool
+    node: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "conflicts": [c.to_json() for c in self.conflicts],
+            "cursor": self.cursor,
+            "more": self.more,
+            "node": self.node,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> ConflictPage:
+        """Read a page (parsed JSON, or its bytes); ProtocolError if malformed."""
+        return _read(cls, data, "conflict page")
 
 
 def check_version(data: Any, what: str) -> None:
@@ -561,7 +627,7 @@ class ErrorBody(Struct, frozen=True):
 _T = TypeVar("_T")
 
 
-_VERSIONED = (PushRequest, PushResult, PullPage, StatusReport)
+_VERSIONED = (PushRequest, PushResult, PullPage, StatusReport, ConflictPage)
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from node.client import HubClock
 from shared.clock import now_ms
-from shared.protocol import Change, PullPage, PushResult, StatusReport
+from shared.protocol import Change, ConflictPage, PullPage, PushResult, StatusReport
 
 # A scripted answer: an exception to raise, a value to return, a function of the
 # request's arguments that does either, or None to answer as usual.
@@ -110,6 +110,9 @@ class FakeHub:
             assert isinstance(scripted, PullPage)
             return scripted
         return PullPage([], cursor, False, self.clock(), self.node, self.acked, 0)
+
+    def lost_edits(self, after: int, limit: int) -> ConflictPage:
+        return ConflictPage([], after, False, self.node)
 
     def hub_time(self) -> HubClock:
         with self._lock:

@@ -109,3 +109,35 @@ def test_a_merge_function_that_cannot_load_leaves_a_new_hub_file_empty(tmp_path:
     # Corrected, the same file takes the new schema (nothing of the failed one was kept).
     with SqliteHubStore(tmp_path / "hub.db", Schema.load()) as store:
         assert store.schema.source == source
+
+
+def test_a_hub_of_layout_3_numbers_its_logged_conflicts_for_the_offices(tmp_path: Path) -> None:
+    # Conflicts logged before step 4 get their id as their change; a resolution after
+    # the upgrade comes after them all, so an office that has them learns it.
+    with SqliteHubStore(tmp_path / "hub.db") as store:
+        store.add_node("astana")
+        store.add_node("almaty")
+    with sqlite3.connect(tmp_path / "hub.db") as conn:
+        conn.execute("DROP INDEX _fieldsync_conflicts_office")
+        conn.execute("DROP INDEX _fieldsync_conflicts_changed")
+        conn.execute("DROP INDEX _fieldsync_conflicts_overridden")
+        conn.execute("ALTER TABLE _fieldsync_conflicts DROP COLUMN changed")
+        for case, loser in (("c1", "astana"), ("c2", "almaty"), ("c3", "astana")):
+            conn.execute(
+                "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
+                "kept_version, kept_node, other_value, other_version, other_node, status, "
+                "state_after) VALUES ('2026-12-01T09:00:00+00:00', 'cases', ?, 'field', "
+                "'notes', '\"won\"', ?, 'hq', '\"lost\"', ?, ?, 'logged', '')",
+                [f'["{case}"]', "0000000000000002-hq", f"0000000000000001-{loser}", loser],
+            )
+        conn.execute("PRAGMA user_version = 3")
+    with SqliteHubStore(tmp_path / "hub.db") as store:
+        page = store.lost_edits("astana", 0, 10)
+        # The records are not on the hub, so not in astana's scope: "won" is withheld.
+        assert [(e.id, e.change, e.value, e.winner_value, e.hidden) for e in page.conflicts] == [
+            (1, 1, "lost", None, True),
+            (3, 3, "lost", None, True),
+        ]
+        assert [e.id for e in store.lost_edits("almaty", 0, 10).conflicts] == [2]
+        assert store.lost_edits("astana", 3, 10).conflicts == []
+    assert user_version(tmp_path / "hub.db") == len(MIGRATIONS)

@@ -730,6 +730,7 @@ def test_status_numbers(store: NodeStore, path: Path) -> None:
         "ca_file",
         "allow_http",
         "next_try_at",
+        "conflicts",
     }
 
 
