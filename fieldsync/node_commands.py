@@ -78,10 +78,9 @@ def node_init(
     The token is checked with the hub first (the hub must accept it as this office's);
     --offline skips the check.
     """
-    from node.link import check_link
+    from node.link import check_hub_url, check_link, check_token
     from node.store import HubSettings, NodeStore
     from shared.clock import check_node_name
-    from shared.protocol import check_hub_url, check_token
 
     check_node_name(name)
     check_token(token)
@@ -264,9 +263,8 @@ def node_set(
     must accept it as this office's). A running `node run` takes the new settings
     on its next sync.
     """
-    from node.link import check_link
+    from node.link import check_hub_url, check_link, check_token
     from node.store import NodeStore
-    from shared.protocol import check_hub_url, check_token
 
     if not (hub_url or token or ca_file or no_ca_file or allow_http is not None):
         raise click.ClickException(

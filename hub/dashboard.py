@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlencode
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -64,12 +62,14 @@ from hub.admin import (
 from hub.audit import Actor
 from hub.auth import SESSION_HOURS, Admin, SignInThrottle, ThrottledError, allows
 from hub.export import FORMATS, stream_export
+from hub.forms import check_form, form_text, local_path, same_origin, to_login
 from hub.health import OfficeStatus
 from hub.limits import SIGNED_IN_FORM, read_form
 from hub.render import (
     HERE,
     SECURITY_HEADERS,
     Session,
+    conflict_outcome,
     country_chart,
     error_page,
     guarded,
@@ -79,6 +79,7 @@ from hub.render import (
     record_url,
     redirect,
     render,
+    sync_summary,
 )
 from hub.status import EVENTS_KEPT
 from hub.store import ConflictRecord, HubStore, SqliteHubStore
@@ -91,7 +92,6 @@ REFRESH_SECONDS = 30  # the offices and conflicts pages reload themselves
 MAX_LISTED = 200  # conflicts, events and rejected changes shown on one page
 EVENTS_SHOWN = 20  # syncs on one page of an office's history (newest first)
 
-SUMMED = ("pushed", "pulled", "conflicts", "rejected")  # an office's sync history, added up
 WRONG_TOKEN = "That token is not an admin token."
 AUDIT_PAGE = 100  # audit entries on one page
 OFFICE_TOKEN = (
@@ -130,48 +130,6 @@ def _role_refused(session: Session, needed: str) -> HTTPException:
     return HTTPException(403, role_refusal(Admin(session.admin, session.role), needed))
 
 
-def _local_path(target: str | None) -> str:
-    """``target`` if it is a path on this site, else ``/`` (never an open redirect)."""
-    if (
-        not target
-        or not target.startswith("/")
-        or target.startswith("//")
-        or "\\" in target
-        or any(ord(char) < 0x20 for char in target)
-    ):
-        return "/"
-    return target
-
-
-def _to_login(request: Request) -> RedirectResponse:
-    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return redirect(f"/login?{urlencode({'next': here})}")
-
-
-def _same_origin(request: Request) -> bool:
-    """False when the browser says the request comes from another origin."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    return origin.lower() == own.lower()
-
-
-def _text(form: FormData, name: str) -> str:
-    value = form.get(name)
-    return value if isinstance(value, str) else ""
-
-
-def _check_form(request: Request, session: Session, form: FormData) -> None:
-    if not _same_origin(request):
-        raise HTTPException(403, "This form was sent from another site; nothing was changed.")
-    sent = _text(form, "csrf").encode("utf-8")
-    if not secrets.compare_digest(sent, session.csrf.encode("utf-8")):
-        raise HTTPException(
-            403, "This form is out of date (or was not sent by this dashboard); reload the page."
-        )
-
-
 def _parse_value(store: HubStore, record: ConflictRecord, text: str) -> Any:
     """The value an admin typed, as the conflict's column holds it (as the CLI reads it)."""
     if record.column is None:
@@ -184,36 +142,6 @@ def _parse_value(store: HubStore, record: ConflictRecord, text: str) -> Any:
     if allowed is not None and value is not None and value not in allowed:
         raise ProtocolError(f"{record.column} takes one of: {', '.join(allowed)}")
     return value
-
-
-def _outcome(store: HubStore, record: ConflictRecord) -> dict[str, Any] | None:
-    """What a resolution decided (``side``: kept, other or value; ``value``), and the
-    value the hub holds now (``now``; ``gone``: the record is deleted now)."""
-    if record.status != "resolved":
-        return None
-    side = record.resolution.get("keep") if isinstance(record.resolution, dict) else None
-    decided = {"kept": record.kept_value, "other": record.other_value}.get(side or "")
-    if side == "value":
-        decided = record.resolution.get("value")
-    known = record.table in store.schema.tables
-    state = store.record_state(record.table, record.pk) if known else None
-    gone = state is None or state.deleted
-    now: Any = None
-    if not gone and state is not None:
-        now = state.values if record.column is None else state.values.get(record.column)
-    same = now == decided
-    if isinstance(now, dict) and isinstance(decided, dict):  # a whole record: its fields
-        same = all(now.get(name) == value for name, value in decided.items())
-    return {"side": side, "value": decided, "now": now, "gone": gone, "same": same}
-
-
-def _sync_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """What an office's kept syncs add up to: how many, how many failed, the changes
-    they moved, and since when (``events``: newest first)."""
-    total = {key: sum(e[key] or 0 for e in events) for key in SUMMED}
-    failed = sum(1 for e in events if e["outcome"] != "ok")
-    since = events[-1]["started_at"] if events else None
-    return {"syncs": len(events), "failed": failed, "since": since, **total}
 
 
 async def _drain(chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
@@ -278,7 +206,7 @@ class _Dashboard:
         async def endpoint(request: Request) -> Response:
             session = await self._session(request)
             if session is None:
-                return _to_login(request)
+                return to_login(request)
             if not allows(session.role, needed):
                 return error_page(_role_refused(session, needed), session)
             return await guarded(handler(request, session), session)
@@ -298,7 +226,7 @@ class _Dashboard:
                 if not allows(session.role, needed):
                     raise _role_refused(session, needed)
                 form = await read_form(request, **SIGNED_IN_FORM)
-                _check_form(request, session, form)
+                check_form(request, session, form)
                 return await handler(request, session, form)
 
             return await guarded(checked(), session)
@@ -308,7 +236,7 @@ class _Dashboard:
     # -- signing in and out ---------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
-        target = _local_path(request.query_params.get("next"))
+        target = local_path(request.query_params.get("next"))
         if await self._session(request) is not None:
             return redirect(target)
         return render("login.html", next=target, error=None)
@@ -317,14 +245,19 @@ class _Dashboard:
         return await guarded(self._login(request), None)
 
     async def _login(self, request: Request) -> Response:
-        if not _same_origin(request):
+        if not same_origin(request):
             raise HTTPException(403, "This sign-in form was sent from another site.")
         form = await read_form(request)  # small: bounded before it is parsed
-        target = _local_path(_text(form, "next"))
+        target = local_path(form_text(form, "next"))
         address = client_address(request)
         try:
             found = await run_in_threadpool(
-                sign_in, self.store, self.throttle, _text(form, "token"), address, dashboard=True
+                sign_in,
+                self.store,
+                self.throttle,
+                form_text(form, "token"),
+                address,
+                dashboard=True,
             )
         except ThrottledError as exc:
             error = f"Too many failed sign-ins from here; try again in {exc.retry_after} seconds."
@@ -404,7 +337,7 @@ class _Dashboard:
             section="offices",
             office=office,
             events=events,
-            history=_sync_summary(office.events),
+            history=sync_summary(office.events),
             page=number,
             newer=number - 1 if number > 1 else None,
             older=number + 1 if len(office.events) > number * EVENTS_SHOWN else None,
@@ -460,7 +393,7 @@ class _Dashboard:
             column_type=column_type,
             choices=choices,
             notnull=notnull,
-            outcome=_outcome(self.store, record),
+            outcome=conflict_outcome(self.store, record),
             error=error,
             # the record changed since: the force box can apply the decision anyway
             changed=error is not None and status == 409 and record.status != "resolved",
@@ -482,8 +415,8 @@ class _Dashboard:
     ) -> Response:
         conflict_id: int = request.path_params["id"]
         record = await run_in_threadpool(self._conflict, conflict_id)
-        keep, typed = _text(form, "keep"), _text(form, "value")
-        decision: dict[str, Any] = {"keep": keep, "force": bool(_text(form, "force"))}
+        keep, typed = form_text(form, "keep"), form_text(form, "value")
+        decision: dict[str, Any] = {"keep": keep, "force": bool(form_text(form, "force"))}
         try:
             if keep == "value":
                 decision["value"] = _parse_value(self.store, record, typed)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -28,6 +28,9 @@ from hub.health import HEALTH_STATES, OfficeStatus
 from hub.report import UNDATED, bar_chart_svg, column_chart_svg
 from hub.times import ago, stamp_time
 from shared.errors import FieldsyncError, HubRejectedError, ProtocolError
+
+if TYPE_CHECKING:
+    from hub.store import ConflictRecord, HubStore
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -218,3 +221,38 @@ def health_summary(offices: list[OfficeStatus]) -> str:
     states = ", ".join(f"{counts[state]} {state}" for state in HEALTH_STATES if counts[state])
     noun = "office" if len(offices) == 1 else "offices"
     return f"{len(offices)} {noun}: {states}" if offices else "No office is registered yet."
+
+
+# -- what pages show ------------------------------------------------------------------
+
+SUMMED = ("pushed", "pulled", "conflicts", "rejected")  # an office's sync history, added up
+
+
+def conflict_outcome(store: HubStore, record: ConflictRecord) -> dict[str, Any] | None:
+    """What a resolution decided (``side``: kept, other or value; ``value``), and the
+    value the hub holds now (``now``; ``gone``: the record is deleted now)."""
+    if record.status != "resolved":
+        return None
+    side = record.resolution.get("keep") if isinstance(record.resolution, dict) else None
+    decided = {"kept": record.kept_value, "other": record.other_value}.get(side or "")
+    if side == "value":
+        decided = record.resolution.get("value")
+    known = record.table in store.schema.tables
+    state = store.record_state(record.table, record.pk) if known else None
+    gone = state is None or state.deleted
+    now: Any = None
+    if not gone and state is not None:
+        now = state.values if record.column is None else state.values.get(record.column)
+    same = now == decided
+    if isinstance(now, dict) and isinstance(decided, dict):  # a whole record: its fields
+        same = all(now.get(name) == value for name, value in decided.items())
+    return {"side": side, "value": decided, "now": now, "gone": gone, "same": same}
+
+
+def sync_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an office's kept syncs add up to: how many, how many failed, the changes
+    they moved, and since when (``events``: newest first)."""
+    total = {key: sum(e[key] or 0 for e in events) for key in SUMMED}
+    failed = sum(1 for e in events if e["outcome"] != "ok")
+    since = events[-1]["started_at"] if events else None
+    return {"syncs": len(events), "failed": failed, "since": since, **total}

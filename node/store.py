@@ -36,12 +36,13 @@ from sqlite_utils import Database
 from node import conflicts as lost, inbox, migrations, status as sync_status
 from node._times import utcnow
 from node.capture import start_capture, trigger_sql
+from node.link import check_hub_url, check_token
 from node.outbox import Outbox, Pending, restamp
 from node.rejected import rejected_changes, retry_rejected
 from node.status import NodeStatus
 from shared.clock import check_node_name
 from shared.errors import StoreError
-from shared.protocol import Change, PullPage, Rejection, check_hub_url, check_token
+from shared.protocol import Change, PullPage, Rejection
 from shared.schema import Schema
 from shared.sqlite import Checkpointer, connect, create_tables, table_rows, write
 

@@ -38,7 +38,6 @@ import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, TypeVar, get_args
-from urllib.parse import urlsplit
 
 import msgspec
 import orjson
@@ -76,39 +75,6 @@ def dumps_text(data: Any) -> str:
 def loads(data: bytes | str) -> Any:
     """Parse JSON; raise ValueError (orjson.JSONDecodeError) if it is not valid."""
     return orjson.loads(data)
-
-
-def check_hub_url(url: str) -> str:
-    """Return the hub's base URL (no trailing slash); raise ValueError if it is not one:
-    http or https, a host, a valid port, no user, query or fragment."""
-    if any(c <= " " or c == "\x7f" for c in url):
-        raise ValueError(f"invalid hub URL {url!r}: it has spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises if it is not a number from 0 to 65535
-    except ValueError as exc:
-        raise ValueError(f"invalid hub URL {url!r}: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"invalid hub URL {url!r}: it must start with http:// or https://")
-    if not parts.hostname:
-        raise ValueError(f"invalid hub URL {url!r}: it names no host")
-    if port == 0:
-        raise ValueError(f"invalid hub URL {url!r}: port 0")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"invalid hub URL {url!r}: give the token with --token, not in the URL")
-    if parts.query or parts.fragment or "?" in url or "#" in url:
-        raise ValueError(f"invalid hub URL {url!r}: it cannot have a query or fragment")
-    return url.rstrip("/")
-
-
-def check_token(token: str) -> str:
-    """Return ``token`` if it can be sent as a bearer token, else raise ValueError."""
-    if not token or not token.isascii() or not all(" " < c < "\x7f" for c in token):
-        raise ValueError(
-            "invalid token: give the one `fieldsync hub add-node` printed "
-            "(printable ASCII, no spaces)"
-        )
-    return token
 
 
 # -- field types ---------------------------------------------------------------------

@@ -19,9 +19,10 @@ from click.testing import CliRunner, Result
 
 from fieldsync.cli import cli
 from hub.store import SqliteHubStore
+from node.link import check_hub_url, check_token
 from node.store import NodeStore
 from shared.clock import COUNTER_BITS, now_ms
-from shared.protocol import PROTOCOL_VERSION, check_hub_url, check_token
+from shared.protocol import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.integration
 
