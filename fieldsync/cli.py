@@ -17,6 +17,7 @@ from types import FrameType
 
 import click
 
+from fieldsync.compact_commands import hub_compact, node_compact
 from fieldsync.hub_commands import hub
 from fieldsync.node_commands import node
 from fieldsync.options import Group
@@ -39,6 +40,8 @@ def cli(debug: bool) -> None:
 
 hub.add_command(hub_scope)
 hub.add_command(hub_move)
+hub.add_command(hub_compact)
+node.add_command(node_compact)
 cli.add_command(hub)
 cli.add_command(node)
 

@@ -77,6 +77,22 @@ def _stale(seconds: int | None) -> timedelta | None:
     help="Behind a reverse proxy: the proxy's addresses (comma-separated; * for any), "
     "whose X-Forwarded-For and X-Forwarded-Proto headers are believed. [default: none]",
 )
+@click.option(
+    "--keep-history",
+    "keep_text",
+    metavar="AGE|N",
+    help="Compacted daily: record history kept, days (180d) or versions per record (5); "
+    "deleted records purged once every office pulled them (or after 90 days). "
+    "[default: 365d]",
+)
+@click.option(
+    "--compact-after",
+    default=300,
+    show_default=True,
+    type=click.IntRange(1, 86400),
+    metavar="SECONDS",
+    help="The first compaction runs this long after start, then every day.",
+)
 @schema_option
 def hub_serve(
     db_path: str,
@@ -88,6 +104,8 @@ def hub_serve(
     keyfile: str | None,
     forwarded_allow_ips: str | None,
     schema_path: str | None,
+    keep_text: str | None,
+    compact_after: int,
 ) -> None:
     """Serve the hub (under uvicorn): the sync API, and the admin dashboard at /.
 
@@ -97,7 +115,9 @@ def hub_serve(
     import uvicorn
 
     from hub.app import create_app
+    from hub.compact import Compactor, Keep, parse_keep
 
+    keep = parse_keep(keep_text) if keep_text is not None else Keep()
     _check_tls(certfile, keyfile)
     _listen(host, port).close()  # a port in use is a one-line error, before any file
     new = not os.path.exists(db_path)
@@ -108,6 +128,9 @@ def hub_serve(
     shown = f"[{host}]" if ":" in host else host
     scheme = "https" if certfile else "http"
     click.echo(f"fieldsync hub {__version__}: {db_path} on {scheme}://{shown}:{port}", err=True)
+    # In a thread of its own, in short write transactions.
+    compactor = Compactor(store.database, keep, first=timedelta(seconds=compact_after))
+    compactor.start()
     try:
         app = create_app(store, stale_after=_stale(stale_after))
         # uvicorn binds the port again (serving on a socket handed to it measured
@@ -129,6 +152,7 @@ def hub_serve(
         if not server.started:
             raise FieldsyncError(f"the hub did not start on {host}:{port} (see the log above)")
     finally:
+        compactor.stop()
         store.close()
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub import records
+from hub.compact import purge_refusal
 from hub.conflicts import conflict_row, write_conflicts
 from hub.database import HubDatabase
 from hub.history import Version, write_history
@@ -142,6 +143,14 @@ class Ingest:
             entry = dirty.get(ref)
             current = entry[3] if entry else states.get(ref)
             prev = entry[4] if entry else seqs.get(ref)
+            if current is None and change.op == "update" and change.base:
+                # An edit of a copy of a record deleted and purged: not brought back.
+                purged = purge_refusal(conn, table, change.base)
+                if purged is not None:
+                    rejected.append((change, purged))
+                    new_receipts.append((change.seq, change.receipt))
+                    acked = change.seq
+                    continue
             if gate.active:
                 refused = (
                     gate.allows_new(table, gate.locator.place(table, change.values or {}))

@@ -16,6 +16,7 @@ import sqlite3
 from typing import Any
 
 from hub import records
+from hub.compact import purged_seq
 from hub.conflicts import office_mark
 from hub.database import HubDatabase
 from hub.scopes import read_scopes
@@ -52,12 +53,16 @@ def pull(
             # backup. Serve everything again so the office converges.
             log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
             cursor = 0
-        acked, stored, rescope = conn.execute(
-            "SELECT acked_seq, scopes, rescope FROM _fieldsync_nodes WHERE name = ?", [node]
+        acked, stored, rescope, pulled = conn.execute(
+            "SELECT acked_seq, scopes, rescope, pulled_seq FROM _fieldsync_nodes WHERE name = ?",
+            [node],
         ).fetchone()
         scopes = read_scopes(stored, node) if hub.schema.scoped else None
         lost = office_mark(conn, node)
-        resync = bool(rescope) and not (cursor == 0 and include_own)
+        # An office pulling from before where it stood, past a purge (its database was
+        # restored from a copy), may hold records deleted and purged since: resync.
+        behind = 0 < cursor < pulled and cursor < purged_seq(conn)
+        resync = (bool(rescope) or behind) and not (cursor == 0 and include_own)
         remaining = None
         if resync:
             rows = []
@@ -84,7 +89,8 @@ def pull(
         conn.execute(
             "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ?, pulled_seq = ?, "
             "rescope = rescope AND ? WHERE name = ?",
-            [utcnow(), utcnow(), cursor, resync, node],
+            # Cleared by the pull from 0 it asked for; a flag set since the snapshot stays.
+            [utcnow(), utcnow(), cursor, resync or not rescope, node],
         )
         count_pull(conn, node, len(rows), next_cursor)
     page_rows = []
