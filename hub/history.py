@@ -7,6 +7,10 @@ got, each naming the seq of the record's version before it (``prev``): a push ap
 at the end of one b-tree, and a record's history is read back along that chain from
 its current version. The table and the conversion of older hubs' layout are steps of
 hub/migrations.py.
+
+Compaction (hub/compact.py) deletes the oldest versions past the history kept (by age
+or count; never a record's latest) and every version of a purged deleted record: a
+chain then stops at the oldest version kept.
 """
 
 from __future__ import annotations
