@@ -111,6 +111,22 @@ def counts(path: Path) -> dict[str, int]:
         conn.close()
 
 
+def largest(path: Path, count: int = 4) -> dict[str, int]:
+    """The largest tables and indexes of a database, in bytes (SQLite's dbstat)."""
+    conn = sqlite3.connect(path)
+    try:
+        return dict(
+            conn.execute(
+                "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC LIMIT ?",
+                [count],
+            ).fetchall()
+        )
+    except sqlite3.OperationalError:  # an SQLite built without dbstat
+        return {}
+    finally:
+        conn.close()
+
+
 def update_round(path: Path, ids: Sequence[str], round_no: int) -> None:
     conn = open_db(path)
     try:
@@ -177,6 +193,7 @@ def run(
                 close_agent(each)
         out["sizes_before"] = {"hub": size(hub_path), **{n: size(p) for n, p in paths.items()}}
         out["rows_before"] = counts(hub_path)
+        out["largest_before"] = largest(hub_path)
         progress(f"before compaction: {out['sizes_before']}")
         later = datetime.now(UTC) + LATER
         with SqliteHubStore(hub_path, create=False) as store:
@@ -191,6 +208,7 @@ def run(
                     "vacuum_seconds": round(vacuum_s, 1),
                     "hub_size_after": size(hub_path),
                     "rows_after": counts(hub_path),
+                    "largest_after": largest(hub_path),
                 }
                 out.setdefault("hub_compactions", {})[label] = entry
                 progress(f"hub compact, history kept {label}: {entry}")
@@ -244,8 +262,8 @@ def table(result: dict[str, Any]) -> str:
             f"({result['rows_before']['_fieldsync_history']:,} versions) | "
             f"{mb(entry['hub_size_after'])} ({entry['rows_after']['_fieldsync_history']:,} "
             f"versions; purged {entry['tombstones']:,} tombstones, {entry['versions']:,} "
-            f"versions; longest lock {entry['longest_lock_ms']} ms, VACUUM "
-            f"{entry['vacuum_seconds']} s) |"
+            f"versions in {entry['seconds']} s, longest lock {entry['longest_lock_ms']} ms; "
+            f"VACUUM {entry['vacuum_seconds']} s; to resync: {', '.join(entry['resync']) or '-'}) |"
         )
     for name in (a, b):
         after = result["offices_after"][name]
@@ -262,6 +280,13 @@ def table(result: dict[str, Any]) -> str:
         f"Resync of {c}: {resync['seconds']} s, {resync['records_pulled']:,} records pulled, "
         f"{resync['bytes_received']:,} bytes received; holds {resync['records_held_after']:,}.",
     ]
+    for label, found in [("before", result["largest_before"])] + [
+        (f"after, history kept {label}", entry["largest_after"])
+        for label, entry in result["hub_compactions"].items()
+    ]:
+        lines.append(
+            f"Largest in the hub {label}: " + ", ".join(f"{k} {mb(v)}" for k, v in found.items())
+        )
     return "\n".join(lines)
 
 

@@ -48,7 +48,8 @@ from shared.schema import Table
 
 log = logging.getLogger("fieldsync.hub")
 
-CHUNK = 500  # tombstones, exits or history rows per write transaction
+CHUNK = 500  # tombstones or exits per write transaction
+HISTORY_CHUNK = 5000  # history versions deleted per write transaction
 DEFAULT_TOMBSTONE_DAYS = 90
 DEFAULT_KEEP_DAYS = 365
 COMPACT_EVERY = timedelta(days=1)
@@ -95,6 +96,7 @@ class Compacted:
     longest_lock_ms: float = 0.0
     seconds: float = 0.0
     vacuumed: bool = False
+    stop: threading.Event | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,12 +144,15 @@ def compact(
     tombstone_days: int = DEFAULT_TOMBSTONE_DAYS,
     vacuum: bool = False,
     now: datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> Compacted:
-    """Purge tombstones and exits no office needs, and history beyond ``keep``."""
+    """Purge tombstones and exits no office needs, and history beyond ``keep``.
+
+    ``stop``: once set, the compaction ends after its current chunk (Stopped)."""
     keep = keep or Keep()
     now = now or datetime.now(UTC)
     started = time.monotonic()
-    done = Compacted(bytes_before=_file_size(hub))
+    done = Compacted(bytes_before=_file_size(hub), stop=stop)
     free_before = _free_bytes(hub)
     with hub.snapshot() as conn:
         aged = _seq_before(conn, (now - timedelta(days=tombstone_days)).isoformat("T", "seconds"))
@@ -171,11 +176,18 @@ def compact(
     return done
 
 
+class Stopped(Exception):
+    """The compaction was told to stop (the hub shuts down)."""
+
+
 @contextmanager
 def _timed_write(hub: HubDatabase, done: Compacted) -> Iterator[sqlite3.Connection]:
+    if done.stop is not None and done.stop.is_set():
+        raise Stopped
     with hub.write() as conn:
         began = time.monotonic()
         yield conn
+    hub.checkpointer.poke()  # the WAL back into the file, as after a push
     # From the lock taken to the commit done.
     done.longest_lock_ms = max(done.longest_lock_ms, (time.monotonic() - began) * 1000)
 
@@ -224,40 +236,66 @@ def _mark(
 
 
 def _purge_tombstones(hub: HubDatabase, tombstones: list[Any], aged: int, done: Compacted) -> None:
-    scoped = hub.schema.scoped
     for start in range(0, len(tombstones), CHUNK):
         chunk = tombstones[start : start + CHUNK]
         # Each version of these records, along its chain, read on a snapshot: the
         # chain below a tombstone never changes.
         with hub.snapshot() as conn:
             chains = _chains(conn, [seq for _, _, seq, _, _ in chunk])
+        # A transaction deletes at most HISTORY_CHUNK versions (beyond that, the rest
+        # of a long history goes in transactions of its own).
+        batch: list[Any] = []
+        count = 0
+        for tombstone in chunk:
+            batch.append(tombstone)
+            count += len(chains[tombstone[2]])
+            if count >= HISTORY_CHUNK:
+                _purge_batch(hub, batch, chains, aged, done)
+                batch, count = [], 0
+        _purge_batch(hub, batch, chains, aged, done)
+
+
+def _purge_batch(
+    hub: HubDatabase, batch: list[Any], chains: dict[int, list[int]], aged: int, done: Compacted
+) -> None:
+    if not batch:
+        return
+    later: list[tuple[int]] = []
+    with _timed_write(hub, done) as conn:
+        offices = _offices(conn, hub.schema.scoped)
+        marked: set[str] = set()
+        top = ""
+        purged_seq = 0
+        room = HISTORY_CHUNK
+        for tbl, pk, seq, scope, vers in batch:
+            behind = _verdict(offices, scope, seq, aged)
+            if behind is None:
+                continue
+            gone = conn.execute(
+                "DELETE FROM _fieldsync_records WHERE tbl = ? AND pk = ? AND seq = ? "
+                "AND deleted = 1",
+                [tbl, pk, seq],
+            ).rowcount
+            if not gone:  # written again since the snapshot
+                continue
+            versions = [(s,) for s in chains[seq]]
+            now, rest = versions[: max(room, 1)], versions[max(room, 1) :]
+            conn.executemany("DELETE FROM _fieldsync_history WHERE seq = ?", now)
+            room -= len(now)
+            later += rest
+            done.tombstones += 1
+            done.versions += len(versions)
+            marked.update(behind)
+            top = max(top, _newest(hub.schema.tables.get(tbl), vers))
+            purged_seq = max(purged_seq, seq)
+        _mark(conn, offices, marked, done)
+        if purged_seq:
+            _save_horizon(conn, top, purged_seq)
+    for at in range(0, len(later), HISTORY_CHUNK):
         with _timed_write(hub, done) as conn:
-            offices = _offices(conn, scoped)
-            marked: set[str] = set()
-            top = ""
-            purged_seq = 0
-            for tbl, pk, seq, scope, vers in chunk:
-                behind = _verdict(offices, scope, seq, aged)
-                if behind is None:
-                    continue
-                gone = conn.execute(
-                    "DELETE FROM _fieldsync_records WHERE tbl = ? AND pk = ? AND seq = ? "
-                    "AND deleted = 1",
-                    [tbl, pk, seq],
-                ).rowcount
-                if not gone:  # written again since the snapshot
-                    continue
-                conn.executemany(
-                    "DELETE FROM _fieldsync_history WHERE seq = ?", [(s,) for s in chains[seq]]
-                )
-                done.tombstones += 1
-                done.versions += len(chains[seq])
-                marked.update(behind)
-                top = max(top, _newest(hub.schema.tables.get(tbl), vers))
-                purged_seq = max(purged_seq, seq)
-            _mark(conn, offices, marked, done)
-            if purged_seq:
-                _save_horizon(conn, top, purged_seq)
+            conn.executemany(
+                "DELETE FROM _fieldsync_history WHERE seq = ?", later[at : at + HISTORY_CHUNK]
+            )
 
 
 def _newest(table: Table | None, vers: str) -> str:
@@ -358,7 +396,7 @@ def _trim_history(hub: HubDatabase, keep: Keep, now: datetime, done: Compacted) 
         with hub.snapshot() as conn:
             upto = _seq_before(conn, (now - timedelta(days=keep.days)).isoformat("T", "seconds"))
             first = conn.execute("SELECT min(seq) FROM _fieldsync_history").fetchone()[0] or 0
-        step = CHUNK * 10
+        step = HISTORY_CHUNK
         for low in range(first - 1, upto, step):
             with _timed_write(hub, done) as conn:
                 done.versions += conn.execute(
@@ -378,10 +416,10 @@ def _trim_history(hub: HubDatabase, keep: Keep, now: datetime, done: Compacted) 
                 for chain in _chains(conn, chunk).values()
                 for s in sorted(chain, reverse=True)[keep.versions :]
             ]
-        for at in range(0, len(old), CHUNK * 10):
+        for at in range(0, len(old), HISTORY_CHUNK):
             with _timed_write(hub, done) as conn:
                 conn.executemany(
-                    "DELETE FROM _fieldsync_history WHERE seq = ?", old[at : at + CHUNK * 10]
+                    "DELETE FROM _fieldsync_history WHERE seq = ?", old[at : at + HISTORY_CHUNK]
                 )
         done.versions += len(old)
 
@@ -409,7 +447,7 @@ def _vacuum(hub: HubDatabase, done: Compacted) -> None:
     with hub.read() as conn:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _truncate_wal(conn)
     done.longest_lock_ms = max(done.longest_lock_ms, (time.monotonic() - began) * 1000)
     done.vacuumed = True
 
@@ -426,7 +464,16 @@ def _incremental_vacuum(hub: HubDatabase, done: Compacted) -> None:
         if not left:
             break
     with hub.read() as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _truncate_wal(conn)
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the file and empty it (a few tries: the background
+    checkpointer may hold it for a moment)."""
+    for _ in range(20):
+        if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
+            return
+        time.sleep(0.05)
 
 
 def purge_refusal(conn: sqlite3.Connection, table: Table, base: dict[str, str]) -> str | None:
@@ -487,9 +534,13 @@ class Compactor:
         while not self._stop.wait(wait.total_seconds()):
             wait = self.every
             try:
-                self.last = compact(self.hub, keep=self.keep, tombstone_days=self.tombstone_days)
+                self.last = compact(
+                    self.hub, keep=self.keep, tombstone_days=self.tombstone_days, stop=self._stop
+                )
                 self.runs += 1
                 log.info("compaction (history kept: %s): %s", self.keep, self.last.summary())
+            except Stopped:
+                return
             except Exception:  # the hub goes on serving; the next run tries again
                 log.exception("compaction failed")
 
