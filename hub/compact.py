@@ -10,8 +10,11 @@ than ``tombstone_age`` (by the time the hub took the delete) is purged all the s
 so that an office not seen for months does not keep everyone's tombstones: each office
 holding it that had not pulled past it is marked to resync (``rescope = 1``), so its
 next pull is a full pull of its scope that drops what it did not bring (hub/pull.py,
-node/inbox.py). Exits (``_fieldsync_exits``) follow the same rule, by the offices whose
-scopes name the key they left.
+node/inbox.py). Offices never seen hold nothing; revoked offices and offices already
+due to resync hold nothing up. A deleted record that live records still follow (a case
+with assistance records) is kept: they take their scope from it. Exits
+(``_fieldsync_exits``) follow the same rule, by the offices whose scopes name the key
+they left.
 
 **No resurrection.** The highest stamp purged is kept (``_fieldsync_meta``
 ``purged_through``): an update to a record the hub no longer holds, made on a copy
@@ -44,7 +47,7 @@ from hub.database import HubDatabase
 from hub.scopes import read_scopes
 from hub.times import utcnow
 from shared.errors import FieldsyncError
-from shared.schema import Table
+from shared.schema import Schema, Table
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -131,7 +134,8 @@ class _Office:
     name: str
     scopes: frozenset[str] | None  # None: every record
     pulled: int
-    blocks: bool  # its being behind keeps a tombstone (seen, not revoked, no resync due)
+    revoked: bool  # does not hold a purge up (marked all the same)
+    due: bool  # marked to resync already: needs nothing kept
 
     def holds(self, scope: str | None) -> bool:
         return scope is None or self.scopes is None or scope in self.scopes
@@ -203,7 +207,8 @@ def _offices(conn: sqlite3.Connection, scoped: bool) -> list[_Office]:
             name,
             read_scopes(text, name) if scoped else None,
             pulled,
-            revoked is None and not rescope,
+            revoked is not None,
+            bool(rescope),
         )
         for name, text, pulled, revoked, rescope in rows
     ]
@@ -214,8 +219,8 @@ def _verdict(
 ) -> list[str] | None:
     """None: keep an entry at ``seq`` of key ``scope``; otherwise purge it, and mark the
     offices listed (those holding it that had not pulled past it) to resync."""
-    behind = [o for o in offices if o.holds(scope) and o.pulled < seq]
-    if any(o.blocks for o in behind) and seq > aged:
+    behind = [o for o in offices if not o.due and o.holds(scope) and o.pulled < seq]
+    if any(not o.revoked for o in behind) and seq > aged:
         return None
     return [o.name for o in behind]
 
@@ -230,7 +235,7 @@ def _mark(
     )
     for office in offices:
         if office.name in names:
-            office.blocks = False
+            office.due = True
     done.resync = sorted(set(done.resync) | names)
     log.info("compaction: office(s) %s will pull their scope again", ", ".join(sorted(names)))
 
@@ -269,7 +274,7 @@ def _purge_batch(
         room = HISTORY_CHUNK
         for tbl, pk, seq, scope, vers in batch:
             behind = _verdict(offices, scope, seq, aged)
-            if behind is None:
+            if behind is None or _followed(conn, hub.schema, tbl, pk):
                 continue
             gone = conn.execute(
                 "DELETE FROM _fieldsync_records WHERE tbl = ? AND pk = ? AND seq = ? "
@@ -296,6 +301,22 @@ def _purge_batch(
             conn.executemany(
                 "DELETE FROM _fieldsync_history WHERE seq = ?", later[at : at + HISTORY_CHUNK]
             )
+
+
+def _followed(conn: sqlite3.Connection, schema: Schema, tbl: str, pk: str) -> bool:
+    """Whether live records follow this one (kept: they take their scope from it)."""
+    tables = [t.name for t in schema.tables.values() if t.scope and t.scope.parent == tbl]
+    if not tables:
+        return False
+    marks = ", ".join("?" * len(tables))
+    return (
+        conn.execute(
+            f"SELECT 1 FROM _fieldsync_records WHERE parent = ? AND tbl IN ({marks}) "
+            "AND deleted = 0 LIMIT 1",
+            [pk, *tables],
+        ).fetchone()
+        is not None
+    )
 
 
 def _newest(table: Table | None, vers: str) -> str:

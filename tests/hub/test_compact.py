@@ -296,3 +296,43 @@ def test_the_daily_compaction_runs_in_a_thread_and_stops_between_chunks(hub: Hub
     compactor.stop()
     assert compactor.runs == 1 and compactor.last is not None and compactor.last.versions == 1
     assert len(history_of(store, "c1")) == 1
+
+
+def test_a_deleted_case_whose_assistance_lives_on_is_kept(hub: Hub) -> None:
+    store = hub.store
+    hub.insert("astana", "c1", "astana")
+    aid = {"id": "a1", "case_id": "c1", "kind": "food", "quantity": 1}
+    hub.numbers["astana"] += 1
+    store.push(
+        "astana",
+        [
+            Change(
+                hub.numbers["astana"],
+                "assistance",
+                {"id": "a1"},
+                "insert",
+                hub.stamp("astana"),
+                aid,
+            )
+        ],
+    )
+    hub.delete("astana", "c1")
+    hub.sync("astana", "astana", "hq", "hq")
+    assert compact(store.database, now=LATER).tombstones == 0  # a1 takes its scope from it
+    assert rows(store, "SELECT scope FROM _fieldsync_records WHERE tbl = 'assistance'") == [
+        ("astana",)
+    ]
+
+
+def test_an_office_due_to_resync_is_marked_once_and_holds_nothing_up(hub: Hub) -> None:
+    store = hub.store
+    hub.insert("astana", "c1", "astana")
+    hub.insert("astana", "c2", "astana")
+    hub.sync("hq")
+    hub.delete("astana", "c1")
+    hub.sync("astana", "astana")
+    assert compact(store.database, now=LATER).resync == ["hq"]
+    hub.delete("astana", "c2")
+    hub.sync("astana", "astana")
+    done = compact(store.database)  # not by age: hq, due to resync, needs nothing kept
+    assert (done.tombstones, done.resync) == (1, [])
