@@ -88,9 +88,9 @@ def pull(
     with hub.write() as conn:
         conn.execute(
             "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ?, pulled_seq = ?, "
-            "rescope = rescope AND ? WHERE name = ?",
+            "rescope = (rescope AND ?) OR ? WHERE name = ?",
             # Cleared by the pull from 0 it asked for; a flag set since the snapshot stays.
-            [utcnow(), utcnow(), cursor, resync or not rescope, node],
+            [utcnow(), utcnow(), cursor, resync or not rescope, behind and resync, node],
         )
         count_pull(conn, node, len(rows), next_cursor)
     page_rows = []

@@ -153,6 +153,9 @@ def test_a_cursor_from_before_a_purge_is_answered_with_a_resync(hub: Hub) -> Non
     assert compact(store.database).tombstones == 1
     assert store.pull("hq", hub.cursors["hq"], 100).resync is False
     assert store.pull("hq", old, 100).resync is True
+    assert store.pull("hq", old, 100).resync is True  # until it pulls from the start
+    assert store.pull("hq", 0, 100, include_own=True).resync is False
+    assert rescope(store)["hq"] == 0
 
 
 def test_exits_are_purged_once_the_offices_of_the_key_they_left_pulled_past(hub: Hub) -> None:
