@@ -160,14 +160,10 @@ def compact(
     free_before = _free_bytes(hub)
     with hub.snapshot() as conn:
         aged = _seq_before(conn, (now - timedelta(days=tombstone_days)).isoformat("T", "seconds"))
-        tombstones = conn.execute(
-            "SELECT tbl, pk, seq, scope, vers FROM _fieldsync_records WHERE deleted = 1 "
-            "ORDER BY seq"
-        ).fetchall()
         exits = conn.execute(
             "SELECT tbl, pk, scope, seq FROM _fieldsync_exits ORDER BY seq"
         ).fetchall()
-    _purge_tombstones(hub, tombstones, aged, done)
+    _purge_tombstones(hub, aged, done)
     _purge_exits(hub, exits, aged, done)
     _trim_history(hub, keep, now, done)
     done.bytes_freed = max(0, _free_bytes(hub) - free_before)
@@ -240,12 +236,20 @@ def _mark(
     log.info("compaction: office(s) %s will pull their scope again", ", ".join(sorted(names)))
 
 
-def _purge_tombstones(hub: HubDatabase, tombstones: list[Any], aged: int, done: Compacted) -> None:
-    for start in range(0, len(tombstones), CHUNK):
-        chunk = tombstones[start : start + CHUNK]
-        # Each version of these records, along its chain, read on a snapshot: the
-        # chain below a tombstone never changes.
+def _purge_tombstones(hub: HubDatabase, aged: int, done: Compacted) -> None:
+    after = 0
+    while True:
+        # CHUNK tombstones at a time, in seq order, with each version of them along its
+        # chain, read on a snapshot: the chain below a tombstone never changes.
         with hub.snapshot() as conn:
+            chunk = conn.execute(
+                "SELECT tbl, pk, seq, scope, vers FROM _fieldsync_records "
+                "WHERE deleted = 1 AND seq > ? ORDER BY seq LIMIT ?",
+                [after, CHUNK],
+            ).fetchall()
+            if not chunk:
+                return
+            after = chunk[-1][2]
             chains = _chains(conn, [seq for _, _, seq, _, _ in chunk])
         # A transaction deletes at most HISTORY_CHUNK versions (beyond that, the rest
         # of a long history goes in transactions of its own).

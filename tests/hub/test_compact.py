@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import hub.compact as compaction
 from hub.compact import Compactor, Keep, Stopped, compact, parse_keep
 from hub.store import SqliteHubStore
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
@@ -339,3 +340,19 @@ def test_an_office_due_to_resync_is_marked_once_and_holds_nothing_up(hub: Hub) -
     hub.sync("astana", "astana")
     done = compact(store.database)  # not by age: hq, due to resync, needs nothing kept
     assert (done.tombstones, done.resync) == (1, [])
+
+
+def test_purges_go_in_small_transactions(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compaction, "CHUNK", 2)
+    monkeypatch.setattr(compaction, "HISTORY_CHUNK", 3)
+    store = hub.store
+    for n in range(5):
+        hub.insert("astana", f"c{n}", "astana")
+        for edit in range(n):
+            hub.update("astana", f"c{n}", f"edit {edit}")
+        hub.delete("astana", f"c{n}")
+    hub.sync("astana", "astana", "hq", "hq")
+    done = compact(store.database)
+    assert (done.tombstones, done.versions) == (5, 5 * 2 + sum(range(5)))
+    assert rows(store, "SELECT count(*) FROM _fieldsync_history") == [(0,)]
+    assert rows(store, "SELECT count(*) FROM _fieldsync_records") == [(0,)]
