@@ -6,7 +6,7 @@ offices that still hold it learn of the delete when they pull. Once every office
 holds it (an office with ``*``, or whose scopes name the record's key; every office for
 a table without a scope) has pulled past the delete's ``seq``, nobody needs it: the
 tombstone and every version of the record in the history are purged. A tombstone older
-than ``tombstone_age`` (by the time the hub took the delete) is purged all the same,
+than ``tombstone_days`` (by the time the hub took the delete) is purged all the same,
 so that an office not seen for months does not keep everyone's tombstones: each office
 holding it that had not pulled past it is marked to resync (``rescope = 1``), so its
 next pull is a full pull of its scope that drops what it did not bring (hub/pull.py,
@@ -20,14 +20,19 @@ they left.
 ``purged_through``): an update to a record the hub no longer holds, made on a copy
 whose versions are all at or before it, is an edit of a record deleted and purged,
 and is refused (:func:`purge_refusal`, called by hub/ingest.py); the office keeps it
-in ``node rejected``. A new record (an insert) is taken as any new record.
+in ``node rejected``. A new record (an insert) is taken as any new record. The highest
+seq purged (``purged_seq``) lets hub/pull.py resync an office that pulls from before it
+(its database restored from an older copy).
 
 **History.** Versions of live records older than the ``Keep`` (days or versions per
 record) are deleted; the latest version of every record is always kept. The conflict
 log and the audit log are never touched.
 
-Everything is read on a snapshot and deleted in chunks of CHUNK rows, each its own
-short write transaction, so that pushes keep flowing; the longest is reported.
+Everything is read on a snapshot and deleted in chunks (at most CHUNK tombstones or
+exits, HISTORY_CHUNK versions), each its own short write transaction, so that pushes
+keep flowing; the longest is reported. Freed pages are reused by later writes; VACUUM
+(``vacuum=True``) gives them back to the disk and leaves the file in incremental
+auto-vacuum, after which each compaction gives them back a chunk at a time.
 """
 
 from __future__ import annotations
@@ -482,11 +487,12 @@ def _incremental_vacuum(hub: HubDatabase, done: Compacted) -> None:
     with hub.read() as conn:
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             return
-    while True:
+    left = None
+    while left != 0:
         with _timed_write(hub, done) as conn:
             conn.execute("PRAGMA incremental_vacuum(2000)").fetchall()
-            left = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        if not left:
+            before, left = left, conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if before is not None and left >= before:  # no progress: leave the rest
             break
     with hub.read() as conn:
         _truncate_wal(conn)
