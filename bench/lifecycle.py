@@ -262,7 +262,8 @@ def table(result: dict[str, Any]) -> str:
             f"({result['rows_before']['_fieldsync_history']:,} versions) | "
             f"{mb(entry['hub_size_after'])} ({entry['rows_after']['_fieldsync_history']:,} "
             f"versions; purged {entry['tombstones']:,} tombstones, {entry['versions']:,} "
-            f"versions in {entry['seconds']} s, longest lock {entry['longest_lock_ms']} ms; "
+            f"versions in {entry['seconds']} s, longest lock {entry['longest_lock_ms']} ms "
+            f"{entry['locks_ms']}; "
             f"VACUUM {entry['vacuum_seconds']} s; to resync: {', '.join(entry['resync']) or '-'}) |"
         )
     for name in (a, b):

@@ -102,6 +102,7 @@ class Compacted:
     bytes_after: int = 0
     bytes_freed: int = 0  # pages freed inside the file (reused by later writes)
     longest_lock_ms: float = 0.0
+    locks_ms: dict[str, float] = field(default_factory=dict)  # the longest, by what it did
     seconds: float = 0.0
     vacuumed: bool = False
     stop: threading.Event | None = field(default=None, repr=False)
@@ -116,9 +117,15 @@ class Compacted:
             "bytes_after": self.bytes_after,
             "bytes_freed": self.bytes_freed,
             "longest_lock_ms": round(self.longest_lock_ms, 1),
+            "locks_ms": {k: round(v, 1) for k, v in sorted(self.locks_ms.items())},
             "seconds": round(self.seconds, 2),
             "vacuumed": self.vacuumed,
         }
+
+    def held(self, what: str, ms: float) -> None:
+        """Note a write transaction (or VACUUM) of ``ms`` milliseconds."""
+        self.longest_lock_ms = max(self.longest_lock_ms, ms)
+        self.locks_ms[what] = max(self.locks_ms.get(what, 0.0), ms)
 
     def summary(self) -> str:
         offices = ", ".join(sorted(self.resync)) or "none"
@@ -186,7 +193,7 @@ class Stopped(Exception):
 
 
 @contextmanager
-def _timed_write(hub: HubDatabase, done: Compacted) -> Iterator[sqlite3.Connection]:
+def _timed_write(hub: HubDatabase, done: Compacted, what: str) -> Iterator[sqlite3.Connection]:
     if done.stop is not None and done.stop.is_set():
         raise Stopped
     with hub.write() as conn:
@@ -194,7 +201,7 @@ def _timed_write(hub: HubDatabase, done: Compacted) -> Iterator[sqlite3.Connecti
         yield conn
     hub.checkpointer.poke()  # the WAL back into the file, as after a push
     # From the lock taken to the commit done.
-    done.longest_lock_ms = max(done.longest_lock_ms, (time.monotonic() - began) * 1000)
+    done.held(what, (time.monotonic() - began) * 1000)
 
 
 def _offices(conn: sqlite3.Connection, scoped: bool) -> list[_Office]:
@@ -275,7 +282,7 @@ def _purge_batch(
     if not batch:
         return
     later: list[tuple[int]] = []
-    with _timed_write(hub, done) as conn:
+    with _timed_write(hub, done, "tombstones") as conn:
         offices = _offices(conn, hub.schema.scoped)
         marked: set[str] = set()
         top = ""
@@ -306,7 +313,7 @@ def _purge_batch(
         if purged_seq:
             _save_horizon(conn, top, purged_seq)
     for at in range(0, len(later), HISTORY_CHUNK):
-        with _timed_write(hub, done) as conn:
+        with _timed_write(hub, done, "tombstones") as conn:
             conn.executemany(
                 "DELETE FROM _fieldsync_history WHERE seq = ?", later[at : at + HISTORY_CHUNK]
             )
@@ -375,7 +382,7 @@ def _purge_exits(hub: HubDatabase, exits: list[Any], aged: int, done: Compacted)
     scoped = hub.schema.scoped
     for start in range(0, len(exits), CHUNK):
         chunk = exits[start : start + CHUNK]
-        with _timed_write(hub, done) as conn:
+        with _timed_write(hub, done, "exits") as conn:
             # Offices holding every record are served no exits: only those naming keys.
             offices = [o for o in _offices(conn, scoped) if o.scopes is not None]
             marked: set[str] = set()
@@ -428,7 +435,7 @@ def _trim_history(hub: HubDatabase, keep: Keep, now: datetime, done: Compacted) 
             first = conn.execute("SELECT min(seq) FROM _fieldsync_history").fetchone()[0] or 0
         step = HISTORY_CHUNK
         for low in range(first - 1, upto, step):
-            with _timed_write(hub, done) as conn:
+            with _timed_write(hub, done, "history") as conn:
                 done.versions += conn.execute(
                     "DELETE FROM _fieldsync_history WHERE seq > ? AND seq <= ? AND NOT EXISTS "
                     "(SELECT 1 FROM _fieldsync_records AS r WHERE r.seq = _fieldsync_history.seq)",
@@ -447,7 +454,7 @@ def _trim_history(hub: HubDatabase, keep: Keep, now: datetime, done: Compacted) 
                 for s in sorted(chain, reverse=True)[keep.versions :]
             ]
         for at in range(0, len(old), HISTORY_CHUNK):
-            with _timed_write(hub, done) as conn:
+            with _timed_write(hub, done, "history") as conn:
                 conn.executemany(
                     "DELETE FROM _fieldsync_history WHERE seq = ?", old[at : at + HISTORY_CHUNK]
                 )
@@ -478,7 +485,7 @@ def _vacuum(hub: HubDatabase, done: Compacted) -> None:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
         _truncate_wal(conn)
-    done.longest_lock_ms = max(done.longest_lock_ms, (time.monotonic() - began) * 1000)
+    done.held("VACUUM", (time.monotonic() - began) * 1000)
     done.vacuumed = True
 
 
@@ -489,7 +496,7 @@ def _incremental_vacuum(hub: HubDatabase, done: Compacted) -> None:
             return
     left = None
     while left != 0:
-        with _timed_write(hub, done) as conn:
+        with _timed_write(hub, done, "incremental vacuum") as conn:
             conn.execute("PRAGMA incremental_vacuum(2000)").fetchall()
             before, left = left, conn.execute("PRAGMA freelist_count").fetchone()[0]
         if before is not None and left >= before:  # no progress: leave the rest
