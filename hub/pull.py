@@ -60,7 +60,8 @@ def pull(
         scopes = read_scopes(stored, node) if hub.schema.scoped else None
         lost = office_mark(conn, node)
         # An office pulling from before where it stood, past a purge (its database was
-        # restored from a copy), may hold records deleted and purged since: resync.
+        # restored from a copy, or a page it asked for ahead was never applied), may
+        # hold records deleted and purged since: resync.
         behind = 0 < cursor < pulled and cursor < purged_seq(conn)
         resync = (bool(rescope) or behind) and not (cursor == 0 and include_own)
         remaining = None
