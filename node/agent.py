@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from filelock import FileLock, Timeout
 
 from node.client import HubClient
+from node.compact import compact_if_due
 from node.schedule import local_now, run_agent
 from node.store import HubSettings, NodeStore
 from shared.clock import now_ms
@@ -130,7 +131,9 @@ class SyncAgent:
             ) from None
         try:
             self._reconnect()
-            return self._sync(progress or (lambda phase, done, total: None))
+            report = self._sync(progress or (lambda phase, done, total: None))
+            compact_if_due(self.store.db, self.store.schema, self.store.path)
+            return report
         except sqlite3.Error as exc:
             # sqlite3 quotes undecodable text in its message: never pass that on.
             detail = str(exc).split(" with text ", 1)[0]

@@ -8,7 +8,9 @@ the delete is acknowledged (no queued change to the record) and older than ``day
 (by the newest version's stamp): by then the hub has purged the tombstone too
 (hub/compact.py), and an insert of that key is a new record there.
 
-The sync log is kept to its newest rows as each sync is logged (node/status.py); the
+The agent does it (without VACUUM) after every COMPACT_EVERY_SYNCS-th sync, and
+``fieldsync node compact`` at any time. The sync log is kept to its newest rows as each
+sync is logged (node/status.py); the
 change log's acknowledged changes, rejected changes and lost edits are not touched
 here (rejected changes and lost edits stay until an admin drops them).
 """
@@ -16,6 +18,8 @@ here (rejected changes and lost edits stay until an admin drops them).
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,8 @@ from node.outbox import pending_keys
 from shared.clock import COUNTER_BITS
 from shared.schema import EXISTS, Schema, quote
 from shared.sqlite import write
+
+log = logging.getLogger("fieldsync.agent")
 
 DEFAULT_DELETED_DAYS = 90
 _CHUNK = 500
@@ -91,3 +97,21 @@ def compact_node(
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+COMPACT_EVERY_SYNCS = 1000  # about once a day at `node run`'s usual interval
+
+
+def compact_if_due(db: sqlite_utils.Database, schema: Schema, path: Path) -> NodeCompacted | None:
+    """After a sync: compact (no VACUUM) every COMPACT_EVERY_SYNCS-th sync logged.
+
+    The sync log's numbers keep rising as old rows go (node/status.py), so this needs
+    nothing stored of its own."""
+    row = db.conn.execute("SELECT max(id) FROM _fieldsync_sync_log").fetchone()
+    if not row[0] or row[0] % COMPACT_EVERY_SYNCS:
+        return None
+    try:
+        return compact_node(db, schema, path)
+    except sqlite3.Error as exc:  # the sync itself went well: say so, try again later
+        log.warning("compacting %s failed: %s", path, exc)
+        return None
