@@ -18,6 +18,7 @@ from typing import Any
 from hub import records
 from hub.conflicts import office_mark
 from hub.database import HubDatabase
+from hub.epoch import read_epoch
 from hub.scopes import read_scopes
 from hub.status import count_pull
 from hub.times import utcnow
@@ -57,6 +58,7 @@ def pull(
         ).fetchone()
         scopes = read_scopes(stored, node) if hub.schema.scoped else None
         lost = office_mark(conn, node)
+        epoch = read_epoch(conn)  # the hub's identity (hub/epoch.py)
         resync = bool(rescope) and not (cursor == 0 and include_own)
         remaining = None
         if resync:
@@ -97,7 +99,9 @@ def pull(
         page_rows.append(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
         )
-    return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost)
+    return PullPage(
+        page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch
+    )
 
 
 def _scoped_rows(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from node.versions import load_versions, save_versions
 from shared.clock import Timestamp
 from shared.errors import StoreError
 from shared.merge import effect
-from shared.protocol import Change, Rejection, loads
+from shared.protocol import Change, Rejection, dumps, loads
 from shared.schema import RecordKey, Schema, Versions, quote
 from shared.sqlite import write
 
@@ -295,6 +296,7 @@ class Outbox:
                 )
         save_versions(conn, self.schema, versions)
         conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
+        keep_sent(conn, [c for c in done if c.seq not in refused] if refused else done)
         forget_acked(conn)
         if set_aside:
             keep_rejected(conn, self.schema, set_aside, refused, pending_keys(conn))
@@ -332,6 +334,9 @@ class Outbox:
                 [acked, acked],
             )
             forget_acked(conn)
+            # Kept under numbers the hub now knows as other changes: never to re-send.
+            conn.execute("DELETE FROM _fieldsync_sent")
+            conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = ?", [acked])
             return len(rows)
 
     def note_sent(self, seq: int) -> None:
@@ -406,6 +411,37 @@ def restamp(
     )
     conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
     return len(bad)
+
+
+def keep_sent(conn: sqlite3.Connection, changes: Sequence[Change]) -> None:
+    """Keep acknowledged ``changes`` as they were sent (the wire change's JSON), so
+    that a hub restored from a backup can be sent exactly the same changes again
+    (node/restore.py; dropped after the window, see :func:`prune_sent`)."""
+    if changes:
+        now = int(time.time())
+        conn.executemany(
+            "INSERT OR REPLACE INTO _fieldsync_sent (seq, change, acked_at) VALUES (?, ?, ?)",
+            [(c.seq, dumps(c.to_json()), now) for c in changes],
+        )
+
+
+def prune_sent(conn: sqlite3.Connection, keep_seconds: int, now: float | None = None) -> int:
+    """Drop kept changes acknowledged more than ``keep_seconds`` ago; return how many.
+
+    Walks from the oldest (kept in the order acknowledged) to the first one still in
+    the window: the cost is the rows dropped, not the rows kept.
+    """
+    cutoff = int(time.time() if now is None else now) - keep_seconds
+    first_kept = conn.execute(
+        "SELECT seq FROM _fieldsync_sent WHERE acked_at > ? ORDER BY seq LIMIT 1", [cutoff]
+    ).fetchone()
+    below = first_kept[0] if first_kept else 2**63 - 1
+    top = conn.execute("SELECT max(seq) FROM _fieldsync_sent WHERE seq < ?", [below]).fetchone()[0]
+    if top is None:
+        return 0
+    dropped = conn.execute("DELETE FROM _fieldsync_sent WHERE seq <= ?", [top]).rowcount
+    conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = MAX(sent_pruned_seq, ?)", [top])
+    return int(dropped)
 
 
 def forget_acked(conn: sqlite3.Connection) -> None:
