@@ -192,13 +192,16 @@ def _add_lost_edits(conn: sqlite3.Connection, schema: Schema) -> None:
     conn.execute(LOST_EDITS)
 
 
-# Acknowledged changes kept as sent (the wire change's JSON), for a window: a hub
-# restored from a backup is sent again those it lacks (node/restore.py). ``acked_at``
-# in seconds since the Unix epoch.
+# Acknowledged changes kept as sent, for a window: a hub restored from a backup is
+# sent again those it lacks (node/restore.py). One row per write of node/outbox.py
+# (``count`` changes, at most ROWS_PER_WRITE, numbered ``first`` to ``seq``): the changes as msgspec
+# JSON, zlib-compressed; ``acked_at`` in seconds since the Unix epoch.
 SENT = """
 CREATE TABLE IF NOT EXISTS _fieldsync_sent (
     seq INTEGER PRIMARY KEY,
-    change BLOB NOT NULL,
+    first INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    changes BLOB NOT NULL,
     acked_at INTEGER NOT NULL
 )
 """

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import sqlite_utils
 
 from node.capture import hold_clock, log_rows
@@ -29,7 +31,7 @@ from node.versions import load_versions, save_versions
 from shared.clock import Timestamp
 from shared.errors import StoreError
 from shared.merge import effect
-from shared.protocol import Change, Rejection, dumps, loads
+from shared.protocol import Change, Rejection, loads
 from shared.schema import RecordKey, Schema, Versions, quote
 from shared.sqlite import write
 
@@ -43,6 +45,10 @@ PENDING = "seq > (SELECT acked_seq FROM _fieldsync_state)"
 # the longest: on the project's 2-core machine, 231 ms with whole 5,000-record pages
 # and batches, 65 ms with 500 (medians of 5 runs at N = 100,000, load average 4-6).
 ROWS_PER_WRITE = 500
+
+# Acknowledged changes kept for a hub restored from a backup (see keep_sent).
+_SENT_ENCODER = msgspec.json.Encoder()
+_SENT_DECODER = msgspec.json.Decoder(list[Change])
 
 
 class Pending(list[Change]):
@@ -414,19 +420,37 @@ def restamp(
 
 
 def keep_sent(conn: sqlite3.Connection, changes: Sequence[Change]) -> None:
-    """Keep acknowledged ``changes`` as they were sent (the wire change's JSON), so
-    that a hub restored from a backup can be sent exactly the same changes again
-    (node/restore.py; dropped after the window, see :func:`prune_sent`)."""
+    """Keep acknowledged ``changes`` as they were sent, so that a hub restored from a
+    backup can be sent exactly the same changes again (node/restore.py; dropped after
+    the window, see :func:`prune_sent`): one row, compressed (about 1 µs a change)."""
     if changes:
-        now = int(time.time())
-        conn.executemany(
-            "INSERT OR REPLACE INTO _fieldsync_sent (seq, change, acked_at) VALUES (?, ?, ?)",
-            [(c.seq, dumps(c.to_json()), now) for c in changes],
+        conn.execute(
+            "INSERT OR REPLACE INTO _fieldsync_sent (seq, first, count, changes, acked_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                changes[-1].seq,
+                changes[0].seq,
+                len(changes),
+                zlib.compress(_SENT_ENCODER.encode(changes), 1),
+                int(time.time()),
+            ],
         )
 
 
+def kept_changes(conn: sqlite3.Connection, after: int) -> Iterator[Change]:
+    """The kept acknowledged changes numbered after ``after``, in order, as sent."""
+    rows = conn.execute(
+        "SELECT changes FROM _fieldsync_sent WHERE seq > ? ORDER BY seq", [after]
+    ).fetchall()
+    for (blob,) in rows:
+        for change in _SENT_DECODER.decode(zlib.decompress(blob)):
+            if change.seq > after:
+                yield change
+
+
 def prune_sent(conn: sqlite3.Connection, keep_seconds: int, now: float | None = None) -> int:
-    """Drop kept changes acknowledged more than ``keep_seconds`` ago; return how many.
+    """Drop kept changes acknowledged more than ``keep_seconds`` ago; return how many
+    rows (each a write's changes).
 
     Walks from the oldest (kept in the order acknowledged) to the first one still in
     the window: the cost is the rows dropped, not the rows kept.

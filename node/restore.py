@@ -35,10 +35,9 @@ import sqlite_utils
 from node._times import utcnow
 from node.client import HubClient, HubClock
 from node.inbox import start_resync
-from node.outbox import prune_sent
+from node.outbox import kept_changes, prune_sent
 from shared.backup import count_rows, tables
 from shared.errors import HubRejectedError, ProtocolError, StoreError
-from shared.protocol import Change, loads
 from shared.sqlite import write
 
 log = logging.getLogger("fieldsync.agent")
@@ -91,7 +90,7 @@ def kept(db: sqlite_utils.Database) -> Kept:
     seconds, epoch, restored = db.conn.execute(
         "SELECT keep_acked_s, hub_epoch, hub_restored FROM _fieldsync_state"
     ).fetchone()
-    count = db.conn.execute("SELECT count(*) FROM _fieldsync_sent").fetchone()[0]
+    count = db.conn.execute("SELECT total(count) FROM _fieldsync_sent").fetchone()[0]
     return Kept(int(seconds), int(count), str(epoch), restored)
 
 
@@ -130,15 +129,9 @@ class Watch:
                 [acked, pruned],
             ).fetchone()[0]
         resent = 0
-        after = acked
-        while True:
-            rows = self.db.conn.execute(
-                "SELECT seq, change FROM _fieldsync_sent WHERE seq > ? ORDER BY seq LIMIT ?",
-                [after, batch_size],
-            ).fetchall()
-            if not rows:
-                break
-            changes = [Change.from_json(loads(blob), self.node) for _, blob in rows]
+        kept = list(kept_changes(self.db.conn, acked))
+        for start in range(0, len(kept), batch_size):
+            changes = kept[start : start + batch_size]
             result = client.push(changes)
             if result.node != self.node:
                 raise HubRejectedError(
@@ -159,7 +152,6 @@ class Watch:
                     rejection.reason,
                 )
             resent += result.applied
-            after = changes[-1].seq
         start_resync(self.db)
         said = f"hub restored from a backup: re-sent {resent} changes, pulling everything again"
         lost = max(0, pruned - acked - rejected)
