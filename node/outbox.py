@@ -4,7 +4,8 @@ The outbox: the office's queued changes on their way to the hub (the push side).
 Changes wait in the change log (``_fieldsync_changes``), numbered by ``seq``, until
 the hub acknowledges committing them. The state row keeps two marks:
 
-- ``acked_seq``: the hub has committed every change up to it; those leave the log;
+- ``acked_seq``: the hub has committed every change up to it; those leave the log
+  (kept apart as they were sent, for a window: see :func:`keep_sent`);
 - ``sent_seq``: changes up to it have gone to the hub, which may have committed them
   even if its answer was lost: they keep the stamps they were sent with.
 

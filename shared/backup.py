@@ -182,7 +182,9 @@ def in_use(path: Path) -> bool:
     """Whether another program has the WAL database ``path`` open (a serving hub).
 
     Tried as SQLite itself tells: a write lock on the -shm file's DMS byte is refused
-    while any connection has the database open. No -shm file: nobody has.
+    while any connection has the database open. No -shm file: nobody has. For a
+    process with no connection of its own to ``path`` (POSIX locks are per process:
+    closing this descriptor would drop that connection's locks), as the CLI is.
     """
     try:
         fd = os.open(f"{path}-shm", os.O_RDWR)

@@ -27,7 +27,10 @@ from hub.app import create_app
 from hub.ingest import ALL_RECEIPTS
 from hub.store import SqliteHubStore
 from node.outbox import kept_changes
+from node.restore import kept
 from node.store import NodeStore
+from shared.errors import HubUnavailableError
+from tests.faults import FlakyTransport
 from tests.integration.test_sync import write
 
 pytestmark = pytest.mark.integration
@@ -373,3 +376,34 @@ def test_restore_refuses_a_hub_in_use_and_keeps_the_file_replaced(hub, make_offi
     assert aside and aside[0].name.endswith(aside[0].name.split("-", 1)[1])
     hub.start()
     assert {r["id"] for r in hub.store.rows("cases")} == {"c1"}
+
+
+def test_a_recovery_cut_half_way_is_done_again(hub, make_office, tmp_path):
+    cut: dict[str, str] = {}  # path -> fate of its next request
+    transport = FlakyTransport(lambda number, request: cut.pop(request.url.path, "ok"))
+    astana = make_office("astana", transport=transport)
+    almaty = make_office("almaty")
+    add(astana, "c1")
+    astana.sync()
+    backup = tmp_path / "copy.db"
+    assert run("hub", "backup", "--db", hub.path, backup)[0] == 0
+    add(astana, "c2"), add(astana, "c3"), add(almaty, "d1")
+    almaty.sync(), astana.sync()
+    before = kept(astana.store.db).hub_epoch
+    put_back(hub, backup)
+
+    cut["/v1/push"] = "drop"  # the hub takes the re-sent changes; the answer is lost
+    with pytest.raises(HubUnavailableError):
+        astana.sync()
+    assert kept(astana.store.db).hub_epoch == before  # not recovered yet
+    cut["/v1/pull"] = "refuse"  # re-sent already: the pull from 0 is cut
+    with pytest.raises(HubUnavailableError):
+        astana.sync()
+    assert kept(astana.store.db).hub_epoch == before
+    astana.sync()
+    assert kept(astana.store.db).hub_epoch == hub.store.epoch != before
+    assert {r["id"] for r in hub.store.rows("cases")} == {"c1", "c2", "c3"}
+    assert hub_count(hub, "SELECT count(*) FROM _fieldsync_history") == 3  # each once
+    assert astana.store.rows("cases") == hub.store.rows("cases")  # d1 gone until re-sent
+    almaty.sync(), astana.sync()
+    assert {r["id"] for r in astana.store.rows("cases")} == {"c1", "c2", "c3", "d1"}
