@@ -84,7 +84,7 @@ class Ingest:
         if skew is not None:
             # What came before the skewed change is committed: its acked says so.
             raise skew
-        return PushResult(acked, applied, conflicts, self.hub.now(), node, rejected, epoch)
+        return PushResult(acked, applied, conflicts, self.hub.now(), node, rejected, epoch=epoch)
 
     def _push(
         self, conn: sqlite3.Connection, node: str, changes: Sequence[Change], *, per_change: bool

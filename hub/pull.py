@@ -100,7 +100,7 @@ def pull(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
         )
     return PullPage(
-        page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch
+        page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch=epoch
     )
 
 
