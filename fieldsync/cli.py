@@ -17,6 +17,7 @@ from types import FrameType
 
 import click
 
+from fieldsync.backup_commands import hub_backup, hub_restore, node_backup
 from fieldsync.compact_commands import hub_compact, node_compact
 from fieldsync.hub_commands import hub
 from fieldsync.node_commands import node
@@ -40,6 +41,9 @@ def cli(debug: bool) -> None:
 
 hub.add_command(hub_scope)
 hub.add_command(hub_move)
+for command in (hub_backup, hub_restore):
+    hub.add_command(command)
+node.add_command(node_backup)
 hub.add_command(hub_compact)
 node.add_command(node_compact)
 cli.add_command(hub)

@@ -248,6 +248,12 @@ def _kept(pending: int, exc: FieldsyncError) -> str:
 @click.option(
     "--offline", is_flag=True, help="Set the token without checking it with the hub first."
 )
+@click.option(
+    "--keep-acked",
+    metavar="TIME",
+    help="How long to keep acknowledged changes, to re-send to a hub restored from a "
+    "backup (e.g. 30d, 12h; default 30d).",
+)
 def node_set(
     db_path: str,
     hub_url: str | None,
@@ -256,6 +262,7 @@ def node_set(
     no_ca_file: bool,
     allow_http: bool | None,
     offline: bool,
+    keep_acked: str | None = None,
 ) -> None:
     """Point an office database at another hub URL, token or CA file.
 
@@ -266,9 +273,19 @@ def node_set(
     from node.link import check_hub_url, check_link, check_token
     from node.store import NodeStore
 
+    if keep_acked is not None:
+        from node.restore import parse_window, set_window, window_text
+
+        window = parse_window(keep_acked)
+        if not (hub_url or token or ca_file or no_ca_file or allow_http is not None):
+            with NodeStore(db_path) as store:
+                set_window(store.db, window)
+            click.echo(f"Office {store.node}: acknowledged changes kept {window_text(window)}.")
+            return
     if not (hub_url or token or ca_file or no_ca_file or allow_http is not None):
         raise click.ClickException(
-            "give --hub URL, --token TOKEN, --ca-file FILE, --no-ca-file or --allow-http"
+            "give --hub URL, --token TOKEN, --ca-file FILE, --no-ca-file, --allow-http "
+            "or --keep-acked TIME"
         )
     if ca_file and no_ca_file:
         raise click.ClickException("give --ca-file or --no-ca-file, not both")
@@ -288,6 +305,8 @@ def node_set(
             new_ca = before.ca_file if ca_file is None else ca_file or None
             checked = _check_token(store.node, HubSettings(url, token, new_ca))
         store.set_hub(hub_url, token, ca_file=ca_file, allow_http=allow_http)
+        if keep_acked is not None:
+            set_window(store.db, window)
         after = store.hub_settings()
         allowed = store.allow_http
     said = []
@@ -299,6 +318,8 @@ def node_set(
         said.append(f"CA file now {after.ca_file}" if after.ca_file else "no CA file")
     if allow_http is not None:
         said.append("plain http allowed" if allowed else "plain http refused")
+    if keep_acked is not None:
+        said.append(f"acknowledged changes kept {window_text(window)}")
     click.echo(f"Office {store.node}: {'; '.join(said) or 'nothing changed'}.")
     if said and after != before:
         click.echo("A running `fieldsync node run` uses this from its next sync.", err=True)
@@ -579,12 +600,14 @@ class _Quiet:
 def node_status(db_path: str, as_json: bool) -> None:
     """Show pending changes, the last sync and the last error."""
     from node.agent import LARGE_OFFSET_MS
+    from node.restore import kept, window_text
     from node.store import NodeStore
 
     with NodeStore(db_path) as store:
         status = store.status()
+        retention = kept(store.db)
     if as_json:
-        click.echo(json.dumps(status.to_json(), indent=2))
+        click.echo(json.dumps({**status.to_json(), **retention.to_json()}, indent=2))
         return
     click.echo(f"Office:            {status.node}  (hub {status.hub_url})")
     if status.unencrypted:
@@ -615,6 +638,12 @@ def node_status(db_path: str, as_json: bool) -> None:
             f"({lost.open} awaiting an admin, {lost.resolved} resolved) "
             f"(see `fieldsync node conflicts {db_path}`)"
         )
+    click.echo(
+        f"Kept changes:      {retention.kept} acknowledged, kept "
+        f"{window_text(retention.keep_seconds)} to re-send to a hub restored from a backup"
+    )
+    if retention.hub_restored:
+        click.echo(f"Hub restored:      {retention.hub_restored}")
     if abs(status.clock_offset_ms) >= LARGE_OFFSET_MS:
         direction = "behind" if status.clock_offset_ms > 0 else "ahead of"
         click.echo(

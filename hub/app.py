@@ -187,6 +187,7 @@ def create_app(
             now_ms(),
             UNSET if office is None else office[1],
             UNSET if office is None else office[0],
+            epoch=store.epoch,
         )
         return JSONResponse(msgspec.to_builtins(answer))
 

@@ -26,6 +26,7 @@ from hub import records
 from hub.compact import purge_refusal
 from hub.conflicts import conflict_row, write_conflicts
 from hub.database import HubDatabase
+from hub.epoch import read_epoch
 from hub.history import Version, write_history
 from hub.rejected import write_rejected
 from hub.scopes import UNASSIGNED, Gate, Move, exits_and_followers
@@ -79,11 +80,12 @@ class Ingest:
                 conn.execute("RELEASE batch")
                 outcome = self._push(conn, node, changes, per_change=True)
             acked, applied, conflicts, rejected, skew = outcome
+            epoch = read_epoch(conn)  # the hub's identity (hub/epoch.py)
         self.hub.checkpointer.poke()
         if skew is not None:
             # What came before the skewed change is committed: its acked says so.
             raise skew
-        return PushResult(acked, applied, conflicts, self.hub.now(), node, rejected)
+        return PushResult(acked, applied, conflicts, self.hub.now(), node, rejected, epoch=epoch)
 
     def _push(
         self, conn: sqlite3.Connection, node: str, changes: Sequence[Change], *, per_change: bool

@@ -126,7 +126,8 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             "/v1/health",
             "Liveness, the protocol version and the hub's clock; with an office's token, "
             "also acked: that office's last change the hub has dealt with, and node: the "
-            "office the token belongs to",
+            "office the token belongs to. epoch: the hub's identity, new after a restore "
+            "from a backup (also in push answers and pull pages)",
             None,
             Health,
         ),

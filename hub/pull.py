@@ -19,6 +19,7 @@ from hub import records
 from hub.compact import purged_seq
 from hub.conflicts import office_mark
 from hub.database import HubDatabase
+from hub.epoch import read_epoch
 from hub.scopes import read_scopes
 from hub.status import count_pull
 from hub.times import utcnow
@@ -59,6 +60,7 @@ def pull(
         ).fetchone()
         scopes = read_scopes(stored, node) if hub.schema.scoped else None
         lost = office_mark(conn, node)
+        epoch = read_epoch(conn)  # the hub's identity (hub/epoch.py)
         # An office pulling from before where it stood, past a purge (its database was
         # restored from a copy, or a page it asked for ahead was never applied), may
         # hold records deleted and purged since: resync.
@@ -104,7 +106,9 @@ def pull(
         page_rows.append(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
         )
-    return PullPage(page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost)
+    return PullPage(
+        page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch=epoch
+    )
 
 
 def _scoped_rows(

@@ -51,6 +51,7 @@ from hub.audit import Actor
 from hub.auth import Admin
 from hub.conflicts import ConflictRecord
 from hub.database import HubDatabase
+from hub.epoch import open_epoch
 from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
 from shared.clock import now_ms
@@ -86,6 +87,9 @@ class HubStore(Protocol):
     def authenticate(self, token: str) -> str: ...
 
     def acked(self, node: str) -> int: ...
+
+    @property
+    def epoch(self) -> str: ...
 
     def push(self, node: str, changes: Sequence[Change]) -> PushResult: ...
 
@@ -185,6 +189,8 @@ class SqliteHubStore:
         # The connection, lock, schema and clock every part below is handed.
         self.database = HubDatabase(path, schema, now=now, create=create)
         self._ingest = Ingest(self.database, max_future_ms=max_future_ms)
+        with self.database.write() as conn:  # the hub's identity (hub/epoch.py)
+            self.epoch = open_epoch(conn)
 
     def close(self) -> None:
         self.database.close()

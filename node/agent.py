@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
-from node.client import HubClient
+from node import restore
+from node.client import HubClient, HubClock
 from node.compact import compact_if_due
 from node.schedule import local_now, run_agent
 from node.store import HubSettings, NodeStore
@@ -115,6 +116,7 @@ class SyncAgent:
         self._settings = store.hub_settings() if connect else None
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
+        self._watch: restore.Watch | None = None  # the hub's identity (node/restore.py)
 
     def sync_once(self, progress: Progress | None = None) -> SyncReport:
         """Push every pending change, then pull until the hub has nothing more.
@@ -203,10 +205,14 @@ class SyncAgent:
             )
 
         try:
-            self._correct_clock()
+            clock = self._correct_clock()
+            self._watch = restore.begin(
+                self.store.db, self.store.node, clock, self.client, self.batch_size
+            )
             self._push_all(report, progress)
             mark = self._pull_all(report, progress)
             self._learn_lost(mark, report)
+            self._watch.done()
         except FieldsyncError as exc:
             record(exc)
             if not isinstance(exc, HubUnavailableError):
@@ -228,14 +234,15 @@ class SyncAgent:
         except (FieldsyncError, sqlite3.Error) as exc:  # the sync itself is done
             log.debug("could not report this office's status to the hub: %s", exc)
 
-    def _correct_clock(self) -> None:
+    def _correct_clock(self) -> HubClock:
         """Learn the clock's error from the hub and, if it changed, re-stamp queued work.
 
         Done before pushing, so that no change stamped by a wrong clock reaches the
         hub while the office could know better.
         """
         sent = self._now()
-        hub_now, acked = self.client.hub_time()
+        clock = self.client.hub_time()
+        hub_now, acked = clock.time_ms, clock.acked
         if acked is not None:
             # Committed by the hub, whether or not this copy of the database heard so
             # (a lost answer, a restored backup): they keep the stamps the hub holds.
@@ -252,6 +259,7 @@ class SyncAgent:
                 "behind" if self.store.clock_offset_ms > 0 else "ahead of",
                 moved,
             )
+        return clock
 
     def _learn_lost(self, mark: int, report: SyncReport) -> None:
         """Fetch this office's lost edits the hub logged or resolved since the last
@@ -290,7 +298,7 @@ class SyncAgent:
                         count=not checked,
                     )
                 ahead = None
-                self._check_identity(page.node)
+                self._check_identity(page.node, page.epoch)
                 self._learn_offset(sent, page.hub_time_ms)
                 mark = max(mark, page.conflicts)
                 if page.resync:
@@ -397,7 +405,7 @@ class SyncAgent:
                     ) from exc
                 finally:
                     request = None
-                self._check_identity(result.node)
+                self._check_identity(result.node, result.epoch)
                 answered = (sent, result.hub_time_ms)
                 if (
                     ahead
@@ -432,7 +440,9 @@ class SyncAgent:
                     ahead = self.store.pending(batch_size)
                 batch = ahead
 
-    def _check_identity(self, node: str) -> None:
+    def _check_identity(self, node: str, epoch: str = "") -> None:
+        if self._watch is not None:
+            self._watch.check(epoch)
         if node != self.store.node:
             raise HubRejectedError(
                 f"the token of {self.store.path} belongs to office {node!r}, but this "

@@ -76,6 +76,7 @@ class HubClock(NamedTuple):
 
     time_ms: int
     acked: int | None = None
+    epoch: str = ""  # the hub's identity ("" from hubs that do not say; node/restore.py)
 
 
 class TokenOwner(NamedTuple):
@@ -323,8 +324,12 @@ class HttpHubClient:
         value = body.get("hub_time_ms")
         if type(value) is not int:
             raise ProtocolError(f"cannot {action} {self.url}: its health check has no hub time")
-        acked = body.get("acked")
-        return HubClock(value, acked if type(acked) is int and acked >= 0 else None)
+        acked, epoch = body.get("acked"), body.get("epoch")
+        return HubClock(
+            value,
+            acked if type(acked) is int and acked >= 0 else None,
+            epoch if isinstance(epoch, str) else "",
+        )
 
     def token_owner(self) -> TokenOwner:
         """Whether the hub accepts this client's token, and whose office it is (from

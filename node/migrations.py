@@ -34,7 +34,10 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
 - ``_fieldsync_resync``: while the office pulls its whole scope again, the records it
   held that the pull has not brought yet (see node/inbox.py);
 - ``_fieldsync_conflicts``: this office's edits that lost at the hub, as the hub's
-  conflict log tells them (see node/conflicts.py).
+  conflict log tells them (see node/conflicts.py);
+- ``_fieldsync_sent``: acknowledged changes, each as it was sent, kept for a window
+  (``keep_acked_s`` in the state row) to re-send to a hub restored from a backup (see
+  node/restore.py; the state row also keeps the hub's identity, ``hub_epoch``).
 """
 
 from __future__ import annotations
@@ -189,6 +192,37 @@ def _add_lost_edits(conn: sqlite3.Connection, schema: Schema) -> None:
     conn.execute(LOST_EDITS)
 
 
+# Acknowledged changes kept as sent, for a window: a hub restored from a backup is
+# sent again those it lacks (node/restore.py). One row per write of node/outbox.py
+# (``count`` changes, at most ROWS_PER_WRITE, numbered ``first`` to ``seq``): the changes as msgspec
+# JSON, zlib-compressed; ``acked_at`` in seconds since the Unix epoch.
+SENT = """
+CREATE TABLE IF NOT EXISTS _fieldsync_sent (
+    seq INTEGER PRIMARY KEY,
+    first INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    changes BLOB NOT NULL,
+    acked_at INTEGER NOT NULL
+)
+"""
+# The hub's identity as last seen (node/restore.py), how long acknowledged changes are
+# kept, the highest number dropped from those kept, and the last restore noticed.
+SENT_STATE = (
+    "ALTER TABLE _fieldsync_state ADD COLUMN hub_epoch TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE _fieldsync_state ADD COLUMN keep_acked_s INTEGER NOT NULL DEFAULT 2592000",
+    "ALTER TABLE _fieldsync_state ADD COLUMN sent_pruned_seq INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE _fieldsync_state ADD COLUMN hub_restored TEXT",
+)
+
+
+def _add_sent(conn: sqlite3.Connection, schema: Schema) -> None:
+    conn.execute(SENT)
+    for statement in SENT_STATE:
+        conn.execute(statement)
+    # Changes acknowledged before this step were not kept.
+    conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = acked_seq")
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -212,6 +246,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         lambda db: "ca_file" in db.table("_fieldsync_state").columns_dict,
     ),
     Migration("lost edits", _add_lost_edits, _has_table("_fieldsync_conflicts")),
+    Migration("acknowledged changes kept", _add_sent, _has_table("_fieldsync_sent")),
 )
 VERSION = len(MIGRATIONS)
 
@@ -223,6 +258,9 @@ def create(conn: sqlite3.Connection) -> None:
     conn.execute(SYNC_LOG)
     conn.execute(RESYNC)
     conn.execute(LOST_EDITS)
+    conn.execute(SENT)
+    for statement in SENT_STATE:
+        conn.execute(statement)
     _save_version(conn, VERSION)
 
 

@@ -4,7 +4,8 @@ The outbox: the office's queued changes on their way to the hub (the push side).
 Changes wait in the change log (``_fieldsync_changes``), numbered by ``seq``, until
 the hub acknowledges committing them. The state row keeps two marks:
 
-- ``acked_seq``: the hub has committed every change up to it; those leave the log;
+- ``acked_seq``: the hub has committed every change up to it; those leave the log
+  (kept apart as they were sent, for a window: see :func:`keep_sent`);
 - ``sent_seq``: changes up to it have gone to the hub, which may have committed them
   even if its answer was lost: they keep the stamps they were sent with.
 
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+import time
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import sqlite_utils
 
 from node.capture import hold_clock, log_rows
@@ -42,6 +46,10 @@ PENDING = "seq > (SELECT acked_seq FROM _fieldsync_state)"
 # the longest: on the project's 2-core machine, 231 ms with whole 5,000-record pages
 # and batches, 65 ms with 500 (medians of 5 runs at N = 100,000, load average 4-6).
 ROWS_PER_WRITE = 500
+
+# Acknowledged changes kept for a hub restored from a backup (see keep_sent).
+_SENT_ENCODER = msgspec.json.Encoder()
+_SENT_DECODER = msgspec.json.Decoder(list[Change])
 
 
 class Pending(list[Change]):
@@ -295,6 +303,7 @@ class Outbox:
                 )
         save_versions(conn, self.schema, versions)
         conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
+        keep_sent(conn, [c for c in done if c.seq not in refused] if refused else done)
         forget_acked(conn)
         if set_aside:
             keep_rejected(conn, self.schema, set_aside, refused, pending_keys(conn))
@@ -332,6 +341,9 @@ class Outbox:
                 [acked, acked],
             )
             forget_acked(conn)
+            # Kept under numbers the hub now knows as other changes: never to re-send.
+            conn.execute("DELETE FROM _fieldsync_sent")
+            conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = ?", [acked])
             return len(rows)
 
     def note_sent(self, seq: int) -> None:
@@ -406,6 +418,55 @@ def restamp(
     )
     conn.execute("UPDATE _fieldsync_state SET hlc = ?", [floor])
     return len(bad)
+
+
+def keep_sent(conn: sqlite3.Connection, changes: Sequence[Change]) -> None:
+    """Keep acknowledged ``changes`` as they were sent, so that a hub restored from a
+    backup can be sent exactly the same changes again (node/restore.py; dropped after
+    the window, see :func:`prune_sent`): one row, compressed (about 1 µs a change)."""
+    if changes:
+        conn.execute(
+            "INSERT OR REPLACE INTO _fieldsync_sent (seq, first, count, changes, acked_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                changes[-1].seq,
+                changes[0].seq,
+                len(changes),
+                zlib.compress(_SENT_ENCODER.encode(changes), 1),
+                int(time.time()),
+            ],
+        )
+
+
+def kept_changes(conn: sqlite3.Connection, after: int) -> Iterator[Change]:
+    """The kept acknowledged changes numbered after ``after``, in order, as sent."""
+    rows = conn.execute(
+        "SELECT changes FROM _fieldsync_sent WHERE seq > ? ORDER BY seq", [after]
+    ).fetchall()
+    for (blob,) in rows:
+        for change in _SENT_DECODER.decode(zlib.decompress(blob)):
+            if change.seq > after:
+                yield change
+
+
+def prune_sent(conn: sqlite3.Connection, keep_seconds: int, now: float | None = None) -> int:
+    """Drop kept changes acknowledged more than ``keep_seconds`` ago; return how many
+    rows (each a write's changes).
+
+    Walks from the oldest (kept in the order acknowledged) to the first one still in
+    the window: the cost is the rows dropped, not the rows kept.
+    """
+    cutoff = int(time.time() if now is None else now) - keep_seconds
+    first_kept = conn.execute(
+        "SELECT seq FROM _fieldsync_sent WHERE acked_at > ? ORDER BY seq LIMIT 1", [cutoff]
+    ).fetchone()
+    below = first_kept[0] if first_kept else 2**63 - 1
+    top = conn.execute("SELECT max(seq) FROM _fieldsync_sent WHERE seq < ?", [below]).fetchone()[0]
+    if top is None:
+        return 0
+    dropped = conn.execute("DELETE FROM _fieldsync_sent WHERE seq <= ?", [top]).rowcount
+    conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = MAX(sent_pruned_seq, ?)", [top])
+    return int(dropped)
 
 
 def forget_acked(conn: sqlite3.Connection) -> None:

@@ -333,6 +333,8 @@ class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION
     hub_time_ms: int
     node: str
     rejected: list[Rejection] = msgspec.field(default_factory=list)
+    # The hub's identity: another than before means it was restored from a backup.
+    epoch: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -343,6 +345,7 @@ class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION
             "hub_time_ms": self.hub_time_ms,
             "node": self.node,
             "rejected": [r.to_json() for r in self.rejected],
+            **({"epoch": self.epoch} if self.epoch else {}),
         }
 
     @classmethod
@@ -367,6 +370,8 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     # The newest change to this office's entries in the hub's conflict log (a new one,
     # or an admin's resolution): above the office's own mark, it asks GET /v1/conflicts.
     conflicts: int = 0
+    # The hub's identity: another than before means it was restored from a backup.
+    epoch: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -380,6 +385,7 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
             **({"remaining": self.remaining} if self.remaining is not None else {}),
             **({"resync": True} if self.resync else {}),
             **({"conflicts": self.conflicts} if self.conflicts else {}),
+            **({"epoch": self.epoch} if self.epoch else {}),
         }
 
     @classmethod
@@ -569,6 +575,8 @@ class Health(Struct, frozen=True):
     acked: int | UnsetType = UNSET
     # with an office's token: the office it belongs to (`node set --token` checks it)
     node: str | UnsetType = UNSET
+    # The hub's identity: another than before means it was restored from a backup.
+    epoch: str = ""
 
 
 class StatusKept(Struct, frozen=True):

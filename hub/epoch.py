@@ -1,0 +1,100 @@
+"""
+The hub's identity (its *epoch*), and what a backup of the hub holds.
+
+The epoch is a random word in ``_fieldsync_meta``, made the first time a file is
+opened as a hub (hubs made before it get one then). Every health check, pull page and
+push answer carries it. A backup made by ``fieldsync hub backup`` has no epoch, only
+a mark saying which hub it copies and when (:func:`mark_backup`): the first time the
+file is opened as a hub, whether ``hub restore`` put it in place or a plain ``cp``,
+it gets a new epoch. An office that sees the epoch change knows the hub was restored
+from a backup and may lack changes it acknowledged (node/restore.py re-sends them).
+A copy restored twice is two new identities: each file opened makes its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+
+from hub.times import utcnow
+from shared.backup import count_rows, tables
+from shared.errors import StoreError
+
+log = logging.getLogger("fieldsync.hub")
+
+EPOCH = "epoch"
+BACKUP_OF = "backup_of"  # in a backup: the epoch of the hub it copies
+BACKUP_AT = "backup_at"  # in a backup: when it was taken
+RESTORED = "restored_from"  # in a restored hub: "<backup_of> at <backup_at>"
+
+_META = "SELECT value FROM _fieldsync_meta WHERE key = ?"
+
+
+def read_epoch(conn: sqlite3.Connection) -> str:
+    """The hub's epoch ("" in a file not opened as a hub since it was copied)."""
+    row = conn.execute(_META, [EPOCH]).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def open_epoch(conn: sqlite3.Connection) -> str:
+    """The hub's epoch, made if the file has none (a new hub, an older one, a backup
+    put in place); call in the opening write transaction."""
+    found = read_epoch(conn)
+    if found:
+        return found
+    epoch = secrets.token_hex(8)
+    conn.execute(
+        "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)", [EPOCH, epoch]
+    )
+    taken = conn.execute(_META, [BACKUP_AT]).fetchone()
+    if taken is not None:
+        of = conn.execute(_META, [BACKUP_OF]).fetchone()
+        restored = f"{of[0] if of else '?'} at {taken[0]}, restored {utcnow()}"
+        conn.execute(
+            "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)",
+            [RESTORED, restored],
+        )
+        conn.execute("DELETE FROM _fieldsync_meta WHERE key IN (?, ?)", [BACKUP_AT, BACKUP_OF])
+        log.warning(
+            "this hub database is a backup taken at %s put in place: new identity %s; "
+            "offices re-send the changes it lacks",
+            taken[0],
+            epoch,
+        )
+    return epoch
+
+
+def mark_backup(conn: sqlite3.Connection) -> None:
+    """Make a copy of the hub a backup: no epoch, and which hub it copies, when."""
+    epoch = read_epoch(conn)
+    conn.execute("DELETE FROM _fieldsync_meta WHERE key = ?", [EPOCH])
+    if epoch:  # a backup of a backup keeps the first one's mark
+        conn.execute(
+            "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)",
+            [BACKUP_OF, epoch],
+        )
+    conn.execute(
+        "INSERT OR IGNORE INTO _fieldsync_meta (key, value) VALUES (?, ?)", [BACKUP_AT, utcnow()]
+    )
+
+
+def count_hub(conn: sqlite3.Connection) -> dict[str, int]:
+    """What a hub database holds: records, history versions, offices, the highest seq.
+
+    StoreError if the file is not a hub database.
+    """
+    found = tables(conn)
+    if "_fieldsync_state" in found:
+        raise StoreError("is an office database, not a hub database")
+    if not {"_fieldsync_meta", "_fieldsync_records", "_fieldsync_nodes"} <= found:
+        raise StoreError("is not a fieldsync hub database")
+    if conn.execute(_META, ["schema"]).fetchone() is None:
+        raise StoreError("is not a fieldsync hub database (no schema)")
+    seq = conn.execute(_META, ["seq"]).fetchone()
+    return {
+        "records": count_rows(conn, "_fieldsync_records"),
+        "history": count_rows(conn, "_fieldsync_history") if "_fieldsync_history" in found else 0,
+        "offices": count_rows(conn, "_fieldsync_nodes"),
+        "highest seq": int(seq[0]) if seq else 0,
+    }
