@@ -20,6 +20,7 @@ import click
 from fieldsync.hub_commands import hub
 from fieldsync.node_commands import node
 from fieldsync.options import Group
+from fieldsync.schema_commands import hub_schema
 from fieldsync.scope_commands import hub_move, hub_scope
 from shared import __version__
 
@@ -39,6 +40,7 @@ def cli(debug: bool) -> None:
 
 hub.add_command(hub_scope)
 hub.add_command(hub_move)
+hub.add_command(hub_schema)
 cli.add_command(hub)
 cli.add_command(node)
 

@@ -65,6 +65,9 @@ class HubDatabase:
         # when `hub schema apply` (in this process or another) stores a newer one.
         self._loaded: tuple[int, Schema, dict[str, CustomMerge]]
         self._data_version = -1
+        self._probe: sqlite3.Connection | None = None  # see current_version
+        self._probe_seen = -1
+        self._probe_lock = threading.Lock()
         with self.lock, write(self.db) as conn:
             migrate(self.db)
             found = _stored_schema(conn, schema, path)
@@ -90,6 +93,11 @@ class HubDatabase:
     def schema_version(self) -> int:
         return self._loaded[0]
 
+    def version_and_schema(self) -> tuple[int, Schema]:
+        """The version in use and its schema, read together."""
+        version, schema, _ = self._loaded
+        return version, schema
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """The writer's connection in a write transaction, under the lock.
@@ -106,10 +114,33 @@ class HubDatabase:
                 self.refresh(conn)
             yield conn
 
+    def current_version(self) -> int:
+        """The newest schema version, taken if another program stored it.
+
+        Read on a connection of its own (never waiting for the writer's lock), and
+        only when something was committed since it last looked (``data_version``).
+        """
+        with self._probe_lock:
+            if self._probe is None:
+                self._probe = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._probe.execute("PRAGMA busy_timeout = 10000")
+            seen = self._probe.execute("PRAGMA data_version").fetchone()[0]
+            if seen != self._probe_seen:
+                self._probe_seen = seen
+                self.refresh(self._probe)
+            return self._loaded[0]
+
     def refresh(self, conn: sqlite3.Connection) -> None:
-        """Take the newest schema version stored, if it is not the one in use."""
+        """Take the newest schema version stored on ``conn``, if it is newer than the
+        one in use (replaced as one tuple: readers see the old or the new)."""
         version = _version(conn)
-        if version != self._loaded[0]:
+        latest = conn is self.db.conn or conn is self._probe  # not an older snapshot
+        if version > self._loaded[0] or version < self._loaded[0] and latest:
             source = conn.execute(
                 "SELECT source FROM _fieldsync_schemas WHERE version = ?", [version]
             ).fetchone()[0]
@@ -130,13 +161,14 @@ class HubDatabase:
         first (what it reads may hold the new tables and columns).
         """
         with read_snapshot(self.path) as conn:
-            if _version(conn) != self._loaded[0]:
-                with self.lock:
-                    self.refresh(conn)
+            self.refresh(conn)
             yield conn
 
     def close(self) -> None:
         self.checkpointer.close()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
         with self.lock:
             self.db.conn.close()
 

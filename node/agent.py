@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
+from node import schema_sync
 from node.client import HubClient
 from node.schedule import local_now, run_agent
 from node.store import HubSettings, NodeStore
@@ -112,6 +113,7 @@ class SyncAgent:
         # Set by the schedule while it backs off: the wait before the next try.
         self.next_try_seconds: float | None = None
         self._settings = store.hub_settings() if connect else None
+        self._hub_schema: int | None = None  # the hub's schema version, as last heard
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
 
@@ -201,6 +203,8 @@ class SyncAgent:
 
         try:
             self._correct_clock()
+            # Before anything moves: the office's tables as the hub's schema version.
+            schema_sync.catch_up(self.store, self.client, self._hub_schema)
             self._push_all(report, progress)
             mark = self._pull_all(report, progress)
             self._learn_lost(mark, report)
@@ -232,7 +236,7 @@ class SyncAgent:
         hub while the office could know better.
         """
         sent = self._now()
-        hub_now, acked = self.client.hub_time()
+        hub_now, acked, self._hub_schema = self.client.hub_time()
         if acked is not None:
             # Committed by the hub, whether or not this copy of the database heard so
             # (a lost answer, a restored backup): they keep the stamps the hub holds.

@@ -24,7 +24,8 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
   settings: a private CA file, plain http allowed), clock floor, pull cursor,
   the ``applying`` flag that silences the triggers while pulled changes are applied
   (so they are not captured again), and the outcome of the last sync;
-- ``_fieldsync_schema``: the synced tables' schema (TOML), apart from the state row;
+- ``_fieldsync_schema``: the synced tables' schema (TOML), apart from the state row,
+  and the hub's schema version it is (0: not learned yet; see node/schema_sync.py);
 - ``_fieldsync_changes``: the change log; a change leaves it once the hub has
   acknowledged committing it (see node/outbox.py);
 - ``_fieldsync_versions``: per record, the version of each column as the hub last
@@ -189,6 +190,12 @@ def _add_lost_edits(conn: sqlite3.Connection, schema: Schema) -> None:
     conn.execute(LOST_EDITS)
 
 
+def _add_schema_version(conn: sqlite3.Connection, schema: Schema | None) -> None:
+    # The hub's schema version this office's tables follow (node/schema_sync.py); 0:
+    # not learned yet (the office asks the hub at its next sync).
+    conn.execute("ALTER TABLE _fieldsync_schema ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -212,6 +219,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         lambda db: "ca_file" in db.table("_fieldsync_state").columns_dict,
     ),
     Migration("lost edits", _add_lost_edits, _has_table("_fieldsync_conflicts")),
+    Migration(
+        "schema version",
+        _add_schema_version,
+        lambda db: "version" in db.table("_fieldsync_schema").columns_dict,
+    ),
 )
 VERSION = len(MIGRATIONS)
 
@@ -223,6 +235,7 @@ def create(conn: sqlite3.Connection) -> None:
     conn.execute(SYNC_LOG)
     conn.execute(RESYNC)
     conn.execute(LOST_EDITS)
+    _add_schema_version(conn, None)
     _save_version(conn, VERSION)
 
 

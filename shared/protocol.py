@@ -47,6 +47,9 @@ from shared.clock import Timestamp, are_stamps
 from shared.errors import ProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION: Final = 2
+# The request header in which an office sends its schema version with push and pull
+# (absent: a fieldsync from before schema versions; see hub/app.py).
+SCHEMA_HEADER: Final = "Fieldsync-Schema"
 
 # -- limits: what one request may hold (the hub answers 413 too_large past them) -------
 
@@ -333,6 +336,7 @@ class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION
     hub_time_ms: int
     node: str
     rejected: list[Rejection] = msgspec.field(default_factory=list)
+    schema_version: int = 0  # the hub's schema version (0: a hub that does not say)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -343,6 +347,7 @@ class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION
             "hub_time_ms": self.hub_time_ms,
             "node": self.node,
             "rejected": [r.to_json() for r in self.rejected],
+            **({"schema_version": self.schema_version} if self.schema_version else {}),
         }
 
     @classmethod
@@ -367,6 +372,7 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     # The newest change to this office's entries in the hub's conflict log (a new one,
     # or an admin's resolution): above the office's own mark, it asks GET /v1/conflicts.
     conflicts: int = 0
+    schema_version: int = 0  # the hub's schema version (0: a hub that does not say)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -380,6 +386,7 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
             **({"remaining": self.remaining} if self.remaining is not None else {}),
             **({"resync": True} if self.resync else {}),
             **({"conflicts": self.conflicts} if self.conflicts else {}),
+            **({"schema_version": self.schema_version} if self.schema_version else {}),
         }
 
     @classmethod
@@ -569,6 +576,14 @@ class Health(Struct, frozen=True):
     acked: int | UnsetType = UNSET
     # with an office's token: the office it belongs to (`node set --token` checks it)
     node: str | UnsetType = UNSET
+    schema_version: int = 0  # the hub's schema version (0: a hub that does not say)
+
+
+class SchemaInfo(Struct, frozen=True):
+    """``GET /v1/schema``: the hub's schema version and its TOML source."""
+
+    version: int
+    source: str
 
 
 class StatusKept(Struct, frozen=True):
