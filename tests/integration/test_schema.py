@@ -148,3 +148,25 @@ def test_a_hub_behind_its_offices_stops_them_keeping_every_change(
     with pytest.raises(SchemaError, match="apply that schema again at the hub"):
         kyiv.sync()
     assert kyiv.store.pending_count() == 1 and list(cases(kyiv)) == ["c1"]
+
+
+def test_the_dashboard_shows_a_new_column_at_once(
+    hub: Hub, make_office: Callable[..., Office], tmp_path: Path
+) -> None:
+    kyiv = make_office("kyiv")
+    write(kyiv, "INSERT INTO cases (id, office) VALUES ('c1', 'kyiv')")
+    kyiv.sync()
+    token = hub.store.add_admin("ops", "owner")
+    with httpx.Client(base_url=hub.url, timeout=30) as web:
+        assert web.post("/login", data={"token": token, "next": "/"}).status_code == 303
+        assert "phone" not in web.get("/records/cases", params={"id": "c1"}).text
+        assert apply(hub, tmp_path).exit_code == 0  # by another program: the CLI's store
+        kyiv.sync()
+        write(kyiv, "UPDATE cases SET phone = '0671234' WHERE id = 'c1'")
+        kyiv.sync()
+        page = web.get("/records/cases", params={"id": "c1"}).text
+        assert "phone" in page and "0671234" in page
+        download = web.get("/export/cases.csv")
+        assert download.status_code == 200 and "phone" in download.text.splitlines()[0]
+        found = web.get("/records", params={"q": "0671234"})
+        assert found.status_code == 200
