@@ -170,3 +170,15 @@ def test_the_dashboard_shows_a_new_column_at_once(
         assert download.status_code == 200 and "phone" in download.text.splitlines()[0]
         found = web.get("/records", params={"q": "0671234"})
         assert found.status_code == 200
+
+
+def test_schema_show_names_a_column_added_by_hand_at_the_hub(hub: Hub) -> None:
+    conn = sqlite3.connect(hub.path)
+    with conn:
+        conn.execute("ALTER TABLE cases ADD COLUMN phone TEXT")
+    conn.close()
+    shown = run("hub", "schema", "show", "--db", hub.path, "--json")
+    assert shown.exit_code == 0, shown.output
+    assert '"undeclared": [\n    "cases.phone"\n  ]' in shown.output
+    text = run("hub", "schema", "show", "--db", hub.path).output
+    assert "not declared: cases.phone" in text
