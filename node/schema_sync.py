@@ -108,7 +108,15 @@ def catch_up(store: NodeStore, client: HubClient, hub_version: int | None) -> bo
     check_columns(store, new)
     steps = plan(store.schema, new)
     if steps.losses and mine == 0:
-        raise SchemaError(_mismatch(steps, info.version))
+        if _dropped_columns(steps) or steps.dropped:
+            raise SchemaError(_mismatch(steps, info.version))
+        # Other differences (a table not STRICT, another constraint): the office keeps
+        # its tables, as before versions; the hub refuses what it cannot take, per
+        # change. The next version the hub applies is taken as planned.
+        with write(store.db) as conn:
+            conn.execute("UPDATE _fieldsync_schema SET version = ?", [info.version])
+        client.use_schema_version(info.version)
+        return False
     changed = take(store, steps, mine, info.version)
     client.use_schema_version(info.version)
     return changed
@@ -117,16 +125,10 @@ def catch_up(store: NodeStore, client: HubClient, hub_version: int | None) -> bo
 def _mismatch(steps: Plan, version: int) -> str:
     """The line of an office whose own schema has what the hub's lacks."""
     extra = [f"{t}.{c}" for t, c in _dropped_columns(steps)] + list(steps.dropped)
-    if extra:
-        return (
-            f"this office's schema has {', '.join(extra)}, which the hub's schema version "
-            f"{version} lacks: apply this office's schema file at the hub with "
-            "`fieldsync hub schema apply FILE`; every change stays queued here"
-        )
     return (
-        f"this office's schema differs from the hub's version {version}: "
-        f"{steps.losses[0]}; initialise the office with the hub's schema, or apply its "
-        "file at the hub; every change stays queued here"
+        f"this office's schema has {', '.join(extra)}, which the hub's schema version "
+        f"{version} lacks: apply this office's schema file at the hub with "
+        "`fieldsync hub schema apply FILE`; every change stays queued here"
     )
 
 
