@@ -106,7 +106,7 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
         migrate(conn, steps)
         for name in steps.dropped:
             conn.execute("DELETE FROM _fieldsync_records WHERE tbl = ?", [name])
-        for name, column in _dropped_columns(steps):
+        for name, column in steps.dropped_columns():
             path = '$."' + column + '"'
             conn.execute(
                 "UPDATE _fieldsync_records SET vals = json_remove(vals, ?), "
@@ -133,17 +133,6 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
         )
         hub.refresh(conn)
     return Applied(version + 1, steps, backup)
-
-
-def _dropped_columns(steps: Plan) -> list[tuple[str, str]]:
-    """(table, column) of each column the plan drops from a table it keeps."""
-    return [
-        (name, column)
-        for name, table in steps.old.tables.items()
-        if name in steps.new.tables
-        for column in table.column_names
-        if column not in steps.new.tables[name].column_names
-    ]
 
 
 def _adopt_check(conn: sqlite3.Connection, steps: Plan) -> None:

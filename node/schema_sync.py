@@ -108,7 +108,7 @@ def catch_up(store: NodeStore, client: HubClient, hub_version: int | None) -> bo
     check_columns(store, new)
     steps = plan(store.schema, new)
     if steps.losses and mine == 0:
-        if _dropped_columns(steps) or steps.dropped:
+        if steps.dropped_columns() or steps.dropped:
             raise SchemaError(_mismatch(steps, info.version))
         # Other differences (a table not STRICT, another constraint): the office keeps
         # its tables, as before versions; the hub refuses what it cannot take, per
@@ -124,22 +124,12 @@ def catch_up(store: NodeStore, client: HubClient, hub_version: int | None) -> bo
 
 def _mismatch(steps: Plan, version: int) -> str:
     """The line of an office whose own schema has what the hub's lacks."""
-    extra = [f"{t}.{c}" for t, c in _dropped_columns(steps)] + list(steps.dropped)
+    extra = [f"{t}.{c}" for t, c in steps.dropped_columns()] + list(steps.dropped)
     return (
         f"this office's schema has {', '.join(extra)}, which the hub's schema version "
         f"{version} lacks: apply this office's schema file at the hub with "
         "`fieldsync hub schema apply FILE`; every change stays queued here"
     )
-
-
-def _dropped_columns(steps: Plan) -> list[tuple[str, str]]:
-    return [
-        (name, column)
-        for name, table in steps.old.tables.items()
-        if name in steps.new.tables
-        for column in table.column_names
-        if column not in steps.new.tables[name].column_names
-    ]
 
 
 def take(store: NodeStore, steps: Plan, mine: int, version: int) -> bool:

@@ -187,6 +187,17 @@ class Plan:
             out.append("scopes changed: every office pulls its scope again")
         return out or ["no change to the tables"]
 
+    def dropped_columns(self) -> list[tuple[str, str]]:
+        """(table, column) of each column ``old`` has and ``new`` lacks, in tables both
+        keep."""
+        return [
+            (name, column)
+            for name, table in self.old.tables.items()
+            if name in self.new.tables
+            for column in table.column_names
+            if column not in self.new.tables[name].column_names
+        ]
+
     def refusal(self, version: int) -> str:
         """Why the plan is refused without --allow-loss (its losses, and what to do)."""
         return (
