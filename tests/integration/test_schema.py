@@ -101,6 +101,16 @@ def test_an_office_of_an_older_fieldsync_is_refused_in_one_line(
     schema = httpx.get(f"{hub.url}/v1/schema", headers=headers).json()
     assert schema == {"version": 2, "source": WITH_PHONE}
     assert httpx.get(f"{hub.url}/v1/health").json()["schema_version"] == 2
+    current = httpx.get(pull, headers={**headers, "Fieldsync-Schema": "2"})
+    assert current.status_code == 200 and current.json()["schema_version"] == 2
+    behind = httpx.get(pull, headers={**headers, "Fieldsync-Schema": "1"})
+    assert behind.status_code == 409 and "takes the new version" in behind.json()["detail"]
+    ahead = httpx.post(
+        f"{hub.url}/v1/push",
+        json={"protocol": 2, "changes": []},
+        headers={**headers, "Fieldsync-Schema": "3"},
+    )
+    assert ahead.status_code == 409 and "apply that schema again" in ahead.json()["detail"]
 
 
 def test_a_column_added_by_hand_stops_sync_until_the_hub_declares_it(
@@ -182,3 +192,16 @@ def test_schema_show_names_a_column_added_by_hand_at_the_hub(hub: Hub) -> None:
     assert '"undeclared": [\n    "cases.phone"\n  ]' in shown.output
     text = run("hub", "schema", "show", "--db", hub.path).output
     assert "not declared: cases.phone" in text
+
+
+def test_a_hub_with_a_column_added_by_hand_refuses_to_serve(tmp_path: Path) -> None:
+    from tests.integration.test_cli import assert_one_line_error, fieldsync, free_port, ok
+
+    path = tmp_path / "hub.db"
+    ok("hub", "add-node", "kyiv", "--db", path)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("ALTER TABLE cases ADD COLUMN phone TEXT")
+    conn.close()
+    served = fieldsync("hub", "serve", "--db", path, "--port", str(free_port()), timeout=20)
+    assert_one_line_error(served, "table cases has a column phone", "hub schema apply")
