@@ -396,11 +396,14 @@ def rebuild(conn: sqlite3.Connection, spec: Table, common: tuple[str, ...]) -> N
     """Make ``spec.name`` as ``spec.create`` declares, keeping the ``common`` columns'
     values: create anew, copy, drop, rename; then the table's other indexes again."""
     temp = f"_fieldsync_rebuild_{spec.name}"
+    # The table's own indexes and the application's triggers go with the old table;
+    # they are made again (capture triggers are the caller's business).
     indexes = [
         row[0]
         for row in conn.execute(
-            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
-            "AND sql IS NOT NULL",
+            "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND tbl_name = ? "
+            "AND sql IS NOT NULL AND name NOT LIKE '\\_fieldsync\\_%' ESCAPE '\\' "
+            "ORDER BY type",
             [spec.name],
         )
     ]
@@ -417,9 +420,16 @@ def rebuild(conn: sqlite3.Connection, spec: Table, common: tuple[str, ...]) -> N
             "correct those rows, or the schema, and apply again"
         ) from None
     conn.execute(f"DROP TABLE {quote(spec.name)}")
-    conn.execute(f"ALTER TABLE {quote(temp)} RENAME TO {quote(spec.name)}")
+    # Legacy: a view naming the table would otherwise stop the rename (it names a table
+    # that, for a moment, does not exist); it names the table again once renamed.
+    legacy = conn.execute("PRAGMA legacy_alter_table").fetchone()[0]
+    conn.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        conn.execute(f"ALTER TABLE {quote(temp)} RENAME TO {quote(spec.name)}")
+    finally:
+        conn.execute(f"PRAGMA legacy_alter_table = {int(legacy)}")
     for sql in indexes:
         try:
             conn.execute(sql)
-        except sqlite3.OperationalError:  # an index of a column no longer there
+        except sqlite3.OperationalError:  # of a column no longer there
             continue

@@ -77,7 +77,7 @@ def test_a_column_added_while_one_office_is_offline(
     kyiv.sync()
     assert cases(kyiv)["c2"]["family_name"] == "Koval"
     assert cases(kyiv)["c1"]["given_name"] == "Olena"
-    assert not hub.store.rejected()
+    assert not hub.store.rejected() and not hub.store.conflicts()
 
     exported = run("hub", "export", "cases", "--db", hub.path, "--format", "csv")
     rows = {r["id"]: r for r in csv.DictReader(io.StringIO(exported.output))}

@@ -130,13 +130,15 @@ def test_migrate_adds_columns_and_rebuilds_keeping_rows() -> None:
     conn.execute(schema().tables["cases"].create)
     conn.execute("INSERT INTO cases (id, name, status, size) VALUES ('a', 'x', 'open', 2)")
     conn.execute("CREATE INDEX mine ON cases (name)")  # the application's own
+    conn.execute("CREATE VIEW open_cases AS SELECT id FROM cases WHERE status = 'open'")
+    conn.execute("CREATE TRIGGER app AFTER UPDATE ON cases BEGIN SELECT 1; END")
     wider = changed("('open', 'closed')", "('open', 'closed', 'moved')")
     migrate(conn, plan(schema(), wider))
     conn.execute("UPDATE cases SET status = 'moved'")
-    assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall() == [
-        ("sqlite_autoindex_cases_1",),
-        ("mine",),
-    ]
+    assert conn.execute(
+        "SELECT type, name FROM sqlite_master WHERE type IN ('index', 'trigger') ORDER BY name"
+    ).fetchall() == [("trigger", "app"), ("index", "mine"), ("index", "sqlite_autoindex_cases_1")]
+    assert conn.execute("SELECT * FROM open_cases").fetchall() == []
     phone = changed("    office TEXT\n", "    office TEXT,\n    phone TEXT\n")
     migrate(conn, plan(schema(), phone))
     assert conn.execute("SELECT id, size, phone FROM cases").fetchall() == [("a", 2, None)]
