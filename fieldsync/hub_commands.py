@@ -122,6 +122,7 @@ def hub_serve(
     _listen(host, port).close()  # a port in use is a one-line error, before any file
     new = not os.path.exists(db_path)
     store = _open_hub(db_path, schema_path, create=True)
+    _check_declared(store)
     if new:
         click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")
     store.max_future_ms = max_future_seconds * 1000
@@ -154,6 +155,17 @@ def hub_serve(
     finally:
         compactor.stop()
         store.close()
+
+
+def _check_declared(store: Any) -> None:
+    """Refuse to serve a hub whose tables have columns the schema lacks (by hand)."""
+    from hub.schemas import check_declared
+
+    try:
+        check_declared(store.database)
+    except BaseException:
+        store.close()
+        raise
 
 
 def _check_tls(certfile: str | None, keyfile: str | None) -> None:

@@ -10,6 +10,7 @@ Routes of the sync protocol (``shared.protocol.PROTOCOL_VERSION``; paths under `
 - ``GET  /v1/pull``     records changed after ``cursor`` (bearer token)
 - ``POST /v1/status``   the office's state and its recent syncs, after each sync
 - ``GET  /v1/conflicts`` the office's own edits that lost, changed after ``after``
+- ``GET  /v1/schema``   the hub's schema version and its TOML source (office token)
 - ``GET  /v1/openapi.json``  every route, body and error (``hub/openapi.py``)
 
 and those of ``hub/admin.py`` (the admin API, ``/metrics``) and ``hub/dashboard.py``.
@@ -65,6 +66,7 @@ from shared.protocol import (
     MAX_PUSH_BYTES,
     MAX_PUSH_VALUES,
     PROTOCOL_VERSION,
+    SCHEMA_HEADER,
     Change,
     Health,
     StatusKept,
@@ -188,6 +190,7 @@ def create_app(
             UNSET if office is None else office[1],
             UNSET if office is None else office[0],
             epoch=store.epoch,
+            schema_version=await run_in_threadpool(lambda: store.schema_version),
         )
         return JSONResponse(msgspec.to_builtins(answer))
 
@@ -228,7 +231,9 @@ def create_app(
         seqs = [c.seq for c in changes]
         if seqs != sorted(set(seqs)):
             raise ProtocolError("changes must be in increasing seq order, each seq once")
+        version = await run_in_threadpool(check_schema, request, node, "push")
         result = await run_in_threadpool(store.push, node, changes)
+        result = msgspec.structs.replace(result, schema_version=version)
         log.info(
             "push from %s: %d changes, %d applied, %d conflicts, %d rejected, acked %d",
             node,
@@ -255,10 +260,56 @@ def create_app(
                 "upgrade_required",
                 409,
             )
+        version = await run_in_threadpool(check_schema, request, node, "pull")
         page = await run_in_threadpool(
             lambda: store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
         )
+        page = msgspec.structs.replace(page, schema_version=version)
         return JSONResponse(page.to_json())
+
+    def check_schema(request: Request, node: str, action: str) -> int:
+        """The hub's schema version, if the office's (header SCHEMA_HEADER) may push or
+        pull under it: an office that does not say (an older fieldsync) only while the
+        hub is at version 1; an office ahead of the hub (restored from an older backup)
+        never; one behind may push (what it queued is accepted) but migrates first
+        before it pulls."""
+        version = store.schema_version
+        sent = request.headers.get(SCHEMA_HEADER)
+        if sent is None:
+            if version > 1:
+                raise HubRejectedError(
+                    f"office {node} runs a fieldsync too old for this hub's schema version "
+                    f"{version}; upgrade fieldsync at the office (its changes are kept "
+                    "meanwhile)",
+                    "upgrade_required",
+                    409,
+                )
+            return version
+        if not sent.isdigit() or len(sent) > 9:
+            raise ProtocolError(f"the {SCHEMA_HEADER} header must be a schema version number")
+        office = int(sent)
+        if office > version:
+            raise HubRejectedError(
+                f"office {node} uses schema version {office}, but this hub has only version "
+                f"{version} (restored from a backup taken before `hub schema apply`?): apply "
+                "that schema again at the hub with `fieldsync hub schema apply FILE`; the "
+                "office keeps its changes meanwhile",
+                "refused",
+                409,
+            )
+        if office < version and action == "pull":
+            raise HubRejectedError(
+                f"the hub's schema is at version {version}, office {node} at {office}: the "
+                "office takes the new version at its next sync",
+                "refused",
+                409,
+            )
+        return version
+
+    async def schema(request: Request) -> JSONResponse:
+        await run_in_threadpool(authenticate, request)
+        info = await run_in_threadpool(store.schema_info)
+        return JSONResponse(msgspec.to_builtins(info))
 
     async def lost_edits(request: Request) -> JSONResponse:
         # The asking office's own lost edits only: the token decides whose.
@@ -324,6 +375,7 @@ def create_app(
             Route("/v1/pull", pull),
             Route("/v1/status", report_status, methods=["POST"]),
             Route("/v1/conflicts", lost_edits),
+            Route("/v1/schema", schema),
             Route("/v1/openapi.json", openapi),
         ],
         # Level 3: a tenth of level 9's CPU for about 20% more bytes (see README).

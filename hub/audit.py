@@ -46,6 +46,7 @@ ACTIONS = {
     "set_role": "changed an admin's role",
     "set_scope": "changed which records an office holds (its scopes)",
     "move": "moved a record to another office",
+    "schema_apply": "changed the schema (`hub schema apply`): its new version and plan",
 }
 
 # Who is nobody in particular: a token that matched no admin.

@@ -18,7 +18,8 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlite_utils
@@ -60,26 +61,91 @@ class HubDatabase:
         self.lock = threading.Lock()
         self.now = now
         self.clock = HybridClock("hub", now)
-        with self.write() as conn:
+        # The schema in use, its version and its merge functions, replaced as one
+        # when `hub schema apply` (in this process or another) stores a newer one.
+        self._loaded: tuple[int, Schema, dict[str, CustomMerge]]
+        self._data_version = -1
+        self._probe: sqlite3.Connection | None = None  # see current_version
+        self._probe_seen = -1
+        self._probe_lock = threading.Lock()
+        with self.lock, write(self.db) as conn:
             migrate(self.db)
-            self.schema = _stored_schema(conn, schema, path)
+            found = _stored_schema(conn, schema, path)
             # In the opening transaction: a function that cannot be loaded leaves a
             # new file as empty as it was, so the schema can be corrected and tried again.
-            self.custom: dict[str, CustomMerge] = {
-                t.name: load_custom(t.policy)
-                for t in self.schema.tables.values()
-                if t.policy.startswith("custom:")
-            }
+            self._loaded = (_version(conn), found, custom_merges(found))
             create_tables(conn, self.schema)
             row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'hlc'").fetchone()
             if row is not None:
                 self.clock.observe(int(row[0]))
 
+    @property
+    def schema(self) -> Schema:
+        """The schema in use (the newest version stored, see :meth:`write`)."""
+        return self._loaded[1]
+
+    @property
+    def custom(self) -> dict[str, CustomMerge]:
+        """The merge function of each table with a ``custom:`` policy."""
+        return self._loaded[2]
+
+    @property
+    def schema_version(self) -> int:
+        return self._loaded[0]
+
+    def version_and_schema(self) -> tuple[int, Schema]:
+        """The version in use and its schema, read together."""
+        version, schema, _ = self._loaded
+        return version, schema
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """The writer's connection in a write transaction, under the lock."""
+        """The writer's connection in a write transaction, under the lock.
+
+        Each one first looks whether another program committed since (``PRAGMA
+        data_version``, a counter in memory) and, only then, whether the schema's
+        version changed (`hub schema apply` while the hub serves): the schema is
+        then read again, before anything is written under the old one.
+        """
         with self.lock, write(self.db) as conn:
+            seen = conn.execute("PRAGMA data_version").fetchone()[0]
+            if seen != self._data_version:
+                self._data_version = seen
+                self.refresh(conn)
             yield conn
+
+    def current_version(self) -> int:
+        """The newest schema version, taken if another program stored it.
+
+        Read on a connection of its own (never waiting for the writer's lock), and
+        only when something was committed since it last looked (``data_version``).
+        """
+        with self._probe_lock:
+            if self._probe is None:
+                self._probe = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._probe.execute("PRAGMA busy_timeout = 10000")
+            seen = self._probe.execute("PRAGMA data_version").fetchone()[0]
+            if seen != self._probe_seen:
+                self._probe_seen = seen
+                self.refresh(self._probe)
+            return self._loaded[0]
+
+    def refresh(self, conn: sqlite3.Connection) -> None:
+        """Take the newest schema version stored on ``conn``, if it is newer than the
+        one in use (replaced as one tuple: readers see the old or the new)."""
+        version = _version(conn)
+        latest = conn is self.db.conn or conn is self._probe  # not an older snapshot
+        if version > self._loaded[0] or version < self._loaded[0] and latest:
+            source = conn.execute(
+                "SELECT source FROM _fieldsync_schemas WHERE version = ?", [version]
+            ).fetchone()[0]
+            found = Schema.from_toml(source, f"schema version {version} of {self.path}")
+            self._loaded = (version, found, custom_merges(found))
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -87,12 +153,22 @@ class HubDatabase:
         with self.lock:
             yield self.db.conn
 
-    def snapshot(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A read-only connection of its own holding one snapshot: for long reads."""
-        return read_snapshot(self.path)
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection of its own holding one snapshot: for long reads.
+
+        A snapshot that sees a newer schema version than the one in use takes it
+        first (what it reads may hold the new tables and columns).
+        """
+        with read_snapshot(self.path) as conn:
+            self.refresh(conn)
+            yield conn
 
     def close(self) -> None:
         self.checkpointer.close()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
         with self.lock:
             self.db.conn.close()
 
@@ -105,13 +181,42 @@ def _stored_schema(conn: sqlite3.Connection, schema: Schema | None, path: str | 
         conn.execute(
             "INSERT INTO _fieldsync_meta (key, value) VALUES ('schema', ?)", [schema.source]
         )
+        conn.execute(
+            "INSERT INTO _fieldsync_schemas (version, source, applied_at, applied_by) "
+            "VALUES (1, ?, ?, 'hub')",
+            [schema.source, datetime.now(UTC).isoformat(timespec="seconds")],
+        )
         return schema
-    found = Schema.from_toml(stored[0], f"the schema stored in {path}")
-    if schema is not None and schema.source != stored[0]:
+    conn.execute(
+        "INSERT OR IGNORE INTO _fieldsync_schemas (version, source, applied_at, applied_by) "
+        "VALUES (1, ?, ?, 'hub')",
+        [stored[0], datetime.now(UTC).isoformat(timespec="seconds")],
+    )
+    newest = conn.execute(
+        "SELECT source FROM _fieldsync_schemas ORDER BY version DESC LIMIT 1"
+    ).fetchone()[0]
+    found = Schema.from_toml(newest, f"the schema stored in {path}")
+    if schema is not None and schema.source != newest:
         raise FieldsyncError(
-            f"hub database {path} already uses another schema; omit --schema to use the stored one"
+            f"hub database {path} already uses another schema; omit --schema to use the "
+            "stored one, or change it with `fieldsync hub schema apply FILE`"
         )
     return found
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    """The newest schema version stored (1 for a hub whose schema never changed)."""
+    row = conn.execute("SELECT max(version) FROM _fieldsync_schemas").fetchone()
+    return int(row[0] or 1)
+
+
+def custom_merges(schema: Schema) -> dict[str, CustomMerge]:
+    """The merge function of each table of ``schema`` with a ``custom:`` policy."""
+    return {
+        t.name: load_custom(t.policy)
+        for t in schema.tables.values()
+        if t.policy.startswith("custom:")
+    }
 
 
 def _make_private(path: Path) -> None:

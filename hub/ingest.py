@@ -34,7 +34,7 @@ from hub.status import count_push
 from hub.times import utcnow
 from shared.clock import COUNTER_BITS
 from shared.errors import ClockSkewError, FieldsyncError, HubRejectedError, InvalidChangeError
-from shared.merge import CustomMerge, Outcome, RecordState, merge
+from shared.merge import Outcome, RecordState, merge
 from shared.protocol import Change, PushResult, Rejection, dumps_text, loads
 from shared.schema import EXISTS, RecordKey, Table
 
@@ -56,7 +56,6 @@ class Ingest:
     def __init__(self, hub: HubDatabase, *, max_future_ms: int = DEFAULT_MAX_FUTURE_MS) -> None:
         self.hub = hub
         self.max_future_ms = max_future_ms
-        self._custom: dict[str, CustomMerge] = hub.custom
 
     def push(self, node: str, changes: Sequence[Change]) -> PushResult:
         """Apply a batch; changes already acknowledged are skipped (and checked).
@@ -297,7 +296,7 @@ class Ingest:
     def _merge(
         self, table: Table, current: RecordState | None, change: Change, stamp: str
     ) -> Outcome:
-        custom = self._custom.get(table.name)
+        custom = self.hub.custom.get(table.name)
         decided = None
         if custom is not None and current is not None:
             # A value the function decides is the hub's write, stamped after the change.

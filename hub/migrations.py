@@ -280,12 +280,33 @@ def _conflict_changes(db: sqlite_utils.Database) -> None:
     _run(db.conn, _CONFLICT_CHANGES)
 
 
+_SCHEMAS = """
+CREATE TABLE IF NOT EXISTS _fieldsync_schemas (
+    version INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    applied_at TEXT NOT NULL,
+    applied_by TEXT NOT NULL
+)
+"""
+
+
+def _schema_versions(db: sqlite_utils.Database) -> None:
+    """Step 5: the schema's versions (hub/schemas.py); the stored schema is version 1."""
+    _run(db.conn, _SCHEMAS)
+    db.conn.execute(
+        "INSERT OR IGNORE INTO _fieldsync_schemas (version, source, applied_at, applied_by) "
+        "SELECT 1, value, strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now'), 'hub' "
+        "FROM _fieldsync_meta WHERE key = 'schema'"
+    )
+
+
 # In order; step n brings a database from user_version n - 1 to n.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _baseline,
     _scopes,
     _roles_and_audit,
     _conflict_changes,
+    _schema_versions,
 ]
 
 

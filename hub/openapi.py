@@ -28,12 +28,14 @@ import msgspec
 from shared import __version__
 from shared.protocol import (
     PROTOCOL_VERSION,
+    SCHEMA_HEADER,
     ConflictPage,
     ErrorBody,
     Health,
     PullPage,
     PushRequest,
     PushResult,
+    SchemaInfo,
     StatusKept,
     StatusReport,
 )
@@ -77,6 +79,7 @@ class Param:
     name: str
     schema: dict[str, Any]
     description: str = ""
+    located: Literal["query", "header"] = "query"
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,16 @@ def _fields(required: tuple[str, ...], **fields: dict[str, Any]) -> dict[str, An
 
 
 _TEXT: dict[str, Any] = {"type": "string"}
+# The office's schema version, sent with push and pull (hub/app.py check_schema).
+_SCHEMA_PARAM = Param(
+    SCHEMA_HEADER,
+    {"type": "integer", "minimum": 0},
+    "the office's schema version. Absent (a fieldsync from before schema versions): "
+    "refused (409 upgrade_required) once the hub's schema is past version 1. Above the "
+    "hub's (a hub restored from before `hub schema apply`): refused (409 refused). "
+    "Below: a push is taken, a pull refused (409 refused) until the office migrates",
+    "header",
+)
 
 
 def endpoints(max_page: int) -> tuple[Endpoint, ...]:
@@ -147,7 +160,10 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
                 "invalid_change",
                 "clock_skew",
                 "diverged",
+                "upgrade_required",
+                "refused",
             ),
+            params=(_SCHEMA_PARAM,),
         ),
         Endpoint(
             "get",
@@ -155,8 +171,9 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
             "Records changed after a cursor, one page: each record's current state, once",
             "office",
             PullPage,
-            errors=("bad_request", "upgrade_required"),
+            errors=("bad_request", "upgrade_required", "refused"),
             params=(
+                _SCHEMA_PARAM,
                 Param("cursor", {"type": "integer", "minimum": 0, "default": 0}),
                 Param(
                     "limit", {"type": "integer", "minimum": 1, "maximum": max_page, "default": 1000}
@@ -213,6 +230,14 @@ def endpoints(max_page: int) -> tuple[Endpoint, ...]:
                     "limit", {"type": "integer", "minimum": 1, "maximum": max_page, "default": 1000}
                 ),
             ),
+        ),
+        Endpoint(
+            "get",
+            "/v1/schema",
+            "The hub's schema: its version and TOML source (an office whose version is "
+            "older migrates to it; see README, Changing the schema)",
+            "office",
+            SchemaInfo,
         ),
         Endpoint(
             "get",
@@ -431,6 +456,7 @@ def openapi_document(error_codes: Mapping[str, int], max_page: int) -> dict[str,
         Health,
         ErrorBody,
         ConflictPage,
+        SchemaInfo,
     ]
     _, schemas = msgspec.json.schema_components(wire, ref_template="#/components/schemas/{name}")
     schemas["ErrorBody"]["properties"]["error"]["enum"] = sorted(codes)
@@ -469,7 +495,7 @@ def _operation(endpoint: Endpoint, codes: Mapping[str, int]) -> dict[str, Any]:
         for name in _PATH_PARAM.findall(endpoint.path)
     ]
     parameters += [
-        {"name": p.name, "in": "query", "schema": p.schema}
+        {"name": p.name, "in": p.located, "schema": p.schema}
         | ({"description": p.description} if p.description else {})
         for p in endpoint.params
     ]

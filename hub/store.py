@@ -56,7 +56,14 @@ from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
 from shared.clock import now_ms
 from shared.merge import RecordState
-from shared.protocol import Change, ConflictPage, PullPage, PushResult, StatusReport
+from shared.protocol import (
+    Change,
+    ConflictPage,
+    PullPage,
+    PushResult,
+    SchemaInfo,
+    StatusReport,
+)
 from shared.schema import Schema
 from shared.sqlite import table_rows
 
@@ -75,6 +82,11 @@ class HubStore(Protocol):
 
     @property
     def schema(self) -> Schema: ...
+
+    @property
+    def schema_version(self) -> int: ...
+
+    def schema_info(self) -> SchemaInfo: ...
 
     def add_node(self, name: str) -> str: ...
 
@@ -218,7 +230,21 @@ class SqliteHubStore:
 
     @property
     def schema(self) -> Schema:
+        """The schema in use, the newest version (`hub schema apply` in another
+        program is seen here at once: the dashboard's pages show new columns)."""
+        self.database.current_version()
         return self.database.schema
+
+    @property
+    def schema_version(self) -> int:
+        """The schema's newest version (`hub schema apply` may store one meanwhile)."""
+        return self.database.current_version()
+
+    def schema_info(self) -> SchemaInfo:
+        """The schema's newest version and its source (``GET /v1/schema``)."""
+        self.database.current_version()
+        version, schema = self.database.version_and_schema()
+        return SchemaInfo(version, schema.source)
 
     @property
     def max_future_ms(self) -> int:
@@ -393,7 +419,7 @@ class SqliteHubStore:
         Read on a snapshot of their own: a scan of every table holds up no push.
         """
         with self.database.snapshot() as conn:
-            return report.figures(conn, self.schema)
+            return report.figures(conn, self.database.schema)
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every live record of ``table``, ordered by primary key (on a snapshot)."""
@@ -405,5 +431,5 @@ class SqliteHubStore:
         """One record's values as the hub holds them now (None: never seen)."""
         key = self.schema.table(table).pk_key(pk)
         with self.database.read() as conn:
-            found = records.load(conn, self.schema, table, key)
+            found = records.load(conn, self.database.schema, table, key)
         return None if found is None else found[0]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
-from node import restore
+from node import restore, schema_sync
 from node.client import HubClient, HubClock
 from node.compact import compact_if_due
 from node.schedule import local_now, run_agent
@@ -206,6 +206,8 @@ class SyncAgent:
 
         try:
             clock = self._correct_clock()
+            # Before anything moves: the office's tables as the hub's schema version.
+            schema_sync.catch_up(self.store, self.client, clock.schema_version)
             self._watch = restore.begin(
                 self.store.db, self.store.node, clock, self.client, self.batch_size
             )

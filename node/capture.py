@@ -294,3 +294,21 @@ def _backfill(conn: sqlite3.Connection, table: Table) -> None:
             f"in {where}; fix them (types, NULL keys, blobs, sizes), then run init again"
         )
     log_rows(conn, table, "insert")
+
+
+def log_columns(conn: sqlite3.Connection, table: Table, columns: Sequence[str]) -> int:
+    """Log, as updates of ``columns`` only, the rows of ``table`` where one of them is
+    set: values written before capture knew the columns (added by hand, then adopted
+    by a schema version), so that they reach the hub. Returns how many were logged."""
+    if not columns:
+        return 0
+    stamp = conn.execute(f"SELECT {_STAMP}").fetchone()[0]
+    pk = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    some = " OR ".join(f"t.{quote(c)} IS NOT NULL" for c in columns)
+    cursor = conn.execute(
+        "INSERT INTO _fieldsync_changes (tbl, pk, op, hlc, captured, vals) "
+        f"SELECT ?, json_array({pk}), 'update', ?, 0, {_json_object(table, 't', columns)} "
+        f"FROM {quote(table.name)} AS t WHERE {some}",
+        [table.name, stamp],
+    )
+    return cursor.rowcount

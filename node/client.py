@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 
 from shared import __version__
 from shared.errors import (
@@ -36,10 +37,12 @@ from shared.errors import (
 )
 from shared.protocol import (
     PROTOCOL_VERSION,
+    SCHEMA_HEADER,
     Change,
     ConflictPage,
     PullPage,
     PushResult,
+    SchemaInfo,
     StatusReport,
     dumps,
     loads,
@@ -77,6 +80,7 @@ class HubClock(NamedTuple):
     time_ms: int
     acked: int | None = None
     epoch: str = ""  # the hub's identity ("" from hubs that do not say; node/restore.py)
+    schema_version: int | None = None  # the hub's schema version (None: it does not say)
 
 
 class TokenOwner(NamedTuple):
@@ -101,6 +105,10 @@ class HubClient(Protocol):
     def hub_time(self) -> HubClock: ...
 
     def lost_edits(self, after: int, limit: int) -> ConflictPage: ...
+
+    def schema(self) -> SchemaInfo: ...
+
+    def use_schema_version(self, version: int) -> None: ...
 
     def report_status(self, report: StatusReport) -> bool: ...
 
@@ -313,6 +321,19 @@ class HttpHubClient:
         _raise_for_status(response, action, self.url)
         return self._read(response, ConflictPage.from_json, action)
 
+    def schema(self) -> SchemaInfo:
+        """The hub's schema version and its TOML source."""
+        action = "fetch the schema from"
+        with _hub_errors(action, self.url):
+            response = self._client.get(f"{self.url}/v1/schema", headers=self._headers)
+        self._count(response, 0)
+        _raise_for_status(response, action, self.url)
+        return self._read(response, lambda body: msgspec.json.decode(body, type=SchemaInfo), action)
+
+    def use_schema_version(self, version: int) -> None:
+        """Send ``version`` (the office's schema version) with every push and pull."""
+        self._headers[SCHEMA_HEADER] = str(version)
+
     def hub_time(self) -> HubClock:
         """The hub's clock, and how far it has dealt with this office's changes (from
         its health check, asked with the office's token)."""
@@ -325,10 +346,12 @@ class HttpHubClient:
         if type(value) is not int:
             raise ProtocolError(f"cannot {action} {self.url}: its health check has no hub time")
         acked, epoch = body.get("acked"), body.get("epoch")
+        schema = body.get("schema_version")
         return HubClock(
             value,
             acked if type(acked) is int and acked >= 0 else None,
             epoch if isinstance(epoch, str) else "",
+            schema if type(schema) is int and schema > 0 else None,
         )
 
     def token_owner(self) -> TokenOwner:

@@ -24,7 +24,8 @@ Tables fieldsync owns (all prefixed ``_fieldsync_``):
   settings: a private CA file, plain http allowed), clock floor, pull cursor,
   the ``applying`` flag that silences the triggers while pulled changes are applied
   (so they are not captured again), and the outcome of the last sync;
-- ``_fieldsync_schema``: the synced tables' schema (TOML), apart from the state row;
+- ``_fieldsync_schema``: the synced tables' schema (TOML), apart from the state row,
+  and the hub's schema version it is (0: not learned yet; see node/schema_sync.py);
 - ``_fieldsync_changes``: the change log; a change leaves it once the hub has
   acknowledged committing it (see node/outbox.py);
 - ``_fieldsync_versions``: per record, the version of each column as the hub last
@@ -223,6 +224,12 @@ def _add_sent(conn: sqlite3.Connection, schema: Schema) -> None:
     conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = acked_seq")
 
 
+def _add_schema_version(conn: sqlite3.Connection, schema: Schema | None) -> None:
+    # The hub's schema version this office's tables follow (node/schema_sync.py); 0:
+    # not learned yet (the office asks the hub at its next sync).
+    conn.execute("ALTER TABLE _fieldsync_schema ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+
+
 def _has_table(name: str) -> Callable[[sqlite_utils.Database], bool]:
     return lambda db: name in db.table_names()
 
@@ -247,6 +254,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration("lost edits", _add_lost_edits, _has_table("_fieldsync_conflicts")),
     Migration("acknowledged changes kept", _add_sent, _has_table("_fieldsync_sent")),
+    Migration(
+        "schema version",
+        _add_schema_version,
+        lambda db: "version" in db.table("_fieldsync_schema").columns_dict,
+    ),
 )
 VERSION = len(MIGRATIONS)
 
@@ -261,6 +273,7 @@ def create(conn: sqlite3.Connection) -> None:
     conn.execute(SENT)
     for statement in SENT_STATE:
         conn.execute(statement)
+    _add_schema_version(conn, None)
     _save_version(conn, VERSION)
 
 

@@ -47,6 +47,9 @@ from shared.clock import Timestamp, are_stamps
 from shared.errors import ProtocolError, VersionMismatchError
 
 PROTOCOL_VERSION: Final = 2
+# The request header in which an office sends its schema version with push and pull
+# (absent: a fieldsync from before schema versions; see hub/app.py).
+SCHEMA_HEADER: Final = "Fieldsync-Schema"
 
 # -- limits: what one request may hold (the hub answers 413 too_large past them) -------
 
@@ -335,6 +338,7 @@ class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION
     rejected: list[Rejection] = msgspec.field(default_factory=list)
     # The hub's identity: another than before means it was restored from a backup.
     epoch: str = ""
+    schema_version: int = 0  # the hub's schema version (0: a hub that does not say)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -346,6 +350,7 @@ class PushResult(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION
             "node": self.node,
             "rejected": [r.to_json() for r in self.rejected],
             **({"epoch": self.epoch} if self.epoch else {}),
+            **({"schema_version": self.schema_version} if self.schema_version else {}),
         }
 
     @classmethod
@@ -372,6 +377,7 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
     conflicts: int = 0
     # The hub's identity: another than before means it was restored from a backup.
     epoch: str = ""
+    schema_version: int = 0  # the hub's schema version (0: a hub that does not say)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -386,6 +392,7 @@ class PullPage(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
             **({"resync": True} if self.resync else {}),
             **({"conflicts": self.conflicts} if self.conflicts else {}),
             **({"epoch": self.epoch} if self.epoch else {}),
+            **({"schema_version": self.schema_version} if self.schema_version else {}),
         }
 
     @classmethod
@@ -577,6 +584,14 @@ class Health(Struct, frozen=True):
     node: str | UnsetType = UNSET
     # The hub's identity: another than before means it was restored from a backup.
     epoch: str = ""
+    schema_version: int = 0  # the hub's schema version (0: a hub that does not say)
+
+
+class SchemaInfo(Struct, frozen=True):
+    """``GET /v1/schema``: the hub's schema version and its TOML source."""
+
+    version: int
+    source: str
 
 
 class StatusKept(Struct, frozen=True):

@@ -85,6 +85,9 @@ class Table:
     policy: str
     create: str
     scope: Scope | None = None  # None: every office holds every record
+    # The table's own indexes, declared with ``indexes = ["CREATE INDEX ..."]``:
+    # (index name, its SQL), in the order written.
+    indexes: tuple[tuple[str, str], ...] = ()
     # Per column, the Python types whose values need no closer look (see check_values).
     _fast: dict[str, frozenset[type]] = field(
         default_factory=dict, init=False, compare=False, hash=False, repr=False
@@ -403,11 +406,11 @@ class Schema:
 def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str) -> Table:
     if not isinstance(entry, dict) or not isinstance(entry.get("create"), str):
         raise SchemaError(f"{origin}: table {name} needs a 'create' SQL statement")
-    unknown = sorted(set(entry) - {"create", "policy", "scope"})
+    unknown = sorted(set(entry) - {"create", "policy", "scope", "indexes"})
     if unknown:
         raise SchemaError(
             f"{origin}: table {name} has unknown key(s) {', '.join(unknown)}; "
-            "a table takes 'create', 'policy' and 'scope'"
+            "a table takes 'create', 'policy', 'scope' and 'indexes'"
         )
     if name.startswith(("_fieldsync", "sqlite_")):
         raise SchemaError(f"{origin}: table name {name!r} is reserved")
@@ -456,13 +459,39 @@ def _read_table(scratch: sqlite3.Connection, name: str, entry: Any, origin: str)
             "the same key; use a TEXT key (a UUID), or a table WITHOUT ROWID with keys "
             "that cannot clash"
         )
+    indexes = _read_indexes(scratch, name, entry.get("indexes", []), origin)
     if unique_constraints(scratch, name):
         raise SchemaError(
             f"{origin}: table {name} has a UNIQUE constraint besides its primary key; "
             "offices working offline could each create the same value, which no sync can "
             "undo, so synced tables cannot have one"
         )
-    return Table(name, columns, pk, policy, create)
+    return Table(name, columns, pk, policy, create, indexes=indexes)
+
+
+def _read_indexes(
+    scratch: sqlite3.Connection, name: str, entry: Any, origin: str
+) -> tuple[tuple[str, str], ...]:
+    """The indexes ``indexes = ["CREATE INDEX ...", ...]`` declares on table ``name``."""
+    if not isinstance(entry, list) or not all(isinstance(sql, str) for sql in entry):
+        raise SchemaError(f'{origin}: table {name}: indexes = ["CREATE INDEX ...", ...]')
+    found: list[tuple[str, str]] = []
+    for text in entry:
+        sql = text.strip().rstrip(";")
+        before = {row[0] for row in scratch.execute("SELECT name FROM sqlite_master")}
+        try:
+            scratch.execute(sql)
+        except sqlite3.Error as exc:
+            raise SchemaError(f"{origin}: cannot create an index of {name}: {exc}") from exc
+        made = scratch.execute(
+            "SELECT name, tbl_name, type FROM sqlite_master WHERE name NOT IN "
+            f"({', '.join('?' for _ in before)})",
+            sorted(before),
+        ).fetchall()
+        if len(made) != 1 or made[0][2] != "index" or made[0][1] != name:
+            raise SchemaError(f"{origin}: {sql!r} must create one index of table {name}")
+        found.append((str(made[0][0]), sql))
+    return tuple(found)
 
 
 def _read_scope(tables: dict[str, Table], table: Table, entry: Any, origin: str) -> Table:

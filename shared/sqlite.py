@@ -166,6 +166,9 @@ def create_tables(conn: sqlite3.Connection, schema: Schema) -> None:
                     f"table {table.name} has unique index(es) {', '.join(unique)} besides its "
                     "primary key; offices working offline could clash on them, so drop them"
                 )
+        for name, sql in table.indexes:  # declared in the schema (`indexes = [...]`)
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [name]).fetchone():
+                conn.execute(sql)
 
 
 @functools.lru_cache(maxsize=256)

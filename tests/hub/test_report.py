@@ -310,10 +310,11 @@ def test_one_read_only_snapshot_of_grouped_queries(
     hub: SqliteHubStore, live: dict[str, Any]
 ) -> None:
     conn = hub.db.conn
+    schema = hub.schema  # (which looks whether another program stored a newer version)
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     try:
-        figures(conn, hub.schema)
+        figures(conn, schema)
     finally:
         conn.set_trace_callback(None)
     assert statements[0] == "BEGIN" and statements[-1] == "ROLLBACK"

@@ -1,0 +1,211 @@
+"""
+The schema's versions at the hub: what `hub schema show` reads and `hub schema apply`
+changes.
+
+Every version is a row of ``_fieldsync_schemas`` (its TOML source, when and by whom);
+the hub's first schema is version 1, and the newest is the one in use. ``_fieldsync_meta``
+key ``schema`` holds the newest source too (exports and older tools read it there).
+
+:func:`apply` plans the change (shared/schema_change.py) and, in ONE write
+transaction, changes the mirrored tables (new tables, ``ADD COLUMN``, rebuilds), stores
+the new version, recomputes every record's scope key when a scope changed (marking
+every office to pull its scope again), and writes the audit entry. A serving hub in
+another process takes the new version at its next write or snapshot (see
+hub/database.py). A change that may lose data is refused unless ``allow_loss``; then a
+backup of the whole file is made before anything changes.
+
+Columns found in the hub's tables that the schema does not declare (added by hand with
+sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub import audit
+from hub.audit import Actor
+from hub.database import HubDatabase, custom_merges
+from hub.times import utcnow
+from shared.errors import FieldsyncError, SchemaError
+from shared.schema import Schema, quote
+from shared.schema_change import ADD, Plan, migrate, plan
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What :func:`apply` did: the version now in use, and the plan (None: the source
+    was already the newest version)."""
+
+    version: int
+    plan: Plan | None
+    backup: Path | None = None
+
+
+def current(conn: sqlite3.Connection) -> tuple[int, str]:
+    """The newest version and its source."""
+    row = conn.execute(
+        "SELECT version, source FROM _fieldsync_schemas ORDER BY version DESC LIMIT 1"
+    ).fetchone()
+    return int(row[0]), str(row[1])
+
+
+def versions(hub: HubDatabase) -> list[dict[str, Any]]:
+    """Every version, oldest first: number, when, by whom."""
+    with hub.read() as conn:
+        rows = conn.execute(
+            "SELECT version, applied_at, applied_by FROM _fieldsync_schemas ORDER BY version"
+        ).fetchall()
+    return [{"version": v, "applied_at": at, "applied_by": by} for v, at, by in rows]
+
+
+def undeclared(conn: sqlite3.Connection, schema: Schema) -> list[tuple[str, str]]:
+    """(table, column) of every column a synced table has and the schema lacks."""
+    found = []
+    for table in schema.tables.values():
+        for row in conn.execute(f"PRAGMA table_info({quote(table.name)})"):
+            if row[1] not in table.column_names:
+                found.append((table.name, str(row[1])))
+    return found
+
+
+def check_declared(hub: HubDatabase) -> None:
+    """Raise, naming the first, if a synced table has a column the schema lacks."""
+    with hub.read() as conn:
+        found = undeclared(conn, hub.schema)
+    if found:
+        table, column = found[0]
+        raise FieldsyncError(
+            f"the hub's table {table} has a column {column} that schema version "
+            f"{hub.schema_version} does not declare (added by hand?): add it to the schema "
+            f"with `fieldsync hub schema apply FILE --db {hub.path}`, or drop it"
+        )
+
+
+def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = False) -> Applied:
+    """Make ``new`` the hub's schema (see the module's text); SchemaError if refused."""
+    with hub.read() as conn:
+        version, source = current(conn)
+    if source == new.source:
+        return Applied(version, None)
+    steps = plan(Schema.from_toml(source, f"schema version {version}"), new)
+    if steps.losses and not allow_loss:
+        raise SchemaError(steps.refusal(version + 1))
+    custom_merges(new)  # a merge function that cannot be loaded stops it here
+    backup = None
+    if steps.losses:
+        backup = Path(f"{hub.path}.before-schema-v{version + 1}")
+        backup_file(hub, backup)
+    with hub.write() as conn:
+        if current(conn)[0] != version:
+            raise FieldsyncError("the hub's schema changed meanwhile; look and apply again")
+        _adopt_check(conn, steps)
+        migrate(conn, steps)
+        for name in steps.dropped:
+            conn.execute("DELETE FROM _fieldsync_records WHERE tbl = ?", [name])
+        for name, column in steps.dropped_columns():
+            path = '$."' + column + '"'
+            conn.execute(
+                "UPDATE _fieldsync_records SET vals = json_remove(vals, ?), "
+                "vers = CASE WHEN json_type(vers) = 'object' THEN json_remove(vers, ?) "
+                "ELSE vers END WHERE tbl = ?",
+                [path, path, name],
+            )
+        conn.execute(
+            "INSERT INTO _fieldsync_schemas (version, source, applied_at, applied_by) "
+            "VALUES (?, ?, ?, ?)",
+            [version + 1, new.source, utcnow(), actor.name],
+        )
+        conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'schema'", [new.source])
+        if steps.rescope:
+            rescope(conn, new)
+            conn.execute("UPDATE _fieldsync_nodes SET rescope = 1")
+        audit.record(
+            conn,
+            "schema_apply",
+            actor,
+            f"version {version + 1}",
+            changes=steps.lines(),
+            allow_loss=bool(steps.losses),
+        )
+        hub.refresh(conn)
+    return Applied(version + 1, steps, backup)
+
+
+def _adopt_check(conn: sqlite3.Connection, steps: Plan) -> None:
+    """A column the plan adds that a table already has (added by hand) is adopted if
+    it has the declared type and holds nothing; anything else is refused."""
+    for table in steps.tables:
+        if table.action != ADD:
+            continue
+        have = {
+            str(row[1]): str(row[2]).upper()
+            for row in conn.execute(f"PRAGMA table_info({quote(table.name)})")
+        }
+        spec = steps.new.tables[table.name]
+        for column in table.added_columns:
+            if column not in have:
+                continue
+            want = spec.column(column).type
+            used = conn.execute(
+                f"SELECT 1 FROM {quote(table.name)} WHERE {quote(column)} IS NOT NULL LIMIT 1"
+            ).fetchone()
+            if have[column] != want or used:
+                raise SchemaError(
+                    f"the hub's table {table.name} already has a column {column} "
+                    f"({have[column] or 'no type'}, {'with' if used else 'without'} values), "
+                    f"added by hand: to adopt it, it must be {want or 'untyped'} and empty; "
+                    "copy its values elsewhere, drop it, and apply again"
+                )
+
+
+def rescope(conn: sqlite3.Connection, schema: Schema) -> None:
+    """Every record's scope key (and parent) again, under ``schema``'s scopes.
+
+    Parents first: tables are taken in declaration order, and a follower's parent is
+    declared before it (shared/schema.py checks so).
+    """
+    for table in schema.tables.values():
+        scope = table.scope
+        if scope is None:
+            conn.execute(
+                "UPDATE _fieldsync_records SET scope = NULL, parent = NULL WHERE tbl = ?",
+                [table.name],
+            )
+            continue
+        path = '$."' + scope.column + '"'
+        if scope.parent is None:
+            conn.execute(
+                "UPDATE _fieldsync_records SET parent = NULL, scope = CASE WHEN "
+                "json_type(vals, ?) = 'text' THEN vals ->> ? ELSE '' END WHERE tbl = ?",
+                [path, path, table.name],
+            )
+            continue
+        conn.execute(
+            "UPDATE _fieldsync_records SET "
+            "parent = CASE WHEN vals ->> ? IS NULL THEN NULL ELSE json_array(vals ->> ?) END, "
+            "scope = coalesce((SELECT p.scope FROM _fieldsync_records AS p "
+            "WHERE p.tbl = ? AND p.pk = json_array(_fieldsync_records.vals ->> ?)), '') "
+            "WHERE tbl = ?",
+            [path, path, scope.parent, path, table.name],
+        )
+
+
+def backup_file(hub: HubDatabase, out: Path) -> None:
+    """A consistent copy of the hub's file at ``out`` (SQLite's backup API), 0600.
+
+    Kept local until `hub backup` (the backups part of issue 13) offers one helper.
+    """
+    try:
+        os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise FieldsyncError(f"{out} exists already; move it away and apply again") from None
+    target = sqlite3.connect(out)
+    try:
+        with hub.read() as conn:
+            conn.backup(target)
+    finally:
+        target.close()
