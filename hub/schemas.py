@@ -20,7 +20,6 @@ sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,9 @@ from typing import Any
 from hub import audit
 from hub.audit import Actor
 from hub.database import HubDatabase, custom_merges
+from hub.epoch import count_hub, mark_backup
 from hub.times import utcnow
+from shared.backup import backup as copy_verified
 from shared.errors import FieldsyncError, SchemaError
 from shared.schema import Schema, quote
 from shared.schema_change import ADD, Plan, migrate, plan
@@ -195,17 +196,8 @@ def rescope(conn: sqlite3.Connection, schema: Schema) -> None:
 
 
 def backup_file(hub: HubDatabase, out: Path) -> None:
-    """A consistent copy of the hub's file at ``out`` (SQLite's backup API), 0600.
-
-    Kept local until `hub backup` (the backups part of issue 13) offers one helper.
-    """
-    try:
-        os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    except FileExistsError:
-        raise FieldsyncError(f"{out} exists already; move it away and apply again") from None
-    target = sqlite3.connect(out)
-    try:
-        with hub.read() as conn:
-            conn.backup(target)
-    finally:
-        target.close()
+    """A verified copy of the hub's file at ``out``, as `hub backup` makes (marked as a
+    backup: restored, it gets a new epoch), taken before a change that may lose data."""
+    if out.exists():
+        raise FieldsyncError(f"{out} exists already; move it away and apply again")
+    copy_verified(hub.path, out, count=count_hub, mark=mark_backup)
