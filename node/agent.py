@@ -207,7 +207,7 @@ class SyncAgent:
         try:
             clock = self._correct_clock()
             # Before anything moves: the office's tables as the hub's schema version.
-            schema_sync.catch_up(self.store, self.client, clock.schema_version)
+            schema_sync.catch_up(self.store, self.client, clock.schema_version, clock.epoch)
             self._watch = restore.begin(
                 self.store.db, self.store.node, clock, self.client, self.batch_size
             )

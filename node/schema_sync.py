@@ -12,8 +12,10 @@ At the start of each sync, before anything is pushed or pulled (node/agent.py):
    ``ADD COLUMN`` or rebuilds, capture triggers made again, the new source and version
    stored. Pulled rows may carry the new columns, so this comes before the pull;
    changes queued under the old version are pushed as they are (the hub takes them).
-   Older than the office's (the hub restored from a backup taken before an apply):
-   the sync stops with one line, every change kept queued.
+   Older than the office's (the hub restored from a backup taken before an apply), or
+   the same number at a hub with another identity (restored, then applied again):
+   :func:`realign` compares the schemas themselves; a hub lacking what the office has
+   stops the sync with one line, every change kept queued.
 
 An office that has never learned a version (0: made by `node init`, or before schema
 versions) takes the hub's if its own schema is the same or a subset; if it has
@@ -85,20 +87,19 @@ def check_columns(store: NodeStore, hub_schema: Schema | None = None) -> None:
         )
 
 
-def catch_up(store: NodeStore, client: HubClient, hub_version: int | None) -> bool:
+def catch_up(store: NodeStore, client: HubClient, hub_version: int | None, epoch: str = "") -> bool:
     """Bring the office to the hub's schema version ``hub_version`` (None: a hub
-    without versions; nothing to do). True if the office's tables changed."""
+    without versions; nothing to do). True if the office's tables changed.
+
+    ``epoch``: the hub's identity in its health check. Another one than the office
+    last saw (a hub restored from a backup) has its schema compared by its source,
+    not only its number (see :func:`realign`)."""
     if hub_version is None:
         check_columns(store)
         return False
     mine = stored_version(store.db.conn)
-    if mine > hub_version:
-        raise SchemaError(
-            f"this office uses schema version {mine}, but the hub has only version "
-            f"{hub_version} (restored from a backup taken before `hub schema apply`?): "
-            "apply that schema again at the hub with `fieldsync hub schema apply FILE`; "
-            "every change stays queued here"
-        )
+    if mine > hub_version or (mine == hub_version and mine and _hub_replaced(store, epoch)):
+        return realign(store, client, mine)
     if mine == hub_version:
         check_columns(store)
         client.use_schema_version(mine)
@@ -120,6 +121,57 @@ def catch_up(store: NodeStore, client: HubClient, hub_version: int | None) -> bo
     changed = take(store, steps, mine, info.version)
     client.use_schema_version(info.version)
     return changed
+
+
+def _hub_replaced(store: NodeStore, epoch: str) -> bool:
+    """Whether the hub's ``epoch`` is another one than the office last kept."""
+    stored = store.db.conn.execute("SELECT hub_epoch FROM _fieldsync_state").fetchone()[0]
+    return bool(stored and epoch and epoch != stored)
+
+
+def realign(store: NodeStore, client: HubClient, mine: int) -> bool:
+    """A hub restored from a backup taken before `hub schema apply`: its version
+    numbers need not be the office's. The same schema under another number (applied
+    again at the hub, perhaps after versions in between) is taken as that number; a
+    schema with all the office's tables and columns, and more, is migrated to; one
+    that lacks some stops the sync with one line, every change kept queued."""
+    info = client.schema()
+    if info.source == store.schema.source:
+        if info.version != mine:
+            with write(store.db) as conn:
+                conn.execute("UPDATE _fieldsync_schema SET version = ?", [info.version])
+            log.warning(
+                "office %s: the hub numbers this schema version %d (was %d here)",
+                store.node,
+                info.version,
+                mine,
+            )
+        check_columns(store)
+        client.use_schema_version(info.version)
+        return False
+    new = Schema.from_toml(info.source, f"the hub's schema version {info.version}")
+    steps = plan(store.schema, new)
+    if steps.losses:
+        said = (
+            f"the hub has only version {info.version}"
+            if info.version < mine
+            else f"the hub's version {info.version} is another schema"
+        )
+        raise SchemaError(
+            f"this office uses schema version {mine}, but {said} (restored from a backup "
+            f"taken before `hub schema apply`?), which {_lacks(steps)}: apply that schema "
+            "again at the hub with `fieldsync hub schema apply FILE`; every change stays "
+            "queued here"
+        )
+    check_columns(store, new)
+    changed = take(store, steps, mine, info.version)
+    client.use_schema_version(info.version)
+    return changed
+
+
+def _lacks(steps: Plan) -> str:
+    extra = [f"{t}.{c}" for t, c in steps.dropped_columns()] + list(steps.dropped)
+    return f"lacks {', '.join(extra)}" if extra else "differs: " + "; ".join(steps.losses)
 
 
 def _mismatch(steps: Plan, version: int) -> str:
