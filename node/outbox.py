@@ -326,6 +326,7 @@ class Outbox:
             rows = conn.execute(
                 f"SELECT seq FROM _fieldsync_changes WHERE {PENDING} ORDER BY seq"
             ).fetchall()
+            mine = conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
             hold_clock(conn)
             conn.execute(f"DELETE FROM _fieldsync_changes WHERE NOT {PENDING}")
             # Above every number in use, so no renumbered change collides with another.
@@ -341,9 +342,14 @@ class Outbox:
                 [acked, acked],
             )
             forget_acked(conn)
-            # Kept under numbers the hub now knows as other changes: never to re-send.
-            conn.execute("DELETE FROM _fieldsync_sent")
-            conn.execute("UPDATE _fieldsync_state SET sent_pruned_seq = ?", [acked])
+            # Those kept up to this copy's own mark are the very changes the hub holds
+            # under their numbers (a hub restored from an older backup needs them
+            # again); any above it would be other changes: never to re-send. Those the
+            # hub holds past this copy's mark are not here: counted as not kept.
+            conn.execute("DELETE FROM _fieldsync_sent WHERE seq > ?", [mine])
+            conn.execute(
+                "UPDATE _fieldsync_state SET sent_pruned_seq = MAX(sent_pruned_seq, ?)", [acked]
+            )
             return len(rows)
 
     def note_sent(self, seq: int) -> None:

@@ -154,7 +154,8 @@ class Watch:
             resent += result.applied
         start_resync(self.db)
         said = f"hub restored from a backup: re-sent {resent} changes, pulling everything again"
-        lost = max(0, pruned - acked - rejected)
+        # Numbers past the hub's mark that were dropped, or never kept by this copy.
+        lost = max(0, pruned - acked - rejected - sum(1 for c in kept if c.seq <= pruned))
         if lost:
             said += (
                 f"; {lost} changes acknowledged before the {window_text(window)} window "

@@ -5,10 +5,13 @@ compaction alongside schema changes (a real hub on 127.0.0.1, the CLI, real file
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
+from node.agent import SyncAgent
+from node.store import NodeStore
 from shared.errors import SchemaError
 from tests.integration import test_restore
 from tests.integration.test_restore import add, put_back, run, tables_of
@@ -110,3 +113,80 @@ def test_a_restored_hub_at_the_same_version_number_with_another_schema_is_notice
         astana.sync()
     assert hub.store.rows("cases")[0]["email"] == "a@b.c"
     assert tables_of(hub.store) == tables_of(astana.store)
+
+
+def copy_office(office, out: Path) -> None:
+    code, output = run("node", "backup", office.path, out)
+    assert code == 0, output
+
+
+def put_office_back(office, copy: Path) -> None:
+    """The office's file replaced by its copy (the agent and store opened again)."""
+    office.store.close()
+    shutil.copy(copy, office.path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{office.path}{suffix}").unlink(missing_ok=True)
+    office.store = NodeStore(office.path)
+    office.agent = SyncAgent(office.store, office.client)
+
+
+@pytest.mark.parametrize("queued", [0, 5])
+def test_an_office_put_back_from_its_backup_gets_its_own_records_back(
+    hub, make_office, tmp_path, queued
+):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    for i in range(10):
+        add(astana, f"a{i}")
+    astana.sync()
+    for i in range(queued):
+        add(astana, f"q{i}")  # queued in the copy, sent after it was made
+    copy = tmp_path / "astana-copy.db"
+    copy_office(astana, copy)
+    astana.sync()
+    for i in range(20):
+        add(astana, f"later{i}")
+    write(astana, "UPDATE cases SET notes = 'seen' WHERE id = 'a1'")
+    astana.sync(), almaty.sync()
+    before = tables_of(hub.store)
+
+    put_office_back(astana, copy)
+    add(astana, "new")  # work done on the copy before its first sync
+    for _ in range(2):
+        astana.sync(), almaty.sync()
+    assert len(tables_of(hub.store)["cases"]) == len(before["cases"]) + 1
+    assert tables_of(astana.store) == tables_of(hub.store) == tables_of(almaty.store)
+    assert astana.store.pending_count() == 0
+
+
+def test_an_office_put_back_from_its_backup_keeps_what_a_restored_hub_needs(
+    hub, make_office, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING)
+    astana, almaty = make_office("astana"), make_office("almaty")
+    hub_copy = tmp_path / "hub-copy.db"
+    assert run("hub", "backup", "--db", hub.path, hub_copy)[0] == 0
+    for i in range(10):
+        add(astana, f"a{i}")
+    astana.sync()
+    copy = tmp_path / "astana-copy.db"
+    copy_office(astana, copy)
+    for i in range(5):
+        add(astana, f"later{i}")  # on the hub, not in the office's copy
+    astana.sync()
+    put_office_back(astana, copy)
+    add(astana, "new")
+    astana.sync(), almaty.sync()
+    before = tables_of(hub.store)
+    assert len(before["cases"]) == 16
+
+    # Then the hub is put back too, from before all of it.
+    put_back(hub, hub_copy)
+    for _ in range(2):
+        astana.sync(), almaty.sync()
+    said = [r.getMessage() for r in caplog.records if "hub restored from a backup" in r.message]
+    # a0..a9 and new are kept by the office's copy; later0..4 only by the file replaced.
+    assert {c["id"] for c in tables_of(hub.store)["cases"]} == {
+        c["id"] for c in before["cases"] if not c["id"].startswith("later")
+    }, said
+    assert tables_of(astana.store) == tables_of(hub.store) == tables_of(almaty.store)
+    assert any("5 changes acknowledged" in line for line in said), said
