@@ -9,10 +9,11 @@ key ``schema`` holds the newest source too (exports and older tools read it ther
 :func:`apply` plans the change (shared/schema_change.py) and, in ONE write
 transaction, changes the mirrored tables (new tables, ``ADD COLUMN``, rebuilds), stores
 the new version, recomputes every record's scope key when a scope changed (marking
-every office to pull its scope again), and writes the audit entry. A serving hub in
-another process takes the new version at its next write or snapshot (see
-hub/database.py). A change that may lose data is refused unless ``allow_loss``; then a
-backup of the whole file is made before anything changes.
+every office to pull its scope again, and noting where moved records left, as a move
+does), and writes the audit entry. A serving hub in another process takes the new
+version at its next write or snapshot (see hub/database.py). A change that may lose
+data is refused unless ``allow_loss``; then a backup of the whole file is made before
+anything changes.
 
 Columns found in the hub's tables that the schema does not declare (added by hand with
 sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
@@ -29,6 +30,7 @@ from hub import audit
 from hub.audit import Actor
 from hub.database import HubDatabase, custom_merges
 from hub.epoch import count_hub, mark_backup
+from hub.records import last_seq
 from hub.times import utcnow
 from shared.backup import backup as copy_verified
 from shared.errors import FieldsyncError, SchemaError
@@ -122,7 +124,12 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
         )
         conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'schema'", [new.source])
         if steps.rescope:
+            conn.execute(
+                "CREATE TEMP TABLE _fieldsync_old_scopes AS SELECT tbl, pk, scope "
+                "FROM _fieldsync_records WHERE deleted = 0 AND scope != ''"
+            )
             rescope(conn, new)
+            note_exits(conn)
             conn.execute("UPDATE _fieldsync_nodes SET rescope = 1")
         audit.record(
             conn,
@@ -193,6 +200,32 @@ def rescope(conn: sqlite3.Connection, schema: Schema) -> None:
             "WHERE tbl = ?",
             [path, path, scope.parent, path, table.name],
         )
+
+
+def note_exits(conn: sqlite3.Connection) -> None:
+    """Note where records the new scopes moved left (``_fieldsync_exits``, each under a
+    new seq), as an admin's move does: an office's edit made offline to a record that
+    left its scopes is then merged, not refused (hub/scopes.py, ``Gate.refuse``)."""
+    moved = conn.execute(
+        "SELECT o.tbl, o.pk, o.scope, r.scope FROM temp._fieldsync_old_scopes AS o "
+        "JOIN _fieldsync_records AS r ON r.tbl = o.tbl AND r.pk = o.pk "
+        "WHERE r.scope IS NOT o.scope ORDER BY r.seq"
+    ).fetchall()
+    conn.execute("DROP TABLE temp._fieldsync_old_scopes")
+    if not moved:
+        return
+    top = last_seq(conn)
+    conn.executemany(
+        "INSERT INTO _fieldsync_exits (tbl, pk, scope, seq) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (tbl, pk, scope) DO UPDATE SET seq = excluded.seq",
+        [(tbl, pk, old, top + i) for i, (tbl, pk, old, _) in enumerate(moved, 1)],
+    )
+    # A record back in a scope it once left: that exit is over.
+    conn.executemany(
+        "DELETE FROM _fieldsync_exits WHERE tbl = ? AND pk = ? AND scope = ?",
+        [(tbl, pk, new) for tbl, pk, _, new in moved if new],
+    )
+    conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'seq'", [str(top + len(moved))])
 
 
 def backup_file(hub: HubDatabase, out: Path) -> None:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from hub.scopes import read_scopes
 from node.agent import SyncAgent
 from node.store import NodeStore
 from shared.errors import SchemaError
 from tests.integration import test_restore
 from tests.integration.test_restore import add, put_back, run, tables_of
-from tests.integration.test_schema import WITH_PHONE
+from tests.integration.test_schema import DEFAULT, WITH_PHONE
 from tests.integration.test_sync import write
 
 pytestmark = pytest.mark.integration
@@ -190,3 +192,60 @@ def test_an_office_put_back_from_its_backup_keeps_what_a_restored_hub_needs(
     }, said
     assert tables_of(astana.store) == tables_of(hub.store) == tables_of(almaty.store)
     assert any("5 changes acknowledged" in line for line in said), said
+
+
+BY_REGION = DEFAULT.replace(
+    'scope = { column = "office" }', 'scope = { column = "region" }'
+).replace(
+    '    notes TEXT\n) STRICT\n"""\n\n[tables.assistance]',
+    '    notes TEXT,\n    region TEXT\n) STRICT\n"""\n\n[tables.assistance]',
+)
+
+
+def in_scope(hub, office: str, table: str) -> set[str]:
+    """The keys of the hub's live records of ``table`` in ``office``'s scopes."""
+    conn = sqlite3.connect(hub.path)
+    stored = conn.execute("SELECT scopes FROM _fieldsync_nodes WHERE name = ?", [office])
+    scopes = read_scopes(stored.fetchone()[0], office)
+    rows = conn.execute(
+        "SELECT pk ->> 0, scope FROM _fieldsync_records WHERE tbl = ? AND deleted = 0", [table]
+    ).fetchall()
+    conn.close()
+    return {pk for pk, scope in rows if scopes is None or scope in scopes}
+
+
+def ids(office, table: str = "cases") -> set[str]:
+    return {row["id"] for row in office.store.rows(table)}
+
+
+def test_a_scope_changed_by_a_schema_apply_after_a_purge_leaves_each_office_its_scope(
+    hub, make_office, tmp_path
+):
+    kyiv, lviv = make_office("kyiv", scopes=("kyiv",)), make_office("lviv", scopes=("lviv",))
+    hq = make_office("hq")
+    for office, key in ((kyiv, "k"), (lviv, "l")):
+        for i in range(3):
+            write(office, "INSERT INTO cases (id, office) VALUES (?, ?)", f"{key}{i}", office.name)
+        write(office, "INSERT INTO assistance (id, case_id) VALUES (?, ?)", f"{key}0-a", f"{key}0")
+    for office in (kyiv, lviv, hq, kyiv, lviv, hq):
+        office.sync()
+    write(kyiv, "DELETE FROM cases WHERE id = 'k2'")
+    kyiv.sync()
+    code, output = run("hub", "compact", "--db", hub.path, "--tombstone-age", "0d")
+    assert code == 0, output
+    write(lviv, "UPDATE cases SET notes = 'offline' WHERE id = 'l1'")  # lviv offline
+
+    code, output = apply(hub.path, tmp_path, BY_REGION)
+    assert code == 0, output
+    hq.sync()
+    write(hq, "UPDATE cases SET region = 'lviv' WHERE id IN ('k0', 'k1')")
+    write(hq, "UPDATE cases SET region = 'kyiv' WHERE id IN ('l0', 'l1')")
+    write(hq, "UPDATE cases SET region = 'lviv' WHERE id = 'l2'")
+    for office in (hq, kyiv, lviv, hq, kyiv, lviv):
+        office.sync()
+    for office in (kyiv, lviv, hq):
+        for table in ("cases", "assistance"):
+            assert ids(office, table) == in_scope(hub, office.name, table), (office.name, table)
+    assert ids(kyiv) == {"l0", "l1"} and ids(lviv) == {"k0", "k1", "l2"}
+    assert lviv.store.rejected() == [], lviv.store.rejected()
+    assert {r["notes"] for r in hq.store.rows("cases") if r["id"] == "l1"} == {"offline"}
