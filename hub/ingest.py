@@ -29,6 +29,7 @@ from hub.database import HubDatabase
 from hub.epoch import read_epoch
 from hub.history import Version, write_history
 from hub.rejected import write_rejected
+from hub.schemas import without_dropped
 from hub.scopes import UNASSIGNED, Gate, Move, exits_and_followers
 from hub.status import count_push
 from hub.times import utcnow
@@ -133,7 +134,15 @@ class Ingest:
                     skew = exc
                     break
             try:
-                table = self._check_change(change)
+                try:
+                    table = self._check_change(change)
+                except InvalidChangeError:
+                    # Columns a schema change dropped, in a change made before: left out.
+                    fewer = without_dropped(conn, schema, change)
+                    if fewer is change:
+                        raise
+                    change = fewer
+                    table = self._check_change(change)
             except InvalidChangeError as exc:
                 rejected.append((change, str(exc)))
                 new_receipts.append((change.seq, change.receipt))

@@ -21,10 +21,13 @@ sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from hub import audit
 from hub.audit import Actor
@@ -34,7 +37,8 @@ from hub.records import last_seq
 from hub.times import utcnow
 from shared.backup import backup as copy_verified
 from shared.errors import FieldsyncError, SchemaError
-from shared.schema import Schema, quote
+from shared.protocol import Change
+from shared.schema import EXISTS, Schema, quote
 from shared.schema_change import ADD, Plan, migrate, plan
 
 
@@ -226,6 +230,37 @@ def note_exits(conn: sqlite3.Connection) -> None:
         [(tbl, pk, new) for tbl, pk, _, new in moved if new],
     )
     conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'seq'", [str(top + len(moved))])
+
+
+def without_dropped(conn: sqlite3.Connection, schema: Schema, change: Change) -> Change:
+    """``change`` without the columns of its table that an earlier schema version
+    declared and ``schema`` dropped (`hub schema apply --allow-loss`): a change an
+    office made before it took that version is taken without them. Any other column
+    the table lacks is left in, for the change to be refused."""
+    table = schema.tables.get(change.table)
+    if table is None:
+        return change
+    named = set(change.values or ()) | {name for name in change.base if name != EXISTS}
+    unknown = named - set(table.column_names)
+    if not unknown:
+        return change
+    dropped: set[str] = set()
+    for version, source in conn.execute("SELECT version, source FROM _fieldsync_schemas"):
+        old = _parsed(int(version), str(source)).tables.get(change.table)
+        if old is not None:
+            dropped |= unknown & set(old.column_names)
+    if dropped != unknown:
+        return change
+    values = None
+    if change.values is not None:
+        values = {k: v for k, v in change.values.items() if k not in dropped}
+    base = {k: v for k, v in change.base.items() if k not in dropped}
+    return msgspec.structs.replace(change, values=values, base=base)
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(version: int, source: str) -> Schema:
+    return Schema.from_toml(source, f"schema version {version}")
 
 
 def backup_file(hub: HubDatabase, out: Path) -> None:

@@ -249,3 +249,25 @@ def test_a_scope_changed_by_a_schema_apply_after_a_purge_leaves_each_office_its_
     assert ids(kyiv) == {"l0", "l1"} and ids(lviv) == {"k0", "k1", "l2"}
     assert lviv.store.rejected() == [], lviv.store.rejected()
     assert {r["notes"] for r in hq.store.rows("cases") if r["id"] == "l1"} == {"offline"}
+
+
+def test_changes_queued_before_a_column_is_dropped_are_taken_without_it(hub, make_office, tmp_path):
+    assert apply(hub.path, tmp_path, WITH_PHONE)[0] == 0
+    kyiv, lviv = make_office("kyiv"), make_office("lviv")
+    add(kyiv, "c1")
+    add(kyiv, "c2")
+    kyiv.sync(), lviv.sync()
+    write(kyiv, "UPDATE cases SET notes = 'both', phone = '+380' WHERE id = 'c1'")
+    write(kyiv, "UPDATE cases SET notes = 'notes only' WHERE id = 'c2'")
+    add(kyiv, "c3")  # an insert, queued
+    write(kyiv, "UPDATE cases SET phone = '+381' WHERE id = 'c3'")
+    (tmp_path / "default.toml").write_text(DEFAULT, encoding="utf-8")
+    code, output = run(
+        "hub", "schema", "apply", tmp_path / "default.toml", "--db", hub.path, "--allow-loss"
+    )
+    assert code == 0, output
+    kyiv.sync(), lviv.sync()
+    assert kyiv.store.rejected() == []
+    notes = {r["id"]: r["notes"] for r in hub.store.rows("cases")}
+    assert notes == {"c1": "both", "c2": "notes only", "c3": None}
+    assert tables_of(kyiv.store) == tables_of(hub.store) == tables_of(lviv.store)
