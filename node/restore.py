@@ -11,7 +11,8 @@ may lack changes it had acknowledged. Then, before anything else is pushed:
    was sent, for ``keep_acked_s``, by default 30 days; node/outbox.py keeps them)
    numbered above what the restored hub holds of this office (``acked`` of its health
    check) are sent again, exactly as first sent, in order: the hub's receipts make
-   this exactly-once, like any retried push;
+   this exactly-once, like any retried push; one the restored hub refuses (its scopes
+   as they were, say) is kept in ``node rejected`` with the reason, as any refusal;
 2. the office pulls everything again from cursor 0 (the resync sweep of
    node/inbox.py, records with queued changes kept), so that it gets what it missed
    and drops what the restored hub lacks (until its owner sends it again);
@@ -35,9 +36,12 @@ import sqlite_utils
 from node._times import utcnow
 from node.client import HubClient, HubClock
 from node.inbox import start_resync
-from node.outbox import kept_changes, prune_sent
+from node.outbox import kept_changes, pending_keys, prune_sent
+from node.rejected import keep_rejected
 from shared.backup import count_rows, tables
 from shared.errors import HubRejectedError, ProtocolError, StoreError
+from shared.protocol import Rejection
+from shared.schema import Schema
 from shared.sqlite import write
 
 log = logging.getLogger("fieldsync.agent")
@@ -130,6 +134,7 @@ class Watch:
             ).fetchone()[0]
         resent = 0
         kept = list(kept_changes(self.db.conn, acked))
+        refused: dict[int, Rejection] = {}
         for start in range(0, len(kept), batch_size):
             changes = kept[start : start + batch_size]
             result = client.push(changes)
@@ -151,7 +156,14 @@ class Watch:
                     rejection.seq,
                     rejection.reason,
                 )
+                refused[rejection.seq] = rejection
             resent += result.applied
+        if refused:  # kept with the reason, as any change the hub refuses (`node rejected`)
+            with write(self.db) as conn:
+                source = conn.execute("SELECT source FROM _fieldsync_schema").fetchone()[0]
+                schema = Schema.from_toml(source, "this office's schema")
+                aside = [c for c in kept if c.seq in refused]
+                keep_rejected(conn, schema, aside, refused, pending_keys(conn))
         start_resync(self.db)
         said = f"hub restored from a backup: re-sent {resent} changes, pulling everything again"
         # Numbers past the hub's mark that were dropped, or never kept by this copy.

@@ -271,3 +271,52 @@ def test_changes_queued_before_a_column_is_dropped_are_taken_without_it(hub, mak
     notes = {r["id"]: r["notes"] for r in hub.store.rows("cases")}
     assert notes == {"c1": "both", "c2": "notes only", "c3": None}
     assert tables_of(kyiv.store) == tables_of(hub.store) == tables_of(lviv.store)
+
+
+def test_a_hub_restored_from_before_a_purge_converges_with_no_deleted_record_back(
+    hub, make_office, tmp_path
+):
+    astana, almaty = make_office("astana"), make_office("almaty")
+    for i in range(6):
+        add(astana, f"a{i}")
+    astana.sync(), almaty.sync()
+    backup = tmp_path / "hub-copy.db"
+    assert run("hub", "backup", "--db", hub.path, backup)[0] == 0
+    write(astana, "DELETE FROM cases WHERE id IN ('a0', 'a1')")
+    write(almaty, "UPDATE cases SET notes = 'kept' WHERE id = 'a2'")
+    astana.sync(), almaty.sync(), astana.sync(), almaty.sync()
+    code, output = run("hub", "compact", "--db", hub.path, "--tombstone-age", "0d", "--vacuum")
+    assert code == 0, output
+    add(almaty, "b0")
+    almaty.sync(), astana.sync()
+    before = tables_of(hub.store)
+    assert {c["id"] for c in before["cases"]} == {"a2", "a3", "a4", "a5", "b0"}
+
+    put_back(hub, backup)
+    for _ in range(2):
+        astana.sync(), almaty.sync()
+    assert tables_of(hub.store) == before
+    assert tables_of(astana.store) == before == tables_of(almaty.store)
+
+
+def test_a_change_the_restored_hub_refuses_when_sent_again_is_kept_in_node_rejected(
+    hub, make_office, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING)
+    kyiv, lviv = make_office("kyiv", scopes=("kyiv",)), make_office("lviv", scopes=("lviv",))
+    write(lviv, "INSERT INTO cases (id, office) VALUES ('l1', 'lviv')")
+    lviv.sync(), kyiv.sync()
+    backup = tmp_path / "hub-copy.db"
+    assert run("hub", "backup", "--db", hub.path, backup)[0] == 0
+    hub.store.set_scopes("kyiv", ["kyiv", "lviv"])  # after the backup: not in it
+    kyiv.sync()
+    write(kyiv, "UPDATE cases SET notes = 'seen by kyiv' WHERE id = 'l1'")
+    kyiv.sync()
+    put_back(hub, backup)
+
+    kyiv.sync()
+    # The restored hub gives kyiv its own scope only: the edit it refuses is kept.
+    [kept] = kyiv.store.rejected()
+    assert kept["pk"] == {"id": "l1"} and kept["values"]["notes"] == "seen by kyiv"
+    assert "outside its scope" in kept["reason"]
+    assert ids(kyiv) == set()
