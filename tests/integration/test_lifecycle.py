@@ -7,14 +7,18 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from hub.compact import Compactor, Keep
 from hub.scopes import read_scopes
 from node.agent import SyncAgent
 from node.store import NodeStore
-from shared.errors import SchemaError
+from shared.errors import HubRejectedError, SchemaError
 from tests.integration import test_restore
 from tests.integration.test_restore import add, put_back, run, tables_of
 from tests.integration.test_schema import DEFAULT, WITH_PHONE
@@ -43,6 +47,9 @@ def test_a_hub_restored_from_before_an_apply_takes_it_again_and_gets_every_chang
     backup = tmp_path / "hub-copy.db"
     code, output = run("hub", "backup", "--db", hub.path, backup)
     assert code == 0, output
+    write(astana, "UPDATE cases SET notes = 'under version 1' WHERE id = 'c1'")
+    add(almaty, "b1")
+    astana.sync(), almaty.sync()  # acknowledged, kept, under version 1
     code, output = apply(hub.path, tmp_path, WITH_PHONE)
     assert code == 0, output
     # Changes acknowledged under the new version: then the hub is put back.
@@ -320,3 +327,72 @@ def test_a_change_the_restored_hub_refuses_when_sent_again_is_kept_in_node_rejec
     assert kept["pk"] == {"id": "l1"} and kept["values"]["notes"] == "seen by kyiv"
     assert "outside its scope" in kept["reason"]
     assert ids(kyiv) == set()
+
+
+def test_compaction_schema_applies_and_pushes_at_once_lose_nothing(hub, make_office, tmp_path):
+    """The serving hub compacts every few milliseconds (as `hub serve --keep-history`
+    does daily) while another connection applies three schema versions and two offices
+    push inserts, updates and deletes."""
+    astana, almaty = make_office("astana"), make_office("almaty")
+    compactor = Compactor(
+        hub.store.database,
+        Keep(days=None, versions=1),
+        tombstone_days=0,
+        first=timedelta(0),
+        every=timedelta(milliseconds=20),
+    )
+    compactor.start()
+    errors: list[BaseException] = []
+    live: set[str] = set()
+    stop = threading.Event()
+
+    def work(office, prefix: str) -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                key = f"{prefix}{i}"
+                add(office, key)
+                write(office, "UPDATE cases SET household_size = ? WHERE id = ?", i, key)
+                if i % 3 == 0:
+                    write(office, "DELETE FROM cases WHERE id = ?", key)
+                else:
+                    live.add(key)
+                try:
+                    office.sync()
+                except HubRejectedError as exc:
+                    # An apply between its health check and its pull: the next sync
+                    # takes the new version.
+                    assert "takes the new version at its next sync" in str(exc)
+                i += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    workers = [
+        threading.Thread(target=work, args=(astana, "a")),
+        threading.Thread(target=work, args=(almaty, "b")),
+    ]
+    for thread in workers:
+        thread.start()
+    try:
+        for source in (
+            WITH_PHONE,
+            WITH_EMAIL,
+            WITH_EMAIL.replace("email TEXT", "email TEXT, fax TEXT"),
+        ):
+            time.sleep(0.3)
+            code, output = apply(hub.path, tmp_path, source)
+            assert code == 0, output
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
+        compactor.stop()
+    assert not errors, errors
+    assert compactor.runs > 3
+    for _ in range(2):
+        astana.sync(), almaty.sync()
+    assert tables_of(astana.store) == tables_of(hub.store) == tables_of(almaty.store)
+    assert {c["id"] for c in tables_of(hub.store)["cases"]} == live
+    assert astana.store.pending_count() == almaty.store.pending_count() == 0
+    assert astana.store.rejected() == almaty.store.rejected() == []
