@@ -14,7 +14,8 @@ node/inbox.py). Offices never seen hold nothing; revoked offices and offices alr
 due to resync hold nothing up. A deleted record that live records still follow (a case
 with assistance records) is kept: they take their scope from it. Exits
 (``_fieldsync_exits``) follow the same rule, by the offices whose scopes name the key
-they left.
+they left, except that offices due to resync hold them up too: an exit is also what
+lets an office's edit made offline to a record that left its scopes be merged.
 
 **No resurrection.** The highest stamp purged is kept (``_fieldsync_meta``
 ``purged_through``): an update to a record the hub no longer holds, made on a copy
@@ -223,11 +224,14 @@ def _offices(conn: sqlite3.Connection, scoped: bool) -> list[_Office]:
 
 
 def _verdict(
-    offices: Sequence[_Office], scope: str | None, seq: int, aged: int
+    offices: Sequence[_Office], scope: str | None, seq: int, aged: int, *, due_hold: bool = False
 ) -> list[str] | None:
     """None: keep an entry at ``seq`` of key ``scope``; otherwise purge it, and mark the
-    offices listed (those holding it that had not pulled past it) to resync."""
-    behind = [o for o in offices if not o.due and o.holds(scope) and o.pulled < seq]
+    offices listed (those holding it that had not pulled past it) to resync.
+
+    ``due_hold``: offices already due to resync hold it up too (an exit: it lets such
+    an office's edit made offline to the record that left be merged, hub/scopes.py)."""
+    behind = [o for o in offices if (due_hold or not o.due) and o.holds(scope) and o.pulled < seq]
     if any(not o.revoked for o in behind) and seq > aged:
         return None
     return [o.name for o in behind]
@@ -388,7 +392,7 @@ def _purge_exits(hub: HubDatabase, exits: list[Any], aged: int, done: Compacted)
             marked: set[str] = set()
             purged_seq = 0
             for tbl, pk, scope, seq in chunk:
-                behind = _verdict(offices, scope, seq, aged)
+                behind = _verdict(offices, scope, seq, aged, due_hold=True)
                 if behind is None:
                     continue
                 done.exits += conn.execute(
