@@ -121,7 +121,7 @@ def hub_serve(
     _check_tls(certfile, keyfile)
     _listen(host, port).close()  # a port in use is a one-line error, before any file
     new = not os.path.exists(db_path)
-    store = _open_hub(db_path, schema_path, create=True)
+    store = _open_hub(db_path, schema_path, create=True, serving=True)
     _check_declared(store)
     if new:
         click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")

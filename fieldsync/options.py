@@ -58,11 +58,14 @@ def load_schema(path: str | None) -> Schema | None:
     return Schema.load(path) if path else None
 
 
-def open_hub(db_path: str, schema_path: str | None = None, create: bool = False) -> SqliteHubStore:
-    """The hub store at ``db_path`` (made, with the schema, when ``create``)."""
+def open_hub(
+    db_path: str, schema_path: str | None = None, create: bool = False, serving: bool = False
+) -> SqliteHubStore:
+    """The hub store at ``db_path`` (made, with the schema, when ``create``); only
+    ``serving`` (`hub serve`) gives a backup put in place its new identity."""
     from hub.store import SqliteHubStore
 
-    return SqliteHubStore(db_path, load_schema(schema_path), create=create)
+    return SqliteHubStore(db_path, load_schema(schema_path), create=create, serving=serving)
 
 
 def echo_json(data: Any) -> None:

@@ -5,10 +5,11 @@ The epoch is a random word in ``_fieldsync_meta``, made the first time a file is
 opened as a hub (hubs made before it get one then). Every health check, pull page and
 push answer carries it. A backup made by ``fieldsync hub backup`` has no epoch, only
 a mark saying which hub it copies and when (:func:`mark_backup`): the first time the
-file is opened as a hub, whether ``hub restore`` put it in place or a plain ``cp``,
-it gets a new epoch. An office that sees the epoch change knows the hub was restored
-from a backup and may lack changes it acknowledged (node/restore.py re-sends them).
-A copy restored twice is two new identities: each file opened makes its own.
+file is served (`hub serve`), whether ``hub restore`` put it in place or a plain
+``cp``, it gets a new epoch; other commands leave it a backup. An office that sees the
+epoch change knows the hub was restored from a backup and may lack changes it
+acknowledged (node/restore.py re-sends them). A copy restored twice is two new
+identities: each file served makes its own.
 """
 
 from __future__ import annotations
@@ -37,12 +38,19 @@ def read_epoch(conn: sqlite3.Connection) -> str:
     return "" if row is None else str(row[0])
 
 
-def open_epoch(conn: sqlite3.Connection) -> str:
+def open_epoch(conn: sqlite3.Connection, *, serving: bool = True) -> str:
     """The hub's epoch, made if the file has none (a new hub, an older one, a backup
-    put in place); call in the opening write transaction."""
+    put in place); call in the opening write transaction.
+
+    A backup opened by a command that does not serve it (`hub status --db BACKUP`, to
+    look at it) is left a backup, with no epoch ("" is returned): made then, the epoch
+    would be copied with the file, and the same backup put in place twice by a plain
+    ``cp`` would be one identity, the second restore unnoticed by the offices."""
     found = read_epoch(conn)
     if found:
         return found
+    if not serving and conn.execute(_META, [BACKUP_AT]).fetchone() is not None:
+        return ""
     epoch = secrets.token_hex(8)
     conn.execute(
         "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)", [EPOCH, epoch]

@@ -197,12 +197,15 @@ class SqliteHubStore:
         max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
         now: Callable[[], int] = now_ms,
         create: bool = True,
+        serving: bool = True,
     ) -> None:
+        """``serving``: False for a command that does not serve the hub (a backup it
+        opens stays a backup: hub/epoch.py)."""
         # The connection, lock, schema and clock every part below is handed.
         self.database = HubDatabase(path, schema, now=now, create=create)
         self._ingest = Ingest(self.database, max_future_ms=max_future_ms)
         with self.database.write() as conn:  # the hub's identity (hub/epoch.py)
-            self.epoch = open_epoch(conn)
+            self.epoch = open_epoch(conn, serving=serving)
 
     def close(self) -> None:
         self.database.close()

@@ -400,3 +400,23 @@ def test_compaction_schema_applies_and_pushes_at_once_lose_nothing(hub, make_off
     assert {c["id"] for c in tables_of(hub.store)["cases"]} == live
     assert astana.store.pending_count() == almaty.store.pending_count() == 0
     assert astana.store.rejected() == almaty.store.rejected() == []
+
+
+def test_a_backup_looked_at_then_put_in_place_twice_is_noticed_twice(hub, make_office, tmp_path):
+    astana = make_office("astana")
+    add(astana, "c1")
+    astana.sync()
+    backup = tmp_path / "hub-copy.db"
+    assert run("hub", "backup", "--db", hub.path, backup)[0] == 0
+    code, output = run("hub", "status", "--db", backup)  # an admin looks at it first
+    assert code == 0, output
+    put_back(hub, backup, plain_copy=True)
+    add(astana, "c2")
+    astana.sync()
+    assert {c["id"] for c in tables_of(hub.store)["cases"]} == {"c1", "c2"}
+
+    put_back(hub, backup, plain_copy=True)  # the same backup again
+    for _ in range(2):
+        astana.sync()
+    assert {c["id"] for c in tables_of(hub.store)["cases"]} == {"c1", "c2"}
+    assert tables_of(astana.store) == tables_of(hub.store)
