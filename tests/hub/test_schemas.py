@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hub import schemas
+from hub.app import create_app
 from hub.audit import Actor
 from hub.store import SqliteHubStore
 from shared.clock import Timestamp, now_ms
 from shared.errors import FieldsyncError, SchemaError
-from shared.protocol import Change
+from shared.protocol import PROTOCOL_VERSION, SCHEMA_HEADER, Change, PullPage
 from shared.schema import Schema
+from tests.asgi import client as asgi_client
 
 ADMIN = Actor("admin", "cli")
 DEFAULT = Schema.load().source
@@ -139,3 +142,30 @@ def test_a_column_added_by_hand_with_values_is_not_adopted(tmp_path: Path) -> No
         with pytest.raises(SchemaError, match="already has a column phone"):
             schemas.apply(store.database, WITH_PHONE, ADMIN)
         assert store.database.schema_version == 1
+
+
+class ApplyDuringPull(SqliteHubStore):
+    """A real store; another connection applies a schema version as its pull begins,
+    after the app checked the office's version (the moment a serving hub can meet)."""
+
+    def pull(self, *args: Any, **kwargs: Any) -> PullPage:
+        with SqliteHubStore(self.database.path) as admin:
+            schemas.apply(admin.database, WITH_PHONE, ADMIN)
+        return super().pull(*args, **kwargs)
+
+
+def test_a_version_applied_during_a_pull_is_refused_to_an_office_behind(tmp_path: Path) -> None:
+    with ApplyDuringPull(tmp_path / "hub.db") as store:
+        token = store.add_node("kyiv")
+        store.push("kyiv", [insert(1, "c1")])
+        client = asgi_client(create_app(store))
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "X-Fieldsync-Protocol": str(PROTOCOL_VERSION),
+            SCHEMA_HEADER: "1",
+        }
+        answer = client.get("/v1/pull", params={"cursor": 0, "scopes": "1"}, headers=headers)
+        client.close()
+        # The page was read under version 2 (its rows may carry phone): not for version 1.
+        assert answer.status_code == 409, answer.text
+        assert "takes the new version at its next sync" in answer.json()["detail"]
