@@ -63,6 +63,7 @@ DEFAULT_TOMBSTONE_DAYS = 90
 DEFAULT_KEEP_DAYS = 365
 COMPACT_EVERY = timedelta(days=1)
 FIRST_COMPACT_AFTER = timedelta(minutes=5)
+RETRY_AFTER = timedelta(hours=1)  # after a failed run (the file busy for long, say)
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,7 +544,8 @@ def purge_refusal(conn: sqlite3.Connection, table: Table, base: dict[str, str]) 
 
 
 class Compactor:
-    """Runs :func:`compact` in a thread of its own: ``first`` after start, then ``every``."""
+    """Runs :func:`compact` in a thread of its own: ``first`` after start, then ``every``
+    (``retry`` after a run that failed)."""
 
     def __init__(
         self,
@@ -553,8 +555,10 @@ class Compactor:
         tombstone_days: int = DEFAULT_TOMBSTONE_DAYS,
         first: timedelta = FIRST_COMPACT_AFTER,
         every: timedelta = COMPACT_EVERY,
+        retry: timedelta = RETRY_AFTER,
     ) -> None:
         self.hub = hub
+        self.retry = retry
         self.keep = keep
         self.tombstone_days = tombstone_days
         self.first = first
@@ -583,8 +587,9 @@ class Compactor:
                 log.info("compaction (history kept: %s): %s", self.keep, self.last.summary())
             except Stopped:
                 return
-            except Exception:  # the hub goes on serving; the next run tries again
-                log.exception("compaction failed")
+            except Exception:  # the hub goes on serving; tried again before long
+                log.exception("compaction failed; trying again in %s", self.retry)
+                wait = self.retry
 
 
 def purged_seq(conn: sqlite3.Connection) -> int:

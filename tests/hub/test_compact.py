@@ -309,6 +309,30 @@ def test_the_daily_compaction_runs_in_a_thread_and_stops_between_chunks(hub: Hub
     assert len(history_of(store, "c1")) == 1
 
 
+def test_a_compaction_that_failed_is_tried_again_before_the_next_day(hub: Hub) -> None:
+    store = hub.store
+    hub.insert("astana", "c1", "astana")
+    hub.update("astana", "c1", "edit")
+    store.database.db.conn.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(store.database.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another program writing (a long VACUUM, say)
+    compactor = Compactor(
+        store.database,
+        Keep(days=None, versions=1),
+        first=timedelta(0),
+        retry=timedelta(milliseconds=200),
+    )
+    compactor.start()
+    time.sleep(0.3)
+    other.execute("ROLLBACK")
+    other.close()
+    deadline = time.monotonic() + 10
+    while compactor.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    compactor.stop()
+    assert compactor.runs == 1 and compactor.last is not None and compactor.last.versions == 1
+
+
 def test_a_deleted_case_whose_assistance_lives_on_is_kept(hub: Hub) -> None:
     store = hub.store
     hub.insert("astana", "c1", "astana")
