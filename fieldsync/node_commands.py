@@ -277,6 +277,12 @@ def node_set(
         from node.restore import parse_window, set_window, window_text
 
         window = parse_window(keep_acked)
+        if window == 0:
+            click.echo(
+                "Warning: acknowledged changes are no longer kept: a hub restored from a "
+                "backup cannot be sent again what it lacks.",
+                err=True,
+            )
         if not (hub_url or token or ca_file or no_ca_file or allow_http is not None):
             with NodeStore(db_path) as store:
                 set_window(store.db, window)

@@ -276,6 +276,7 @@ def test_an_office_whose_window_expired_is_warned(hub, make_office, tmp_path, ca
     assert run("hub", "backup", "--db", hub.path, backup)[0] == 0
     code, output = run("node", "set", astana.path, "--keep-acked", "0s")
     assert code == 0, output
+    assert "no longer kept" in output
     for case_id in ("c2", "c3"):
         add(astana, case_id)
     astana.sync()
