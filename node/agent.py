@@ -251,7 +251,7 @@ class SyncAgent:
         except HubRejectedError as exc:
             if exc.code != "refused":  # another schema version at the hub: full path
                 raise
-            log.info("full sync: %s", exc)
+            log.debug("full sync: %s", exc)
             return None
         self._check_identity(page.node)
         watch = restore.Watch(self.store.db, self.store.node, page.epoch)
@@ -261,7 +261,8 @@ class SyncAgent:
             or (page.schema_version and page.schema_version != mine)
             or self._offset_moved(sent, page.hub_time_ms)
         ):
-            log.info("full sync: the hub's answer to an idle pull changed")
+            # Changes made since the sync began count too (acked below last_seq).
+            log.debug("full sync: the hub's answer to an idle pull changed")
             return None
         clock = HubClock(page.hub_time_ms, page.acked, page.epoch, page.schema_version)
         self._watch = restore.begin(
