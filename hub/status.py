@@ -180,42 +180,51 @@ def lags(conn: sqlite3.Connection, cursors: Mapping[str, int]) -> dict[str, int]
         SELECT count(*) FROM _fieldsync_records
         WHERE seq > cursor AND (origin IS NULL OR origin != office)
 
-    read from the counts the triggers keep per run of LAG_BUCKET seqs
-    (hub/migrations.py): the runs after the cursor's, less the office's own, plus the
-    cursor's run counted from the records. The runs are read once for every office,
-    from the lowest cursor up; per office, two short index reads, however far behind.
+    read from the counts the triggers keep per run of LAG_BUCKET seqs and office of
+    origin (hub/migrations.py): the runs after the cursor's, less the office's own,
+    plus the cursor's run counted from the records. The runs are read once for every
+    office, from the lowest cursor's up; per office, one short read of the records
+    (at most LAG_BUCKET rows), however far behind it is.
     """
     if not cursors:
         return {}
     lowest = min(cursors.values()) // LAG_BUCKET
-    starts: list[int] = []  # runs after the lowest cursor's, in order
-    after: list[int] = []  # records in that run and every later one
-    total = 0
-    for bucket, count in conn.execute(
-        "SELECT bucket, n FROM _fieldsync_seq_counts WHERE origin = '' AND bucket > ? "
+    # Per origin ('' for every record): the runs after the lowest cursor's, newest
+    # first, and the records in each and every later one.
+    starts: dict[str, list[int]] = {"": []}
+    after: dict[str, list[int]] = {"": []}
+    for bucket, origin, count in conn.execute(
+        "SELECT bucket, origin, n FROM _fieldsync_seq_counts WHERE bucket > ? AND n != 0 "
         "ORDER BY bucket DESC",
         [lowest],
     ):
-        total += count
-        starts.append(bucket)
-        after.append(total)
-    starts.reverse()
-    after.reverse()
+        for key in {"", origin}:
+            runs, sums = starts.setdefault(key, []), after.setdefault(key, [])
+            if runs and runs[-1] == bucket:
+                sums[-1] += count
+            else:
+                runs.append(bucket)
+                sums.append((sums[-1] if sums else 0) + count)
+
+    for key, runs in starts.items():  # oldest first, each with its and later runs' records
+        runs.reverse()
+        after[key].reverse()
+
+    def later(origin: str, bucket: int) -> int:
+        """Records of ``origin`` in the runs after ``bucket``."""
+        runs = starts.get(origin, [])
+        at = bisect_right(runs, bucket)
+        return after[origin][at] if at < len(runs) else 0
+
     found = {}
     for office, cursor in cursors.items():
         bucket = cursor // LAG_BUCKET
-        at = bisect_right(starts, bucket)
-        later = after[at] if at < len(after) else 0
-        own = conn.execute(
-            "SELECT total(n) FROM _fieldsync_seq_counts WHERE origin = ? AND bucket > ?",
-            [office, bucket],
-        ).fetchone()[0]
         first = conn.execute(
             "SELECT count(*) FROM _fieldsync_records WHERE seq > ? AND seq < ? "
             "AND (origin IS NULL OR origin != ?)",
             [cursor, (bucket + 1) * LAG_BUCKET, office],
         ).fetchone()[0]
-        found[office] = later - int(own) + first
+        found[office] = later("", bucket) - later(office, bucket) + first
     return found
 
 

@@ -30,8 +30,8 @@ def counted(conn: sqlite3.Connection, office: str, cursor: int) -> int:
 
 
 def random_history(store: SqliteHubStore, rng: random.Random, steps: int) -> None:
-    """Inserts, edits and deletes of a few hundred cases by random offices, and
-    records dropped as a purge drops them."""
+    """Inserts, edits and deletes of a few hundred cases by random offices, records
+    moved by an admin (no origin) and dropped as a purge drops them."""
     numbers = dict.fromkeys(OFFICES, 0)
     tick = 0
     for _ in range(steps):
@@ -65,6 +65,14 @@ def random_history(store: SqliteHubStore, rng: random.Random, steps: int) -> Non
             changes.append(change)
             store.push(office, changes)
             changes = []
+        if rng.random() < 0.1:  # a move by an admin, as hub/scopes.py writes it
+            with store.database.write() as conn:
+                conn.execute("UPDATE _fieldsync_meta SET value = value + 1 WHERE key = 'seq'")
+                conn.execute(
+                    "UPDATE _fieldsync_records SET origin = NULL, "
+                    "seq = (SELECT value FROM _fieldsync_meta WHERE key = 'seq') "
+                    "WHERE rowid = (SELECT rowid FROM _fieldsync_records ORDER BY random() LIMIT 1)"
+                )
         if rng.random() < 0.1:  # a purge, as hub/compact.py deletes records
             with store.database.write() as conn:
                 conn.execute(
