@@ -182,6 +182,7 @@ class SyncAgent:
             raise
         self.client.close()
         before, self.client, self._settings = self._settings, client, settings
+        self._reported = None  # perhaps another hub: told at the end of this sync
         log.info("hub settings changed: %s", _changes(before, settings))
 
     def _sync(self, progress: Progress) -> SyncReport:

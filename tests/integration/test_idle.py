@@ -26,14 +26,17 @@ class Counting(httpx.HTTPTransport):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[str] = []
+        self.cursors: list[str | None] = []  # each request's cursor parameter, if any
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self.seen.append(f"{request.method} {request.url.path}")
+        self.cursors.append(request.url.params.get("cursor"))
         return super().handle_request(request)
 
     def sync(self, office: Office) -> list[str]:
         """The requests of one sync of ``office``."""
         self.seen.clear()
+        self.cursors.clear()
         office.sync()
         return list(self.seen)
 
@@ -123,6 +126,7 @@ def test_a_restored_hub_is_recovered_from_before_the_pull_is_applied(
     # The idle pull discarded; the health check (the kept changes the hub lacks would
     # be sent again here: it lacks none), then everything pulled again from the start.
     assert seen[:3] == ["GET /v1/pull", "GET /v1/health", "GET /v1/pull"]
+    assert wire.cursors[0] != "0" and wire.cursors[2] == "0"  # pulled again from the start
     assert office.store.status().cursor > 0
     assert office.store.db.conn.execute("SELECT hub_restored FROM _fieldsync_state").fetchone()[0]
     assert wire.sync(office) == ["GET /v1/pull"]
