@@ -300,6 +300,55 @@ def _schema_versions(db: sqlite_utils.Database) -> None:
     )
 
 
+# Each office's lag (hub/status.py: ``lags``) read from counts kept up to date by
+# triggers, whatever writes a record (a push, a resolution, a move, a purge, a schema
+# change): how many records have their seq in each run of LAG_BUCKET seqs, per office
+# of origin ('' for none). An office's lag is then the runs after its cursor's, less
+# its own, plus its cursor's run read from the records: never as many rows as it is
+# behind. One upsert per record written (two when a record is written again).
+LAG_BUCKET = 128
+
+_SEQ_COUNTS = [
+    """CREATE TABLE IF NOT EXISTS _fieldsync_seq_counts (
+    bucket INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (bucket, origin)
+) WITHOUT ROWID""",
+    f"""CREATE TRIGGER IF NOT EXISTS _fieldsync_seq_counts_insert
+AFTER INSERT ON _fieldsync_records BEGIN
+    INSERT INTO _fieldsync_seq_counts VALUES (new.seq / {LAG_BUCKET}, coalesce(new.origin, ''), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS _fieldsync_seq_counts_update
+AFTER UPDATE OF seq, origin ON _fieldsync_records
+WHEN old.seq != new.seq OR old.origin IS NOT new.origin BEGIN
+    UPDATE _fieldsync_seq_counts SET n = n - 1
+        WHERE bucket = old.seq / {LAG_BUCKET} AND origin = coalesce(old.origin, '');
+    INSERT INTO _fieldsync_seq_counts VALUES (new.seq / {LAG_BUCKET}, coalesce(new.origin, ''), 1)
+        ON CONFLICT DO UPDATE SET n = n + 1;
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS _fieldsync_seq_counts_delete
+AFTER DELETE ON _fieldsync_records BEGIN
+    UPDATE _fieldsync_seq_counts SET n = n - 1
+        WHERE bucket = old.seq / {LAG_BUCKET} AND origin = coalesce(old.origin, '');
+END""",
+]
+
+
+def _seq_counts(db: sqlite_utils.Database) -> None:
+    """Step 6: records counted per run of seqs and office of origin, kept by triggers
+    (see LAG_BUCKET), and counted once for the records already there."""
+    for statement in _SEQ_COUNTS:
+        db.conn.execute(statement)
+    db.conn.execute("DELETE FROM _fieldsync_seq_counts")
+    db.conn.execute(
+        "INSERT INTO _fieldsync_seq_counts SELECT seq / ?, coalesce(origin, ''), count(*) "
+        "FROM _fieldsync_records GROUP BY 1, 2",
+        [LAG_BUCKET],
+    )
+
+
 # In order; step n brings a database from user_version n - 1 to n.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _baseline,
@@ -307,6 +356,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _roles_and_audit,
     _conflict_changes,
     _schema_versions,
+    _seq_counts,
 ]
 
 

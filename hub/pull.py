@@ -46,45 +46,17 @@ def pull(
     """
     # The page, and what is left after it (as many records as the office is behind),
     # are read on a snapshot of their own, so a long read holds up no push; only
-    # the note of the pull waits for the store.
-    with hub.snapshot() as conn:
-        last = records.last_seq(conn)
-        if cursor > last:
-            # A cursor from the future: this hub was restored from an older
-            # backup. Serve everything again so the office converges.
-            log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
-            cursor = 0
-        acked, stored, rescope, pulled = conn.execute(
-            "SELECT acked_seq, scopes, rescope, pulled_seq FROM _fieldsync_nodes WHERE name = ?",
-            [node],
-        ).fetchone()
-        scopes = read_scopes(stored, node) if hub.schema.scoped else None
-        lost = office_mark(conn, node)
-        epoch = read_epoch(conn)  # the hub's identity (hub/epoch.py)
-        # An office pulling from before where it stood, past a purge (its database was
-        # restored from a copy, or a page it asked for ahead was never applied), may
-        # hold records deleted and purged since: resync.
-        behind = 0 < cursor < pulled and cursor < purged_seq(conn)
-        resync = (bool(rescope) or behind) and not (cursor == 0 and include_own)
-        remaining = None
-        if resync:
-            rows = []
-        elif scopes is None:
-            rows = conn.execute(
-                "SELECT tbl, pk, seq, deleted, vals, vers, 0 FROM _fieldsync_records "
-                "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
-                [cursor, "" if include_own else node, limit + 1],
-            ).fetchall()
-            if count:
-                remaining = conn.execute(
-                    "SELECT count(*) FROM _fieldsync_records "
-                    "WHERE seq > ? AND (origin IS NULL OR origin != ?)",
-                    [cursor, "" if include_own else node],
-                ).fetchone()[0]
-        else:
-            rows, remaining = _scoped_rows(
-                conn, sorted(scopes), node, cursor, limit, include_own, count
-            )
+    # the note of the pull waits for the store. An office with nothing to pull (an
+    # idle sync) is answered from the writer's connection, a few short reads under
+    # its lock: opening a snapshot would cost half of its pull.
+    with hub.read() as conn:
+        idle = cursor == records.last_seq(conn)
+        if idle:
+            found = _read(hub, conn, node, cursor, limit, include_own, count)
+    if not idle:
+        with hub.snapshot() as conn:
+            found = _read(hub, conn, node, cursor, limit, include_own, count)
+    cursor, last, acked, rescope, behind, resync, rows, remaining, lost, epoch = found
     more = len(rows) > limit or resync
     rows = rows[:limit]
     next_cursor = 0 if resync else rows[-1][2] if len(rows) == limit and more else last
@@ -109,6 +81,56 @@ def pull(
     return PullPage(
         page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch=epoch
     )
+
+
+def _read(
+    hub: HubDatabase,
+    conn: sqlite3.Connection,
+    node: str,
+    cursor: int,
+    limit: int,
+    include_own: bool,
+    count: bool,
+) -> tuple[int, int, int, int, bool, bool, list[Any], int | None, int, str]:
+    """What a pull page is made of, read on ``conn``."""
+    last = records.last_seq(conn)
+    if cursor > last:
+        # A cursor from the future: this hub was restored from an older
+        # backup. Serve everything again so the office converges.
+        log.warning("office %s pulls from %d, past the last seq %d", node, cursor, last)
+        cursor = 0
+    acked, stored, rescope, pulled = conn.execute(
+        "SELECT acked_seq, scopes, rescope, pulled_seq FROM _fieldsync_nodes WHERE name = ?",
+        [node],
+    ).fetchone()
+    scopes = read_scopes(stored, node) if hub.schema.scoped else None
+    lost = office_mark(conn, node)
+    epoch = read_epoch(conn)  # the hub's identity (hub/epoch.py)
+    # An office pulling from before where it stood, past a purge (its database was
+    # restored from a copy, or a page it asked for ahead was never applied), may
+    # hold records deleted and purged since: resync.
+    behind = 0 < cursor < pulled and cursor < purged_seq(conn)
+    resync = (bool(rescope) or behind) and not (cursor == 0 and include_own)
+    remaining = None
+    if resync:
+        rows = []
+    elif scopes is None:
+        rows = conn.execute(
+            "SELECT tbl, pk, seq, deleted, vals, vers, 0 FROM _fieldsync_records "
+            "WHERE seq > ? AND (origin IS NULL OR origin != ?) ORDER BY seq LIMIT ?",
+            [cursor, "" if include_own else node, limit + 1],
+        ).fetchall()
+        if count:
+            remaining = conn.execute(
+                "SELECT count(*) FROM _fieldsync_records "
+                "WHERE seq > ? AND (origin IS NULL OR origin != ?)",
+                [cursor, "" if include_own else node],
+            ).fetchone()[0]
+    else:
+        rows, remaining = _scoped_rows(
+            conn, sorted(scopes), node, cursor, limit, include_own, count
+        )
+    return cursor, last, acked, rescope, behind, resync, rows, remaining, lost, epoch
 
 
 def _scoped_rows(

@@ -10,11 +10,14 @@ reported them (the last ``EVENTS_KEPT``). hub/health.py turns them into one word
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_right
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub.database import HubDatabase
 from hub.health import OfficeStatus, office_status
+from hub.migrations import LAG_BUCKET
 from hub.times import utcnow
 from shared.errors import FieldsyncError
 from shared.protocol import StatusReport
@@ -132,8 +135,7 @@ def offices(
     """Every office by name (or only office ``name``), with its ``events`` most recent
     sync events, newest first, and its health (see :func:`hub.health.health`)."""
     now = now or datetime.now(UTC)
-    # A snapshot of its own, not the store's connection: counting each office's lag
-    # reads as many records as it is behind, and the hub's writes need not wait.
+    # A snapshot of its own, not the store's connection: the hub's writes need not wait.
     with hub.snapshot() as conn:
         cursor = conn.execute(
             "SELECT n.name, n.created_at, n.revoked_at, n.last_seen_at, n.last_push_at, "
@@ -152,20 +154,77 @@ def offices(
         rejected = dict(
             conn.execute("SELECT node, count(*) FROM _fieldsync_rejected GROUP BY node")
         )
+        behind = lags(conn, {row[0]: row[8] or 0 for row in rows})
         found = []
         for row in rows:
             office = row[0]
-            lag = conn.execute(
-                "SELECT count(*) FROM _fieldsync_records "
-                "WHERE seq > ? AND (origin IS NULL OR origin != ?)",
-                [row[8] or 0, office],
-            ).fetchone()[0]
             history = _events(conn, office, events) if events else []
             found.append(
                 office_status(
-                    row, lag, conflicts, rejected.get(office, 0), history, now, stale_after
+                    row,
+                    behind[office],
+                    conflicts,
+                    rejected.get(office, 0),
+                    history,
+                    now,
+                    stale_after,
                 )
             )
+    return found
+
+
+def lags(conn: sqlite3.Connection, cursors: Mapping[str, int]) -> dict[str, int]:
+    """Per office: the records after its pull cursor (in ``cursors``) whose latest
+    state another office (or the hub) wrote, i.e.::
+
+        SELECT count(*) FROM _fieldsync_records
+        WHERE seq > cursor AND (origin IS NULL OR origin != office)
+
+    read from the counts the triggers keep per run of LAG_BUCKET seqs and office of
+    origin (hub/migrations.py): the runs after the cursor's, less the office's own,
+    plus the cursor's run counted from the records. The runs are read once for every
+    office, from the lowest cursor's up; per office, one short read of the records
+    (at most LAG_BUCKET rows), however far behind it is.
+    """
+    if not cursors:
+        return {}
+    lowest = min(cursors.values()) // LAG_BUCKET
+    # Per origin ('' for every record): the runs after the lowest cursor's, newest
+    # first, and the records in each and every later one.
+    starts: dict[str, list[int]] = {"": []}
+    after: dict[str, list[int]] = {"": []}
+    for bucket, origin, count in conn.execute(
+        "SELECT bucket, origin, n FROM _fieldsync_seq_counts WHERE bucket > ? AND n != 0 "
+        "ORDER BY bucket DESC",
+        [lowest],
+    ):
+        for key in {"", origin}:
+            runs, sums = starts.setdefault(key, []), after.setdefault(key, [])
+            if runs and runs[-1] == bucket:
+                sums[-1] += count
+            else:
+                runs.append(bucket)
+                sums.append((sums[-1] if sums else 0) + count)
+
+    for key, runs in starts.items():  # oldest first, each with its and later runs' records
+        runs.reverse()
+        after[key].reverse()
+
+    def later(origin: str, bucket: int) -> int:
+        """Records of ``origin`` in the runs after ``bucket``."""
+        runs = starts.get(origin, [])
+        at = bisect_right(runs, bucket)
+        return after[origin][at] if at < len(runs) else 0
+
+    found = {}
+    for office, cursor in cursors.items():
+        bucket = cursor // LAG_BUCKET
+        first = conn.execute(
+            "SELECT count(*) FROM _fieldsync_records WHERE seq > ? AND seq < ? "
+            "AND (origin IS NULL OR origin != ?)",
+            [cursor, (bucket + 1) * LAG_BUCKET, office],
+        ).fetchone()[0]
+        found[office] = later("", bucket) - later(office, bucket) + first
     return found
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
-from node import restore, schema_sync
+from node import restore, schema_sync, status as sync_status
 from node.client import HubClient, HubClock
 from node.compact import compact_if_due
 from node.schedule import local_now, run_agent
@@ -36,7 +36,7 @@ from shared.errors import (
     StoreError,
     error_code,
 )
-from shared.protocol import PullPage, PushResult
+from shared.protocol import PullPage, PushResult, StatusReport
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler
@@ -117,6 +117,8 @@ class SyncAgent:
         # Never two syncs of one database at once, in this process or another one.
         self._lock = FileLock(f"{store.path}-sync.lock", thread_local=False)
         self._watch: restore.Watch | None = None  # the hub's identity (node/restore.py)
+        # The last status report the hub accepted, and when (node/status.py: report_due).
+        self._reported: tuple[StatusReport, float] | None = None
 
     def sync_once(self, progress: Progress | None = None) -> SyncReport:
         """Push every pending change, then pull until the hub has nothing more.
@@ -180,6 +182,7 @@ class SyncAgent:
             raise
         self.client.close()
         before, self.client, self._settings = self._settings, client, settings
+        self._reported = None  # perhaps another hub: told at the end of this sync
         log.info("hub settings changed: %s", _changes(before, settings))
 
     def _sync(self, progress: Progress) -> SyncReport:
@@ -205,14 +208,17 @@ class SyncAgent:
             )
 
         try:
-            clock = self._correct_clock()
-            # Before anything moves: the office's tables as the hub's schema version.
-            schema_sync.catch_up(self.store, self.client, clock.schema_version, clock.epoch)
-            self._watch = restore.begin(
-                self.store.db, self.store.node, clock, self.client, self.batch_size
-            )
-            self._push_all(report, progress)
-            mark = self._pull_all(report, progress)
+            first = self._idle_start()
+            if first is None:
+                clock = self._correct_clock()
+                # Before anything moves: the office's tables as the hub's schema version.
+                schema_sync.catch_up(self.store, self.client, clock.schema_version, clock.epoch)
+                self._watch = restore.begin(
+                    self.store.db, self.store.node, clock, self.client, self.batch_size
+                )
+                self._push_all(report, progress)
+            assert self._watch is not None
+            mark = self._pull_all(report, progress, first)
             self._learn_lost(mark, report)
             self._watch.done()
         except FieldsyncError as exc:
@@ -224,15 +230,70 @@ class SyncAgent:
         self._report_status()
         return report
 
+    def _idle_start(self) -> tuple[PullPage, int] | None:
+        """An idle sync in one request: with nothing queued and the last sync a success,
+        the health check is left out and the first pull page tells what it would have
+        (the hub's time, ``acked``, epoch and schema version). Returns that page and
+        when it was asked for, to be applied; or None (nothing asked, or the page
+        discarded unapplied) when the sync must take the full path: the hub restored
+        (another epoch), another schema version, the clock's error moved, the hub
+        holding other changes of this office than it knows of."""
+        if self.store.pending_count() or not sync_status.last_sync_ok(self.store.db):
+            return None
+        mine = schema_sync.stored_version(self.store.db.conn)
+        if mine == 0:  # never took the hub's version: the health check says which
+            return None
+        schema_sync.catch_up(self.store, self.client, mine)  # columns added by hand
+        sent = self._now()
+        try:
+            page = self.client.pull(
+                self.store.cursor, self.page_size, include_own=self.store.repull, count=True
+            )
+        except HubRejectedError as exc:
+            if exc.code != "refused":  # another schema version at the hub: full path
+                raise
+            log.debug("full sync: %s", exc)
+            return None
+        self._check_identity(page.node)
+        watch = restore.Watch(self.store.db, self.store.node, page.epoch)
+        if (
+            watch.new
+            or page.acked != self.store.last_seq()
+            or (page.schema_version and page.schema_version != mine)
+            or self._offset_moved(sent, page.hub_time_ms)
+        ):
+            # Changes made since the sync began count too (acked below last_seq).
+            log.debug("full sync: the hub's answer to an idle pull changed")
+            return None
+        clock = HubClock(page.hub_time_ms, page.acked, page.epoch, page.schema_version)
+        self._watch = restore.begin(
+            self.store.db, self.store.node, clock, self.client, self.batch_size
+        )
+        return page, sent
+
+    def _offset_moved(self, sent_ms: int, hub_time_ms: int) -> bool:
+        """Whether an answer to a request sent at ``sent_ms`` would change the clock's
+        offset (see :meth:`_learn_offset`)."""
+        received = self._now()
+        offset = hub_time_ms - (sent_ms + received) // 2
+        return abs(offset - self.store.clock_offset_ms) > max(1000, (received - sent_ms))
+
     def _report_status(self) -> None:
-        """Tell the hub how this office is, with the syncs it has not heard of yet.
+        """Tell the hub how this office is, with the syncs it has not heard of yet, if
+        anything changed since the last report it accepted or that is old
+        (node/status.py: ``report_due``).
 
         Best effort: a report that does not arrive is sent with the next one.
         """
         try:
             report = self.store.status_report(self.interval_seconds)
-            if self.client.report_status(report) and report.events:
-                self.store.mark_reported(report.events[-1].id)
+            last, at = self._reported or (None, 0.0)
+            if not sync_status.report_due(report, last, time.monotonic() - at):
+                return
+            if self.client.report_status(report):
+                self._reported = (report, time.monotonic())
+                if report.events:
+                    self.store.mark_reported(report.events[-1].id)
         except (FieldsyncError, sqlite3.Error) as exc:  # the sync itself is done
             log.debug("could not report this office's status to the hub: %s", exc)
 
@@ -279,16 +340,22 @@ class SyncAgent:
             if not page.more:
                 break
 
-    def _pull_all(self, report: SyncReport, progress: Progress) -> int:
+    def _pull_all(
+        self, report: SyncReport, progress: Progress, first: tuple[PullPage, int] | None = None
+    ) -> int:
         """Pull pages until the hub has nothing more, counting into ``report``; returns
-        the newest mark of this office's lost edits the pages carried."""
+        the newest mark of this office's lost edits the pages carried. ``first``: the
+        first page, already asked for (see :meth:`_idle_start`), and when."""
         checked = resynced = False
         total = 0
         mark = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
             ahead: tuple[Future[PullPage], int] | None = None
             while True:
-                if ahead is not None:
+                if first is not None:
+                    page, sent = first
+                    first = None
+                elif ahead is not None:
                     request, sent = ahead
                     page = request.result()
                 else:

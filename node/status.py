@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 import sqlite_utils
 
 from node._times import stamp_time, utcnow
@@ -25,6 +26,14 @@ from shared.protocol import MAX_EVENTS_PER_REPORT, StatusReport, SyncEvent
 from shared.sqlite import write
 
 SYNC_LOG_KEPT = 200
+
+# The status report is sent after a sync only when something in it changed since the
+# last one the hub accepted (an event that is not an idle success counts as a change),
+# or when REPORT_EVERY_S passed since then, or when REPORT_EVENTS_DUE syncs wait to
+# be told: an office syncing idle every minute reports every 10 minutes, and the
+# hub sees each of its pulls meanwhile (its last sync, its health).
+REPORT_EVERY_S = 600.0
+REPORT_EVENTS_DUE = MAX_EVENTS_PER_REPORT // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +211,33 @@ def status_report(db: sqlite_utils.Database, interval_seconds: float | None = No
             else None
         ),
         events=events,
+    )
+
+
+def last_sync_ok(db: sqlite_utils.Database) -> bool:
+    """Whether the office has synced and its last sync succeeded."""
+    ok, error = db.conn.execute(
+        "SELECT last_success_at, last_error FROM _fieldsync_state"
+    ).fetchone()
+    return ok is not None and error is None
+
+
+def report_due(report: StatusReport, last: StatusReport | None, seconds_since_last: float) -> bool:
+    """Whether to send ``report``, given the ``last`` one the hub accepted (None: none
+    since this agent started) ``seconds_since_last`` ago (see REPORT_EVERY_S)."""
+    if last is None or seconds_since_last >= REPORT_EVERY_S:
+        return True
+    if len(report.events) >= REPORT_EVENTS_DUE:
+        return True
+    if any(not _idle(event) for event in report.events):
+        return True
+    return msgspec.structs.replace(report, events=[]) != msgspec.structs.replace(last, events=[])
+
+
+def _idle(event: SyncEvent) -> bool:
+    """A sync that succeeded and moved nothing."""
+    return event.outcome == "ok" and not (
+        event.pushed or event.pulled or event.conflicts or event.rejected
     )
 
 
