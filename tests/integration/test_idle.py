@@ -123,10 +123,11 @@ def test_a_restored_hub_is_recovered_from_before_the_pull_is_applied(
         conn.execute("UPDATE _fieldsync_state SET hub_epoch = 'an-older-hub'")
     conn.close()
     seen = wire.sync(office)
-    # The idle pull discarded; the health check (the kept changes the hub lacks would
-    # be sent again here: it lacks none), then everything pulled again from the start.
-    assert seen[:3] == ["GET /v1/pull", "GET /v1/health", "GET /v1/pull"]
-    assert wire.cursors[0] != "0" and wire.cursors[2] == "0"  # pulled again from the start
+    # The idle pull discarded; the health check, the schema compared by its source (a
+    # restored hub may number it otherwise), the kept changes the hub lacks sent again
+    # (it lacks none), then everything pulled again from the start.
+    assert seen[:4] == ["GET /v1/pull", "GET /v1/health", "GET /v1/schema", "GET /v1/pull"]
+    assert wire.cursors[0] != "0" and wire.cursors[3] == "0"  # pulled again from the start
     assert office.store.status().cursor > 0
     assert office.store.db.conn.execute("SELECT hub_restored FROM _fieldsync_state").fetchone()[0]
     assert wire.sync(office) == ["GET /v1/pull"]
