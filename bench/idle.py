@@ -54,7 +54,7 @@ from hub.store import SqliteHubStore
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
-from shared.protocol import StatusReport, SyncEvent
+from shared.reports import StatusReport, SyncEvent
 from shared.schema import Schema
 
 BEHIND = 20_000

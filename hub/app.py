@@ -70,11 +70,11 @@ from shared.protocol import (
     Change,
     Health,
     StatusKept,
-    StatusReport,
     check_version,
     dumps,
     read_push,
 )
+from shared.reports import StatusReport
 
 log = logging.getLogger("fieldsync.hub")
 

@@ -37,8 +37,8 @@ from shared.protocol import (
     PushResult,
     SchemaInfo,
     StatusKept,
-    StatusReport,
 )
+from shared.reports import StatusReport
 
 Auth = Literal["office", "admin", "session"]
 # How each kind of caller proves who it is (OpenAPI security schemes).

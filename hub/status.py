@@ -20,7 +20,7 @@ from hub.health import OfficeStatus, office_status
 from hub.migrations import LAG_BUCKET
 from hub.times import utcnow
 from shared.errors import FieldsyncError
-from shared.protocol import StatusReport
+from shared.reports import StatusReport
 
 # How many sync events the hub keeps per office.
 EVENTS_KEPT = 200

@@ -56,14 +56,8 @@ from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
 from shared.clock import now_ms
 from shared.merge import RecordState
-from shared.protocol import (
-    Change,
-    ConflictPage,
-    PullPage,
-    PushResult,
-    SchemaInfo,
-    StatusReport,
-)
+from shared.protocol import Change, ConflictPage, PullPage, PushResult, SchemaInfo
+from shared.reports import StatusReport
 from shared.schema import Schema
 from shared.sqlite import table_rows
 

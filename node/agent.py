@@ -36,7 +36,8 @@ from shared.errors import (
     StoreError,
     error_code,
 )
-from shared.protocol import PullPage, PushResult, StatusReport
+from shared.protocol import PullPage, PushResult
+from shared.reports import StatusReport
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler

@@ -43,10 +43,10 @@ from shared.protocol import (
     PullPage,
     PushResult,
     SchemaInfo,
-    StatusReport,
     dumps,
     loads,
 )
+from shared.reports import StatusReport
 
 if TYPE_CHECKING:
     from node.store import HubSettings

@@ -22,7 +22,7 @@ from node.link import is_unencrypted
 from node.outbox import PENDING
 from node.rejected import count_rejected
 from shared import __version__
-from shared.protocol import MAX_EVENTS_PER_REPORT, StatusReport, SyncEvent
+from shared.reports import MAX_EVENTS_PER_REPORT, StatusReport, SyncEvent
 from shared.sqlite import write
 
 SYNC_LOG_KEPT = 200

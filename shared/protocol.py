@@ -13,8 +13,8 @@ the ``/v1`` of the first version):
   every record changed after ``cursor``, one entry per record however often it changed.
   With ``packed=1`` (added within version 2; an older hub ignores it), a record whose
   columns all carry one version has that version alone as its ``versions``.
-- ``POST /v1/status`` takes a :class:`StatusReport` (added within version 2: an older
-  hub answers 404 and the office carries on).
+- ``POST /v1/status`` takes a :class:`shared.reports.StatusReport` (added within
+  version 2: an older hub answers 404 and the office carries on).
 
 A change's stamp travels without its node name: the hub takes the node from the
 bearer token, so an office can only ever write as itself. So the :class:`Change` the
@@ -34,9 +34,7 @@ always the wire's key order.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 
 import msgspec
@@ -475,99 +473,6 @@ def check_version(data: Any, what: str) -> None:
         )
 
 
-# -- status reports (POST /v1/status) ----------------------------------------------
-
-MAX_EVENTS_PER_REPORT = 100
-MAX_ERROR_CHARS = 1000
-MAX_VERSION_CHARS = 40
-Outcome = Literal["ok", "error"]
-OUTCOMES: tuple[str, ...] = get_args(Outcome)
-_SECONDS = Meta(ge=0, lt=10**7)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SyncEvent:
-    """One sync as the office saw it: when, how long, how much, and how it ended.
-
-    A dataclass (msgspec reads one as it reads a Struct), since the office shifts its
-    events' times with ``dataclasses.replace``.
-    """
-
-    id: Count  # the office's own number for it: reports are idempotent
-    started_at: IsoTime
-    seconds: Annotated[float, _SECONDS]
-    outcome: Outcome
-    pushed: Count = 0
-    pulled: Count = 0
-    conflicts: Count = 0
-    rejected: Count = 0
-    bytes_sent: Count = 0
-    bytes_received: Count = 0
-    error: str | None = None  # cut to MAX_ERROR_CHARS when the hub reads it
-    error_code: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_json(cls, data: Any) -> SyncEvent:
-        return _checked_event(_read(cls, data, "a sync event"))
-
-
-class StatusReport(Struct, frozen=True, tag_field="protocol", tag=PROTOCOL_VERSION):
-    """What an office tells the hub about itself after each sync (never case data)."""
-
-    pending: Count  # changes waiting to be pushed
-    oldest_pending_at: IsoTime | None  # when the oldest of them was made
-    rejected: Count  # changes the hub rejected, kept aside at the office
-    clock_offset_ms: Int64  # how far the office clock is behind the hub's
-    version: str  # the office's fieldsync version (the hub keeps MAX_VERSION_CHARS)
-    # its sync interval, when it runs the agent
-    interval_seconds: Annotated[float, Meta(gt=0, lt=10**7)] | None = None
-    last_error: str | None = None  # cut to MAX_ERROR_CHARS when the hub reads it
-    last_error_code: str | None = None
-    last_error_at: IsoTime | None = None
-    events: Annotated[list[SyncEvent], Meta(max_length=MAX_EVENTS_PER_REPORT)] = msgspec.field(
-        default_factory=list
-    )
-
-    def to_json(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_json(cls, data: Any) -> StatusReport:
-        """Read a report (parsed JSON, or its bytes); ProtocolError if malformed."""
-        what = "the status report"
-        report = _read(cls, data, what)
-        _check_time(report.oldest_pending_at, "oldest_pending_at", what)
-        _check_time(report.last_error_at, "last_error_at", what)
-        return msgspec.structs.replace(
-            report,
-            version=report.version[:MAX_VERSION_CHARS],
-            last_error=_error_text(report.last_error),
-            events=[_checked_event(e) for e in report.events],
-        )
-
-
-def _checked_event(event: SyncEvent) -> SyncEvent:
-    _check_time(event.started_at, "started_at", "a sync event")
-    if event.error is None or len(event.error) <= MAX_ERROR_CHARS:
-        return event
-    return dataclasses.replace(event, error=_error_text(event.error))
-
-
-def _check_time(value: str | None, name: str, what: str) -> None:
-    if value is not None:
-        try:
-            datetime.fromisoformat(value)
-        except ValueError:
-            raise ProtocolError(f"{what}: field {name!r} is not an ISO 8601 time") from None
-
-
-def _error_text(value: str | None) -> str | None:
-    return None if value is None else value[:MAX_ERROR_CHARS]
-
-
 # -- small answers (their schemas are published; see hub/openapi.py) -------------------
 
 
@@ -616,7 +521,6 @@ class ErrorBody(Struct, frozen=True):
 _T = TypeVar("_T")
 
 
-_VERSIONED = (PushRequest, PushResult, PullPage, StatusReport, ConflictPage)
 _DECODERS: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
@@ -626,7 +530,8 @@ def _read(kind: type[_T], data: Any, what: str) -> _T:
     ValueError if it is not JSON; ProtocolError, naming the field, if it is not a
     ``kind`` (VersionMismatchError if of another protocol version).
     """
-    target: Any = kind | _Unversioned if kind in _VERSIONED else kind
+    versioned = _versioned(kind)
+    target: Any = kind | _Unversioned if versioned else kind
     try:
         if isinstance(data, bytes):
             decoder = _DECODERS.get(kind) or _DECODERS.setdefault(
@@ -641,7 +546,7 @@ def _read(kind: type[_T], data: Any, what: str) -> _T:
         if isinstance(found, _Unversioned):
             raise msgspec.ValidationError("no protocol")
     except msgspec.ValidationError as exc:
-        if kind in _VERSIONED:
+        if versioned:
             check_version(loads(data) if isinstance(data, bytes) else data, what)
         message, _, where = str(exc).partition(" - at ")
         place = where.strip("`").removeprefix("$").lstrip(".")
@@ -652,6 +557,19 @@ def _read(kind: type[_T], data: Any, what: str) -> _T:
         if row.versions is _NO_VERSIONS:
             raise ProtocolError(f"{what}: row {row.seq} has no 'versions'")
     return found  # type: ignore[no-any-return]
+
+
+def _versioned(kind: type) -> bool:
+    """Whether ``kind`` is a message that carries the protocol's version (a Struct
+    tagged ``protocol``, as :class:`PushRequest`, :class:`PullPage`...)."""
+    config = getattr(kind, "__struct_config__", None)
+    return config is not None and config.tag_field == "protocol"
+
+
+def read_message(kind: type[_T], data: Any, what: str) -> _T:
+    """``data`` (JSON bytes, or parsed JSON) read as the wire type ``kind`` (for wire
+    types declared in other modules, as shared/reports.py); see :func:`_read`."""
+    return _read(kind, data, what)
 
 
 def _rows(found: object) -> list[PullRow]:

@@ -19,7 +19,8 @@ from typing import Any
 
 from node.client import HubClock
 from shared.clock import now_ms
-from shared.protocol import Change, ConflictPage, PullPage, PushResult, StatusReport
+from shared.protocol import Change, ConflictPage, PullPage, PushResult
+from shared.reports import StatusReport
 
 # A scripted answer: an exception to raise, a value to return, a function of the
 # request's arguments that does either, or None to answer as usual.

@@ -13,14 +13,8 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from hub.app import ERROR_CODES, OPENAPI, create_app
 from hub.store import SqliteHubStore
-from shared.protocol import (
-    PROTOCOL_VERSION,
-    ErrorBody,
-    Health,
-    PushResult,
-    StatusKept,
-    StatusReport,
-)
+from shared.protocol import PROTOCOL_VERSION, ErrorBody, Health, PushResult, StatusKept
+from shared.reports import StatusReport
 from tests.asgi import client as asgi_client
 
 

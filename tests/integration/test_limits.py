@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from shared.clock import COUNTER_BITS, now_ms
-from shared.protocol import PROTOCOL_VERSION, StatusReport
+from shared.protocol import PROTOCOL_VERSION
+from shared.reports import StatusReport
 from tests.conftest import Hub
 from tests.integration.test_dashboard import sign_in
 

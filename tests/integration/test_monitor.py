@@ -14,7 +14,8 @@ from hub.auth import hash_token
 from hub.health import health
 from hub.times import ago
 from shared.errors import AuthError, HubUnavailableError, ProtocolError
-from shared.protocol import PROTOCOL_VERSION, StatusReport, SyncEvent
+from shared.protocol import PROTOCOL_VERSION
+from shared.reports import StatusReport, SyncEvent
 from tests.faults import FlakyTransport
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,6 @@ from hypothesis import given, settings, strategies as st
 from shared.clock import Timestamp
 from shared.errors import InvalidChangeError, ProtocolError, SchemaError, VersionMismatchError
 from shared.protocol import (
-    MAX_ERROR_CHARS,
     PROTOCOL_VERSION,
     Change,
     PullPage,
@@ -23,12 +22,11 @@ from shared.protocol import (
     PushedChange,
     PushResult,
     Rejection,
-    StatusReport,
-    SyncEvent,
     check_version,
     dumps,
     read_push,
 )
+from shared.reports import MAX_ERROR_CHARS, StatusReport, SyncEvent
 from shared.schema import EXISTS, Column, Schema, pk_key
 
 TS = Timestamp(0x18F00000000001, "astana")
