@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from fieldsync.options import node_db
+
 _out = click.argument("out", metavar="OUT", type=click.Path(dir_okay=False))
 _force = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 
@@ -61,7 +63,7 @@ def hub_restore(backup_path: str, db_path: str) -> None:
 
 
 @click.command("backup")
-@click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+@node_db
 @_out
 @_force
 def node_backup(db_path: str, out: str, force: bool) -> None:

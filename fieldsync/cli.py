@@ -22,6 +22,7 @@ from fieldsync.compact_commands import hub_compact, node_compact
 from fieldsync.hub_commands import hub
 from fieldsync.node_commands import node
 from fieldsync.options import Group
+from fieldsync.review_commands import node_conflicts, node_drop_change, node_rejected, node_retry
 from fieldsync.schema_commands import hub_schema
 from fieldsync.scope_commands import hub_move, hub_scope
 from shared import __version__
@@ -47,6 +48,8 @@ for command in (hub_backup, hub_restore):
 node.add_command(node_backup)
 hub.add_command(hub_compact)
 node.add_command(node_compact)
+for command in (node_conflicts, node_rejected, node_retry, node_drop_change):
+    node.add_command(command)
 hub.add_command(hub_schema)
 cli.add_command(hub)
 cli.add_command(node)

@@ -11,7 +11,7 @@ import re
 
 import click
 
-from fieldsync.options import echo_json, open_hub
+from fieldsync.options import echo_json, node_db, open_hub
 from shared.errors import FieldsyncError
 
 _hub_db = click.option(
@@ -88,7 +88,7 @@ def hub_compact(
 
 
 @click.command("compact")
-@click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+@node_db
 @click.option(
     "--deleted-age",
     "days_text",

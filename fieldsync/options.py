@@ -43,6 +43,9 @@ def _debug(ctx: click.Context) -> bool:
     return bool(root.params.get("debug"))
 
 
+# The office database a `node` command works on.
+node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
+
 schema_option = click.option(
     "--schema",
     "schema_path",
