@@ -69,6 +69,7 @@ from shared.protocol import (
     SCHEMA_HEADER,
     Change,
     Health,
+    PullPage,
     StatusKept,
     check_version,
     dumps,
@@ -260,15 +261,17 @@ def create_app(
                 "upgrade_required",
                 409,
             )
-        version = await run_in_threadpool(check_schema, request, node, "pull")
-        page = await run_in_threadpool(
-            lambda: store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
-        )
-        if await run_in_threadpool(lambda: store.schema_version) != version:
-            # Applied meanwhile: the page may hold its columns. Checked again (refused to
-            # an office behind; it migrates at its next sync).
-            version = await run_in_threadpool(check_schema, request, node, "pull")
-        page = msgspec.structs.replace(page, schema_version=version)
+
+        def checked_pull() -> PullPage:  # one trip to a worker thread per pull
+            version = check_schema(request, node, "pull")
+            page = store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
+            if store.schema_version != version:
+                # Applied meanwhile: the page may hold its columns. Checked again (refused
+                # to an office behind; it migrates at its next sync).
+                version = check_schema(request, node, "pull")
+            return msgspec.structs.replace(page, schema_version=version)
+
+        page = await run_in_threadpool(checked_pull)
         return JSONResponse(page.to_json())
 
     def check_schema(request: Request, node: str, action: str) -> int:
