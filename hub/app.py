@@ -70,6 +70,7 @@ from shared.protocol import (
     Change,
     Health,
     PullPage,
+    PushResult,
     StatusKept,
     check_version,
     dumps,
@@ -232,9 +233,12 @@ def create_app(
         seqs = [c.seq for c in changes]
         if seqs != sorted(set(seqs)):
             raise ProtocolError("changes must be in increasing seq order, each seq once")
-        version = await run_in_threadpool(check_schema, request, node, "push")
-        result = await run_in_threadpool(store.push, node, changes)
-        result = msgspec.structs.replace(result, schema_version=version)
+
+        def checked_push() -> PushResult:  # one trip to a worker thread
+            version = check_schema(request, node, "push")
+            return msgspec.structs.replace(store.push(node, changes), schema_version=version)
+
+        result = await run_in_threadpool(checked_push)
         log.info(
             "push from %s: %d changes, %d applied, %d conflicts, %d rejected, acked %d",
             node,
