@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from fieldsync.options import node_db
+from shared.errors import FieldsyncError
 
 _out = click.argument("out", metavar="OUT", type=click.Path(dir_okay=False))
 _force = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -32,6 +33,7 @@ def hub_backup(db_path: str, out: str, force: bool) -> None:
     from hub.epoch import count_hub, mark_backup
     from shared.backup import backup
 
+    _sqlite_only(db_path, "back up", "pg_dump")
     info = backup(Path(db_path), Path(out), count=count_hub, mark=mark_backup, force=force)
     click.echo(info.line())
 
@@ -51,6 +53,7 @@ def hub_restore(backup_path: str, db_path: str) -> None:
     from hub.epoch import count_hub, mark_backup
     from shared.backup import restore
 
+    _sqlite_only(db_path, "restore", "pg_restore")
     info, aside = restore(Path(backup_path), Path(db_path), count=count_hub, mark=mark_backup)
     click.echo(f"restored {info.line()}")
     if aside is not None:
@@ -60,6 +63,16 @@ def hub_restore(backup_path: str, db_path: str) -> None:
         "revoke or rotate those tokens again.",
         err=True,
     )
+
+
+def _sqlite_only(db_path: str, verb: str, tool: str) -> None:
+    """Refuse a PostgreSQL hub: the server's own tools copy it."""
+    from hub.engine import is_url
+
+    if is_url(db_path):
+        raise FieldsyncError(
+            f"fieldsync cannot {verb} a PostgreSQL hub; use {tool} (the server's own tools)"
+        )
 
 
 @click.command("backup")

@@ -116,11 +116,12 @@ def hub_serve(
 
     from hub.app import create_app
     from hub.compact import Compactor, Keep, parse_keep
+    from hub.engine import is_url
 
     keep = parse_keep(keep_text) if keep_text is not None else Keep()
     _check_tls(certfile, keyfile)
     _listen(host, port).close()  # a port in use is a one-line error, before any file
-    new = not os.path.exists(db_path)
+    new = not is_url(db_path) and not os.path.exists(db_path)
     store = _open_hub(db_path, schema_path, create=True, serving=True)
     _check_declared(store)
     if new:
@@ -128,7 +129,7 @@ def hub_serve(
     store.max_future_ms = max_future_seconds * 1000
     shown = f"[{host}]" if ":" in host else host
     scheme = "https" if certfile else "http"
-    click.echo(f"fieldsync hub {__version__}: {db_path} on {scheme}://{shown}:{port}", err=True)
+    click.echo(f"fieldsync hub {__version__}: {store.where} on {scheme}://{shown}:{port}", err=True)
     # In a thread of its own, in short write transactions.
     compactor = Compactor(store.database, keep, first=timedelta(seconds=compact_after))
     compactor.start()

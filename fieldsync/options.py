@@ -18,7 +18,7 @@ import click
 from shared.errors import FieldsyncError
 
 if TYPE_CHECKING:
-    from hub.store import SqliteHubStore
+    from hub.store import SqlHubStore
     from shared.schema import Schema
 
 
@@ -63,12 +63,13 @@ def load_schema(path: str | None) -> Schema | None:
 
 def open_hub(
     db_path: str, schema_path: str | None = None, create: bool = False, serving: bool = False
-) -> SqliteHubStore:
-    """The hub store at ``db_path`` (made, with the schema, when ``create``); only
-    ``serving`` (`hub serve`) gives a backup put in place its new identity."""
-    from hub.store import SqliteHubStore
+) -> SqlHubStore:
+    """The hub store at ``db_path``, a SQLite file's path or a ``postgresql://`` URL
+    (made, with the schema, when ``create``); only ``serving`` (`hub serve`) gives a
+    backup put in place its new identity."""
+    from hub.store import open_store
 
-    return SqliteHubStore(db_path, load_schema(schema_path), create=create, serving=serving)
+    return open_store(db_path, load_schema(schema_path), create=create, serving=serving)
 
 
 def echo_json(data: Any) -> None:

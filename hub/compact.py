@@ -201,7 +201,7 @@ def _timed_write(hub: HubDatabase, done: Compacted, what: str) -> Iterator[sqlit
     with hub.write() as conn:
         began = time.monotonic()
         yield conn
-    hub.checkpointer.poke()  # the WAL back into the file, as after a push
+    hub.after_write()  # SQLite: the WAL back into the file, as after a push
     # From the lock taken to the commit done.
     done.held(what, (time.monotonic() - began) * 1000)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 from shared.schema import quote
@@ -74,3 +76,62 @@ def dialect_of(conn: Any) -> Dialect:
     """The dialect of ``conn``: PostgreSQL's adapter carries its own, SQLite's is the default."""
     found: Dialect = getattr(conn, "dialect", SQLITE)
     return found
+
+
+class Engine(Protocol):
+    """What :class:`hub.database.HubDatabase` asks of a database engine."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    @property
+    def where(self) -> str:
+        """The database, as messages name it (never a password)."""
+        ...
+
+    def upgrade(self, conn: Conn) -> None:
+        """Bring the hub's own tables up to date, in ``conn``'s write transaction."""
+
+    def create_tables(self, conn: Conn, schema: Any) -> None:
+        """Create each mirrored table of ``schema`` that does not exist yet."""
+
+    def write(self) -> AbstractContextManager[Conn]:
+        """A write transaction, one at a time across every process on the database."""
+        ...
+
+    def changed(self, conn: Conn) -> bool:
+        """Whether another process may have committed since this one last wrote."""
+        ...
+
+    def read(self) -> AbstractContextManager[Conn]:
+        """A connection for short reads of the newest state."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[Conn]:
+        """A read-only transaction holding one snapshot, for long reads."""
+        ...
+
+    def probe(self) -> AbstractContextManager[Conn | None]:
+        """A connection for a quick look at the newest state (None: nothing changed)."""
+        ...
+
+    def after_write(self) -> None:
+        """Called after a push or a compaction committed."""
+
+    def close(self) -> None: ...
+
+
+def is_url(db: str | Path) -> bool:
+    """Whether ``db`` names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def open_engine(db: str | Path, *, create: bool) -> Engine:
+    """The engine for ``db``: a ``postgresql://`` URL or a SQLite file's path."""
+    if is_url(db):
+        from hub.pg.engine import PgEngine
+
+        return PgEngine(str(db), create=create)
+    from hub.sqlite_engine import SqliteEngine
+
+    return SqliteEngine(db, create=create)

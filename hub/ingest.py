@@ -81,7 +81,7 @@ class Ingest:
                 outcome = self._push(conn, node, changes, per_change=True)
             acked, applied, conflicts, rejected, skew = outcome
             epoch = read_epoch(conn)  # the hub's identity (hub/epoch.py)
-        self.hub.checkpointer.poke()
+        self.hub.after_write()
         if skew is not None:
             # What came before the skewed change is committed: its acked says so.
             raise skew

@@ -1,13 +1,19 @@
 """
 Hub storage: the one narrow interface the hub's web layer talks to.
 
-:class:`HubStore` is the interface; :class:`SqliteHubStore` keeps everything in one
-SQLite file and is a thin composition of parts, each a module of its own that is
-handed the shared :class:`hub.database.HubDatabase` (connection, lock, schema, clock):
+:class:`HubStore` is the interface; :class:`SqlHubStore` keeps everything in one SQL
+database, a SQLite file (:class:`SqliteHubStore`) or PostgreSQL
+(:class:`PostgresHubStore`; :func:`open_store` picks by the ``--db`` given). It is a
+thin composition of parts, each a module of its own that is handed the shared
+:class:`hub.database.HubDatabase` (engine, schema, clock), and each writing its SQL
+once for both engines (hub/engine.py):
 
 ==================  ===============================================================
-hub/database.py     opening the file; the writer's connection, its lock, snapshots
+hub/database.py     opening the database; transactions, one writer at a time; snapshots
+hub/engine.py       what differs between SQLite (hub/sqlite_engine.py) and PostgreSQL
+                    (hub/pg/engine.py)
 hub/migrations.py   the layout, as one ordered list keyed by ``PRAGMA user_version``
+                    (PostgreSQL's: hub/pg/layout.py)
 hub/auth.py         office and admin tokens, roles, dashboard sessions, revoking
 hub/audit.py        the audit log: sign-ins, downloads, resolutions, key changes
 hub/ingest.py       push: checks, merge (:func:`shared.merge.merge`), receipts, writes
@@ -21,7 +27,7 @@ hub/health.py       OfficeStatus, and an office's health in one word
 hub/report.py       headquarters' figures, read on a snapshot
 ==================  ===============================================================
 
-A store is a context manager: ``with SqliteHubStore(path) as store: ...`` closes it.
+A store is a context manager: ``with open_store(db) as store: ...`` closes it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import sqlite_utils
 
@@ -51,6 +57,7 @@ from hub.audit import Actor
 from hub.auth import Admin
 from hub.conflicts import ConflictRecord
 from hub.database import HubDatabase
+from hub.engine import is_url
 from hub.epoch import open_epoch
 from hub.health import OfficeStatus
 from hub.ingest import ALL_RECEIPTS, DEFAULT_MAX_FUTURE_MS, Ingest
@@ -67,7 +74,10 @@ __all__ = [
     "ConflictRecord",
     "HubStore",
     "OfficeStatus",
+    "PostgresHubStore",
+    "SqlHubStore",
     "SqliteHubStore",
+    "open_store",
 ]
 
 
@@ -180,12 +190,12 @@ class HubStore(Protocol):
     def record_state(self, table: str, pk: dict[str, Any]) -> RecordState | None: ...
 
 
-class SqliteHubStore:
-    """Hub storage in one SQLite file (WAL, synchronous=FULL: an ack means durable)."""
+class SqlHubStore:
+    """Hub storage in a SQL database: a SQLite file or a PostgreSQL database."""
 
     def __init__(
         self,
-        path: str | Path,
+        db: str | Path,
         schema: Schema | None = None,
         *,
         max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
@@ -193,18 +203,23 @@ class SqliteHubStore:
         create: bool = True,
         serving: bool = True,
     ) -> None:
-        """``serving``: False for a command that does not serve the hub (a backup it
-        opens stays a backup: hub/epoch.py)."""
-        # The connection, lock, schema and clock every part below is handed.
-        self.database = HubDatabase(path, schema, now=now, create=create)
-        self._ingest = Ingest(self.database, max_future_ms=max_future_ms)
-        with self.database.write() as conn:  # the hub's identity (hub/epoch.py)
-            self.epoch = open_epoch(conn, serving=serving)
+        """``db``: a file's path or a ``postgresql://`` URL. ``serving``: False for a
+        command that does not serve the hub (a backup it opens stays a backup:
+        hub/epoch.py)."""
+        # The engine, schema and clock every part below is handed.
+        self.database = HubDatabase(db, schema, now=now, create=create)
+        try:
+            self._ingest = Ingest(self.database, max_future_ms=max_future_ms)
+            with self.database.write() as conn:  # the hub's identity (hub/epoch.py)
+                self.epoch = open_epoch(conn, serving=serving)
+        except BaseException:
+            self.database.close()
+            raise
 
     def close(self) -> None:
         self.database.close()
 
-    def __enter__(self) -> SqliteHubStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -216,14 +231,9 @@ class SqliteHubStore:
         self.close()
 
     @property
-    def path(self) -> Path:
-        """The database file."""
-        return self.database.path
-
-    @property
-    def db(self) -> sqlite_utils.Database:
-        """The writer's connection (guarded by ``database.lock``)."""
-        return self.database.db
+    def where(self) -> str:
+        """The database, as messages name it (a file, or a URL without its password)."""
+        return self.database.where
 
     @property
     def schema(self) -> Schema:
@@ -430,3 +440,28 @@ class SqliteHubStore:
         with self.database.read() as conn:
             found = records.load(conn, self.database.schema, table, key)
         return None if found is None else found[0]
+
+
+class SqliteHubStore(SqlHubStore):
+    """Hub storage in one SQLite file (WAL, synchronous=FULL: an ack means durable)."""
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self.database.path
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The writer's connection (guarded by the engine's lock)."""
+        return self.database.db
+
+
+class PostgresHubStore(SqlHubStore):
+    """Hub storage in a PostgreSQL database (hub/pg/engine.py): several processes,
+    on several machines, may serve one."""
+
+
+def open_store(db: str | Path, schema: Schema | None = None, **options: Any) -> SqlHubStore:
+    """The store for ``db``: a ``postgresql://`` URL or a SQLite file's path."""
+    kind = PostgresHubStore if is_url(db) else SqliteHubStore
+    return kind(db, schema, **options)

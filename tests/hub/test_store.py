@@ -92,7 +92,7 @@ def test_long_reads_do_not_wait_for_the_hubs_writes(
             ],
         )
         found: list[Any] = []
-        with store.database.lock:  # as a push does while it commits
+        with store.database.write():  # as a push holds it while it commits
             reader = threading.Thread(target=lambda: found.append(read(store)), daemon=True)
             reader.start()
             reader.join(timeout=30)
