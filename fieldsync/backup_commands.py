@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from fieldsync.options import node_db
+from fieldsync.options import hub_db, node_db
 from shared.errors import FieldsyncError
 
 _out = click.argument("out", metavar="OUT", type=click.Path(dir_okay=False))
@@ -19,9 +19,7 @@ _force = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 
 
 @click.command("backup")
-@click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
-)
+@hub_db
 @_out
 @_force
 def hub_backup(db_path: str, out: str, force: bool) -> None:
@@ -40,9 +38,7 @@ def hub_backup(db_path: str, out: str, force: bool) -> None:
 
 @click.command("restore")
 @click.argument("backup_path", metavar="BACKUP", type=click.Path(dir_okay=False))
-@click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
-)
+@hub_db
 def hub_restore(backup_path: str, db_path: str) -> None:
     """Put a backup made by `hub backup` in place of the hub database (stop the hub first).
 

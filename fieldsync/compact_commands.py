@@ -11,12 +11,8 @@ import re
 
 import click
 
-from fieldsync.options import echo_json, node_db, open_hub
+from fieldsync.options import echo_json, hub_db, node_db, open_hub
 from shared.errors import FieldsyncError
-
-_hub_db = click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
-)
 
 KEEP_HELP = (
     "Record history to keep: days (180d) or versions per record (5); the latest "
@@ -40,7 +36,7 @@ def parse_days(text: str, option: str, least: int = 1) -> int:
 
 
 @click.command("compact")
-@_hub_db
+@hub_db
 @click.option("--keep-history", "keep_text", metavar="AGE|N", help=KEEP_HELP)
 @click.option("--tombstone-age", "tombstone_text", metavar="DAYS", help=TOMBSTONE_HELP)
 @click.option(

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from fieldsync.options import Group, echo_json, open_hub, schema_option
+from fieldsync.options import Group, echo_json, hub_db, open_hub, schema_option
 from shared import __version__
 from shared.errors import FieldsyncError
 
@@ -26,11 +26,6 @@ from shared.errors import FieldsyncError
 @click.group(cls=Group)
 def hub() -> None:
     """Run and administer the hub."""
-
-
-_hub_db = click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
-)
 
 
 _open_hub = open_hub
@@ -50,7 +45,7 @@ def _stale(seconds: int | None) -> timedelta | None:
 
 
 @hub.command("serve")
-@_hub_db
+@hub_db
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -93,6 +88,13 @@ def _stale(seconds: int | None) -> timedelta | None:
     metavar="SECONDS",
     help="The first compaction runs this long after start, then every day.",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Worker processes serving the one database (each uses its own connections).",
+)
 @schema_option
 def hub_serve(
     db_path: str,
@@ -106,19 +108,27 @@ def hub_serve(
     schema_path: str | None,
     keep_text: str | None,
     compact_after: int,
+    workers: int,
 ) -> None:
     """Serve the hub (under uvicorn): the sync API, and the admin dashboard at /.
 
     Over https:// with --certfile and --keyfile; plain http:// otherwise (for this
-    machine, or behind a reverse proxy that serves https://).
+    machine, or behind a reverse proxy that serves https://). With --workers N, N
+    processes serve the one database (best on PostgreSQL); several machines may
+    serve one PostgreSQL database behind a load balancer.
     """
     import uvicorn
 
-    from hub.app import create_app
-    from hub.compact import Compactor, Keep, parse_keep
+    from fieldsync.serving import SETTINGS, Serving, build
     from hub.engine import is_url
 
-    keep = parse_keep(keep_text) if keep_text is not None else Keep()
+    settings = Serving(
+        db_path, schema_path, max_future_seconds, stale_after, keep_text, compact_after
+    )
+    if keep_text is not None:
+        from hub.compact import parse_keep
+
+        parse_keep(keep_text)  # a bad value is a one-line error before anything starts
     _check_tls(certfile, keyfile)
     _listen(host, port).close()  # a port in use is a one-line error, before any file
     new = not is_url(db_path) and not os.path.exists(db_path)
@@ -126,36 +136,40 @@ def hub_serve(
     _check_declared(store)
     if new:
         click.echo(f"Created a new hub database {db_path}; register offices with hub add-node.")
-    store.max_future_ms = max_future_seconds * 1000
     shown = f"[{host}]" if ":" in host else host
     scheme = "https" if certfile else "http"
-    click.echo(f"fieldsync hub {__version__}: {store.where} on {scheme}://{shown}:{port}", err=True)
-    # In a thread of its own, in short write transactions.
-    compactor = Compactor(store.database, keep, first=timedelta(seconds=compact_after))
-    compactor.start()
+    many = f" ({workers} workers)" if workers > 1 else ""
+    click.echo(
+        f"fieldsync hub {__version__}: {store.where} on {scheme}://{shown}:{port}{many}", err=True
+    )
+    # uvicorn binds the port again (serving on a socket handed to it measured about
+    # 8% slower per pushed change). Forwarded headers are believed only from the
+    # addresses given (uvicorn's default would trust any local process).
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "ssl_certfile": certfile,
+        "ssl_keyfile": keyfile,
+        "proxy_headers": bool(forwarded_allow_ips),
+        "forwarded_allow_ips": forwarded_allow_ips or "",
+    }
+    if workers > 1:
+        store.close()  # each worker opens its own (fieldsync/serving.py)
+        os.environ[SETTINGS] = settings.to_env()
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.run("fieldsync.serving:app", factory=True, workers=workers, **options)
+        return
     try:
-        app = create_app(store, stale_after=_stale(stale_after))
-        # uvicorn binds the port again (serving on a socket handed to it measured
-        # about 8% slower per pushed change). Forwarded headers are believed only
-        # from the addresses given (uvicorn's default would trust any local process).
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="info",
-            ssl_certfile=certfile,
-            ssl_keyfile=keyfile,
-            proxy_headers=bool(forwarded_allow_ips),
-            forwarded_allow_ips=forwarded_allow_ips or "",
-        )
-        server = uvicorn.Server(config)
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down cleanly, exit 0
-            server.run()
-        if not server.started:
-            raise FieldsyncError(f"the hub did not start on {host}:{port} (see the log above)")
-    finally:
-        compactor.stop()
+        server = uvicorn.Server(uvicorn.Config(build(settings, store), **options))
+    except BaseException:
         store.close()
+        raise
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down cleanly, exit 0
+        server.run()
+    if not server.started:
+        store.close()
+        raise FieldsyncError(f"the hub did not start on {host}:{port} (see the log above)")
 
 
 def _check_declared(store: Any) -> None:
@@ -203,7 +217,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 @hub.command("add-node")
 @click.argument("name")
-@_hub_db
+@hub_db
 @schema_option
 @click.option(
     "--scope",
@@ -230,7 +244,7 @@ _ROLES = ("viewer", "resolver", "owner")  # hub/auth.py's ROLES (checked by a te
 
 @hub.command("add-admin")
 @click.argument("name")
-@_hub_db
+@hub_db
 @click.option(
     "--role",
     type=click.Choice(_ROLES),
@@ -252,7 +266,7 @@ def hub_add_admin(name: str, db_path: str, role: str) -> None:
 
 
 @hub.command("status")
-@_hub_db
+@hub_db
 @_stale_after
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
@@ -295,7 +309,7 @@ def hub_status(db_path: str, stale_after: int | None, as_json: bool) -> None:
 
 
 @hub.command("conflicts")
-@_hub_db
+@hub_db
 @click.option(
     "--status",
     type=click.Choice(["open", "logged", "resolved", "all"]),
@@ -337,7 +351,7 @@ def hub_conflicts(db_path: str, status: str, as_json: bool) -> None:
 
 
 @hub.command("rejected")
-@_hub_db
+@hub_db
 @click.option("--office", help="Only this office's rejected changes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
@@ -360,7 +374,7 @@ def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
 
 @hub.command("export")
 @click.argument("table")
-@_hub_db
+@hub_db
 @click.option("--format", "fmt", required=True, metavar="csv|json", help="csv or json.")
 @click.option(
     "--office",
@@ -413,7 +427,7 @@ def _show(value: Any, kind: str) -> str:
 
 @hub.command("resolve")
 @click.argument("conflict_id", type=click.IntRange(1, 2**63 - 1))
-@_hub_db
+@hub_db
 @click.option(
     "--keep",
     required=True,
@@ -483,7 +497,7 @@ _kind_admin = click.option(
 
 @hub.command("revoke")
 @click.argument("name")
-@_hub_db
+@hub_db
 @_kind
 @_kind_admin
 def hub_revoke(name: str, db_path: str, kind: str | None) -> None:
@@ -507,7 +521,7 @@ def hub_revoke(name: str, db_path: str, kind: str | None) -> None:
 
 @hub.command("rotate-token")
 @click.argument("name")
-@_hub_db
+@hub_db
 @_kind
 @_kind_admin
 def hub_rotate_token(name: str, db_path: str, kind: str | None) -> None:
@@ -530,7 +544,7 @@ def hub_rotate_token(name: str, db_path: str, kind: str | None) -> None:
 @hub.command("set-role")
 @click.argument("name")
 @click.argument("role", type=click.Choice(_ROLES))
-@_hub_db
+@hub_db
 def hub_set_role(name: str, role: str, db_path: str) -> None:
     """Change admin NAME's role (viewer, resolver or owner); effective at once."""
     with _open_hub(db_path) as store:
@@ -541,7 +555,7 @@ def hub_set_role(name: str, role: str, db_path: str) -> None:
 
 
 @hub.command("admins")
-@_hub_db
+@hub_db
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_admins(db_path: str, as_json: bool) -> None:
     """List the admins, their roles and whether their tokens are revoked."""
@@ -558,7 +572,7 @@ def hub_admins(db_path: str, as_json: bool) -> None:
 
 
 @hub.command("audit")
-@_hub_db
+@hub_db
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(
     "--limit",

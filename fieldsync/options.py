@@ -44,6 +44,15 @@ def _debug(ctx: click.Context) -> bool:
 
 
 # The office database a `node` command works on.
+hub_db = click.option(
+    "--db",
+    "db_path",
+    required=True,
+    metavar="HUB",
+    type=click.Path(dir_okay=False),
+    help="The hub database: a SQLite file, or a PostgreSQL database as "
+    "postgresql://USER@HOST/DBNAME (password in ~/.pgpass or PGPASSWORD).",
+)
 node_db = click.argument("db_path", metavar="NODE.db", type=click.Path(dir_okay=False))
 
 schema_option = click.option(

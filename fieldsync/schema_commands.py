@@ -9,11 +9,7 @@ from typing import Any
 
 import click
 
-from fieldsync.options import Group, echo_json, open_hub
-
-_hub_db = click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
-)
+from fieldsync.options import Group, echo_json, hub_db, open_hub
 
 
 @click.group("schema", cls=Group)
@@ -22,7 +18,7 @@ def hub_schema() -> None:
 
 
 @hub_schema.command("show")
-@_hub_db
+@hub_db
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def schema_show(db_path: str, as_json: bool) -> None:
     """Show the schema's version, tables, columns, policies, scopes and indexes, and
@@ -82,7 +78,7 @@ def describe(schema: Any, version: int, extra: list[tuple[str, str]]) -> dict[st
 
 @hub_schema.command("apply")
 @click.argument("schema_file", type=click.Path(exists=True, dir_okay=False))
-@_hub_db
+@hub_db
 @click.option(
     "--allow-loss",
     is_flag=True,

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import click
 
-from fieldsync.options import echo_json, open_hub
-
-_hub_db = click.option(
-    "--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The hub database."
-)
+from fieldsync.options import echo_json, hub_db, open_hub
 
 
 def _show(keys: list[str] | frozenset[str] | None) -> str:
@@ -25,7 +21,7 @@ def _show(keys: list[str] | frozenset[str] | None) -> str:
 @click.command("scope")
 @click.argument("name", required=False)
 @click.argument("keys", nargs=-1)
-@_hub_db
+@hub_db
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def hub_scope(name: str | None, keys: tuple[str, ...], db_path: str, as_json: bool) -> None:
     """Show each office's scopes, or give office NAME the scopes KEYS.
@@ -57,7 +53,7 @@ def hub_scope(name: str | None, keys: tuple[str, ...], db_path: str, as_json: bo
 @click.argument("table")
 @click.argument("key", nargs=-1, required=True)
 @click.option("--to", "to", required=True, help="The office the record moves to.")
-@_hub_db
+@hub_db
 @click.option("--by", default="admin", show_default=True, help="Who moves it (recorded).")
 def hub_move(table: str, key: tuple[str, ...], to: str, db_path: str, by: str) -> None:
     """Move a record (a case, with what follows it) to another office.

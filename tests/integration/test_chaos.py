@@ -45,10 +45,8 @@ import math
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -57,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from hub.store import ALL_RECEIPTS, ConflictRecord, SqliteHubStore
@@ -65,6 +62,7 @@ from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
 from shared.errors import HubUnavailableError
+from tests.processes import ENV, FIELDSYNC, HubProcess
 from tests.proxy import FaultProxy, ProxyStats
 
 pytestmark = pytest.mark.integration
@@ -85,8 +83,6 @@ HUB_KILLS = max(3, min(40, ROUNDS // 10))
 AGENT_KILLS = max(3, min(12, ROUNDS // 12))  # SIGKILLs of the agent process mid-sync
 MIN_FAILED_SHARE = 0.20  # of the sync requests, made to fail by the proxy
 
-FIELDSYNC = Path(sys.executable).parent / "fieldsync"
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 NAMES = ("astana", "almaty", "shymkent", "aktobe", "taraz", "pavlodar", "oskemen", "semey")
 
 # Columns whose every written value is unique in the run (they name their write), and
@@ -286,58 +282,6 @@ class Desk:
 
 
 # -- processes --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class HubProcess:
-    """``fieldsync hub serve`` as a child process, on a fixed loopback port."""
-
-    def __init__(self, db: Path, log: Path) -> None:
-        self.db, self.log, self.port = db, log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-
-    def start(self) -> None:
-        """Start and wait for /v1/health; raise RuntimeError when it does not come up."""
-        command = [str(FIELDSYNC), "hub", "serve", "--db", str(self.db), "--port", str(self.port)]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"the hub exited at start:\n{self.log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the hub did not come up in 30 s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no clean shutdown, whatever it was doing."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.proc = None
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-        self.proc = None
 
 
 @dataclass
