@@ -37,11 +37,18 @@ What PostgreSQL says differently:
   it takes one from exists (the record it counts was counted when written).
 - Identity columns draw from a sequence: unlike SQLite's rowid (the highest id plus
   one) they never reuse the id of a deleted last row, and rows inserted with explicit
-  ids (``_fieldsync_history.seq`` always is; a copy from SQLite) do not advance it:
-  a copier must ``setval`` it afterwards.
+  ids (``_fieldsync_history.seq`` and ``_fieldsync_schemas.version`` always are; a
+  copy from SQLite) do not advance it: a copier must ``setval`` it afterwards.
+- SQLite converts a value to its column's type where it can (an int written to
+  ``_fieldsync_meta.value`` is stored as text) and stores it as given where it cannot;
+  PostgreSQL converts an assignment to text but refuses text for ``bigint`` and
+  compares only like with like: parameters must have their column's type.
 - ``WITHOUT ROWID`` (receipts, seq_counts) has no meaning here and is dropped.
 - SQLite lets a ``TEXT PRIMARY KEY`` column hold NULL (a historical quirk); PostgreSQL
   makes every primary key column ``NOT NULL``. The hub never writes NULL there.
+- The version row (``layout``) is PostgreSQL's own: a copy of a SQLite hub's
+  ``_fieldsync_meta`` neither brings nor overwrites it, and a comparison of the two
+  tables must leave it out.
 - ``_fieldsync_records`` is updated with a new ``seq`` on every write of a record, so
   autovacuum looks at it sooner (``autovacuum_vacuum_scale_factor`` 0.02): a storage
   setting, no change of meaning.

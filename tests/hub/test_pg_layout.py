@@ -7,11 +7,12 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hub.migrations import MIGRATIONS
 from hub.pg import layout
-from hub.pg.layout import LAYOUT, create_layout, layout_version
+from hub.pg.layout import LAYOUT, create_layout, layout_version, upgrade_layout
 from hub.store import SqliteHubStore
+from shared.errors import FieldsyncError
 
 # -- a throwaway cluster ------------------------------------------------------------
 # replaced by tests/engines.py pg_url on merge
@@ -123,8 +125,10 @@ def _sqlite_layout(conn: sqlite3.Connection) -> dict[str, Any]:
                 unique.add(cols)
             elif origin == "c":
                 indexes[index] = (cols, bool(is_unique), bool(partial))
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
         tables[table] = {
             "columns": columns,
+            "checks": sql.upper().count("CHECK"),
             "pk": pk,
             "identity": rowid,
             "unique": unique,
@@ -169,6 +173,7 @@ def _pg_layout(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         ).fetchall()
         tables[table] = {
             "columns": [(n, k, nn, _default(d)) for n, k, nn, d, _, _ in info],
+            "checks": sum(kind == "c" for kind, _ in constraints),
             "pk": next(cols for kind, cols in constraints if kind == "p"),
             "identity": [n for n, _, _, _, identity, _ in info if identity],
             "unique": {tuple(cols) for kind, cols in constraints if kind == "u"},
@@ -306,9 +311,11 @@ def _statements(ops: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
 def _apply(
     sqlite: sqlite3.Connection, pg: psycopg.Connection[Any], ops: list[tuple[Any, ...]]
 ) -> None:
+    sqlite.execute("BEGIN")  # one commit (fsync) for the lot
     for sql, parameters in _statements(ops):
         sqlite.execute(sql, parameters)
         pg.execute(sql.replace("?", "%s"), parameters)
+    sqlite.execute("COMMIT")
 
 
 def _counts(conn: Any) -> list[tuple[int, str, int]]:
@@ -325,7 +332,7 @@ def both(
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=st.lists(_op, max_size=40))
 def test_seq_counts_as_sqlites(
@@ -337,3 +344,180 @@ def test_seq_counts_as_sqlites(
         conn.execute("DELETE FROM _fieldsync_seq_counts")
     _apply(sqlite, pg, ops)
     assert _counts(pg) == _counts(sqlite)
+
+
+def _random_ops(rng: random.Random, count: int) -> list[tuple[Any, ...]]:
+    """``count`` writes of every kind the property test draws, on more records."""
+    keys = [(tbl, f'["{n}"]') for tbl in ("cases", "visits") for n in range(40)]
+
+    def seq() -> int:
+        return rng.randrange(2000)
+
+    kinds: dict[str, Callable[[], tuple[Any, ...]]] = {
+        "upsert": lambda: (rng.choice(keys), seq(), rng.choice(_ORIGINS), rng.randrange(2)),
+        "seq": lambda: (rng.choice(keys), seq()),
+        "origin": lambda: (rng.choice(keys), rng.choice(_ORIGINS)),
+        "both": lambda: (rng.choice(keys), seq(), rng.choice(_ORIGINS)),
+        "other": lambda: (rng.choice(keys), rng.randrange(2)),
+        "same": lambda: (rng.choice(keys),),
+        "delete": lambda: (rng.choice(keys),),
+        "retag": lambda: (rng.choice(_ORIGINS), rng.choice(_ORIGINS)),
+        "purge": lambda: (seq(),),
+    }
+    weights = [8, 3, 3, 2, 2, 1, 2, 1, 1]
+    return [(kind, *kinds[kind]()) for kind in rng.choices(list(kinds), weights, k=count)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_seq_counts_as_sqlites_long_run(
+    both: tuple[sqlite3.Connection, psycopg.Connection[Any]], seed: int
+) -> None:
+    """Many records over many runs of seqs, longer than the property test's lists."""
+    sqlite, pg = both
+    _apply(sqlite, pg, _random_ops(random.Random(seed), 1500))
+    counts = _counts(sqlite)
+    assert len(counts) > 20 and any(n == 0 for _, _, n in counts)  # a real mix
+    assert _counts(pg) == counts
+
+
+# -- (3) steps: once each, in order -----------------------------------------------------
+
+
+def _catalog(conn: psycopg.Connection[Any]) -> list[Any]:
+    """Every object of the public schema with its definition, and the layout row."""
+    objects = conn.execute(
+        "SELECT c.relname, c.relkind, pg_get_indexdef(c.oid), "
+        "array(SELECT (a.attname, format_type(a.atttypid, a.atttypmod)) FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum)::text "
+        "FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1"
+    ).fetchall()
+    functions = conn.execute(
+        "SELECT proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace ORDER BY 1"
+    ).fetchall()
+    triggers = conn.execute(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1"
+    ).fetchall()
+    meta = conn.execute("SELECT key, value FROM _fieldsync_meta ORDER BY key").fetchall()
+    return [objects, functions, triggers, meta]
+
+
+def test_a_second_run_changes_nothing(pg: psycopg.Connection[Any]) -> None:
+    assert upgrade_layout(pg) == len(layout.STEPS)
+    pg.execute("INSERT INTO _fieldsync_meta VALUES ('seq', '7')")
+    before = _catalog(pg)
+    create_layout(pg)
+    assert upgrade_layout(pg) == 0
+    assert _catalog(pg) == before
+
+
+def test_an_appended_step_runs_once(
+    pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later step is one function appended to STEPS: a database at the step before
+    takes it once, and records its number."""
+    create_layout(pg)
+    ran = []
+
+    def later(conn: psycopg.Connection[Any]) -> None:
+        ran.append(layout_version(conn))
+        conn.execute("ALTER TABLE _fieldsync_nodes ADD COLUMN later bigint")
+
+    monkeypatch.setattr(layout, "STEPS", [*layout.STEPS, (len(MIGRATIONS) + 1, later)])
+    assert upgrade_layout(pg) == 1
+    assert upgrade_layout(pg) == 0
+    assert ran == [len(MIGRATIONS)]
+    assert layout_version(pg) == len(MIGRATIONS) + 1
+
+
+def test_a_failed_step_leaves_nothing(
+    pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("ALTER TABLE _fieldsync_nodes ADD COLUMN later bigint")
+        conn.execute("SELECT 1 / 0")
+
+    monkeypatch.setattr(layout, "STEPS", [*layout.STEPS, (len(MIGRATIONS) + 1, broken)])
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        upgrade_layout(pg)
+    assert pg.execute("SELECT to_regclass('_fieldsync_meta')").fetchone() == (None,)
+
+
+def test_a_newer_layout_is_refused(pg: psycopg.Connection[Any]) -> None:
+    create_layout(pg)
+    pg.execute("UPDATE _fieldsync_meta SET value = '99' WHERE key = 'layout'")
+    with pytest.raises(FieldsyncError, match="layout version 99, newer than"):
+        upgrade_layout(pg)
+
+
+def test_hub_tables_without_a_version_are_refused(pg: psycopg.Connection[Any]) -> None:
+    pg.execute("CREATE TABLE _fieldsync_records (tbl text)")
+    with pytest.raises(FieldsyncError, match=r"fieldsync tables \(_fieldsync_records\)"):
+        create_layout(pg)
+    pg.execute("CREATE TABLE _fieldsync_meta (key text, value text)")
+    with pytest.raises(FieldsyncError, match="no layout version"):
+        create_layout(pg)
+
+
+# -- (4) identity columns ---------------------------------------------------------------
+
+
+def test_ids_rise_when_the_insert_gives_none(pg: psycopg.Connection[Any]) -> None:
+    create_layout(pg)
+    audit = [
+        pg.execute(
+            "INSERT INTO _fieldsync_audit (at, actor, source, action, target, detail) "
+            "VALUES ('t', 'a', 'cli', 'x', 'y', '{}') RETURNING id"
+        ).fetchone()[0]
+        for _ in range(3)
+    ]
+    conflicts = [
+        pg.execute(
+            "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, other_version, "
+            "other_node, status, state_after) VALUES ('t', 'cases', '[1]', 'column', 'v', "
+            "'north', 'open', '{}') RETURNING id, changed"
+        ).fetchone()
+        for _ in range(3)
+    ]
+    assert audit == [1, 2, 3]
+    assert conflicts == [(1, 0), (2, 0), (3, 0)]
+    # read by position as hub/conflicts.py does: `changed` last
+    assert pg.execute("SELECT * FROM _fieldsync_conflicts WHERE id = 3").fetchone()[18] == 0
+    history = pg.execute(
+        "INSERT INTO _fieldsync_history (prev, tbl, pk, actor, ts, op, at) "
+        "VALUES (NULL, 'cases', '[1]', 'north', '1', 'insert', 't') RETURNING seq"
+    ).fetchone()
+    assert history == (1,)
+
+
+# -- the overridden-entries index ----------------------------------------------------
+
+
+def test_the_overridden_index_selects_as_sqlites(
+    hub_db: sqlite3.Connection, pg: psycopg.Connection[Any]
+) -> None:
+    """The partial index's condition says on PostgreSQL what json_extract says on
+    SQLite, and a query repeating it (the PostgreSQL dialect's json_field) uses it."""
+    create_layout(pg)
+    resolutions = [None, '{"keep": "kept"}', '{"keep": "other"}', '{"keep": "value", "value": 1}']
+    resolutions += ['{"other": 1}', '["kept"]', '"kept"', '{"keep": 1}', '{"keep": null}']
+    insert = (
+        "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, other_version, "
+        "other_node, status, state_after, kept_node, resolution, changed) "
+        "VALUES ('t', 'cases', '[1]', 'column', 'v', 'north', ?, '{}', 'south', ?, ?)"
+    )
+    for number, (status, resolution) in enumerate(
+        itertools.product(["open", "resolved"], resolutions)
+    ):
+        hub_db.execute(insert, [status, resolution, number])
+        pg.execute(insert.replace("?", "%s"), [status, resolution, number])
+    sqlite_sql = (
+        "SELECT changed FROM _fieldsync_conflicts WHERE kept_node = 'south' AND status = "
+        "'resolved' AND json_extract(resolution, '$.keep') != 'kept' ORDER BY changed"
+    )
+    pg_sql = sqlite_sql.replace(
+        "json_extract(resolution, '$.keep') != 'kept'", "(resolution::json ->> 'keep') <> 'kept'"
+    )
+    assert pg.execute(pg_sql).fetchall() == hub_db.execute(sqlite_sql).fetchall()
+    pg.execute("SET enable_seqscan = off")
+    plan = "\n".join(row[0] for row in pg.execute(f"EXPLAIN {pg_sql}"))
+    assert "_fieldsync_conflicts_overridden" in plan
