@@ -40,9 +40,10 @@ What PostgreSQL says differently:
   ids (``_fieldsync_history.seq`` and ``_fieldsync_schemas.version`` always are; a
   copy from SQLite) do not advance it: a copier must ``setval`` it afterwards.
 - SQLite converts a value to its column's type where it can (an int written to
-  ``_fieldsync_meta.value`` is stored as text) and stores it as given where it cannot;
-  PostgreSQL converts an assignment to text but refuses text for ``bigint`` and
-  compares only like with like: parameters must have their column's type.
+  ``_fieldsync_meta.value`` is stored as text) and keeps it as given where it cannot;
+  PostgreSQL (through psycopg, which sends ``str`` untyped) converts what is assigned,
+  but refuses ``text = 5``: a parameter compared with a text column must be a ``str``,
+  and a value that is not a number cannot go into a ``bigint`` column at all.
 - ``WITHOUT ROWID`` (receipts, seq_counts) has no meaning here and is dropped.
 - SQLite lets a ``TEXT PRIMARY KEY`` column hold NULL (a historical quirk); PostgreSQL
   makes every primary key column ``NOT NULL``. The hub never writes NULL there.
