@@ -1,0 +1,272 @@
+"""
+The hub on PostgreSQL: a pool of connections, and the hub's SQL spoken through them.
+
+The hub's parts write their SQL once (hub/engine.py); :class:`PgConn` takes it as it
+is: ``?`` placeholders become ``%s`` and every ``%`` is doubled (cached per
+statement), a Python ``bool`` is sent as the integer the hub's columns hold.
+
+One writer at a time, as on SQLite: every write transaction first takes one
+transaction-scoped advisory lock (``pg_advisory_xact_lock``), held until it commits.
+PostgreSQL makes a commit visible before it lets its locks go, so records' ``seq``
+numbers commit in the order they were handed out, and any snapshot sees every
+``seq`` up to the newest it sees: a pull's cursor can never pass a record that
+commits later, however many processes write (the trap of a bare sequence, where a
+higher number commits first and a cursor moves past a lower one for ever). Reads run
+in REPEATABLE READ READ ONLY transactions: one snapshot each, never waiting for a
+writer.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from hub.engine import Conn, Dialect
+from hub.pg.ddl import create_table_sql
+from hub.pg.layout import upgrade_layout
+from shared.errors import FieldsyncError, StoreError
+from shared.schema import Schema
+
+#: The advisory lock every write transaction holds to its commit (any fixed number;
+#: advisory locks belong to one database, so two hubs on one server do not meet).
+SEQUENCER = 0x6669656C6473  # "fields"
+
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|%")
+
+
+@functools.lru_cache(maxsize=4096)
+def translate(sql: str) -> str:
+    """The hub's SQL (``?`` placeholders) as psycopg takes it (``%s``; ``%`` doubled)."""
+
+    def one(match: re.Match[str]) -> str:
+        token = match[0]
+        if token == "?":
+            return "%s"
+        if token == "%":
+            return "%%"
+        return token.replace("%", "%%")  # a literal: psycopg reads % there too
+
+    return _TOKEN.sub(one, sql)
+
+
+class PgDialect(Dialect):
+    """PostgreSQL's way of saying what is said differently on SQLite."""
+
+    name = "postgres"
+    integrity_errors: tuple[type[Exception], ...] = (psycopg.IntegrityError,)
+    for_update = " FOR UPDATE"
+
+    def json_field(self, column: str, key: str) -> str:
+        return f"({column}::json ->> '{key}')"
+
+    def key_text(self, columns: Sequence[str]) -> str:
+        # Byte-identical to shared.schema.pk_key (json_build_array puts spaces in).
+        parts = ", ".join(f"to_json({c})::text" for c in columns)
+        return f"('[' || array_to_string(ARRAY[{parts}], ',') || ']')"
+
+    def columns(self, conn: Conn, table: str) -> list[str]:
+        return [
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ? "
+                "ORDER BY ordinal_position",
+                [table],
+            )
+        ]
+
+    def table_names(self, conn: Conn) -> set[str]:
+        return {
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+
+
+POSTGRES = PgDialect()
+
+
+class PgConn:
+    """A pooled connection speaking as the hub's parts expect (see :func:`translate`)."""
+
+    dialect = POSTGRES
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+        return self.raw.execute(translate(sql), parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> psycopg.Cursor[Any]:
+        cursor = self.raw.cursor()
+        cursor.executemany(translate(sql), parameters)
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+
+class _BoolDumper(Dumper):
+    """True/False as 1/0: the hub's flags are integers on both engines."""
+
+    oid = psycopg.adapters.types["int8"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"1" if obj else b"0"
+
+
+def _configure(raw: psycopg.Connection[Any]) -> None:
+    raw.adapters.register_dumper(bool, _BoolDumper)
+
+
+class PgEngine:
+    """A hub database on a PostgreSQL server, through a pool of connections."""
+
+    dialect = POSTGRES
+
+    def __init__(self, url: str, *, create: bool, min_size: int = 1, max_size: int = 8) -> None:
+        self.url = url
+        self._where = display_url(url)
+        self._check(create)
+        self.pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            configure=_configure,
+            open=False,
+            name="fieldsync",
+            timeout=30,
+        )
+        try:
+            self.pool.open(wait=True, timeout=30)
+        except PoolTimeout:
+            raise StoreError(f"cannot connect to {self._where}") from None
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def _check(self, create: bool) -> None:
+        """Refuse a server we cannot reach, or a database that is not a hub's (and
+        not empty), with one line, before any pool retries in the background."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as raw:
+                tables = POSTGRES.table_names(PgConn(raw))
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open {self._where}: {_reason(exc)}") from None
+        if "_fieldsync_meta" in tables:
+            return
+        if "_fieldsync_state" in tables:
+            raise FieldsyncError(f"{self._where} is an office database, not a hub database")
+        if tables:
+            raise FieldsyncError(
+                f"{self._where} is not a fieldsync hub database (it holds other tables; "
+                "give the hub a database of its own)"
+            )
+        if not create:
+            raise FieldsyncError(
+                f"{self._where} holds no hub yet; create it by registering an office: "
+                f"`fieldsync hub add-node NAME --db {self._where}`"
+            )
+
+    def upgrade(self, conn: Conn) -> None:
+        assert isinstance(conn, PgConn)
+        upgrade_layout(conn.raw)
+
+    def create_tables(self, conn: Conn, schema: Schema) -> None:
+        existing = POSTGRES.table_names(conn)
+        for table in schema.tables.values():
+            if table.name not in existing:
+                conn.execute(create_table_sql(table))
+            else:
+                have = set(POSTGRES.columns(conn, table.name))
+                missing = [c for c in table.column_names if c not in have]
+                if missing:
+                    raise StoreError(
+                        f"table {table.name} exists but lacks column(s) {', '.join(missing)} "
+                        "that the schema declares"
+                    )
+            for name, sql in table.indexes:  # declared in the schema (`indexes = [...]`)
+                found = conn.execute(
+                    "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() "
+                    "AND indexname = ?",
+                    [name],
+                ).fetchone()
+                if found is None:
+                    conn.execute(sql)
+
+    @contextmanager
+    def _transaction(self, begin: str, lock: bool = False) -> Iterator[PgConn]:
+        try:
+            with self.pool.connection() as raw:
+                raw.execute(begin)
+                try:
+                    if lock:
+                        raw.execute("SELECT pg_advisory_xact_lock(%s)", [SEQUENCER])
+                    yield PgConn(raw)
+                except BaseException:
+                    if raw.info.transaction_status != TransactionStatus.IDLE:
+                        raw.execute("ROLLBACK")
+                    raise
+                raw.execute("COMMIT")
+        except PoolTimeout:
+            raise StoreError(f"no connection to {self._where} came free in time") from None
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"{self._where}: {_reason(exc)}") from None
+
+    def write(self) -> Any:
+        """A write transaction (READ COMMITTED) holding the sequencer lock to commit."""
+        return self._transaction("BEGIN", lock=True)
+
+    def changed(self, conn: Conn) -> bool:
+        return True  # another worker may have written: nothing in memory tells
+
+    def read(self) -> Any:
+        return self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def snapshot(self) -> Any:
+        return self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    @contextmanager
+    def probe(self) -> Iterator[Conn | None]:
+        try:
+            with self.pool.connection() as raw:
+                yield PgConn(raw)
+        except PoolTimeout:
+            raise StoreError(f"no connection to {self._where} came free in time") from None
+
+    def after_write(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def display_url(url: str) -> str:
+    """``url`` without its password, as messages and logs may show it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}{host}"))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
