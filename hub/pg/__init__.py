@@ -1,0 +1,1 @@
+"""The hub on PostgreSQL: its connection, its own tables and the mirrored tables."""
