@@ -51,6 +51,8 @@ class PgCluster:
     socket_dir: str | None
     prefix: str = "t_"
     started_in: float = 0.0  # seconds initdb + start took (0 for a server given by URL)
+    shared: bool = False  # a server given by URL: drop what the run made, at the end
+    made: list[str] = field(default_factory=list)
     _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _conn: psycopg.Connection[tuple[object, ...]] | None = None
 
@@ -74,6 +76,7 @@ class PgCluster:
         if admin.info.server_version >= 150000:  # a copy of files: faster for small ones
             query = SQL("{} STRATEGY FILE_COPY").format(query)
         admin.execute(query)
+        self.made.append(name)
         return name
 
     def drop_database(self, name: str) -> None:
@@ -83,6 +86,10 @@ class PgCluster:
         )
 
     def close(self) -> None:
+        """Drop what is left of the run's databases on a shared server; disconnect."""
+        if self.shared:
+            for name in self.made:
+                self.drop_database(name)
         if self._conn is not None:
             self._conn.close()
 
@@ -151,7 +158,7 @@ def start_cluster() -> tuple[PgCluster, _LocalServer | None]:
         host = dict(psycopg.conninfo.conninfo_to_dict(given)).get("host")
         socket_dir = str(host) if isinstance(host, str) and host.startswith("/") else None
         # distinct names per run: the server may be shared
-        return PgCluster(given, socket_dir, prefix=f"t_{os.getpid()}_"), None
+        return PgCluster(given, socket_dir, prefix=f"t_{os.getpid()}_", shared=True), None
     initdb = newest_initdb()
     if initdb is None:
         pytest.fail(INSTALL, pytrace=False)

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import psycopg
+import pytest
 
+from tests import engines
 from tests.engines import ENV, Engine, PgCluster
 
 
@@ -63,3 +65,23 @@ def test_engine_gives_what_hub_db_takes(engine: Engine, tmp_path: Path) -> None:
         with psycopg.connect(first) as conn:
             tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
             assert conn.execute(tables).fetchone() == (0,)
+
+
+def test_a_cluster_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    cluster, server = engines.start_cluster()
+    assert server is not None and cluster.socket_dir is not None
+    with psycopg.connect(cluster.url(cluster.new_database())) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (engines.SUPERUSER,)
+    cluster.close()
+    server.stop()
+    assert not Path(cluster.socket_dir).exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(cluster.admin, connect_timeout=2)
+
+
+def test_no_postgresql_fails_saying_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(engines, "newest_initdb", lambda: None)
+    with pytest.raises(pytest.fail.Exception, match=r"run `make postgres` as root"):
+        engines.start_cluster()
