@@ -1,9 +1,11 @@
 """
 The mirrored tables (the organisation's own, declared in the schema TOML) on PostgreSQL.
 
-A table's ``create`` SQL is written for SQLite; :func:`create_table_sql` says the same
-in PostgreSQL's words, from the columns SQLite itself read (``shared.schema.Table``) and
-the parts of the statement (``shared.schema_change.split_create``):
+A table's ``create`` SQL is written for SQLite; :func:`create_table_sql` (and
+:func:`add_column_sql`, and :func:`index_sql` for the indexes the schema declares) says
+the same in PostgreSQL's words, from the columns SQLite itself read
+(``shared.schema.Table``) and the parts of the statement
+(``shared.schema_change.split_create``):
 
 - Types, by SQLite's affinity rules on the declared type (so a column holds on
   PostgreSQL what SQLite would keep in it): a type containing INT → ``bigint``; CHAR,
@@ -162,6 +164,54 @@ def add_column_sql(table: Table, column: Column | str) -> str:
                 reader.at = start
                 return f"ALTER TABLE {quote(table.name)} ADD COLUMN {_column(reader)}"
     raise KeyError(name)
+
+
+def index_sql(table: Table) -> list[str]:
+    """``CREATE INDEX`` of each index the schema declares on ``table`` (``indexes``)."""
+    return [_index(table, name, sql) for name, sql in table.indexes]
+
+
+def _index(table: Table, name: str, sql: str) -> str:
+    reader = _Reader(sql, table)
+    clause = f"the index {name}"
+    if not (reader.accept("CREATE", "INDEX") or reader.accept("CREATE", "UNIQUE", "INDEX")):
+        raise reader.refuse(clause, "fieldsync cannot read it")
+    unique = "UNIQUE " if reader.tokens[1][1].upper() == "UNIQUE" else ""
+    reader.accept("IF", "NOT", "EXISTS")
+    while reader.peek() != "ON":  # the name, perhaps with its schema: main.name
+        reader.take()
+    reader.take()
+    reader.take()  # the table
+    items: list[list[Token]] = [[]]
+    for token in reader.group():
+        if token == ("op", ","):
+            items.append([])
+        else:
+            items[-1].append(token)
+    columns: list[str] = []
+    for item in items:
+        order = ""
+        if item and item[-1][1].upper() in ("ASC", "DESC"):
+            order, item = " " + item[-1][1].upper(), item[:-1]
+        if len(item) > 1 and item[-2][1].upper() == "COLLATE":
+            collation = _name(item[-1]).upper()
+            if collation != "BINARY":
+                raise reader.refuse(
+                    f"COLLATE {collation} in {clause}",
+                    "its text is compared byte by byte there; drop the COLLATE",
+                )
+            item = item[:-2]
+        column = reader.column_of(item[0]) if len(item) == 1 else None
+        if column is not None:
+            columns.append(quote(column) + order)
+        else:  # an expression: in parentheses of its own there
+            columns.append(f"({_check(reader, item, clause)}){order}")
+    where = ""
+    if reader.accept("WHERE"):
+        where = f" WHERE {_check(reader, reader.tokens[reader.at :], clause)}"
+    return (
+        f"CREATE {unique}INDEX {quote(name)} ON {quote(table.name)} ({', '.join(columns)}){where}"
+    )
 
 
 def tokenize(text: str) -> list[Token]:
@@ -409,8 +459,18 @@ def _check(reader: _Reader, tokens: list[Token], clause: str) -> str:
         upper = text.upper()
         following = tokens[at + 1] if at + 1 < len(tokens) else ("", "")
         at += 1
-        if kind in ("str", "num"):
+        if kind == "num":  # PostgreSQL 15 reads no 0x literal
+            out.append(str(int(text, 16)) if upper.startswith("0X") else text)
+        elif kind == "str":
             out.append(text)
+        elif upper == "IS":  # SQLite's `a IS b` compares any values, NULL included
+            negated = following[1].upper() == "NOT"
+            after = tokens[at + negated][1].upper() if at + negated < len(tokens) else ""
+            if after in ("NULL", "DISTINCT", "TRUE", "FALSE"):
+                out.append("IS")
+            else:
+                out.append("IS DISTINCT FROM" if negated else "IS NOT DISTINCT FROM")
+                at += negated
         elif upper in _REFUSED:
             raise reader.refuse(where, _REFUSED[upper])
         elif kind == "word" and following == ("op", "(") and upper not in _KEYWORDS:

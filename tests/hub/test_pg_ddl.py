@@ -15,7 +15,7 @@ import pytest
 from psycopg import errors
 from psycopg.sql import SQL, Identifier
 
-from hub.pg.ddl import JSONB, TEXT, add_column_sql, create_table_sql, pg_type
+from hub.pg.ddl import JSONB, TEXT, add_column_sql, create_table_sql, index_sql, pg_type
 from shared.errors import FieldsyncError, SchemaError
 from shared.schema import Schema, Table
 
@@ -84,6 +84,31 @@ def test_add_column_is_the_columns_definition() -> None:
     )
 
 
+INDEXED = Schema.from_toml(
+    '[tables.t]\ncreate = "CREATE TABLE t (id TEXT PRIMARY KEY, Name TEXT, '
+    'n INT CHECK (n IS NOT 0x10 OR n IS NULL))"\n'
+    'indexes = ["CREATE INDEX IF NOT EXISTS t_name ON t (name COLLATE BINARY DESC, '
+    'lower(name), n) WHERE n > 0", "CREATE INDEX t_n ON t(n)"]'
+).tables["t"]
+
+
+def test_is_compares_any_values_and_indexes_are_kept() -> None:
+    assert '"n" bigint CHECK ("n" IS DISTINCT FROM 16 OR "n" IS NULL)' in create_table_sql(INDEXED)
+    assert index_sql(INDEXED) == [
+        'CREATE INDEX "t_name" ON "t" ("Name" DESC, (lower("Name")), "n") WHERE "n" > 0',
+        'CREATE INDEX "t_n" ON "t" ("n")',
+    ]
+
+
+def test_an_index_with_another_collation_is_refused() -> None:
+    spec = Schema.from_toml(
+        '[tables.t]\ncreate = "CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)"\n'
+        'indexes = ["CREATE INDEX t_v ON t (v COLLATE NOCASE)"]'
+    ).tables["t"]
+    with pytest.raises(SchemaError, match=r"^table t: COLLATE NOCASE in the index t_v cannot"):
+        index_sql(spec)
+
+
 @pytest.mark.parametrize(
     ("column", "clause", "instead"),
     [
@@ -115,7 +140,7 @@ def declared_schemas() -> dict[str, Schema]:
     found: dict[str, Schema] = {"default": Schema.load()}
     for path in sorted(TESTS.rglob("test_*.py")):
         source = path.read_text(encoding="utf-8")
-        if "[tables." not in source:
+        if "[tables." not in source or path == Path(__file__):
             continue
         texts = [
             node.value
@@ -180,6 +205,7 @@ def rows(spec: Table) -> list[dict[str, Any]]:
 def test_every_declared_table_is_made_and_keeps_its_values(pg_url: str) -> None:
     schemas = declared_schemas()
     assert len(schemas) > 10  # the default one, and the tests' own
+    schemas["indexed"] = Schema({"t": INDEXED}, "indexed")
     refused: dict[str, str] = {}
     made = 0
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -195,6 +221,8 @@ def test_every_declared_table_is_made_and_keeps_its_values(pg_url: str) -> None:
                     refused[spec.name] = str(exc).split(" cannot be kept")[0].split(": ", 1)[1]
                     continue
                 conn.execute(ddl.encode())
+                for sql in index_sql(spec):
+                    conn.execute(sql.encode())
                 made += 1
                 written = rows(spec)
                 for row in written:  # as the hub will write them: from the record's JSON
