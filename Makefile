@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo check test lint clean bench
+.PHONY: install browser postgres demo check test lint clean bench
 
 $(BIN)/fieldsync: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,26 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
-check: install browser
+# The tests start a throwaway PostgreSQL cluster of their own (tests/engines.py) from
+# Debian's server binaries, installed here when missing and we are root; the package's
+# own cluster is not created (createcluster.conf), so nothing else runs.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian's postgresql for the tests..."; \
+		mkdir -p /etc/postgresql-common && \
+		echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive UCF_FORCE_CONFFOLD=1 apt-get install -y -qq \
+			-o Dpkg::Options::=--force-confold postgresql >/dev/null; \
+	fi
+
+check: install browser postgres
 	$(BIN)/ruff format --check fieldsync node hub shared tests
 	$(BIN)/ruff check fieldsync node hub shared tests
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/pytest
 
-test: install browser
+test: install browser postgres
 	$(BIN)/pytest
 
 # Benchmark (several minutes; see bench/README.md). Options: make bench BENCH_ARGS=--quick

@@ -20,6 +20,7 @@ from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
 from shared.schema import Schema
+from tests.engines import engine, pg_cluster, pg_url  # noqa: F401  (fixtures, for every test)
 
 # Each of these folders holds exactly the tests with the marker of its name, so that
 # `pytest -m "not integration"` and `pytest tests/node` skip the same slow tests.
