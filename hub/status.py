@@ -5,6 +5,12 @@ What the hub keeps about each office's syncing, and reads back as :class:`Office
 pushed and pulled, how far it was served, the last request it refused) and the
 office's last report; ``_fieldsync_sync_events`` the office's recent syncs, as it
 reported them (the last ``EVENTS_KEPT``). hub/health.py turns them into one word.
+
+A transaction that writes both an office's ``_fieldsync_nodes`` row and its stats row
+writes the nodes row first (a push, hub/ingest.py; the note of a pull, hub/pull.py):
+on PostgreSQL, which locks rows, the opposite orders deadlock. The counts are added in
+the statement (``pushed = _fieldsync_office_stats.pushed + excluded.pushed``: PostgreSQL
+wants the table named there).
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ def count_push(conn: Conn, node: str, applied: int) -> None:
     """Add to an office's pushed count, and forget the hub's last refusal of it."""
     conn.execute(
         "INSERT INTO _fieldsync_office_stats (node, pushed) VALUES (?, ?) "
-        "ON CONFLICT (node) DO UPDATE SET pushed = pushed + excluded.pushed, "
+        "ON CONFLICT (node) DO UPDATE SET "
+        "pushed = _fieldsync_office_stats.pushed + excluded.pushed, "
         "hub_error = NULL, hub_error_code = NULL, hub_error_at = NULL",
         [node, applied],
     )
@@ -118,7 +125,8 @@ def count_pull(conn: Conn, node: str, rows: int, served_seq: int) -> None:
     hub's last refusal of it."""
     conn.execute(
         "INSERT INTO _fieldsync_office_stats (node, pulled, pulled_seq) VALUES (?, ?, ?) "
-        "ON CONFLICT (node) DO UPDATE SET pulled = pulled + excluded.pulled, "
+        "ON CONFLICT (node) DO UPDATE SET "
+        "pulled = _fieldsync_office_stats.pulled + excluded.pulled, "
         "pulled_seq = excluded.pulled_seq, "
         "hub_error = NULL, hub_error_code = NULL, hub_error_at = NULL",
         [node, rows, served_seq],
