@@ -143,15 +143,15 @@ def export_query(
         return f"SELECT {columns} FROM {quote(table.name)} AS t ORDER BY {order}", []
     if table.scope is None:
         raise FieldsyncError(_no_scope(table))
-    # CROSS JOIN keeps the mirrored table outside, read through its key index in key
-    # order; each record's state is then one lookup in the (tbl, pk) key of
-    # _fieldsync_records, whose pk is the key columns' key text (pk_key).
+    # CROSS JOIN keeps the mirrored table outside (SQLite), read through its key index
+    # in key order; each record's state is then one lookup in the (tbl, pk) key of
+    # _fieldsync_records, whose pk is the key columns' key text (pk_key). The join's
+    # terms are in WHERE: PostgreSQL takes no ON after CROSS JOIN.
     key = dialect.key_text([f"t.{quote(c)}" for c in table.primary_key])
     return (
         f"SELECT {columns} FROM {quote(table.name)} AS t "
-        "CROSS JOIN _fieldsync_records AS r "
-        f"ON r.tbl = ? AND r.pk = {key} "
-        f"WHERE r.deleted = 0 AND COALESCE(r.scope, '') = ? ORDER BY {order}",
+        f"CROSS JOIN _fieldsync_records AS r WHERE r.tbl = ? AND r.pk = {key} "
+        f"AND r.deleted = 0 AND COALESCE(r.scope, '') = ? ORDER BY {order}",
         [table.name, office],
     )
 
