@@ -141,3 +141,34 @@ def test_a_hub_of_layout_3_numbers_its_logged_conflicts_for_the_offices(tmp_path
         assert [e.id for e in store.lost_edits("almaty", 0, 10).conflicts] == [2]
         assert store.lost_edits("astana", 3, 10).conflicts == []
     assert user_version(tmp_path / "hub.db") == len(MIGRATIONS)
+
+
+def test_a_push_and_a_pull_write_the_office_row_before_its_stats_row(tmp_path: Path) -> None:
+    """One order for an office's two rows in every write transaction: its
+    _fieldsync_nodes row, then its _fieldsync_office_stats row (PostgreSQL, which locks
+    rows, deadlocks a push and a pull of one office taking them in opposite orders)."""
+    statements: list[str] = []
+    with SqliteHubStore(tmp_path / "hub.db") as store:
+        store.add_node("astana")
+        store.db.conn.set_trace_callback(statements.append)
+        try:
+            stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
+            case = {"id": "c1", "office": "astana"}
+            store.push("astana", [Change(1, "cases", {"id": "c1"}, "insert", stamp, case)])
+            store.pull("astana", 0, 10)
+        finally:
+            store.db.conn.set_trace_callback(None)
+    transactions: list[list[str]] = []
+    for statement in statements:
+        if statement.startswith("BEGIN"):
+            transactions.append([])
+        elif transactions:
+            transactions[-1].append(statement)
+    both = 0
+    for statements_of_one in transactions:
+        nodes = [i for i, s in enumerate(statements_of_one) if "_fieldsync_nodes" in s]
+        stats = [i for i, s in enumerate(statements_of_one) if "_fieldsync_office_stats" in s]
+        if nodes and stats:
+            both += 1
+            assert max(nodes) < min(stats), statements_of_one
+    assert both == 2  # the push, and the note of the pull
