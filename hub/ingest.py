@@ -12,7 +12,7 @@ applies nothing twice, and a reused number (an office restored from an older cop
 is told apart from a retry.
 
 This is the benchmark's hot path: records are merged in memory and written with one
-statement per batch and table (plain ``sqlite3``, no per-change statement), so keep
+statement per batch and table (plain SQL, no per-change statement), so keep
 per-change work out of anything added here.
 """
 

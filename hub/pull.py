@@ -4,7 +4,7 @@ Pull: the records an office has not seen, in hub ``seq`` order, a page at a time
 A record holds its latest state only, so a page serves each record once, however
 often it changed; records whose origin is the pulling office (it already has them
 exactly) are left out. The page is read on a snapshot of its own; only the note of
-the pull takes the writer's lock. This is on the benchmark's path: plain ``sqlite3``,
+the pull takes the writer's lock. This is on the benchmark's path: plain SQL (hub/engine.py),
 one query per page.
 """
 

@@ -9,7 +9,7 @@ tables named as in the schema, so headquarters can query them with any SQLite to
 
 ``_fieldsync_meta`` keeps the last ``seq`` handed out and the hub clock's last stamp.
 These functions run on the connection they are given, inside its caller's
-transaction; they are on the push and pull paths, so they stay plain ``sqlite3``
+transaction; they are on the push and pull paths, so they stay plain SQL
 with one statement per batch, not per record.
 """
 
