@@ -347,70 +347,57 @@ def write_resolution(
     ``record`` since it was read, or if the value breaks a constraint of ``table``."""
     with hub.write() as conn:
         try:
-            _write_resolution(conn, hub, record, table, keep, by, value, force)
+            key = table.pk_key(record.pk)
+            status = conn.execute(
+                "SELECT status, resolved_by FROM _fieldsync_conflicts WHERE id = ?", [record.id]
+            ).fetchone()
+            if status[0] == "resolved":  # by someone else since we looked
+                raise FieldsyncError(f"conflict {record.id} was just resolved by {status[1]}")
+            found = records.load(conn, hub.schema, table.name, key)
+            if found is None:
+                raise FieldsyncError(f"the record of conflict {record.id} is gone")
+            current, prev = found
+            if resolution_writes(record.kind, keep) and not force:
+                _check_unchanged(record, current)
+            for version in current.versions.values():
+                hub.clock.observe(Timestamp.parse(version).hlc)
+            ts = str(hub.clock.tick())
+            decided = decide(
+                current,
+                kind=record.kind,
+                column=record.column,
+                kept_value=record.kept_value,
+                other_value=record.other_value,
+                keep=keep,
+                value=value,
+                stamp=ts,
+            )
+            if decided.changed:
+                state = decided.state
+                change = {"deleted": True} if state.deleted else decided.chosen
+                write_hub_change(
+                    conn,
+                    hub,
+                    table,
+                    record.pk,
+                    state,
+                    prev,
+                    actor=f"admin {by}",
+                    stamp=ts,
+                    op="resolve",
+                    change=change,
+                )
+            resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
+            conn.execute(
+                "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
+                f"resolved_at = ?, resolution = ?, changed = {_NEXT_CHANGE} WHERE id = ?",
+                [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
+            )
         except dialect_of(conn).integrity_errors as exc:
             raise InvalidChangeError(
                 f"cannot resolve conflict {record.id} that way: the value breaks a "
                 f"constraint of {table.name} ({exc}); nothing was changed"
             ) from exc
-
-
-def _write_resolution(
-    conn: Conn,
-    hub: HubDatabase,
-    record: ConflictRecord,
-    table: Table,
-    keep: str,
-    by: str,
-    value: Any,
-    force: bool,
-) -> None:
-    key = table.pk_key(record.pk)
-    status = conn.execute(
-        "SELECT status, resolved_by FROM _fieldsync_conflicts WHERE id = ?", [record.id]
-    ).fetchone()
-    if status[0] == "resolved":  # by someone else since we looked
-        raise FieldsyncError(f"conflict {record.id} was just resolved by {status[1]}")
-    found = records.load(conn, hub.schema, table.name, key)
-    if found is None:
-        raise FieldsyncError(f"the record of conflict {record.id} is gone")
-    current, prev = found
-    if resolution_writes(record.kind, keep) and not force:
-        _check_unchanged(record, current)
-    for version in current.versions.values():
-        hub.clock.observe(Timestamp.parse(version).hlc)
-    ts = str(hub.clock.tick())
-    decided = decide(
-        current,
-        kind=record.kind,
-        column=record.column,
-        kept_value=record.kept_value,
-        other_value=record.other_value,
-        keep=keep,
-        value=value,
-        stamp=ts,
-    )
-    if decided.changed:
-        state = decided.state
-        change = {"deleted": True} if state.deleted else decided.chosen
-        write_hub_change(
-            conn,
-            hub,
-            table,
-            record.pk,
-            state,
-            prev,
-            actor=f"admin {by}",
-            stamp=ts,
-            op="resolve",
-            change=change,
-        )
-    resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
-    conn.execute(
-        "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
-        f"resolved_at = ?, resolution = ?, changed = {_NEXT_CHANGE} WHERE id = ?",
-        [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
-    )
 
 
 def _check_unchanged(record: ConflictRecord, current: RecordState) -> None:
