@@ -14,7 +14,7 @@ import pytest
 from hub.migrations import MIGRATIONS
 from hub.store import SqliteHubStore
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
-from shared.errors import FieldsyncError, SchemaError
+from shared.errors import FieldsyncError, InvalidChangeError, SchemaError
 from shared.protocol import Change
 from shared.schema import Schema
 
@@ -172,3 +172,36 @@ def test_a_push_and_a_pull_write_the_office_row_before_its_stats_row(tmp_path: P
             both += 1
             assert max(nodes) < min(stats), statements_of_one
     assert both == 2  # the push, and the note of the pull
+
+
+CHECKED = '''
+[tables.visits]
+create = """CREATE TABLE visits (id TEXT PRIMARY KEY, people INTEGER, cost REAL,
+    CHECK (cost IS NULL OR cost <= people * 100))"""
+'''
+
+
+def test_a_resolution_breaking_a_table_check_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    def stamp(n: int, office: str) -> Timestamp:
+        return Timestamp((now_ms() << COUNTER_BITS) + n, office)
+
+    with SqliteHubStore(tmp_path / "hub.db", Schema.from_toml(CHECKED)) as store:
+        store.add_node("astana")
+        store.add_node("almaty")
+        first = stamp(1, "astana")
+        visit = {"id": "v1", "people": 2, "cost": 50.0}
+        store.push("astana", [Change(1, "visits", {"id": "v1"}, "insert", first, visit)])
+        seen = {"cost": str(first)}
+        for n, office, cost in ((2, "astana", 70.0), (3, "almaty", 60.0)):
+            change = Change(
+                n, "visits", {"id": "v1"}, "update", stamp(n, office), {"cost": cost}, seen
+            )
+            store.push(office, [change])
+        [conflict] = store.conflicts()
+        before = store.record_state("visits", {"id": "v1"})
+        with pytest.raises(InvalidChangeError, match="breaks a constraint of visits"):
+            store.resolve(conflict.id, "value", "ops", 1000.0)
+        assert store.conflict(conflict.id).status == conflict.status
+        assert store.record_state("visits", {"id": "v1"}) == before
