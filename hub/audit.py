@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import getpass
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from hub.database import HubDatabase
+from hub.engine import Conn
 from hub.times import utcnow
 
 # Every action the log records, and what it means.
@@ -71,9 +71,7 @@ class Actor:
         return cls(user, "cli")
 
 
-def record(
-    conn: sqlite3.Connection, action: str, actor: Actor, target: str = "", **detail: Any
-) -> None:
+def record(conn: Conn, action: str, actor: Actor, target: str = "", **detail: Any) -> None:
     """Append one entry, in the caller's write transaction.
 
     ``detail`` holds names, keys, ids and counts only: never a case value or a token.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from typing import Any, NamedTuple
 from hub import audit
 from hub.audit import Actor
 from hub.database import HubDatabase
+from hub.engine import Conn
 from hub.times import utcnow
 from shared.clock import check_node_name
 from shared.errors import AuthError, FieldsyncError, HubRejectedError
@@ -72,7 +72,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def new_token(conn: sqlite3.Connection, table: str, name: str, taken: str) -> str:
+def new_token(conn: Conn, table: str, name: str, taken: str) -> str:
     """Add ``name`` to ``table`` (offices or admins) with a new token; return the token.
 
     Only the token's hash is stored; ``taken`` is the error when the name is.
@@ -291,7 +291,7 @@ def end_session(hub: HubDatabase, token: str) -> None:
 # -- taking keys back ------------------------------------------------------------------
 
 
-def _kind_of(conn: sqlite3.Connection, name: str, kind: str | None) -> str:
+def _kind_of(conn: Conn, name: str, kind: str | None) -> str:
     """Whether ``name`` is an office or an admin (``kind`` chooses when it is both)."""
     found = [
         k
@@ -309,11 +309,12 @@ def _kind_of(conn: sqlite3.Connection, name: str, kind: str | None) -> str:
     return found[0]
 
 
-def _retire(conn: sqlite3.Connection, kind: str, name: str, why: str) -> None:
+def _retire(conn: Conn, kind: str, name: str, why: str) -> None:
     """Keep the hash of ``name``'s current token, so that it is answered ``revoked``."""
     conn.execute(
-        f"INSERT OR IGNORE INTO _fieldsync_retired_tokens (token_hash, kind, name, why, at) "
-        f"SELECT token_hash, ?, name, ?, ? FROM {_TABLES[kind]} WHERE name = ?",
+        "INSERT INTO _fieldsync_retired_tokens (token_hash, kind, name, why, at) "
+        f"SELECT token_hash, ?, name, ?, ? FROM {_TABLES[kind]} WHERE name = ? "
+        "ON CONFLICT (token_hash) DO NOTHING",
         [kind, why, utcnow(), name],
     )
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -50,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub.database import HubDatabase
+from hub.engine import Conn, dialect_of
 from hub.scopes import read_scopes
 from hub.times import utcnow
 from shared.errors import FieldsyncError
@@ -195,7 +195,7 @@ class Stopped(Exception):
 
 
 @contextmanager
-def _timed_write(hub: HubDatabase, done: Compacted, what: str) -> Iterator[sqlite3.Connection]:
+def _timed_write(hub: HubDatabase, done: Compacted, what: str) -> Iterator[Conn]:
     if done.stop is not None and done.stop.is_set():
         raise Stopped
     with hub.write() as conn:
@@ -206,7 +206,7 @@ def _timed_write(hub: HubDatabase, done: Compacted, what: str) -> Iterator[sqlit
     done.held(what, (time.monotonic() - began) * 1000)
 
 
-def _offices(conn: sqlite3.Connection, scoped: bool) -> list[_Office]:
+def _offices(conn: Conn, scoped: bool) -> list[_Office]:
     """Every office that has pulled once (one that never did holds nothing)."""
     rows = conn.execute(
         "SELECT name, scopes, pulled_seq, revoked_at, rescope FROM _fieldsync_nodes "
@@ -238,9 +238,7 @@ def _verdict(
     return [o.name for o in behind]
 
 
-def _mark(
-    conn: sqlite3.Connection, offices: list[_Office], names: set[str], done: Compacted
-) -> None:
+def _mark(conn: Conn, offices: list[_Office], names: set[str], done: Compacted) -> None:
     if not names:
         return
     conn.executemany(
@@ -324,7 +322,7 @@ def _purge_batch(
             )
 
 
-def _followed(conn: sqlite3.Connection, schema: Schema, tbl: str, pk: str) -> bool:
+def _followed(conn: Conn, schema: Schema, tbl: str, pk: str) -> bool:
     """Whether live records follow this one (kept: they take their scope from it)."""
     tables = [t.name for t in schema.tables.values() if t.scope and t.scope.parent == tbl]
     if not tables:
@@ -347,7 +345,7 @@ def _newest(table: Table | None, vers: str) -> str:
     return max((v[:16] for v in table.unpack_versions(vers).values()), default="")
 
 
-def _save_horizon(conn: sqlite3.Connection, top: str, seq: int) -> None:
+def _save_horizon(conn: Conn, top: str, seq: int) -> None:
     """Raise the purge horizon: the newest stamp and the highest seq purged, and when."""
     stored = dict(
         conn.execute(
@@ -366,14 +364,14 @@ def _save_horizon(conn: sqlite3.Connection, top: str, seq: int) -> None:
     )
 
 
-def _chains(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, list[int]]:
+def _chains(conn: Conn, seqs: list[int]) -> dict[int, list[int]]:
     """Each record's versions in the history, from its current ``seq`` back."""
     found: dict[int, list[int]] = {}
     for head in seqs:
         found[head] = [
             row[0]
             for row in conn.execute(
-                "WITH RECURSIVE chain (seq) AS (SELECT ? UNION ALL "
+                "WITH RECURSIVE chain (seq) AS (SELECT CAST(? AS BIGINT) UNION ALL "
                 "SELECT h.prev FROM _fieldsync_history AS h JOIN chain ON h.seq = chain.seq "
                 "WHERE h.prev IS NOT NULL) "
                 "SELECT chain.seq FROM chain JOIN _fieldsync_history AS h ON h.seq = chain.seq",
@@ -408,7 +406,7 @@ def _purge_exits(hub: HubDatabase, exits: list[Any], aged: int, done: Compacted)
                 _save_horizon(conn, "", purged_seq)
 
 
-def _seq_before(conn: sqlite3.Connection, when: str) -> int:
+def _seq_before(conn: Conn, when: str) -> int:
     """The highest history seq the hub took by ``when`` (0: none), by bisection:
     versions are written with the time they are taken, in seq order."""
     low = conn.execute("SELECT min(seq) FROM _fieldsync_history").fetchone()[0]
@@ -467,18 +465,13 @@ def _trim_history(hub: HubDatabase, keep: Keep, now: datetime, done: Compacted) 
 
 
 def _file_size(hub: HubDatabase) -> int:
-    return sum(
-        p.stat().st_size
-        for p in (hub.path, hub.path.with_name(hub.path.name + "-wal"))
-        if p.exists()
-    )
+    with hub.read() as conn:
+        return dialect_of(conn).storage_bytes(conn)
 
 
 def _free_bytes(hub: HubDatabase) -> int:
     with hub.read() as conn:
-        pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-    return int(pages * size)
+        return dialect_of(conn).free_bytes(conn)
 
 
 def _vacuum(hub: HubDatabase, done: Compacted) -> None:
@@ -487,9 +480,7 @@ def _vacuum(hub: HubDatabase, done: Compacted) -> None:
     it in short steps."""
     began = time.monotonic()
     with hub.read() as conn:
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("VACUUM")
-        _truncate_wal(conn)
+        dialect_of(conn).vacuum(conn)
     done.held("VACUUM", (time.monotonic() - began) * 1000)
     done.vacuumed = True
 
@@ -497,29 +488,19 @@ def _vacuum(hub: HubDatabase, done: Compacted) -> None:
 def _incremental_vacuum(hub: HubDatabase, done: Compacted) -> None:
     """In a file in incremental auto-vacuum, give free pages back a chunk at a time."""
     with hub.read() as conn:
-        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        if not dialect_of(conn).reclaims_in_steps(conn):
             return
     left = None
     while left != 0:
         with _timed_write(hub, done, "incremental vacuum") as conn:
-            conn.execute("PRAGMA incremental_vacuum(2000)").fetchall()
-            before, left = left, conn.execute("PRAGMA freelist_count").fetchone()[0]
+            before, left = left, dialect_of(conn).reclaim_step(conn)
         if before is not None and left >= before:  # no progress: leave the rest
             break
     with hub.read() as conn:
-        _truncate_wal(conn)
+        dialect_of(conn).checkpoint(conn)
 
 
-def _truncate_wal(conn: sqlite3.Connection) -> None:
-    """Copy the WAL into the file and empty it (a few tries: the background
-    checkpointer may hold it for a moment)."""
-    for _ in range(20):
-        if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
-            return
-        time.sleep(0.05)
-
-
-def purge_refusal(conn: sqlite3.Connection, table: Table, base: dict[str, str]) -> str | None:
+def purge_refusal(conn: Conn, table: Table, base: dict[str, str]) -> str | None:
     """Why an update to a record the hub does not hold is refused (None: it is not).
 
     Refused when the hub has purged tombstones and every base version of the change
@@ -592,7 +573,7 @@ class Compactor:
                 wait = self.retry
 
 
-def purged_seq(conn: sqlite3.Connection) -> int:
+def purged_seq(conn: Conn) -> int:
     """The highest seq of a tombstone or exit purged (0: none)."""
     row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'purged_seq'").fetchone()
     return int(row[0]) if row else 0

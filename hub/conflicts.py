@@ -12,13 +12,13 @@ refused if the record changed since the conflict was logged, unless forced.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hub import records
 from hub.database import HubDatabase
+from hub.engine import Conn, Dialect, dialect_of
 from hub.scopes import office_scopes, write_hub_change
 from hub.times import stamp_time, utcnow
 from shared.clock import Timestamp
@@ -113,7 +113,7 @@ def conflict_row(table: str, key: str, conflict: Conflict, state: RecordState) -
 _NEXT_CHANGE = "(SELECT coalesce(max(changed), 0) + 1 FROM _fieldsync_conflicts)"
 
 
-def write_conflicts(conn: sqlite3.Connection, rows: Sequence[list[Any]]) -> None:
+def write_conflicts(conn: Conn, rows: Sequence[list[Any]]) -> None:
     conn.executemany(
         "INSERT INTO _fieldsync_conflicts (created_at, tbl, pk, kind, col, kept_value, "
         "kept_version, kept_node, other_value, other_version, other_node, status, "
@@ -126,12 +126,20 @@ def write_conflicts(conn: sqlite3.Connection, rows: Sequence[list[Any]]) -> None
 # -- reading the log -------------------------------------------------------------------
 
 
+# The log's columns, in the order _conflict reads them.
+_COLUMNS = (
+    "id, created_at, tbl, pk, kind, col, kept_value, kept_version, kept_node, other_value, "
+    "other_version, other_node, status, resolved_by, resolved_at, resolution, merged, "
+    "state_after"
+)
+
+
 def conflicts(
     hub: HubDatabase, status: str | Sequence[str] | None = None, limit: int | None = None
 ) -> list[ConflictRecord]:
     """The conflict log, newest first; ``status`` filters (logged, open, resolved;
     one or several), ``limit`` keeps the newest ones."""
-    sql = "SELECT * FROM _fieldsync_conflicts"
+    sql = f"SELECT {_COLUMNS} FROM _fieldsync_conflicts"
     params: list[Any] = []
     if status is not None:
         statuses = [status] if isinstance(status, str) else list(status)
@@ -160,7 +168,7 @@ def conflict(hub: HubDatabase, conflict_id: int) -> ConflictRecord:
         raise FieldsyncError(f"there is no conflict {conflict_id}")
     with hub.read() as conn:
         row = conn.execute(
-            "SELECT * FROM _fieldsync_conflicts WHERE id = ?", [conflict_id]
+            f"SELECT {_COLUMNS} FROM _fieldsync_conflicts WHERE id = ?", [conflict_id]
         ).fetchone()
     if row is None:
         raise FieldsyncError(f"there is no conflict {conflict_id}")
@@ -195,18 +203,22 @@ def _conflict(hub: HubDatabase, row: Sequence[Any]) -> ConflictRecord:
 # -- an office's own entries (GET /v1/conflicts) ----------------------------------------
 
 
-# An entry in which an office's write won, until an admin decided for another value.
-_OVERRIDDEN = "status = 'resolved' AND json_extract(resolution, '$.keep') != 'kept'"
+def _overridden(dialect: Dialect) -> str:
+    """SQL true for an entry in which an office's write won, until an admin decided for
+    another value (on SQLite, the text of the partial index _fieldsync_conflicts_overridden's
+    WHERE, so that the index is used)."""
+    return f"status = 'resolved' AND {dialect.json_field('resolution', 'keep')} != 'kept'"
 
 
-def office_mark(conn: sqlite3.Connection, node: str) -> int:
+def office_mark(conn: Conn, node: str) -> int:
     """The last change to the entries in which ``node``'s write lost or was overridden
     by an admin (0: none)."""
     row = conn.execute(
         "SELECT max(changed) FROM _fieldsync_conflicts WHERE other_node = ?", [node]
     ).fetchone()
     overridden = conn.execute(
-        f"SELECT max(changed) FROM _fieldsync_conflicts WHERE kept_node = ? AND {_OVERRIDDEN}",
+        "SELECT max(changed) FROM _fieldsync_conflicts WHERE kept_node = ? AND "
+        + _overridden(dialect_of(conn)),
         [node],
     ).fetchone()
     return max(int(row[0] or 0), int(overridden[0] or 0))
@@ -220,12 +232,14 @@ def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictP
     its own."""
     with hub.read() as conn:
         # Each side read along its own index, then merged in change order.
+        overridden = _overridden(dialect_of(conn))
         rows = conn.execute(
-            "SELECT c.*, r.scope, r.tbl IS NOT NULL FROM ("
-            "SELECT * FROM (SELECT id FROM _fieldsync_conflicts WHERE other_node = ? "
-            "AND changed > ? ORDER BY changed LIMIT ?) UNION "
-            "SELECT * FROM (SELECT id FROM _fieldsync_conflicts WHERE kept_node = ? "
-            f"AND {_OVERRIDDEN} AND changed > ? ORDER BY changed LIMIT ?)) AS mine "
+            f"SELECT {', '.join('c.' + c for c in _COLUMNS.split(', '))}, c.changed, r.scope, "
+            "CASE WHEN r.tbl IS NULL THEN 0 ELSE 1 END FROM ("
+            "SELECT id FROM (SELECT id FROM _fieldsync_conflicts WHERE other_node = ? "
+            "AND changed > ? ORDER BY changed LIMIT ?) AS lost UNION "
+            "SELECT id FROM (SELECT id FROM _fieldsync_conflicts WHERE kept_node = ? "
+            f"AND {overridden} AND changed > ? ORDER BY changed LIMIT ?) AS overridden) AS mine "
             "JOIN _fieldsync_conflicts AS c ON c.id = mine.id "
             "LEFT JOIN _fieldsync_records AS r ON r.tbl = c.tbl AND r.pk = c.pk "
             "ORDER BY c.changed LIMIT ?",
@@ -316,13 +330,7 @@ def resolve(
                 f"conflict {conflict_id} is about a whole record; keep 'kept' or 'other'"
             )
         table.check_value(record.column, value)
-    try:
-        write_resolution(hub, record, table, keep, by, value, force)
-    except sqlite3.IntegrityError as exc:
-        raise InvalidChangeError(
-            f"cannot resolve conflict {conflict_id} that way: the value breaks a "
-            f"constraint of {table.name} ({exc}); nothing was changed"
-        ) from exc
+    write_resolution(hub, record, table, keep, by, value, force)
     return conflict(hub, conflict_id)
 
 
@@ -336,54 +344,60 @@ def write_resolution(
     force: bool,
 ) -> None:
     """The write of :func:`resolve`, after its checks: refused if someone else resolved
-    ``record`` since it was read."""
-    key = table.pk_key(record.pk)
+    ``record`` since it was read, or if the value breaks a constraint of ``table``."""
     with hub.write() as conn:
-        status = conn.execute(
-            "SELECT status, resolved_by FROM _fieldsync_conflicts WHERE id = ?", [record.id]
-        ).fetchone()
-        if status[0] == "resolved":  # by someone else since we looked
-            raise FieldsyncError(f"conflict {record.id} was just resolved by {status[1]}")
-        found = records.load(conn, hub.schema, table.name, key)
-        if found is None:
-            raise FieldsyncError(f"the record of conflict {record.id} is gone")
-        current, prev = found
-        if resolution_writes(record.kind, keep) and not force:
-            _check_unchanged(record, current)
-        for version in current.versions.values():
-            hub.clock.observe(Timestamp.parse(version).hlc)
-        ts = str(hub.clock.tick())
-        decided = decide(
-            current,
-            kind=record.kind,
-            column=record.column,
-            kept_value=record.kept_value,
-            other_value=record.other_value,
-            keep=keep,
-            value=value,
-            stamp=ts,
-        )
-        if decided.changed:
-            state = decided.state
-            change = {"deleted": True} if state.deleted else decided.chosen
-            write_hub_change(
-                conn,
-                hub,
-                table,
-                record.pk,
-                state,
-                prev,
-                actor=f"admin {by}",
+        try:
+            key = table.pk_key(record.pk)
+            status = conn.execute(
+                "SELECT status, resolved_by FROM _fieldsync_conflicts WHERE id = ?", [record.id]
+            ).fetchone()
+            if status[0] == "resolved":  # by someone else since we looked
+                raise FieldsyncError(f"conflict {record.id} was just resolved by {status[1]}")
+            found = records.load(conn, hub.schema, table.name, key)
+            if found is None:
+                raise FieldsyncError(f"the record of conflict {record.id} is gone")
+            current, prev = found
+            if resolution_writes(record.kind, keep) and not force:
+                _check_unchanged(record, current)
+            for version in current.versions.values():
+                hub.clock.observe(Timestamp.parse(version).hlc)
+            ts = str(hub.clock.tick())
+            decided = decide(
+                current,
+                kind=record.kind,
+                column=record.column,
+                kept_value=record.kept_value,
+                other_value=record.other_value,
+                keep=keep,
+                value=value,
                 stamp=ts,
-                op="resolve",
-                change=change,
             )
-        resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
-        conn.execute(
-            "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
-            f"resolved_at = ?, resolution = ?, changed = {_NEXT_CHANGE} WHERE id = ?",
-            [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
-        )
+            if decided.changed:
+                state = decided.state
+                change = {"deleted": True} if state.deleted else decided.chosen
+                write_hub_change(
+                    conn,
+                    hub,
+                    table,
+                    record.pk,
+                    state,
+                    prev,
+                    actor=f"admin {by}",
+                    stamp=ts,
+                    op="resolve",
+                    change=change,
+                )
+            resolution = {"keep": keep, "value": value} if keep == "value" else {"keep": keep}
+            conn.execute(
+                "UPDATE _fieldsync_conflicts SET status = 'resolved', resolved_by = ?, "
+                f"resolved_at = ?, resolution = ?, changed = {_NEXT_CHANGE} WHERE id = ?",
+                [by, utcnow(), json.dumps(resolution, ensure_ascii=False), record.id],
+            )
+        except dialect_of(conn).integrity_errors as exc:
+            raise InvalidChangeError(
+                f"cannot resolve conflict {record.id} that way: the value breaks a "
+                f"constraint of {table.name} ({exc}); nothing was changed"
+            ) from exc
 
 
 def _check_unchanged(record: ConflictRecord, current: RecordState) -> None:

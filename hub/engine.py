@@ -12,12 +12,11 @@ once are asked of the connection's :class:`Dialect` (:func:`dialect_of`).
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
-
-from shared.schema import quote
 
 
 class Cursor(Protocol):
@@ -60,13 +59,86 @@ class Dialect:
 
     def columns(self, conn: Conn, table: str) -> list[str]:
         """The columns of ``table`` as the database holds them, in order."""
-        return [row[1] for row in conn.execute(f"PRAGMA table_info({quote(table)})")]
+        found = conn.execute("SELECT name FROM pragma_table_info(?) ORDER BY cid", [table])
+        return [row[0] for row in found]
+
+    def column_types(self, conn: Conn, table: str) -> dict[str, str]:
+        """Each column of ``table`` with its declared type, upper case ("" if none)
+        (PostgreSQL: information_schema.columns' types named back as the schema does)."""
+        found = conn.execute("SELECT name, type FROM pragma_table_info(?)", [table])
+        return {str(name): str(kind).upper() for name, kind in found}
 
     def table_names(self, conn: Conn) -> set[str]:
         """Every table in the database."""
         return {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
+
+    #: Appended to a SELECT of rows the transaction goes on to change, to lock them
+    #: first (PostgreSQL: `` FOR UPDATE``; SQLite's writer holds the whole file).
+    for_update = ""
+
+    def fold_for_search(self, conn: Conn, text: str) -> None:
+        """Make :meth:`contains` ready on ``conn`` for ``text`` (PostgreSQL: nothing)."""
+        if not text.isascii():
+            conn.create_function(  # type: ignore[attr-defined]
+                "fs_lower", 1, _lower, deterministic=True
+            )
+
+    def contains(self, column: str, text: str) -> str:
+        """SQL true when ``column`` matches the LIKE pattern ``?`` (escaped by ``\\``),
+        case folded: SQLite's LIKE folds ASCII, Python folds other letters (PostgreSQL:
+        ``lower(column COLLATE "und-x-icu") LIKE lower(?)``)."""
+        cell = f"CAST({column} AS TEXT)"
+        if not text.isascii():
+            cell = f"fs_lower({cell})"
+        return f"{cell} LIKE ? ESCAPE '\\'"
+
+    def storage_bytes(self, conn: Conn) -> int:
+        """What the database takes on disk: the file and its WAL (PostgreSQL:
+        ``pg_database_size``)."""
+        path = Path(
+            next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
+        )
+        wal = path.with_name(path.name + "-wal")
+        return sum(p.stat().st_size for p in (path, wal) if p.exists())
+
+    def free_bytes(self, conn: Conn) -> int:
+        """Bytes freed inside the database, not yet given back to the disk (PostgreSQL:
+        0, its free space stays with each table)."""
+        pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int(pages * size)
+
+    def vacuum(self, conn: Conn) -> None:
+        """Give every freed byte back to the disk, on a connection in no transaction,
+        leaving the file in incremental auto-vacuum (PostgreSQL: ``VACUUM``)."""
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+        self.checkpoint(conn)
+
+    def reclaims_in_steps(self, conn: Conn) -> bool:
+        """Whether :meth:`reclaim_step` gives freed bytes back (PostgreSQL: False,
+        autovacuum does it)."""
+        return bool(conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2)
+
+    def reclaim_step(self, conn: Conn) -> int:
+        """Give some freed pages back to the disk, in a write transaction; return how
+        many are left (PostgreSQL: never called)."""
+        conn.execute("PRAGMA incremental_vacuum(2000)").fetchall()
+        return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+    def checkpoint(self, conn: Conn) -> None:
+        """Copy the WAL into the file and empty it, a few tries: the background
+        checkpointer may hold it for a moment (PostgreSQL: nothing, the server does)."""
+        for _ in range(20):
+            if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
+                return
+            time.sleep(0.05)
+
+
+def _lower(value: str | None) -> str | None:
+    return None if value is None else value.lower()
 
 
 SQLITE = Dialect()

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 
+from hub.engine import Conn, dialect_of
 from hub.times import utcnow
-from shared.backup import count_rows, tables
 from shared.errors import StoreError
 
 log = logging.getLogger("fieldsync.hub")
@@ -32,13 +31,13 @@ RESTORED = "restored_from"  # in a restored hub: "<backup_of> at <backup_at>"
 _META = "SELECT value FROM _fieldsync_meta WHERE key = ?"
 
 
-def read_epoch(conn: sqlite3.Connection) -> str:
+def read_epoch(conn: Conn) -> str:
     """The hub's epoch ("" in a file not opened as a hub since it was copied)."""
     row = conn.execute(_META, [EPOCH]).fetchone()
     return "" if row is None else str(row[0])
 
 
-def open_epoch(conn: sqlite3.Connection, *, serving: bool = True) -> str:
+def open_epoch(conn: Conn, *, serving: bool = True) -> str:
     """The hub's epoch, made if the file has none (a new hub, an older one, a backup
     put in place); call in the opening write transaction.
 
@@ -52,17 +51,12 @@ def open_epoch(conn: sqlite3.Connection, *, serving: bool = True) -> str:
     if not serving and conn.execute(_META, [BACKUP_AT]).fetchone() is not None:
         return ""
     epoch = secrets.token_hex(8)
-    conn.execute(
-        "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)", [EPOCH, epoch]
-    )
+    _put(conn, EPOCH, epoch)
     taken = conn.execute(_META, [BACKUP_AT]).fetchone()
     if taken is not None:
         of = conn.execute(_META, [BACKUP_OF]).fetchone()
         restored = f"{of[0] if of else '?'} at {taken[0]}, restored {utcnow()}"
-        conn.execute(
-            "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)",
-            [RESTORED, restored],
-        )
+        _put(conn, RESTORED, restored)
         conn.execute("DELETE FROM _fieldsync_meta WHERE key IN (?, ?)", [BACKUP_AT, BACKUP_OF])
         log.warning(
             "this hub database is a backup taken at %s put in place: new identity %s; "
@@ -73,26 +67,32 @@ def open_epoch(conn: sqlite3.Connection, *, serving: bool = True) -> str:
     return epoch
 
 
-def mark_backup(conn: sqlite3.Connection) -> None:
+def mark_backup(conn: Conn) -> None:
     """Make a copy of the hub a backup: no epoch, and which hub it copies, when."""
     epoch = read_epoch(conn)
     conn.execute("DELETE FROM _fieldsync_meta WHERE key = ?", [EPOCH])
     if epoch:  # a backup of a backup keeps the first one's mark
-        conn.execute(
-            "INSERT OR REPLACE INTO _fieldsync_meta (key, value) VALUES (?, ?)",
-            [BACKUP_OF, epoch],
-        )
+        _put(conn, BACKUP_OF, epoch)
     conn.execute(
-        "INSERT OR IGNORE INTO _fieldsync_meta (key, value) VALUES (?, ?)", [BACKUP_AT, utcnow()]
+        "INSERT INTO _fieldsync_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        [BACKUP_AT, utcnow()],
     )
 
 
-def count_hub(conn: sqlite3.Connection) -> dict[str, int]:
+def _put(conn: Conn, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO _fieldsync_meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )
+
+
+def count_hub(conn: Conn) -> dict[str, int]:
     """What a hub database holds: records, history versions, offices, the highest seq.
 
     StoreError if the file is not a hub database.
     """
-    found = tables(conn)
+    found = dialect_of(conn).table_names(conn)
     if "_fieldsync_state" in found:
         raise StoreError("is an office database, not a hub database")
     if not {"_fieldsync_meta", "_fieldsync_records", "_fieldsync_nodes"} <= found:
@@ -101,8 +101,12 @@ def count_hub(conn: sqlite3.Connection) -> dict[str, int]:
         raise StoreError("is not a fieldsync hub database (no schema)")
     seq = conn.execute(_META, ["seq"]).fetchone()
     return {
-        "records": count_rows(conn, "_fieldsync_records"),
-        "history": count_rows(conn, "_fieldsync_history") if "_fieldsync_history" in found else 0,
-        "offices": count_rows(conn, "_fieldsync_nodes"),
+        "records": _count(conn, "_fieldsync_records"),
+        "history": _count(conn, "_fieldsync_history") if "_fieldsync_history" in found else 0,
+        "offices": _count(conn, "_fieldsync_nodes"),
         "highest seq": int(seq[0]) if seq else 0,
     }
+
+
+def _count(conn: Conn, table: str) -> int:
+    return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])

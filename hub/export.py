@@ -35,6 +35,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 
+from hub.engine import SQLITE, Dialect, dialect_of
 from hub.store import SqliteHubStore
 from shared.errors import FieldsyncError
 from shared.schema import Schema, Table, quote
@@ -83,7 +84,7 @@ def export_rows(
         spec = schema.table(table)
         if office is not None:
             _check_office(conn, spec, office)
-        cursor = conn.execute(*export_query(spec, office))
+        cursor = conn.execute(*export_query(spec, office, dialect_of(conn)))
         return _write(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), _Sink(out))
 
 
@@ -114,7 +115,7 @@ def stream_export(
         spec = _hub_schema(conn, source).table(table)
         if office is not None:
             _check_office(conn, spec, office)
-        cursor = conn.execute(*export_query(spec, office))
+        cursor = conn.execute(*export_query(spec, office, dialect_of(conn)))
     except BaseException:
         stack.close()
         raise
@@ -131,23 +132,26 @@ def download_name(table: str, fmt: str, office: str | None = None, day: date | N
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([*parts, when])) + f".{fmt}"
 
 
-def export_query(table: Table, office: str | None = None) -> tuple[str, list[Any]]:
-    """The SELECT (and its parameters) that reads ``table``'s records in key order."""
+def export_query(
+    table: Table, office: str | None = None, dialect: Dialect = SQLITE
+) -> tuple[str, list[Any]]:
+    """The SELECT (and its parameters) that reads ``table``'s records in key order, in
+    ``dialect``."""
     columns = ", ".join(f"t.{quote(c)}" for c in table.column_names)
     order = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
     if office is None:
         return f"SELECT {columns} FROM {quote(table.name)} AS t ORDER BY {order}", []
     if table.scope is None:
         raise FieldsyncError(_no_scope(table))
-    # CROSS JOIN keeps the mirrored table outside, read through its key index in key
-    # order; each record's state is then one lookup in the (tbl, pk) key of
-    # _fieldsync_records, whose pk is json_array() of the key columns (pk_key).
-    key = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    # CROSS JOIN keeps the mirrored table outside (SQLite), read through its key index
+    # in key order; each record's state is then one lookup in the (tbl, pk) key of
+    # _fieldsync_records, whose pk is the key columns' key text (pk_key). The join's
+    # terms are in WHERE: PostgreSQL takes no ON after CROSS JOIN.
+    key = dialect.key_text([f"t.{quote(c)}" for c in table.primary_key])
     return (
         f"SELECT {columns} FROM {quote(table.name)} AS t "
-        "CROSS JOIN _fieldsync_records AS r "
-        f"ON r.tbl = ? AND r.pk = json_array({key}) "
-        f"WHERE r.deleted = 0 AND COALESCE(r.scope, '') = ? ORDER BY {order}",
+        f"CROSS JOIN _fieldsync_records AS r WHERE r.tbl = ? AND r.pk = {key} "
+        f"AND r.deleted = 0 AND COALESCE(r.scope, '') = ? ORDER BY {order}",
         [table.name, office],
     )
 
@@ -229,9 +233,7 @@ def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:
     """The schema stored in the hub database; raise if it is not a hub database."""
     name = "the database" if isinstance(source, sqlite3.Connection) else str(_path(source))
     try:
-        tables = {
-            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+        tables = dialect_of(conn).table_names(conn)
         row = (
             conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'schema'").fetchone()
             if "_fieldsync_meta" in tables

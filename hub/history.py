@@ -16,11 +16,11 @@ chain then stops at the oldest version kept.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from hub.database import HubDatabase
+from hub.engine import Conn
 from hub.times import stamp_time
 from shared.errors import InvalidChangeError
 from shared.schema import EXISTS
@@ -30,7 +30,7 @@ from shared.schema import EXISTS
 Version = tuple[int, int | None, str, str, str, str, str, str | None, str]
 
 
-def write_history(conn: sqlite3.Connection, rows: Sequence[Version]) -> None:
+def write_history(conn: Conn, rows: Sequence[Version]) -> None:
     """Keep each version a record went through (see Version)."""
     conn.executemany(
         "INSERT INTO _fieldsync_history (seq, prev, tbl, pk, actor, ts, op, vals, at) "

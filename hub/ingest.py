@@ -12,13 +12,12 @@ applies nothing twice, and a reused number (an office restored from an older cop
 is told apart from a retry.
 
 This is the benchmark's hot path: records are merged in memory and written with one
-statement per batch and table (plain ``sqlite3``, no per-change statement), so keep
+statement per batch and table (plain SQL, no per-change statement), so keep
 per-change work out of anything added here.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from hub import records
 from hub.compact import purge_refusal
 from hub.conflicts import conflict_row, write_conflicts
 from hub.database import HubDatabase
+from hub.engine import Conn, dialect_of
 from hub.epoch import read_epoch
 from hub.history import Version, write_history
 from hub.rejected import write_rejected
@@ -42,6 +42,7 @@ from shared.schema import EXISTS, RecordKey, Table
 DEFAULT_MAX_FUTURE_MS = 5 * 60 * 1000
 
 # Every receipt, either way it is kept: (office, change number, stamp as captured).
+# SQLite's SQL, for tools and tests reading a hub file; all_receipts reads any engine.
 ALL_RECEIPTS = (
     "SELECT node, seq, hlc FROM _fieldsync_receipts UNION ALL "
     "SELECT b.node, r.value ->> 0, r.value ->> 1 "
@@ -49,6 +50,17 @@ ALL_RECEIPTS = (
 )
 
 _Outcome = tuple[int, int, int, list[Rejection], ClockSkewError | None]
+
+
+def all_receipts(conn: Conn) -> list[tuple[str, int, int]]:
+    """Every receipt, either way it is kept: (office, change number, stamp as captured)."""
+    found = [
+        (str(node), int(seq), int(hlc))
+        for node, seq, hlc in conn.execute("SELECT node, seq, hlc FROM _fieldsync_receipts")
+    ]
+    for node, text in conn.execute("SELECT node, receipts FROM _fieldsync_receipt_batches"):
+        found.extend((str(node), int(seq), int(hlc)) for seq, hlc in loads(text))
+    return found
 
 
 class Ingest:
@@ -75,7 +87,7 @@ class Ingest:
             try:
                 outcome = self._push(conn, node, changes, per_change=False)
                 conn.execute("RELEASE batch")
-            except sqlite3.IntegrityError:
+            except dialect_of(conn).integrity_errors:
                 conn.execute("ROLLBACK TO batch")
                 conn.execute("RELEASE batch")
                 outcome = self._push(conn, node, changes, per_change=True)
@@ -88,11 +100,14 @@ class Ingest:
         return PushResult(acked, applied, conflicts, self.hub.now(), node, rejected, epoch=epoch)
 
     def _push(
-        self, conn: sqlite3.Connection, node: str, changes: Sequence[Change], *, per_change: bool
+        self, conn: Conn, node: str, changes: Sequence[Change], *, per_change: bool
     ) -> _Outcome:
         schema, clock = self.hub.schema, self.hub.clock
+        dialect = dialect_of(conn)
+        # The office's row first, locked to the end (PostgreSQL): then its stats row, in
+        # this order in every transaction that writes both (no deadlock with a pull).
         acked = conn.execute(
-            "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
+            "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?" + dialect.for_update, [node]
         ).fetchone()[0]
         seq = records.last_seq(conn)
         hub_now = self.hub.now()
@@ -198,7 +213,7 @@ class Ingest:
                     )
                     write_conflicts(conn, found)
                     conn.execute("RELEASE change")
-                except sqlite3.IntegrityError as exc:
+                except dialect.integrity_errors as exc:
                     conn.execute("ROLLBACK TO change")
                     conn.execute("RELEASE change")
                     seq -= 1
@@ -244,13 +259,13 @@ class Ingest:
             )
         _write_receipts(conn, node, new_receipts)
         write_history(conn, history)
-        count_push(conn, node, applied)
         write_rejected(conn, node, rejected, now)
         conn.execute(
             "UPDATE _fieldsync_nodes SET acked_seq = ?, last_seen_at = ?, last_push_at = ? "
             "WHERE name = ?",
             [acked, now, now, node],
         )
+        count_push(conn, node, applied)  # after the office's row (see above)
         records.save_meta(conn, seq, clock)
         return acked, applied, conflicts, self._rejections(conn, rejected, out_of_scope), skew
 
@@ -273,7 +288,7 @@ class Ingest:
 
     def _rejections(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         rejected: list[tuple[Change, str]],
         out_of_scope: set[int],
     ) -> list[Rejection]:
@@ -378,7 +393,7 @@ def _check_replay(node: str, change: Change, acked: int, receipts: dict[int, int
 
 
 def _receipts(
-    conn: sqlite3.Connection, node: str, replays: Sequence[Change]
+    conn: Conn, node: str, replays: Sequence[Change]
 ) -> tuple[dict[int, int], dict[int, str]]:
     """Receipts and earlier rejections of the replayed changes, by seq."""
     if not replays:
@@ -405,9 +420,7 @@ def _receipts(
     return receipts, rejections
 
 
-def _write_receipts(
-    conn: sqlite3.Connection, node: str, receipts: Sequence[tuple[int, int]]
-) -> None:
+def _write_receipts(conn: Conn, node: str, receipts: Sequence[tuple[int, int]]) -> None:
     """Keep the (number, stamp as captured) of each change of a batch the hub dealt with.
 
     One row per batch: a row per change cost the hub about 4% of its CPU per pushed

@@ -4,7 +4,7 @@ Pull: the records an office has not seen, in hub ``seq`` order, a page at a time
 A record holds its latest state only, so a page serves each record once, however
 often it changed; records whose origin is the pulling office (it already has them
 exactly) are left out. The page is read on a snapshot of its own; only the note of
-the pull takes the writer's lock. This is on the benchmark's path: plain ``sqlite3``,
+the pull takes the writer's lock. This is on the benchmark's path: plain SQL (hub/engine.py),
 one query per page.
 """
 
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-import sqlite3
 from typing import Any
 
 from hub import records
 from hub.compact import purged_seq
 from hub.conflicts import office_mark
 from hub.database import HubDatabase
+from hub.engine import Conn
 from hub.epoch import read_epoch
 from hub.scopes import read_scopes
 from hub.status import count_pull
@@ -63,9 +63,10 @@ def pull(
     with hub.write() as conn:
         conn.execute(
             "UPDATE _fieldsync_nodes SET last_seen_at = ?, last_pull_at = ?, pulled_seq = ?, "
-            "rescope = (rescope AND ?) OR ? WHERE name = ?",
+            "rescope = CASE WHEN ? = 1 OR (rescope <> 0 AND ? = 1) THEN 1 ELSE 0 END "
+            "WHERE name = ?",
             # Cleared by the pull from 0 it asked for; a flag set since the snapshot stays.
-            [utcnow(), utcnow(), cursor, resync or not rescope, behind and resync, node],
+            [utcnow(), utcnow(), cursor, int(behind and resync), int(resync or not rescope), node],
         )
         count_pull(conn, node, len(rows), next_cursor)
     page_rows = []
@@ -85,7 +86,7 @@ def pull(
 
 def _read(
     hub: HubDatabase,
-    conn: sqlite3.Connection,
+    conn: Conn,
     node: str,
     cursor: int,
     limit: int,
@@ -134,7 +135,7 @@ def _read(
 
 
 def _scoped_rows(
-    conn: sqlite3.Connection,
+    conn: Conn,
     scopes: list[str],
     node: str,
     cursor: int,

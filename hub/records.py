@@ -9,21 +9,21 @@ tables named as in the schema, so headquarters can query them with any SQLite to
 
 ``_fieldsync_meta`` keeps the last ``seq`` handed out and the hub clock's last stamp.
 These functions run on the connection they are given, inside its caller's
-transaction; they are on the push and pull paths, so they stay plain ``sqlite3``
+transaction; they are on the push and pull paths, so they stay plain SQL
 with one statement per batch, not per record.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from hub.engine import Conn
 from shared.clock import HybridClock
 from shared.merge import RecordState
 from shared.protocol import PullRow, dumps_text, loads
 from shared.schema import RecordKey, Schema, Table
-from shared.sqlite import put_rows
+from shared.sqlite import delete_sql, upsert_sql
 
 # A record to write: table, key text, key, state, hub seq, origin office (or None),
 # the JSON text of the state's values if already made (or None), and where it
@@ -33,13 +33,13 @@ RecordWrite = tuple[
 ]
 
 
-def last_seq(conn: sqlite3.Connection) -> int:
+def last_seq(conn: Conn) -> int:
     """The last hub ``seq`` handed out (0: none yet)."""
     row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'seq'").fetchone()
     return int(row[0]) if row else 0
 
 
-def save_meta(conn: sqlite3.Connection, seq: int, clock: HybridClock) -> None:
+def save_meta(conn: Conn, seq: int, clock: HybridClock) -> None:
     """Keep the last ``seq`` handed out and the clock's last stamp."""
     conn.execute(
         "INSERT INTO _fieldsync_meta (key, value) VALUES ('seq', ?), ('hlc', ?) "
@@ -49,7 +49,7 @@ def save_meta(conn: sqlite3.Connection, seq: int, clock: HybridClock) -> None:
 
 
 def load_many(
-    conn: sqlite3.Connection,
+    conn: Conn,
     schema: Schema,
     keys: Sequence[RecordKey | None],
     seqs: dict[RecordKey, int] | None = None,
@@ -80,16 +80,14 @@ def load_many(
     return found
 
 
-def load(
-    conn: sqlite3.Connection, schema: Schema, table: str, key: str
-) -> tuple[RecordState, int] | None:
+def load(conn: Conn, schema: Schema, table: str, key: str) -> tuple[RecordState, int] | None:
     """One record's stored state and hub seq (None: the hub has never seen it)."""
     seqs: dict[RecordKey, int] = {}
     state = load_many(conn, schema, [(table, key)], seqs).get((table, key))
     return None if state is None else (state, seqs[(table, key)])
 
 
-def write_records(conn: sqlite3.Connection, schema: Schema, records: Iterable[RecordWrite]) -> None:
+def write_records(conn: Conn, schema: Schema, records: Iterable[RecordWrite]) -> None:
     """Store records' states and mirror them into the real tables."""
     rows = []
     mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
@@ -117,7 +115,20 @@ def write_records(conn: sqlite3.Connection, schema: Schema, records: Iterable[Re
         rows,
     )
     for name, records_of_table in mirrored.items():  # one entry per record
-        put_rows(conn, schema.tables[name], records_of_table)
+        _mirror(conn, schema.tables[name], records_of_table)
+
+
+def _mirror(
+    conn: Conn, table: Table, records: Sequence[tuple[dict[str, Any], dict[str, Any] | None]]
+) -> None:
+    """Make mirrored ``table`` hold each ``(pk, values)`` record (values None deletes it),
+    as shared.sqlite.put_rows does on an office's own connection."""
+    gone = [[pk[c] for c in table.primary_key] for pk, values in records if values is None]
+    live = [table.row(pk, values) for pk, values in records if values is not None]
+    if gone:
+        conn.executemany(delete_sql(table), gone)
+    if live:
+        conn.executemany(upsert_sql(table), live)
 
 
 def pull_row(

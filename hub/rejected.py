@@ -15,23 +15,21 @@ they fit, else as ``{"key": ...}``: a listing never fails on what an office sent
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from hub.database import HubDatabase
+from hub.engine import Conn
 from shared.errors import FieldsyncError
 from shared.protocol import Change
 from shared.schema import Table
 
 
-def write_rejected(
-    conn: sqlite3.Connection, node: str, rejected: Sequence[tuple[Change, str]], now: str
-) -> None:
+def write_rejected(conn: Conn, node: str, rejected: Sequence[tuple[Change, str]], now: str) -> None:
     """Keep each (change, reason) of ``node`` the hub set aside (once per change)."""
     conn.executemany(
-        "INSERT OR IGNORE INTO _fieldsync_rejected (node, seq, tbl, pk, op, reason, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO _fieldsync_rejected (node, seq, tbl, pk, op, reason, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, seq) DO NOTHING",
         [(node, c.seq, c.table, _key_text(c.pk), c.op, reason, now) for c, reason in rejected],
     )
 

@@ -7,8 +7,8 @@ dict, for the admin dashboard's headquarters view and the JSON admin API alike.
 Every figure is an SQL ``GROUP BY``: no table's rows are loaded into Python, so a
 table of a million records costs one scan per section, and the answers are as small
 as the number of offices, statuses, countries and months. The SQL is plain (``substr``,
-``COALESCE``, ``COUNT(DISTINCT …)``) and would run on PostgreSQL too, except the
-look at which columns exist (``pragma_table_info``).
+``COALESCE``, ``COUNT(DISTINCT …)``) and runs on PostgreSQL too; which columns exist,
+and a record's key text, are asked of the connection's dialect (hub/engine.py).
 
 A deployment may use its own schema: a section whose table or columns are missing
 (from the schema or from the database) is ``None``. The shape::
@@ -66,6 +66,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from hub.engine import Conn, Dialect, dialect_of
 from shared.schema import Schema, Table, quote
 
 KNOWN_STATUSES = ("asylum_seeker", "refugee", "rejected", "closed")
@@ -115,23 +116,22 @@ def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK")  # nothing was written
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> frozenset[str]:
+def _columns(conn: Conn, table: str) -> frozenset[str]:
     """The columns ``table`` has in the database (none if it is not there)."""
-    rows = conn.execute("SELECT name FROM pragma_table_info(?)", [table]).fetchall()
-    return frozenset(str(row[0]) for row in rows)
+    return frozenset(str(name) for name in dialect_of(conn).columns(conn, table))
 
 
 def _has(columns: frozenset[str] | None, *names: str) -> bool:
     return columns is not None and all(name in columns for name in names)
 
 
-def _office_of(table: Table) -> str:
+def _office_of(table: Table, dialect: Dialect) -> str:
     """SQL (over ``t``, the mirrored table) for the office a record belongs to: its scope
     key, NULL for none (one lookup in ``_fieldsync_records``' key per record)."""
-    key = ", ".join(f"t.{quote(c)}" for c in table.primary_key)
+    key = dialect.key_text([f"t.{quote(c)}" for c in table.primary_key])
     return (
         "(SELECT NULLIF(r.scope, '') FROM _fieldsync_records AS r "
-        f"WHERE r.tbl = {_literal(table.name)} AND r.pk = json_array({key}))"
+        f"WHERE r.tbl = {_literal(table.name)} AND r.pk = {key})"
     )
 
 
@@ -139,7 +139,7 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _table_counts(conn: sqlite3.Connection, spec: Table, columns: frozenset[str]) -> dict[str, Any]:
+def _table_counts(conn: Conn, spec: Table, columns: frozenset[str]) -> dict[str, Any]:
     name = spec.name
     if not columns:  # declared, but not in this database: it holds no records
         return {"table": name, "records": 0, "by_office": None if spec.scope is None else []}
@@ -152,9 +152,9 @@ def _table_counts(conn: sqlite3.Connection, spec: Table, columns: frozenset[str]
     by_office = [
         {"office": _json(office), "records": int(n)}
         for office, n in conn.execute(
-            "SELECT NULLIF(scope, '') AS fs_office, COUNT(*) FROM _fieldsync_records "
-            "WHERE tbl = ? AND deleted = 0 GROUP BY fs_office "
-            "ORDER BY (fs_office IS NULL), fs_office",
+            "SELECT fs_office, COUNT(*) FROM (SELECT NULLIF(scope, '') AS fs_office "
+            "FROM _fieldsync_records WHERE tbl = ? AND deleted = 0) AS o "
+            "GROUP BY fs_office ORDER BY (fs_office IS NULL), fs_office",
             [name],
         )
     ]
@@ -166,12 +166,12 @@ def _table_counts(conn: sqlite3.Connection, spec: Table, columns: frozenset[str]
 
 
 def _cases_by_office_status(
-    conn: sqlite3.Connection, spec: Table | None, columns: frozenset[str] | None
+    conn: Conn, spec: Table | None, columns: frozenset[str] | None
 ) -> dict[str, Any] | None:
     if spec is None or not _has(columns, "status"):
         return None
     if spec.scope is not None:
-        office = _office_of(spec)
+        office = _office_of(spec, dialect_of(conn))
     elif _has(columns, "office"):
         office = "t.office"
     else:
@@ -179,7 +179,7 @@ def _cases_by_office_status(
     counts: dict[Any, dict[str, int]] = {}  # office -> status key -> cases
     for office_name, status, n in conn.execute(
         f"SELECT fs_office, status, COUNT(*) FROM (SELECT {office} AS fs_office, "
-        "t.status AS status FROM cases AS t) GROUP BY fs_office, status "
+        "t.status AS status FROM cases AS t) AS c GROUP BY fs_office, status "
         "ORDER BY (fs_office IS NULL), fs_office"
     ):
         per_office = counts.setdefault(_json(office_name), {})
@@ -206,9 +206,7 @@ def _cases_by_office_status(
     }
 
 
-def _cases_by_country(
-    conn: sqlite3.Connection, columns: frozenset[str] | None
-) -> list[dict[str, Any]] | None:
+def _cases_by_country(conn: Conn, columns: frozenset[str] | None) -> list[dict[str, Any]] | None:
     if not _has(columns, "country_of_origin"):
         return None
     top = [
@@ -247,9 +245,7 @@ def _month_sql(column: str) -> str:
     return f"CASE WHEN {' AND '.join(checks)} THEN substr({d}, 1, 7) END"
 
 
-def _assistance_by_kind_month(
-    conn: sqlite3.Connection, columns: frozenset[str] | None
-) -> dict[str, Any] | None:
+def _assistance_by_kind_month(conn: Conn, columns: frozenset[str] | None) -> dict[str, Any] | None:
     if not _has(columns, "kind", "quantity", "delivered_on"):
         return None
     rows = [

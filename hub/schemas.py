@@ -22,7 +22,7 @@ sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
 from __future__ import annotations
 
 import functools
-import sqlite3
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,14 @@ import msgspec
 from hub import audit
 from hub.audit import Actor
 from hub.database import HubDatabase, custom_merges
+from hub.engine import Conn, dialect_of
 from hub.epoch import count_hub, mark_backup
 from hub.records import last_seq
+from hub.scopes import Locator
 from hub.times import utcnow
 from shared.backup import backup as copy_verified
 from shared.errors import FieldsyncError, SchemaError
-from shared.protocol import Change
+from shared.protocol import Change, dumps_text, loads
 from shared.schema import EXISTS, Schema, quote
 from shared.schema_change import ADD, Plan, migrate, plan
 
@@ -52,7 +54,7 @@ class Applied:
     backup: Path | None = None
 
 
-def current(conn: sqlite3.Connection) -> tuple[int, str]:
+def current(conn: Conn) -> tuple[int, str]:
     """The newest version and its source."""
     row = conn.execute(
         "SELECT version, source FROM _fieldsync_schemas ORDER BY version DESC LIMIT 1"
@@ -69,13 +71,13 @@ def versions(hub: HubDatabase) -> list[dict[str, Any]]:
     return [{"version": v, "applied_at": at, "applied_by": by} for v, at, by in rows]
 
 
-def undeclared(conn: sqlite3.Connection, schema: Schema) -> list[tuple[str, str]]:
+def undeclared(conn: Conn, schema: Schema) -> list[tuple[str, str]]:
     """(table, column) of every column a synced table has and the schema lacks."""
     found = []
     for table in schema.tables.values():
-        for row in conn.execute(f"PRAGMA table_info({quote(table.name)})"):
-            if row[1] not in table.column_names:
-                found.append((table.name, str(row[1])))
+        for name in dialect_of(conn).columns(conn, table.name):
+            if name not in table.column_names:
+                found.append((table.name, str(name)))
     return found
 
 
@@ -113,14 +115,11 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
         migrate(conn, steps)
         for name in steps.dropped:
             conn.execute("DELETE FROM _fieldsync_records WHERE tbl = ?", [name])
+        dropped: dict[str, set[str]] = {}
         for name, column in steps.dropped_columns():
-            path = '$."' + column + '"'
-            conn.execute(
-                "UPDATE _fieldsync_records SET vals = json_remove(vals, ?), "
-                "vers = CASE WHEN json_type(vers) = 'object' THEN json_remove(vers, ?) "
-                "ELSE vers END WHERE tbl = ?",
-                [path, path, name],
-            )
+            dropped.setdefault(name, set()).add(column)
+        for name, columns in dropped.items():
+            drop_values(conn, name, columns)
         conn.execute(
             "INSERT INTO _fieldsync_schemas (version, source, applied_at, applied_by) "
             "VALUES (?, ?, ?, ?)",
@@ -128,12 +127,7 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
         )
         conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'schema'", [new.source])
         if steps.rescope:
-            conn.execute(
-                "CREATE TEMP TABLE _fieldsync_old_scopes AS SELECT tbl, pk, scope "
-                "FROM _fieldsync_records WHERE deleted = 0 AND scope != ''"
-            )
-            rescope(conn, new)
-            note_exits(conn)
+            note_exits(conn, rescope(conn, new))
             conn.execute("UPDATE _fieldsync_nodes SET rescope = 1")
         audit.record(
             conn,
@@ -147,16 +141,13 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
     return Applied(version + 1, steps, backup)
 
 
-def _adopt_check(conn: sqlite3.Connection, steps: Plan) -> None:
+def _adopt_check(conn: Conn, steps: Plan) -> None:
     """A column the plan adds that a table already has (added by hand) is adopted if
     it has the declared type and holds nothing; anything else is refused."""
     for table in steps.tables:
         if table.action != ADD:
             continue
-        have = {
-            str(row[1]): str(row[2]).upper()
-            for row in conn.execute(f"PRAGMA table_info({quote(table.name)})")
-        }
+        have = dialect_of(conn).column_types(conn, table.name)
         spec = steps.new.tables[table.name]
         for column in table.added_columns:
             if column not in have:
@@ -174,48 +165,86 @@ def _adopt_check(conn: sqlite3.Connection, steps: Plan) -> None:
                 )
 
 
-def rescope(conn: sqlite3.Connection, schema: Schema) -> None:
-    """Every record's scope key (and parent) again, under ``schema``'s scopes.
+# Records read, changed and written back at a time, by rescope and drop_values.
+CHUNK = 1000
 
-    Parents first: tables are taken in declaration order, and a follower's parent is
-    declared before it (shared/schema.py checks so).
-    """
-    for table in schema.tables.values():
-        scope = table.scope
-        if scope is None:
-            conn.execute(
-                "UPDATE _fieldsync_records SET scope = NULL, parent = NULL WHERE tbl = ?",
-                [table.name],
+# A record a new scope rule moved: table, key text, the key it left, the key it has now
+# (None: its table has no scope any more).
+Moved = tuple[str, str, str, str | None]
+
+
+def _records(conn: Conn, table: str, columns: str) -> Iterator[list[Any]]:
+    """``table``'s records, ``pk`` then ``columns``, a chunk at a time in key order (a
+    chunk may be written back before the next is read)."""
+    after = ""  # before every key text (a JSON array)
+    while True:
+        rows = conn.execute(
+            f"SELECT pk, {columns} FROM _fieldsync_records WHERE tbl = ? AND pk > ? "
+            "ORDER BY pk LIMIT ?",
+            [table, after, CHUNK],
+        ).fetchall()
+        if not rows:
+            return
+        yield rows
+        after = rows[-1][0]
+
+
+def drop_values(conn: Conn, table: str, columns: set[str]) -> None:
+    """Take dropped ``columns`` out of the stored values and versions of ``table``'s
+    records (versions packed into one stamp have none to take out)."""
+    for rows in _records(conn, table, "vals, vers"):
+        changed = []
+        for pk, vals, vers in rows:
+            values, versions = loads(vals), loads(vers)
+            per_column = isinstance(versions, dict)
+            if columns.isdisjoint(values) and (not per_column or columns.isdisjoint(versions)):
+                continue
+            for column in columns:
+                values.pop(column, None)
+                if per_column:
+                    versions.pop(column, None)
+            changed.append(
+                (dumps_text(values), dumps_text(versions) if per_column else vers, table, pk)
             )
-            continue
-        path = '$."' + scope.column + '"'
-        if scope.parent is None:
-            conn.execute(
-                "UPDATE _fieldsync_records SET parent = NULL, scope = CASE WHEN "
-                "json_type(vals, ?) = 'text' THEN vals ->> ? ELSE '' END WHERE tbl = ?",
-                [path, path, table.name],
-            )
-            continue
-        conn.execute(
-            "UPDATE _fieldsync_records SET "
-            "parent = CASE WHEN vals ->> ? IS NULL THEN NULL ELSE json_array(vals ->> ?) END, "
-            "scope = coalesce((SELECT p.scope FROM _fieldsync_records AS p "
-            "WHERE p.tbl = ? AND p.pk = json_array(_fieldsync_records.vals ->> ?)), '') "
-            "WHERE tbl = ?",
-            [path, path, scope.parent, path, table.name],
+        conn.executemany(
+            "UPDATE _fieldsync_records SET vals = ?, vers = ? WHERE tbl = ? AND pk = ?", changed
         )
 
 
-def note_exits(conn: sqlite3.Connection) -> None:
-    """Note where records the new scopes moved left (``_fieldsync_exits``, each under a
+def rescope(conn: Conn, schema: Schema) -> list[Moved]:
+    """Every record's scope key (and parent) again, under ``schema``'s scopes, by the
+    rule a push uses (hub/scopes.py, ``Locator.place``); return the live records that
+    had a key and now have another, in hub seq order.
+
+    Parents first: tables are taken in declaration order, and a follower's parent is
+    declared before it (shared/schema.py checks so), so a follower takes its parent's
+    new key.
+    """
+    moved: list[tuple[int, Moved]] = []
+    for table in schema.tables.values():
+        for rows in _records(conn, table.name, "vals, scope, parent, deleted, seq"):
+            locator = Locator(conn, schema)  # the parents' keys as now written
+            states = [(row, loads(row[1]) if row[1] is not None else {}) for row in rows]
+            locator.prefetch((table, values) for _, values in states)
+            changed = []
+            for (pk, _, scope, parent, deleted, seq), values in states:
+                new_scope, new_parent = locator.place(table, values)
+                if (new_scope, new_parent) != (scope, parent):
+                    changed.append((new_scope, new_parent, table.name, pk))
+                if not deleted and scope and new_scope != scope:
+                    moved.append((int(seq), (table.name, pk, scope, new_scope)))
+            conn.executemany(
+                "UPDATE _fieldsync_records SET scope = ?, parent = ? WHERE tbl = ? AND pk = ?",
+                changed,
+            )
+    moved.sort(key=lambda entry: entry[0])
+    return [entry for _, entry in moved]
+
+
+def note_exits(conn: Conn, moved: Sequence[Moved]) -> None:
+    """Note where records the new scopes ``moved`` left (``_fieldsync_exits``, each under a
     new seq), as an admin's move does: an office's edit made offline to a record that
     left its scopes is then merged, not refused (hub/scopes.py, ``Gate.refuse``)."""
-    moved = conn.execute(
-        "SELECT o.tbl, o.pk, o.scope, r.scope FROM temp._fieldsync_old_scopes AS o "
-        "JOIN _fieldsync_records AS r ON r.tbl = o.tbl AND r.pk = o.pk "
-        "WHERE r.scope IS NOT o.scope ORDER BY r.seq"
-    ).fetchall()
-    conn.execute("DROP TABLE temp._fieldsync_old_scopes")
     if not moved:
         return
     top = last_seq(conn)
@@ -232,7 +261,7 @@ def note_exits(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'seq'", [str(top + len(moved))])
 
 
-def without_dropped(conn: sqlite3.Connection, schema: Schema, change: Change) -> Change:
+def without_dropped(conn: Conn, schema: Schema, change: Change) -> Change:
     """``change`` without the columns of its table that an earlier schema version
     declared and ``schema`` dropped (`hub schema apply --allow-loss`): a change an
     office made before it took that version is taken without them. Any other column

@@ -32,7 +32,6 @@ with no word of where the record now is.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ import orjson
 from hub import audit, records
 from hub.audit import Actor
 from hub.database import HubDatabase
+from hub.engine import Conn
 from hub.history import Version, write_history
 from hub.times import utcnow
 from shared.clock import Timestamp
@@ -69,7 +69,7 @@ def read_scopes(text: str | None, node: str) -> frozenset[str] | None:
     return None if ALL in keys else keys
 
 
-def office_scopes(conn: sqlite3.Connection, node: str) -> tuple[frozenset[str] | None, int]:
+def office_scopes(conn: Conn, node: str) -> tuple[frozenset[str] | None, int]:
     """An office's scopes (None: every record) and the cursor it last pulled from."""
     row = conn.execute(
         "SELECT scopes, pulled_seq FROM _fieldsync_nodes WHERE name = ?", [node]
@@ -107,7 +107,8 @@ def set_scopes(
             # (headquarters given * as it is registered): its first pull is plain.
             conn.execute(
                 "UPDATE _fieldsync_nodes SET scopes = ?, "
-                "rescope = (rescope OR last_seen_at IS NOT NULL) WHERE name = ?",
+                "rescope = CASE WHEN rescope <> 0 OR last_seen_at IS NOT NULL THEN 1 ELSE 0 END "
+                "WHERE name = ?",
                 [text, node],
             )
             audit.record(conn, "set_scope", by or Actor.cli(), f"office {node}", scopes=wanted)
@@ -141,7 +142,7 @@ class Locator:
     stored ones: a parent may move in the batch that writes its follower).
     """
 
-    def __init__(self, conn: sqlite3.Connection, schema: Schema) -> None:
+    def __init__(self, conn: Conn, schema: Schema) -> None:
         self.conn = conn
         self.schema = schema
         self.batch: dict[RecordKey, str] = {}
@@ -207,9 +208,7 @@ class Locator:
 class Gate:
     """Which of an office's changes its scopes allow (see the module's docstring)."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, schema: Schema, node: str, refs: Iterable[RecordKey]
-    ) -> None:
+    def __init__(self, conn: Conn, schema: Schema, node: str, refs: Iterable[RecordKey]) -> None:
         self.node = node
         self.locator = Locator(conn, schema)
         self.active = schema.scoped
@@ -262,7 +261,7 @@ class Gate:
 
 
 def exits_and_followers(
-    conn: sqlite3.Connection,
+    conn: Conn,
     schema: Schema,
     moves: Sequence[Move],
     returned: Mapping[RecordKey, str],
@@ -349,7 +348,7 @@ def check_movable(schema: Schema, table_name: str) -> Table:
 
 
 def write_hub_change(
-    conn: sqlite3.Connection,
+    conn: Conn,
     hub: HubDatabase,
     table: Table,
     pk: dict[str, Any],

@@ -3,11 +3,12 @@ Finding records by what people know of them: a case number, a name, part of a ke
 
 :func:`find_records` looks for a text in the text columns (and the key columns) of
 every synced table's mirrored table (hub/records.py: live records only), with
-``LIKE '%text%'``: a case-insensitive substring match. SQLite's LIKE folds the case
-of ASCII letters only, so a text with other letters (``абаев``, ``ålí``) is matched
-against the values lower-cased by Python (a function of this connection's, used only
-then: a scan of 100,000 cases took 0.26 s so, against 0.05 s with plain LIKE, both
-on the 2-core test machine). ``%``, ``_`` and ``\\`` in the text are escaped, so they
+``LIKE '%text%'``: a case-insensitive substring match, written by the connection's
+dialect (hub/engine.py, ``contains``). SQLite's LIKE folds the case of ASCII letters
+only, so a text with other letters (``абаев``, ``ålí``) is matched against the values
+lower-cased by Python (a function of this connection's, used only then: a scan of
+100,000 cases took 0.26 s so, against 0.05 s with plain LIKE, both on the 2-core test
+machine). ``%``, ``_`` and ``\\`` in the text are escaped, so they
 match themselves; the text is a parameter, never part of the SQL. The answer is
 bounded: at most ``limit`` records, and ``more`` says whether there were others
 (narrow the search). Matches whose value starts with the text come first. Read on a
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from hub.database import HubDatabase
+from hub.engine import dialect_of
 from shared.schema import Table, quote
 
 LIMIT = 50  # records listed for one search
@@ -54,13 +56,12 @@ def find_records(
     found: list[dict[str, Any]] = []
     more = False
     with hub.snapshot() as conn:
-        if not ascii_only:
-            conn.create_function("fs_lower", 1, _lower, deterministic=True)
+        dialect = dialect_of(conn)
+        dialect.fold_for_search(conn, text)
         for spec in tables:
             room = max(limit - len(found), 0)  # 0: only whether there are more
             columns = searched_columns(spec)
-            cell = "CAST({} AS TEXT)" if ascii_only else "fs_lower(CAST({} AS TEXT))"
-            where = " OR ".join(f"{cell.format(quote(c))} LIKE ? ESCAPE '\\'" for c in columns)
+            where = " OR ".join(dialect.contains(quote(c), text) for c in columns)
             names = spec.column_names
             rows = conn.execute(
                 f"SELECT {', '.join(quote(c) for c in names)} FROM {quote(spec.name)} "
@@ -82,10 +83,6 @@ def find_records(
                 )
     found.sort(key=lambda r: not any(_starts(r["values"][c], text) for c in r["matched"]))
     return {"query": text, "results": found, "more": more}
-
-
-def _lower(value: str | None) -> str | None:
-    return None if value is None else value.lower()
 
 
 def _contains(value: Any, text: str) -> bool:

@@ -5,17 +5,23 @@ What the hub keeps about each office's syncing, and reads back as :class:`Office
 pushed and pulled, how far it was served, the last request it refused) and the
 office's last report; ``_fieldsync_sync_events`` the office's recent syncs, as it
 reported them (the last ``EVENTS_KEPT``). hub/health.py turns them into one word.
+
+A transaction that writes both an office's ``_fieldsync_nodes`` row and its stats row
+writes the nodes row first (a push, hub/ingest.py; the note of a pull, hub/pull.py):
+on PostgreSQL, which locks rows, the opposite orders deadlock. The counts are added in
+the statement (``pushed = _fieldsync_office_stats.pushed + excluded.pushed``: PostgreSQL
+wants the table named there).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from bisect import bisect_right
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub.database import HubDatabase
+from hub.engine import Conn
 from hub.health import OfficeStatus, office_status
 from hub.migrations import LAG_BUCKET
 from hub.times import utcnow
@@ -54,9 +60,10 @@ def record_status(hub: HubDatabase, node: str, report: StatusReport) -> None:
             ],
         )
         conn.executemany(
-            "INSERT OR IGNORE INTO _fieldsync_sync_events (node, id, started_at, seconds, "
+            "INSERT INTO _fieldsync_sync_events (node, id, started_at, seconds, "
             "outcome, pushed, pulled, conflicts, rejected, bytes_sent, bytes_received, "
-            "error, error_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "error, error_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (node, id) DO NOTHING",
             [
                 (
                     node,
@@ -95,26 +102,31 @@ def note_error(hub: HubDatabase, node: str, code: str, detail: str) -> None:
         )
 
 
-def _ensure_stats(conn: sqlite3.Connection, node: str) -> None:
-    conn.execute("INSERT OR IGNORE INTO _fieldsync_office_stats (node) VALUES (?)", [node])
+def _ensure_stats(conn: Conn, node: str) -> None:
+    conn.execute(
+        "INSERT INTO _fieldsync_office_stats (node) VALUES (?) ON CONFLICT (node) DO NOTHING",
+        [node],
+    )
 
 
-def count_push(conn: sqlite3.Connection, node: str, applied: int) -> None:
+def count_push(conn: Conn, node: str, applied: int) -> None:
     """Add to an office's pushed count, and forget the hub's last refusal of it."""
     conn.execute(
         "INSERT INTO _fieldsync_office_stats (node, pushed) VALUES (?, ?) "
-        "ON CONFLICT (node) DO UPDATE SET pushed = pushed + excluded.pushed, "
+        "ON CONFLICT (node) DO UPDATE SET "
+        "pushed = _fieldsync_office_stats.pushed + excluded.pushed, "
         "hub_error = NULL, hub_error_code = NULL, hub_error_at = NULL",
         [node, applied],
     )
 
 
-def count_pull(conn: sqlite3.Connection, node: str, rows: int, served_seq: int) -> None:
+def count_pull(conn: Conn, node: str, rows: int, served_seq: int) -> None:
     """Add to an office's pulled count, note how far it has been served, and forget the
     hub's last refusal of it."""
     conn.execute(
         "INSERT INTO _fieldsync_office_stats (node, pulled, pulled_seq) VALUES (?, ?, ?) "
-        "ON CONFLICT (node) DO UPDATE SET pulled = pulled + excluded.pulled, "
+        "ON CONFLICT (node) DO UPDATE SET "
+        "pulled = _fieldsync_office_stats.pulled + excluded.pulled, "
         "pulled_seq = excluded.pulled_seq, "
         "hub_error = NULL, hub_error_code = NULL, hub_error_at = NULL",
         [node, rows, served_seq],
@@ -173,7 +185,7 @@ def offices(
     return found
 
 
-def lags(conn: sqlite3.Connection, cursors: Mapping[str, int]) -> dict[str, int]:
+def lags(conn: Conn, cursors: Mapping[str, int]) -> dict[str, int]:
     """Per office: the records after its pull cursor (in ``cursors``) whose latest
     state another office (or the hub) wrote, i.e.::
 
@@ -249,7 +261,7 @@ def sync_events(hub: HubDatabase, node: str, limit: int = 50) -> list[dict[str, 
         return _events(conn, node, limit)
 
 
-def _conflict_counts(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+def _conflict_counts(conn: Conn) -> dict[str, tuple[int, int]]:
     """Per office: (unsettled conflicts, of which waiting for a decision)."""
     counts: dict[str, list[int]] = {}
     for kept, other, status, n in conn.execute(
@@ -264,7 +276,7 @@ def _conflict_counts(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
-def _events(conn: sqlite3.Connection, node: str, limit: int) -> list[dict[str, Any]]:
+def _events(conn: Conn, node: str, limit: int) -> list[dict[str, Any]]:
     cursor = conn.execute(
         "SELECT id, started_at, seconds, outcome, pushed, pulled, conflicts, rejected, "
         "bytes_sent, bytes_received, error, error_code FROM _fieldsync_sync_events "

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from hub.app import ERROR_CODES, create_app
+from hub.ingest import all_receipts
 from hub.store import ALL_RECEIPTS, SqliteHubStore
 from node.client import ERROR_CLASSES
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
@@ -427,6 +428,7 @@ def test_replays_are_checked_against_the_receipts_of_earlier_batches(
         conn.execute("DELETE FROM _fieldsync_receipt_batches")
     kept = sorted(conn.execute(ALL_RECEIPTS).fetchall())
     assert kept == [("astana", c["seq"], c["ts"]) for c in first + second]
+    assert sorted(all_receipts(conn)) == kept  # the same, read without SQLite's JSON
     # a replay across both batches, with one new change: only the new one applies
     again = push(client, token, first[1], second[0], insert(4, "c4"))
     assert (again.json()["acked"], again.json()["applied"]) == (4, 1)

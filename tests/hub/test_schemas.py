@@ -169,3 +169,183 @@ def test_a_version_applied_during_a_pull_is_refused_to_an_office_behind(tmp_path
         # The page was read under version 2 (its rows may carry phone): not for version 1.
         assert answer.status_code == 409, answer.text
         assert "takes the new version at its next sync" in answer.json()["detail"]
+
+
+# -- rescope and dropped columns, worked out in Python: the same as SQLite's JSON SQL ---
+
+BY_COUNTRY = DEFAULT.replace(
+    'scope = { column = "office" }', 'scope = { column = "country_of_origin" }'
+)
+FOLLOWING_NOTHING = DEFAULT.replace(
+    'scope = { column = "case_id", parent = "cases" }   # and its assistance follows it\n', ""
+)
+
+
+def _old_rescope(conn: sqlite3.Connection, schema: Schema) -> None:
+    """hub/schemas.py's rescope and note_exits as SQLite's JSON SQL did them (the oracle)."""
+    conn.execute(
+        "CREATE TEMP TABLE _fieldsync_old_scopes AS SELECT tbl, pk, scope "
+        "FROM _fieldsync_records WHERE deleted = 0 AND scope != ''"
+    )
+    for table in schema.tables.values():
+        scope = table.scope
+        if scope is None:
+            conn.execute(
+                "UPDATE _fieldsync_records SET scope = NULL, parent = NULL WHERE tbl = ?",
+                [table.name],
+            )
+            continue
+        path = '$."' + scope.column + '"'
+        if scope.parent is None:
+            conn.execute(
+                "UPDATE _fieldsync_records SET parent = NULL, scope = CASE WHEN "
+                "json_type(vals, ?) = 'text' THEN vals ->> ? ELSE '' END WHERE tbl = ?",
+                [path, path, table.name],
+            )
+            continue
+        conn.execute(
+            "UPDATE _fieldsync_records SET "
+            "parent = CASE WHEN vals ->> ? IS NULL THEN NULL ELSE json_array(vals ->> ?) END, "
+            "scope = coalesce((SELECT p.scope FROM _fieldsync_records AS p "
+            "WHERE p.tbl = ? AND p.pk = json_array(_fieldsync_records.vals ->> ?)), '') "
+            "WHERE tbl = ?",
+            [path, path, scope.parent, path, table.name],
+        )
+    moved = conn.execute(
+        "SELECT o.tbl, o.pk, o.scope, r.scope FROM temp._fieldsync_old_scopes AS o "
+        "JOIN _fieldsync_records AS r ON r.tbl = o.tbl AND r.pk = o.pk "
+        "WHERE r.scope IS NOT o.scope ORDER BY r.seq"
+    ).fetchall()
+    (top,) = conn.execute("SELECT CAST(value AS INTEGER) FROM _fieldsync_meta WHERE key = 'seq'")
+    conn.executemany(
+        "INSERT INTO _fieldsync_exits (tbl, pk, scope, seq) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (tbl, pk, scope) DO UPDATE SET seq = excluded.seq",
+        [(tbl, pk, old, top[0] + i) for i, (tbl, pk, old, _) in enumerate(moved, 1)],
+    )
+    conn.executemany(
+        "DELETE FROM _fieldsync_exits WHERE tbl = ? AND pk = ? AND scope = ?",
+        [(tbl, pk, new) for tbl, pk, _, new in moved if new],
+    )
+    conn.execute(
+        "UPDATE _fieldsync_meta SET value = ? WHERE key = 'seq'", [str(top[0] + len(moved))]
+    )
+
+
+def _old_drop(conn: sqlite3.Connection, table: str, column: str) -> None:
+    path = '$."' + column + '"'
+    conn.execute(
+        "UPDATE _fieldsync_records SET vals = json_remove(vals, ?), "
+        "vers = CASE WHEN json_type(vers) = 'object' THEN json_remove(vers, ?) "
+        "ELSE vers END WHERE tbl = ?",
+        [path, path, table],
+    )
+
+
+def _change(
+    seq: int,
+    table: str,
+    key: str,
+    op: str = "insert",
+    base: dict[str, str] | None = None,
+    **values: object,
+) -> Change:
+    stamp = Timestamp((now_ms() << 16) + seq, "hq")
+    full = None if op == "delete" else {"id": key, **values}
+    return Change(seq, table, {"id": key}, op, stamp, full, base or {})
+
+
+def _scoped_hub(path: Path) -> SqliteHubStore:
+    """A hub of several offices' cases, with assistance following them, and the odd ones:
+    no office, an empty one, a case deleted, assistance of no case or of an unknown one."""
+    store = SqliteHubStore(path)
+    for name in ("kyiv", "lviv", "hq"):
+        store.add_node(name)
+    store.set_scopes("hq", ["*"])
+    cases = [
+        ("c1", "kyiv", "UKR"),
+        ("c2", "lviv", "POL"),
+        ("c3", None, "UKR"),
+        ("c4", "kyiv", None),
+        ("c5", "", "SYR"),
+        ("c6", "lviv", "UKR"),
+        ("c7", "lviv", "kyiv"),  # a country that is also an office: stays in kyiv's scope
+    ]
+    changes = [
+        _change(i, "cases", key, office=office, country_of_origin=country, household_size=i)
+        for i, (key, office, country) in enumerate(cases, 1)
+    ]
+    helped = [("a1", "c1"), ("a2", "c2"), ("a3", "c3"), ("a4", None), ("a5", "c9"),
+              ("a6", "c4"), ("a7", "c6"), ("a8", "c1"), ("a9", "c7")]  # fmt: skip
+    changes += [
+        _change(10 + i, "assistance", key, case_id=case, quantity=i / 10, kind="food")
+        for i, (key, case) in enumerate(helped)
+    ]
+    assert store.push("hq", changes).applied == len(changes)
+
+    def seen(table: str, key: str) -> dict[str, str]:
+        state = store.record_state(table, {"id": key})
+        assert state is not None
+        return dict(state.versions)
+
+    later = [
+        _change(30, "cases", "c6", "delete", seen("cases", "c6")),
+        _change(31, "assistance", "a8", "delete", seen("assistance", "a8")),
+        # c1's name changed apart: its versions are kept per column, not packed into one
+        _change(32, "cases", "c1", "update", seen("cases", "c1"), family_name="Bondar"),
+    ]
+    assert store.push("hq", later).applied == len(later)
+    deleted = [s.deleted for s in (store.record_state("cases", {"id": "c6"}),) if s]
+    assert deleted == [True]
+    return store
+
+
+def _state(path: Path) -> dict[str, list[Any]]:
+    with sqlite3.connect(path) as conn:
+        return {
+            "records": conn.execute(
+                "SELECT tbl, pk, scope, parent, vals, vers FROM _fieldsync_records ORDER BY tbl, pk"
+            ).fetchall(),
+            "exits": conn.execute(
+                "SELECT * FROM _fieldsync_exits ORDER BY tbl, pk, scope"
+            ).fetchall(),
+            "seq": conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'seq'").fetchall(),
+        }
+
+
+@pytest.mark.parametrize(
+    ("source", "by_country"),
+    [
+        (BY_COUNTRY, True),
+        (FOLLOWING_NOTHING, False),
+        (BY_COUNTRY.replace("    household_size INTEGER,\n", ""), True),
+    ],
+    ids=["cases-by-country", "assistance-unscoped", "by-country-and-a-column-dropped"],
+)
+def test_rescope_and_dropped_columns_in_python_match_the_json_sql(
+    tmp_path: Path, source: str, by_country: bool
+) -> None:
+    new = Schema.from_toml(source)
+    with _scoped_hub(tmp_path / "hub.db") as store:
+        with (
+            sqlite3.connect(tmp_path / "hub.db") as live,
+            sqlite3.connect(tmp_path / "ref.db") as ref,
+        ):
+            live.backup(ref)
+        done = schemas.apply(store.database, new, ADMIN, allow_loss=True)
+        assert done.plan is not None and done.plan.rescope
+    with sqlite3.connect(tmp_path / "ref.db") as ref:
+        for name, column in done.plan.dropped_columns():
+            _old_drop(ref, name, column)
+        _old_rescope(ref, new)
+    got, want = _state(tmp_path / "hub.db"), _state(tmp_path / "ref.db")
+    assert got == want
+    # and the case is not trivial: keys moved, followers took their parent's new key
+    scopes = {(tbl, pk): scope for tbl, pk, scope, *_ in got["records"]}
+    if by_country:
+        assert scopes[("cases", '["c1"]')] == "UKR" and scopes[("assistance", '["a1"]')] == "UKR"
+        assert scopes[("cases", '["c4"]')] == "" and scopes[("assistance", '["a6"]')] == ""
+        assert len(got["exits"]) >= 5
+    else:
+        assert scopes[("assistance", '["a1"]')] is None
+    if "household_size" not in source:
+        assert all("household_size" not in vals + vers for *_, vals, vers in got["records"])

@@ -14,7 +14,7 @@ import pytest
 from hub.migrations import MIGRATIONS
 from hub.store import SqliteHubStore
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
-from shared.errors import FieldsyncError, SchemaError
+from shared.errors import FieldsyncError, InvalidChangeError, SchemaError
 from shared.protocol import Change
 from shared.schema import Schema
 
@@ -141,3 +141,67 @@ def test_a_hub_of_layout_3_numbers_its_logged_conflicts_for_the_offices(tmp_path
         assert [e.id for e in store.lost_edits("almaty", 0, 10).conflicts] == [2]
         assert store.lost_edits("astana", 3, 10).conflicts == []
     assert user_version(tmp_path / "hub.db") == len(MIGRATIONS)
+
+
+def test_a_push_and_a_pull_write_the_office_row_before_its_stats_row(tmp_path: Path) -> None:
+    """One order for an office's two rows in every write transaction: its
+    _fieldsync_nodes row, then its _fieldsync_office_stats row (PostgreSQL, which locks
+    rows, deadlocks a push and a pull of one office taking them in opposite orders)."""
+    statements: list[str] = []
+    with SqliteHubStore(tmp_path / "hub.db") as store:
+        store.add_node("astana")
+        store.db.conn.set_trace_callback(statements.append)
+        try:
+            stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
+            case = {"id": "c1", "office": "astana"}
+            store.push("astana", [Change(1, "cases", {"id": "c1"}, "insert", stamp, case)])
+            store.pull("astana", 0, 10)
+        finally:
+            store.db.conn.set_trace_callback(None)
+    transactions: list[list[str]] = []
+    for statement in statements:
+        if statement.startswith("BEGIN"):
+            transactions.append([])
+        elif transactions:
+            transactions[-1].append(statement)
+    both = 0
+    for statements_of_one in transactions:
+        nodes = [i for i, s in enumerate(statements_of_one) if "_fieldsync_nodes" in s]
+        stats = [i for i, s in enumerate(statements_of_one) if "_fieldsync_office_stats" in s]
+        if nodes and stats:
+            both += 1
+            assert max(nodes) < min(stats), statements_of_one
+    assert both == 2  # the push, and the note of the pull
+
+
+CHECKED = '''
+[tables.visits]
+create = """CREATE TABLE visits (id TEXT PRIMARY KEY, people INTEGER, cost REAL,
+    CHECK (cost IS NULL OR cost <= people * 100))"""
+'''
+
+
+def test_a_resolution_breaking_a_table_check_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    def stamp(n: int, office: str) -> Timestamp:
+        return Timestamp((now_ms() << COUNTER_BITS) + n, office)
+
+    with SqliteHubStore(tmp_path / "hub.db", Schema.from_toml(CHECKED)) as store:
+        store.add_node("astana")
+        store.add_node("almaty")
+        first = stamp(1, "astana")
+        visit = {"id": "v1", "people": 2, "cost": 50.0}
+        store.push("astana", [Change(1, "visits", {"id": "v1"}, "insert", first, visit)])
+        seen = {"cost": str(first)}
+        for n, office, cost in ((2, "astana", 70.0), (3, "almaty", 60.0)):
+            change = Change(
+                n, "visits", {"id": "v1"}, "update", stamp(n, office), {"cost": cost}, seen
+            )
+            store.push(office, [change])
+        [conflict] = store.conflicts()
+        before = store.record_state("visits", {"id": "v1"})
+        with pytest.raises(InvalidChangeError, match="breaks a constraint of visits"):
+            store.resolve(conflict.id, "value", "ops", 1000.0)
+        assert store.conflict(conflict.id).status == conflict.status
+        assert store.record_state("visits", {"id": "v1"}) == before
