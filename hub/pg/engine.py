@@ -84,6 +84,14 @@ class PgDialect(Dialect):
             )
         ]
 
+    def column_types(self, conn: Conn, table: str) -> dict[str, str]:
+        found = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            [table],
+        )
+        return {str(name): _DECLARED.get(str(kind), str(kind).upper()) for name, kind in found}
+
     def table_names(self, conn: Conn) -> set[str]:
         return {
             row[0]
@@ -91,6 +99,42 @@ class PgDialect(Dialect):
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
             )
         }
+
+    def fold_for_search(self, conn: Conn, text: str) -> None:
+        pass
+
+    def contains(self, column: str, text: str) -> str:
+        # Text columns sort as "C", which folds ASCII only: fold under ICU's root
+        # locale, which folds every letter as Python's str.lower does.
+        return f"lower(CAST({column} AS TEXT) COLLATE \"und-x-icu\") LIKE lower(?) ESCAPE '\\'"
+
+    def storage_bytes(self, conn: Conn) -> int:
+        return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+
+    def free_bytes(self, conn: Conn) -> int:
+        return 0
+
+    def vacuum(self, conn: Conn) -> None:
+        # VACUUM runs outside a transaction: end the read one it is handed, and
+        # open another for the caller to end.
+        conn.execute("COMMIT")
+        try:
+            conn.execute("VACUUM (ANALYZE)")
+        finally:
+            conn.execute("BEGIN")
+
+    def reclaims_in_steps(self, conn: Conn) -> bool:
+        return False
+
+    def reclaim_step(self, conn: Conn) -> int:
+        return 0
+
+    def checkpoint(self, conn: Conn) -> None:
+        pass
+
+
+#: PostgreSQL's column types named as a schema declares them (hub/pg/ddl.py's map back).
+_DECLARED = {"bigint": "INTEGER", "text": "TEXT", "double precision": "REAL", "jsonb": ""}
 
 
 POSTGRES = PgDialect()

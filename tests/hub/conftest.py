@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from hub.store import SqliteHubStore
+from hub.store import SqlHubStore, open_store
+from tests.engines import Engine
 
 
 @pytest.fixture
-def hub_store(tmp_path: Path) -> Iterator[SqliteHubStore]:
-    """A hub store on a fresh file, closed at teardown."""
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+def hub_store(tmp_path: Path, engine: Engine) -> Iterator[SqlHubStore]:
+    """A hub store on a fresh database of each engine, closed at teardown."""
+    with open_store(engine.db(tmp_path)) as store:
         yield store
