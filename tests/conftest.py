@@ -15,12 +15,18 @@ import pytest
 import uvicorn
 
 from hub.app import create_app
-from hub.store import SqliteHubStore
+from hub.store import SqlHubStore, SqliteHubStore, open_store
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
 from shared.schema import Schema
-from tests.engines import engine, pg_cluster, pg_url  # noqa: F401  (fixtures, for every test)
+from tests.engines import (  # noqa: F401  (fixtures, for every test)
+    Engine,
+    engine,
+    hub_engine,
+    pg_cluster,
+    pg_url,
+)
 
 # Each of these folders holds exactly the tests with the marker of its name, so that
 # `pytest -m "not integration"` and `pytest tests/node` skip the same slow tests.
@@ -28,9 +34,27 @@ MARKED_FOLDERS = ("integration", "browser")
 TESTS = Path(__file__).parent
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The integration tests' hub is SQLite's, and PostgreSQL's too in a module (or for
+    a test) marked ``engines``."""
+    if "hub_engine" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("engines") is not None
+        names = ["sqlite", "postgres"] if both else ["sqlite"]
+        metafunc.parametrize("hub_engine", names, ids=names if both else [""], indirect=True)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m and -k deselect: every test is checked
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Refuse to run any test while a marker and a folder disagree (MARKED_FOLDERS)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run any test while a marker and a folder disagree (MARKED_FOLDERS);
+    leave out the postgres case of a test marked ``sqlite_only``."""
+    sqlite_only = [
+        item
+        for item in items
+        if item.get_closest_marker("sqlite_only") is not None and _engine_of(item) == "postgres"
+    ]
+    if sqlite_only:
+        config.hook.pytest_deselected(items=sqlite_only)
+        items[:] = [item for item in items if item not in sqlite_only]
     wrong = []
     for item in items:
         if not item.path.is_relative_to(TESTS):
@@ -50,13 +74,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         )
 
 
+def _engine_of(item: pytest.Item) -> str | None:
+    """The engine a test's case runs on (None: it takes none)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    found = callspec.params.get("engine") or callspec.params.get("hub_engine")
+    return found.name if isinstance(found, Engine) else found
+
+
 @dataclass
 class Hub:
     """A hub served by uvicorn on a loopback port."""
 
     url: str
-    store: SqliteHubStore
-    path: Path
+    store: SqlHubStore
+    path: Path  # the SQLite file (meaningless on PostgreSQL: use ``db``)
+    db: str = ""  # what `hub … --db` takes: the file, or the database's URL
 
 
 @dataclass
@@ -97,14 +131,15 @@ def serve(app: object) -> Iterator[str]:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    """A real hub: SqliteHubStore in tmp_path behind uvicorn on 127.0.0.1."""
-    path = tmp_path / "hub.db"
-    store = SqliteHubStore(path)
+def hub(tmp_path: Path, hub_engine: Engine) -> Iterator[Hub]:  # noqa: F811
+    """A real hub behind uvicorn on 127.0.0.1: a SQLite file in tmp_path (and, in a
+    module marked ``engines``, a PostgreSQL database too)."""
+    db = hub_engine.db(tmp_path)
+    store = open_store(db)
     gen = serve(create_app(store))
     url = next(gen)
     try:
-        yield Hub(url, store, path)
+        yield Hub(url, store, Path(db), db)
     finally:
         gen.close()
         store.close()

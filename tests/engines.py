@@ -216,7 +216,20 @@ class Engine:
 
 @pytest.fixture(params=["sqlite", "postgres"], ids=["sqlite", "postgres"])
 def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    """Each test that takes it runs on both engines (the cluster starts only if needed)."""
+    """Each test that takes it runs on both engines (the cluster starts only if needed).
+    A test marked ``sqlite_only`` (of SQLite's own file or connection) has no postgres
+    case: tests/conftest.py does not collect it."""
+    yield from _engine(request)
+
+
+@pytest.fixture
+def hub_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """The engine of the integration tests' ``hub``: SQLite, and PostgreSQL too in a
+    module marked ``engines`` (tests/conftest.py parametrises it)."""
+    yield from _engine(request)
+
+
+def _engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     if request.param == "sqlite":
         yield Engine("sqlite")
         return

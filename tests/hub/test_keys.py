@@ -4,7 +4,6 @@ test_audit.py)."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -129,7 +128,6 @@ def test_the_audit_log_takes_known_actions_only(hub_store: SqliteHubStore) -> No
 
 def test_the_audit_log_is_its_own_table(hub_store: SqliteHubStore) -> None:
     hub_store.add_node("astana")
-    with sqlite3.connect(hub_store.path) as conn:
-        assert conn.execute("SELECT count(*) FROM _fieldsync_audit").fetchone() == (1,)
-        assert conn.execute("SELECT count(*) FROM _fieldsync_conflicts").fetchone() == (0,)
-    conn.close()
+    with hub_store.database.read() as conn:
+        assert tuple(conn.execute("SELECT count(*) FROM _fieldsync_audit").fetchone()) == (1,)
+        assert tuple(conn.execute("SELECT count(*) FROM _fieldsync_conflicts").fetchone()) == (0,)
