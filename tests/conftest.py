@@ -6,9 +6,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -91,6 +92,11 @@ class Hub:
     store: SqlHubStore
     path: Path  # the SQLite file (meaningless on PostgreSQL: use ``db``)
     db: str = ""  # what `hub … --db` takes: the file, or the database's URL
+
+    def sql(self, query: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of ``query`` on the hub's database, whichever engine it is."""
+        with self.store.database.read() as conn:
+            return [tuple(row) for row in conn.execute(query, parameters).fetchall()]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from node.client import HttpHubClient
 from node.store import NodeStore
 from tests.asgi import client as asgi_client
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 OFFICES = ("astana", "almaty", "shymkent")
 IDS = ("c1", "c2", "c3", "c4")

@@ -27,7 +27,7 @@ from shared.errors import FieldsyncError
 from shared.schema import Schema
 from tests.conftest import Hub, Office, serve
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 ADMIN = "ops"
 SCRIPT = "<script>alert(1)</script>"

@@ -17,7 +17,7 @@ from shared.protocol import SCHEMA_HEADER
 from tests.conftest import Hub, Office
 from tests.integration.test_schema import apply
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 
 class Counting(httpx.HTTPTransport):

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from fieldsync.cli import cli
 from tests.conftest import Hub, Office
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 
 def write(office: Office, sql: str, *params: Any) -> None:

@@ -18,7 +18,7 @@ from shared.protocol import PROTOCOL_VERSION
 from shared.reports import StatusReport, SyncEvent
 from tests.faults import FlakyTransport
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -202,8 +202,7 @@ def test_tokens_keep_to_their_side(hub, make_office) -> None:
     astana = make_office("astana")
     office_token = astana.store.token
     admin = hub.store.add_admin("ops", "owner")
-    stored = sqlite3.connect(hub.path).execute("SELECT token_hash FROM _fieldsync_admins")
-    assert stored.fetchall() == [(hash_token(admin),)]
+    assert hub.sql("SELECT token_hash FROM _fieldsync_admins") == [(hash_token(admin),)]
     for path in ("/v1/admin/offices", "/v1/admin/conflicts", "/metrics", "/v1/admin/figures"):
         assert admin_get(hub, office_token, path).status_code == 403, path
         assert admin_get(hub, "not-a-token", path).status_code == 401, path

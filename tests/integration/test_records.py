@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import Hub, Office
 from tests.integration.test_dashboard import add_case, sign_in, sync_all, write
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 
 @contextmanager

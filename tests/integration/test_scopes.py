@@ -19,7 +19,7 @@ from shared.protocol import Change
 from shared.schema import Schema
 from tests.conftest import Hub, Office
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 
 @pytest.fixture

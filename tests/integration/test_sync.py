@@ -16,7 +16,7 @@ from shared.clock import Timestamp
 from shared.errors import ClockSkewError, HubUnavailableError
 from tests.faults import FlakyTransport
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.engines]
 
 
 def write(office, sql: str, *params) -> None:

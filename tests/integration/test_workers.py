@@ -13,7 +13,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,7 @@ from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
 from shared.errors import FieldsyncError
+from tests.engines import Engine
 from tests.processes import HubProcess
 
 pytestmark = pytest.mark.integration
@@ -48,8 +48,9 @@ def _insert(path: Path, office: str, n: int) -> None:
 
 
 def test_two_workers_one_killed_while_offices_sync_lose_and_double_nothing(
-    tmp_path: Path, hub_db: str
+    tmp_path: Path, engine: Engine
 ) -> None:
+    hub_db = engine.db(tmp_path)
     hub = HubProcess(hub_db, tmp_path / "hub.log", workers=2)
     hub.start()
     try:
@@ -118,7 +119,3 @@ def test_two_workers_one_killed_while_offices_sync_lose_and_double_nothing(
             store.close()
         hub.stop()
 
-
-@pytest.fixture
-def hub_db(tmp_path: Path) -> Any:
-    return str(tmp_path / "hub.db")
