@@ -20,6 +20,7 @@ import click
 from fieldsync.backup_commands import hub_backup, hub_restore, node_backup
 from fieldsync.compact_commands import hub_compact, node_compact
 from fieldsync.hub_commands import hub
+from fieldsync.migrate_commands import hub_migrate
 from fieldsync.node_commands import node
 from fieldsync.options import Group
 from fieldsync.review_commands import node_conflicts, node_drop_change, node_rejected, node_retry
@@ -51,6 +52,7 @@ node.add_command(node_compact)
 for command in (node_conflicts, node_rejected, node_retry, node_drop_change):
     node.add_command(command)
 hub.add_command(hub_schema)
+hub.add_command(hub_migrate)
 cli.add_command(hub)
 cli.add_command(node)
 

@@ -59,6 +59,7 @@ class HubDatabase:
         try:
             with self.engine.write() as conn:
                 self.engine.upgrade(conn)
+                _refuse_moved(conn, self.engine.where)
                 found = _stored_schema(conn, schema, self.engine.where)
                 # In the opening transaction: a function that cannot be loaded leaves a
                 # new database as empty as it was, so the schema can be corrected.
@@ -217,6 +218,16 @@ def _stored_schema(conn: Conn, schema: Schema | None, path: str) -> Schema:
             "stored one, or change it with `fieldsync hub schema apply FILE`"
         )
     return found
+
+
+def _refuse_moved(conn: Conn, where: str) -> None:
+    """A hub moved elsewhere (`hub migrate`) is not opened again: offices would sync
+    with two hubs."""
+    row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'moved_to'").fetchone()
+    if row is not None:
+        raise FieldsyncError(
+            f"the hub in {where} was moved to {row[0]} (`fieldsync hub migrate`): use --db {row[0]}"
+        )
 
 
 def _version(conn: Conn) -> int:

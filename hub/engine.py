@@ -74,6 +74,11 @@ class Dialect:
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
 
+    def mirror_row(self, table: Any, row: list[Any]) -> list[Any]:
+        """A mirrored table's row (shared.schema.Table.row) as the database takes it
+        (PostgreSQL: the values of columns kept as jsonb wrapped as JSON)."""
+        return row
+
     #: Appended to a SELECT of rows the transaction goes on to change, to lock them
     #: first (PostgreSQL: `` FOR UPDATE``; SQLite's writer holds the whole file).
     for_update = ""

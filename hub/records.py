@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from hub.engine import Conn
+from hub.engine import Conn, dialect_of
 from shared.clock import HybridClock
 from shared.merge import RecordState
 from shared.protocol import PullRow, dumps_text, loads
@@ -124,7 +124,8 @@ def _mirror(
     """Make mirrored ``table`` hold each ``(pk, values)`` record (values None deletes it),
     as shared.sqlite.put_rows does on an office's own connection."""
     gone = [[pk[c] for c in table.primary_key] for pk, values in records if values is None]
-    live = [table.row(pk, values) for pk, values in records if values is not None]
+    adapt = dialect_of(conn).mirror_row
+    live = [adapt(table, table.row(pk, values)) for pk, values in records if values is not None]
     if gone:
         conn.executemany(delete_sql(table), gone)
     if live:

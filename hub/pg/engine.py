@@ -28,13 +28,14 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import TransactionStatus
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from hub.engine import Conn, Dialect
-from hub.pg.ddl import create_table_sql
+from hub.pg.ddl import create_table_sql, pg_type
 from hub.pg.layout import upgrade_layout
 from shared.errors import FieldsyncError, StoreError
-from shared.schema import Schema
+from shared.schema import Schema, Table
 
 #: The advisory lock every write transaction holds to its commit (any fixed number;
 #: advisory locks belong to one database, so two hubs on one server do not meet).
@@ -84,6 +85,12 @@ class PgDialect(Dialect):
             )
         ]
 
+    def mirror_row(self, table: Table, row: list[Any]) -> list[Any]:
+        wrap = _jsonb_columns(table)
+        if not wrap:
+            return row
+        return [Jsonb(v) if i in wrap and v is not None else v for i, v in enumerate(row)]
+
     def column_types(self, conn: Conn, table: str) -> dict[str, str]:
         found = conn.execute(
             "SELECT column_name, data_type FROM information_schema.columns "
@@ -131,6 +138,12 @@ class PgDialect(Dialect):
 
     def checkpoint(self, conn: Conn) -> None:
         pass
+
+
+@functools.lru_cache(maxsize=256)
+def _jsonb_columns(table: Table) -> frozenset[int]:
+    """Positions of ``table``'s columns kept as jsonb (no type, or none of SQLite's)."""
+    return frozenset(i for i, c in enumerate(table.columns) if pg_type(c.type) == "jsonb")
 
 
 #: PostgreSQL's column types named as a schema declares them (hub/pg/ddl.py's map back).
