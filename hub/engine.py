@@ -74,6 +74,13 @@ class Dialect:
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
 
+    def anchor(self, conn: Conn) -> str | None:
+        """What changes when the database is put back from a copy the hub did not
+        mark (None: nothing; SQLite's copies are marked by `hub backup`). PostgreSQL:
+        the cluster's system identifier, its timeline (a point-in-time recovery starts
+        a new one) and the database's OID (pg_restore makes a new database)."""
+        return None
+
     def mirror_row(self, table: Any, row: list[Any]) -> list[Any]:
         """A mirrored table's row (shared.schema.Table.row) as the database takes it
         (PostgreSQL: the values of columns kept as jsonb wrapped as JSON)."""

@@ -27,6 +27,7 @@ EPOCH = "epoch"
 BACKUP_OF = "backup_of"  # in a backup: the epoch of the hub it copies
 BACKUP_AT = "backup_at"  # in a backup: when it was taken
 RESTORED = "restored_from"  # in a restored hub: "<backup_of> at <backup_at>"
+ANCHOR = "anchor"  # PostgreSQL: the database the hub was last served in (Dialect.anchor)
 
 _META = "SELECT value FROM _fieldsync_meta WHERE key = ?"
 
@@ -46,6 +47,9 @@ def open_epoch(conn: Conn, *, serving: bool = True) -> str:
     would be copied with the file, and the same backup put in place twice by a plain
     ``cp`` would be one identity, the second restore unnoticed by the offices."""
     found = read_epoch(conn)
+    anchor = dialect_of(conn).anchor(conn)
+    if anchor is not None:
+        found = _check_anchor(conn, found, anchor, serving)
     if found:
         return found
     if not serving and conn.execute(_META, [BACKUP_AT]).fetchone() is not None:
@@ -65,6 +69,32 @@ def open_epoch(conn: Conn, *, serving: bool = True) -> str:
             epoch,
         )
     return epoch
+
+
+def _check_anchor(conn: Conn, found: str, anchor: str, serving: bool) -> str:
+    """A PostgreSQL hub put back from a copy (pg_restore, a point-in-time recovery)
+    carries no backup mark: what tells it is the database it finds itself in. Served
+    there for the first time, it takes a new epoch ("" is returned: made by the
+    caller), as a marked backup does; another command only looks."""
+    stored = conn.execute(_META, [ANCHOR]).fetchone()
+    if stored is not None and stored[0] == anchor:
+        return found
+    if stored is None or not found:  # a new hub, or one moved here (`hub migrate`)
+        if serving or stored is None:
+            _put(conn, ANCHOR, anchor)
+        return found
+    if not serving:
+        return found
+    _put(conn, ANCHOR, anchor)
+    _put(conn, RESTORED, f"{found} in database {stored[0]}, restored {utcnow()}")
+    conn.execute("DELETE FROM _fieldsync_meta WHERE key = ?", [EPOCH])
+    log.warning(
+        "this hub database is a copy of hub %s (database %s) put back here: a new "
+        "identity; offices re-send the changes it lacks",
+        found,
+        stored[0],
+    )
+    return ""
 
 
 def mark_backup(conn: Conn) -> None:

@@ -85,6 +85,14 @@ class PgDialect(Dialect):
             )
         ]
 
+    def anchor(self, conn: Conn) -> str | None:
+        row = conn.execute(
+            "SELECT (SELECT system_identifier FROM pg_control_system()), "
+            "(SELECT timeline_id FROM pg_control_checkpoint()), "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+        return "/".join(str(part) for part in row)
+
     def mirror_row(self, table: Table, row: list[Any]) -> list[Any]:
         wrap = _jsonb_columns(table)
         if not wrap:
