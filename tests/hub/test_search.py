@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from hub.search import LIMIT, like_pattern
-from hub.store import SqliteHubStore
+from hub.store import SqlHubStore, open_store
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
 from shared.protocol import Change
+from tests.engines import Engine
 
 T0 = now_ms() << COUNTER_BITS
 
@@ -26,8 +27,8 @@ def insert(seq: int, key: str, tick: int, office: str = "astana", **values: Any)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteHubStore]:
-    hub = SqliteHubStore(tmp_path / "hub.db")
+def store(tmp_path: Path, engine: Engine) -> Iterator[SqlHubStore]:
+    hub = open_store(engine.db(tmp_path))
     for office in ("astana", "almaty"):
         hub.add_node(office)
         hub.set_scopes(office, ["*"])
@@ -37,14 +38,14 @@ def store(tmp_path: Path) -> Iterator[SqliteHubStore]:
         hub.close()
 
 
-def found(store: SqliteHubStore, text: str) -> list[str]:
+def found(store: SqlHubStore, text: str) -> list[str]:
     return [r["pk"]["id"] for r in store.find_records(text)["results"]]
 
 
 # -- search ---------------------------------------------------------------------------
 
 
-def test_search_by_case_number_name_and_key(store: SqliteHubStore) -> None:
+def test_search_by_case_number_name_and_key(store: SqlHubStore) -> None:
     store.push(
         "astana",
         [
@@ -64,7 +65,7 @@ def test_search_by_case_number_name_and_key(store: SqliteHubStore) -> None:
     assert hit["values"]["case_number"] == "AST-2024-0018"
 
 
-def test_search_prefix_matches_come_first(store: SqliteHubStore) -> None:
+def test_search_prefix_matches_come_first(store: SqlHubStore) -> None:
     store.push(
         "astana",
         [
@@ -75,7 +76,7 @@ def test_search_prefix_matches_come_first(store: SqliteHubStore) -> None:
     assert found(store, "sultan") == ["k2", "k1"]
 
 
-def test_wildcards_and_quotes_match_themselves(store: SqliteHubStore) -> None:
+def test_wildcards_and_quotes_match_themselves(store: SqlHubStore) -> None:
     store.push(
         "astana",
         [
@@ -95,7 +96,7 @@ def test_wildcards_and_quotes_match_themselves(store: SqliteHubStore) -> None:
     assert like_pattern("5%_\\") == "%5\\%\\_\\\\%"
 
 
-def test_search_is_bounded_and_says_there_are_more(store: SqliteHubStore) -> None:
+def test_search_is_bounded_and_says_there_are_more(store: SqlHubStore) -> None:
     store.push("astana", [insert(i, f"r{i:03d}", i, family_name="Family") for i in range(1, 61)])
     answer = store.find_records("family")
     assert len(answer["results"]) == LIMIT and answer["more"] is True
@@ -103,7 +104,7 @@ def test_search_is_bounded_and_says_there_are_more(store: SqliteHubStore) -> Non
     assert store.find_records("unique")["more"] is False
 
 
-def test_deleted_records_are_not_found_and_short_texts_refused(store: SqliteHubStore) -> None:
+def test_deleted_records_are_not_found_and_short_texts_refused(store: SqlHubStore) -> None:
     one = stamp(1, "astana")
     store.push("astana", [insert(1, "d1", 1, family_name="Gone")])
     base = {"id": str(one), "family_name": str(one)}
@@ -118,7 +119,7 @@ def test_deleted_records_are_not_found_and_short_texts_refused(store: SqliteHubS
 # -- history: stamp order, winners and losers -------------------------------------------
 
 
-def test_history_is_in_stamp_order_with_winners_and_losers(store: SqliteHubStore) -> None:
+def test_history_is_in_stamp_order_with_winners_and_losers(store: SqlHubStore) -> None:
     made = stamp(10, "astana")
     store.push("astana", [insert(1, "c1", 10, status="refugee", notes="first")])
     seen = {"status": str(made), "notes": str(made)}
@@ -164,7 +165,7 @@ def test_history_is_in_stamp_order_with_winners_and_losers(store: SqliteHubStore
     assert store.record_history("cases", ["c1"]) == versions
 
 
-def test_a_conflicts_loser_is_marked(store: SqliteHubStore) -> None:
+def test_a_conflicts_loser_is_marked(store: SqlHubStore) -> None:
     made = stamp(1, "astana")
     store.push("astana", [insert(1, "c1", 1, notes="a")])
     seen = {"notes": str(made)}
