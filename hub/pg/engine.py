@@ -333,5 +333,9 @@ def display_url(url: str) -> str:
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+    """psycopg's message in one line (its first, and a hint after it if any)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = lines[0].removeprefix("connection is bad: ").removeprefix("connection failed: ")
+    return f"{first} ({lines[1]})" if len(lines) > 1 else first
