@@ -16,7 +16,7 @@ up to date and reads or stores its schema.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -135,6 +135,11 @@ class HubDatabase:
     def after_write(self) -> None:
         """A push or a compaction committed (SQLite: the WAL back into the file)."""
         self.engine.after_write()
+
+    def exclusive(self, name: str) -> AbstractContextManager[bool]:
+        """Whether this process holds the lock ``name`` for the block, across every
+        process serving the database (False at once if another holds it)."""
+        return self.engine.exclusive(name)
 
     def current_version(self) -> int:
         """The newest schema version, taken if another program stored it.

@@ -202,6 +202,11 @@ class Engine(Protocol):
     def after_write(self) -> None:
         """Called after a push or a compaction committed."""
 
+    def exclusive(self, name: str) -> AbstractContextManager[bool]:
+        """Whether this process got the lock ``name`` for the database, held for the
+        block (every process and machine serving it: one compaction at a time)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
+from filelock import FileLock, Timeout
 
 from hub.engine import SQLITE, Conn
 from hub.migrations import migrate
@@ -111,6 +112,20 @@ class SqliteEngine:
             else:
                 self._probe_seen = seen
                 yield self._probe
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """A lock file beside the database, taken without waiting."""
+        lock = FileLock(f"{self.path}-{name}.lock", mode=0o600)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def after_write(self) -> None:
         """A push committed: let the checkpointer move the WAL back into the file."""

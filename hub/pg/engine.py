@@ -19,6 +19,7 @@ writer.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -312,6 +313,20 @@ class PgEngine:
                 yield PgConn(raw)
         except PoolTimeout:
             raise StoreError(f"no connection to {self._where} came free in time") from None
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """A session advisory lock on a connection of its own, taken without waiting
+        (released with the connection if the process dies)."""
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big")
+        with self.pool.connection() as raw:
+            row = raw.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+            got = bool(row and row[0])
+            try:
+                yield got
+            finally:
+                if got:
+                    raw.execute("SELECT pg_advisory_unlock(%s)", [key])
 
     def after_write(self) -> None:
         pass
