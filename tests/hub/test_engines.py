@@ -1,0 +1,104 @@
+"""What differs between the two engines, and what must not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from hypothesis import given, settings, strategies as st
+
+from hub.pg.engine import POSTGRES, display_url, translate
+from hub.store import open_store
+from shared.clock import COUNTER_BITS, Timestamp, now_ms
+from shared.protocol import Change
+from shared.schema import Schema, pk_key
+from tests.engines import Engine
+
+
+def test_the_hubs_sql_is_translated_for_psycopg() -> None:
+    assert translate("SELECT a FROM t WHERE b = ? AND c IN (?, ?)") == (
+        "SELECT a FROM t WHERE b = %s AND c IN (%s, %s)"
+    )
+    # % is doubled everywhere (psycopg reads it inside literals too); ? in a literal stays
+    assert translate("SELECT '50%', 'why?' WHERE x LIKE ? ESCAPE '\\'") == (
+        "SELECT '50%%', 'why?' WHERE x LIKE %s ESCAPE '\\'"
+    )
+    assert translate("SELECT \"odd?col\" FROM t WHERE a = 'it''s ?' AND b = ?") == (
+        "SELECT \"odd?col\" FROM t WHERE a = 'it''s ?' AND b = %s"
+    )
+
+
+def test_a_password_is_left_out_of_what_is_shown() -> None:
+    shown = display_url("postgresql://hub:s3cret@db.example.org:5433/fieldsync?sslmode=require")
+    assert shown == "postgresql://hub@db.example.org:5433/fieldsync?sslmode=require"
+    plain = "postgresql://hub@/fieldsync?host=/run/postgresql"
+    assert display_url(plain) == plain
+
+
+KEYS = st.lists(
+    st.one_of(
+        st.text(min_size=1, max_size=8).filter(lambda t: "\x00" not in t),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+def test_postgresql_writes_a_records_key_text_as_the_hub_does(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+
+        @settings(max_examples=150, deadline=None)
+        @given(KEYS)
+        def same(values: list[Any]) -> None:
+            columns = [f"%s::{'text' if isinstance(v, str) else 'bigint'}" for v in values]
+            found = conn.execute(f"SELECT {POSTGRES.key_text(columns)}", values).fetchone()
+            assert found is not None and found[0] == pk_key(values)
+
+        same()
+
+
+UNTYPED = Schema.from_toml(
+    '''
+[tables.notes]
+policy = "record"
+create = """CREATE TABLE notes (id TEXT PRIMARY KEY, body, amount NUMERIC, seen_on DATE)"""
+''',
+    "untyped.toml",
+)
+
+
+def test_columns_without_a_type_keep_text_and_numbers_apart(tmp_path: Path, engine: Engine) -> None:
+    # On PostgreSQL such columns are jsonb: what a push writes comes back the same.
+    values = [
+        {"id": "n1", "body": "5", "amount": 5, "seen_on": "2026-12-03"},
+        {"id": "n2", "body": 2.5, "amount": 0.25, "seen_on": None},
+        {"id": "n3", "body": "ü 'x' 😀", "amount": 2**63 - 1, "seen_on": 20261203},
+    ]
+    with open_store(engine.db(tmp_path), UNTYPED) as store:
+        store.add_node("astana")
+        store.set_scopes("astana", ["*"])
+        store.add_node("almaty")
+        store.set_scopes("almaty", ["*"])
+        stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
+        changes = [
+            Change(i, "notes", {"id": v["id"]}, "insert", stamp, v) for i, v in enumerate(values, 1)
+        ]
+        assert store.push("astana", changes).applied == 3
+        assert store.rows("notes") == values
+        page = store.pull("almaty", 0, 10)
+        assert [row.values for row in page.rows] == values
+
+
+def test_one_compaction_at_a_time_across_processes(tmp_path: Path, engine: Engine) -> None:
+    db = engine.db(tmp_path)
+    with open_store(db) as one, open_store(db) as two:
+        with one.database.exclusive("compact") as got:
+            assert got
+            with two.database.exclusive("compact") as other:
+                assert not other
+            with two.database.exclusive("another") as other:
+                assert other
+        with two.database.exclusive("compact") as got:
+            assert got  # let go at the end of the block
