@@ -33,7 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from hub.engine import Conn, Dialect
-from hub.pg.ddl import create_table_sql, pg_type
+from hub.pg.ddl import create_table_sql, index_sql, pg_type
 from hub.pg.layout import upgrade_layout
 from shared.errors import FieldsyncError, StoreError
 from shared.schema import Schema, Table
@@ -265,7 +265,8 @@ class PgEngine:
                         f"table {table.name} exists but lacks column(s) {', '.join(missing)} "
                         "that the schema declares"
                     )
-            for name, sql in table.indexes:  # declared in the schema (`indexes = [...]`)
+            # declared in the schema (`indexes = [...]`), in PostgreSQL's words
+            for (name, _), sql in zip(table.indexes, index_sql(table), strict=True):
                 found = conn.execute(
                     "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() "
                     "AND indexname = ?",

@@ -102,3 +102,23 @@ def test_one_compaction_at_a_time_across_processes(tmp_path: Path, engine: Engin
                 assert other
         with two.database.exclusive("compact") as got:
             assert got  # let go at the end of the block
+
+
+INDEXED = Schema.from_toml(
+    '''
+[tables.notes]
+policy = "record"
+create = """CREATE TABLE notes (id TEXT PRIMARY KEY, office TEXT, body TEXT)"""
+indexes = ["CREATE INDEX notes_office ON notes (office, body)"]
+''',
+    "indexed.toml",
+)
+
+
+def test_the_schemas_indexes_are_made_on_either_engine(tmp_path: Path, engine: Engine) -> None:
+    with open_store(engine.db(tmp_path), INDEXED) as store, store.database.read() as conn:
+        if store.database.dialect.name == "sqlite":
+            query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
+        else:
+            query = "SELECT indexname FROM pg_indexes WHERE tablename = ?"
+        assert "notes_office" in {row[0] for row in conn.execute(query, ["notes"])}
