@@ -6,10 +6,10 @@ import functools
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlite_utils
 
@@ -214,8 +214,19 @@ def put_rows(
         conn.executemany(upsert_sql(table), live)
 
 
-def table_rows(conn: sqlite3.Connection, table: Table) -> list[dict[str, Any]]:
-    """Every row of ``table``, ordered by primary key."""
+class Executes(Protocol):
+    """A connection that runs SQL as written here (``?`` placeholders): SQLite's, or
+    the hub's PostgreSQL adapter (hub/pg/engine.py)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+
+def table_rows(conn: Executes, table: Table) -> list[dict[str, Any]]:
+    """Every row of ``table``, ordered by primary key.
+
+    ``conn``: any DB-API connection taking the SQL as it is (SQLite's, or the hub's
+    PostgreSQL adapter: its cursors' ``description`` names columns the same way).
+    """
     order = ", ".join(quote(c) for c in table.primary_key)
     cursor = conn.execute(f"SELECT * FROM {quote(table.name)} ORDER BY {order}")
     names = [d[0] for d in cursor.description]
