@@ -391,8 +391,9 @@ def hub_rejected(db_path: str, office: str | None, as_json: bool) -> None:
 def hub_export(table: str, db_path: str, fmt: str, office: str | None, out_path: str) -> None:
     """Write the consolidated records of TABLE as CSV or JSON, in key order.
 
-    Reads the hub database read-only, row by row: safe while the hub serves, and
-    fit for tables of millions of records.
+    Reads the hub database read-only, on one snapshot, a chunk of rows at a time (a
+    SQLite file or a postgresql:// URL): safe while the hub serves, and fit for
+    tables of millions of records.
     """
     from hub.export import export_rows, export_to_path
 

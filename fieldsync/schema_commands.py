@@ -83,7 +83,8 @@ def describe(schema: Any, version: int, extra: list[tuple[str, str]]) -> dict[st
     "--allow-loss",
     is_flag=True,
     help="Go ahead with a change that may lose data (a dropped column, a narrower "
-    "type or CHECK); the hub's file is backed up first.",
+    "type or CHECK); the hub is backed up first (SQLite: a copy of its file; "
+    "PostgreSQL: a copy of each table that loses data, as a table beside it).",
 )
 def schema_apply(schema_file: str, db_path: str, allow_loss: bool) -> None:
     """Make SCHEMA_FILE the hub's schema, as its next version (works while the hub
@@ -101,6 +102,11 @@ def schema_apply(schema_file: str, db_path: str, allow_loss: bool) -> None:
         return
     if done.backup is not None:
         click.echo(f"Backed up the hub to {done.backup} first.")
+    for name in done.backup_tables:
+        click.echo(
+            f"Kept the rows from before in table {name} (drop it when no longer needed: "
+            f'DROP TABLE "{name}";).'
+        )
     for line in done.plan.lines():
         click.echo(f"  {line}")
     click.echo(f"Schema version {done.version} applied; offices take it at their next sync.")

@@ -82,7 +82,7 @@ from hub.render import (
     sync_summary,
 )
 from hub.status import EVENTS_KEPT
-from hub.store import ConflictRecord, HubStore, SqliteHubStore
+from hub.store import ConflictRecord, HubStore, SqlHubStore
 from shared.errors import AuthError, FieldsyncError, HubRejectedError, ProtocolError
 
 log = logging.getLogger("fieldsync.hub")
@@ -145,7 +145,7 @@ def _parse_value(store: HubStore, record: ConflictRecord, text: str) -> Any:
 
 
 async def _drain(chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
-    """Read the export in worker threads (each read is SQLite work), and close it (and
+    """Read the export in worker threads (each read is database work), and close it (and
     its connection) even when the download is cut short."""
     try:
         async for chunk in iterate_in_threadpool(chunks):
@@ -469,8 +469,8 @@ class _Dashboard:
                 f"There is no download {request.path_params['file']!r}: synced tables are "
                 f"{', '.join(self.store.schema.tables)}, as .csv or .json.",
             )
-        if not isinstance(self.store, SqliteHubStore):
-            raise HTTPException(501, "Downloads read the hub's SQLite file; this hub has none.")
+        if not isinstance(self.store, SqlHubStore):
+            raise HTTPException(501, "Downloads read the hub's SQL database; this hub has none.")
         office = request.query_params.get("office") or None
         try:
             name, chunks = await run_in_threadpool(stream_export, self.store, table, fmt, office)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,6 +147,28 @@ class Dialect:
             if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
                 return
             time.sleep(0.05)
+
+    def stream(
+        self, conn: Conn, sql: str, parameters: Sequence[Any], size: int
+    ) -> Generator[list[Any], None, None]:
+        """The rows of ``sql``, ``size`` at a time, read from the database as they are
+        taken: a table of millions of rows costs the memory of one chunk. Close the
+        iterator (or read it to the end) before ``conn``'s transaction ends.
+
+        SQLite steps its cursor (``fetchmany``). PostgreSQL's twin, hub/pg/stream.py,
+        reads through a named (server-side) cursor in ``conn``'s transaction: a plain
+        cursor there would fetch every row at once.
+        """
+        if self.name == "postgres":  # until PgDialect names hub.pg.stream.stream itself
+            from hub.pg.stream import stream
+
+            return stream(conn, sql, parameters, size)
+        return _fetched(conn.execute(sql, parameters), size)
+
+
+def _fetched(cursor: Cursor, size: int) -> Generator[list[Any], None, None]:
+    while rows := cursor.fetchmany(size):
+        yield rows
 
 
 def _lower(value: str | None) -> str | None:

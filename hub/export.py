@@ -2,11 +2,14 @@
 Export the hub's consolidated records of one table as CSV or JSON, streamed.
 
 The export reads the real table the hub mirrors live records into (see
-:mod:`hub.store`), ordered by primary key, through its own read-only connection
-(``mode=ro``): in WAL mode a reader never blocks the serving hub's writes, and the
-export never writes. Rows are fetched in chunks and written as they come, so a table
-of millions of rows takes the memory of one chunk. The whole export reads one
-snapshot: records the hub commits meanwhile are not in it. :func:`stream_export` gives
+:mod:`hub.store`), ordered by primary key, on a snapshot of its own: on SQLite a
+read-only connection to the file (``mode=ro``; in WAL mode a reader never blocks the
+serving hub's writes, and the export never writes), on PostgreSQL a REPEATABLE READ
+READ ONLY transaction (:meth:`hub.database.HubDatabase.snapshot`). Rows are fetched in
+chunks and written as they come (``Dialect.stream``: SQLite's stepping cursor,
+PostgreSQL's named server-side cursor, hub/pg/stream.py), so a table of millions of
+rows takes the memory of one chunk. The whole export reads one snapshot: records the
+hub commits meanwhile are not in it. :func:`stream_export` gives
 the same bytes as an iterator of chunks, for a download served by the dashboard.
 
 CSV: a header row of the synced columns in table order, then one row per record
@@ -35,8 +38,9 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 
-from hub.engine import SQLITE, Dialect, dialect_of
-from hub.store import SqliteHubStore
+from hub.database import HubDatabase
+from hub.engine import SQLITE, Conn, Dialect, dialect_of, is_url
+from hub.store import SqlHubStore, open_store
 from shared.errors import FieldsyncError
 from shared.schema import Schema, Table, quote
 from shared.sqlite import read_snapshot
@@ -44,7 +48,9 @@ from shared.sqlite import read_snapshot
 FORMATS = ("csv", "json")
 CHUNK_ROWS = 1000
 
-HubSource = str | os.PathLike[str] | sqlite3.Connection | SqliteHubStore
+#: A hub database: a SQLite file's path, a ``postgresql://`` URL, an open store (either
+#: engine) or its HubDatabase, or an open ``sqlite3`` connection.
+HubSource = str | os.PathLike[str] | sqlite3.Connection | SqlHubStore | HubDatabase
 
 
 def export_rows(
@@ -59,8 +65,9 @@ def export_rows(
     """Write the live records of ``table`` to ``out`` as ``fmt`` (csv or json); return
     how many records were written.
 
-    ``source`` is the hub database: a path, a :class:`SqliteHubStore` (its file is
-    opened again, read-only) or an open ``sqlite3`` connection (used as it is, never
+    ``source`` is the hub database: a path (opened read-only), a ``postgresql://`` URL
+    (opened as a store), a store of either engine or its :class:`HubDatabase` (read on
+    a snapshot of its own), or an open ``sqlite3`` connection (used as it is, never
     written). ``out`` is a binary stream (UTF-8 is written) or a text stream.
 
     ``office`` keeps only the records that belong to that office: the record's scope
@@ -84,8 +91,9 @@ def export_rows(
         spec = schema.table(table)
         if office is not None:
             _check_office(conn, spec, office)
-        cursor = conn.execute(*export_query(spec, office, dialect_of(conn)))
-        return _write(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), _Sink(out))
+        # closed before the snapshot ends (PostgreSQL: its named cursor goes with it)
+        with contextlib.closing(_rows(conn, spec, office, chunk_rows)) as chunks:
+            return _write(_pieces(spec, fmt, chunks), _Sink(out))
 
 
 def stream_export(
@@ -115,11 +123,12 @@ def stream_export(
         spec = _hub_schema(conn, source).table(table)
         if office is not None:
             _check_office(conn, spec, office)
-        cursor = conn.execute(*export_query(spec, office, dialect_of(conn)))
+        rows = _rows(conn, spec, office, chunk_rows)
+        stack.callback(rows.close)  # before the snapshot ends: it is closed after
     except BaseException:
         stack.close()
         raise
-    chunks = _encoded(_pieces(spec, fmt, _chunks(cursor, chunk_rows)), stack)
+    chunks = _encoded(_pieces(spec, fmt, rows), stack)
     next(chunks)  # started: closing it unread now closes the connection too
     return download_name(spec.name, fmt, office), chunks
 
@@ -143,15 +152,16 @@ def export_query(
         return f"SELECT {columns} FROM {quote(table.name)} AS t ORDER BY {order}", []
     if table.scope is None:
         raise FieldsyncError(_no_scope(table))
-    # CROSS JOIN keeps the mirrored table outside (SQLite), read through its key index
-    # in key order; each record's state is then one lookup in the (tbl, pk) key of
-    # _fieldsync_records, whose pk is the key columns' key text (pk_key). The join's
-    # terms are in WHERE: PostgreSQL takes no ON after CROSS JOIN.
+    # The mirrored table is read through its key index in key order; each record's
+    # state is one lookup in the (tbl, pk) key of _fieldsync_records (pk is the key
+    # columns' key text, pk_key), a scalar subquery per row on both engines: no sort,
+    # no scan of _fieldsync_records, whatever PostgreSQL's statistics say (a join there
+    # may be planned as a nested loop over all its rows, or a hash and a sort).
     key = dialect.key_text([f"t.{quote(c)}" for c in table.primary_key])
     return (
         f"SELECT {columns} FROM {quote(table.name)} AS t "
-        f"CROSS JOIN _fieldsync_records AS r WHERE r.tbl = ? AND r.pk = {key} "
-        f"AND r.deleted = 0 AND COALESCE(r.scope, '') = ? ORDER BY {order}",
+        "WHERE (SELECT COALESCE(r.scope, '') FROM _fieldsync_records AS r "
+        f"WHERE r.tbl = ? AND r.pk = {key} AND r.deleted = 0) = ? ORDER BY {order}",
         [table.name, office],
     )
 
@@ -207,7 +217,7 @@ def export_to_path(
 
 
 @contextlib.contextmanager
-def _reading(source: HubSource, *, check_same_thread: bool = True) -> Iterator[sqlite3.Connection]:
+def _reading(source: HubSource, *, check_same_thread: bool = True) -> Iterator[Conn]:
     """A connection holding one read transaction (a snapshot) for the export.
 
     ``check_same_thread=False`` lets a stream be read on by other threads (one at a time).
@@ -222,16 +232,38 @@ def _reading(source: HubSource, *, check_same_thread: bool = True) -> Iterator[s
             if began and source.in_transaction:
                 source.execute("ROLLBACK")  # a read: nothing to keep
         return
-    path = Path(source.path if isinstance(source, SqliteHubStore) else source)
+    if isinstance(source, str) and is_url(source):
+        with open_store(source, create=False, serving=False) as store:
+            with store.database.snapshot() as conn:
+                yield conn
+        return
+    if isinstance(source, (SqlHubStore, HubDatabase)):
+        database = source.database if isinstance(source, SqlHubStore) else source
+        if database.dialect.name != "sqlite":
+            # A pooled connection: any thread may read on, one at a time.
+            with database.snapshot() as conn:
+                yield conn
+            return
+        source = database.path  # its snapshot, opened for reading from any thread
+    path = Path(source)
     if not path.is_file():
         raise FieldsyncError(f"hub database {path} does not exist")
     with read_snapshot(path, check_same_thread=check_same_thread) as conn:
         yield conn
 
 
-def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:
+def _name(source: HubSource) -> str:
+    """The hub database as messages name it."""
+    if isinstance(source, sqlite3.Connection):
+        return "the database"
+    if isinstance(source, (SqlHubStore, HubDatabase)):
+        return source.where
+    return str(source) if is_url(str(source)) else str(Path(source))
+
+
+def _hub_schema(conn: Conn, source: HubSource) -> Schema:
     """The schema stored in the hub database; raise if it is not a hub database."""
-    name = "the database" if isinstance(source, sqlite3.Connection) else str(_path(source))
+    name = _name(source)
     try:
         tables = dialect_of(conn).table_names(conn)
         row = (
@@ -250,7 +282,7 @@ def _hub_schema(conn: sqlite3.Connection, source: HubSource) -> Schema:
     return Schema.from_toml(row[0], f"the schema stored in {name}")
 
 
-def _check_office(conn: sqlite3.Connection, table: Table, office: str) -> None:
+def _check_office(conn: Conn, table: Table, office: str) -> None:
     """An office to export ``table`` for: a registered office, or a scope key records of
     ``table`` have (a case may name an office not registered yet)."""
     if table.scope is None:
@@ -268,27 +300,31 @@ def _check_office(conn: sqlite3.Connection, table: Table, office: str) -> None:
     raise FieldsyncError(f"unknown office {office!r}; offices are {known}")
 
 
-def _chunks(cursor: sqlite3.Cursor, size: int) -> Iterator[list[Any]]:
-    while True:
-        rows = cursor.fetchmany(size)
-        if not rows:
-            return
-        yield rows
+def _rows(
+    conn: Conn, table: Table, office: str | None, size: int
+) -> Generator[list[Any], None, None]:
+    """The records to export, ``size`` at a time, read as they are written."""
+    dialect = dialect_of(conn)
+    sql, parameters = export_query(table, office, dialect)
+    return dialect.stream(conn, sql, parameters, size)
 
 
-def _path(source: HubSource) -> Path:
-    if isinstance(source, SqliteHubStore):
-        return source.path
+def _path(source: HubSource) -> Path | None:
+    """The hub's file (None: PostgreSQL, or a connection)."""
     if isinstance(source, sqlite3.Connection):
-        raise TypeError("a connection has no path")
-    return Path(source)
+        return None
+    if isinstance(source, (SqlHubStore, HubDatabase)):
+        database = source.database if isinstance(source, SqlHubStore) else source
+        return database.path if database.dialect.name == "sqlite" else None
+    return None if is_url(str(source)) else Path(source)
 
 
 def _refuse_database(source: HubSource, target: Path) -> None:
     """Refuse to write the export over the hub database (or its WAL files)."""
-    if isinstance(source, sqlite3.Connection):
+    path = _path(source)
+    if path is None:
         return
-    db = _path(source).resolve()
+    db = path.resolve()
     resolved = target.resolve()
     for name in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
         if resolved == name or (

@@ -61,7 +61,6 @@ from __future__ import annotations
 import html
 import math
 import re
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -79,12 +78,13 @@ MAX_BARS = 30  # a chart draws at most this many bars; it notes how many it left
 # -- figures -------------------------------------------------------------------
 
 
-def figures(conn: sqlite3.Connection, schema: Schema) -> dict[str, Any]:
+def figures(conn: Conn, schema: Schema) -> dict[str, Any]:
     """Consolidated figures of the hub database ``conn`` (see the module's docstring).
 
-    Read in one transaction (one snapshot) unless ``conn`` is already in one. Give it
-    a connection no other thread uses meanwhile: a read-only one of its own is best
-    (in WAL mode it never blocks the hub's writes).
+    Read in one transaction (one snapshot) unless ``conn`` is already in one, as a
+    snapshot of :meth:`hub.database.HubDatabase.snapshot` is (PostgreSQL's: REPEATABLE
+    READ). Give it a connection no other thread uses meanwhile: a read-only one of its
+    own is best (it never blocks the hub's writes).
     """
     with _snapshot(conn):
         columns = {
@@ -104,16 +104,21 @@ def figures(conn: sqlite3.Connection, schema: Schema) -> dict[str, Any]:
 
 
 @contextmanager
-def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    if conn.in_transaction:
+def _snapshot(conn: Conn) -> Iterator[None]:
+    # Both SQLite's connections and PostgreSQL's adapter say whether they are in one.
+    if _in_transaction(conn):
         yield
         return
     conn.execute("BEGIN")
     try:
         yield
     finally:
-        if conn.in_transaction:
+        if _in_transaction(conn):
             conn.execute("ROLLBACK")  # nothing was written
+
+
+def _in_transaction(conn: Conn) -> bool:
+    return bool(getattr(conn, "in_transaction", False))
 
 
 def _columns(conn: Conn, table: str) -> frozenset[str]:

@@ -13,7 +13,8 @@ every office to pull its scope again, and noting where moved records left, as a 
 does), and writes the audit entry. A serving hub in another process takes the new
 version at its next write or snapshot (see hub/database.py). A change that may lose
 data is refused unless ``allow_loss``; then a backup of the whole file is made before
-anything changes.
+anything changes (PostgreSQL: a copy of each table that loses data, in the same
+transaction; hub/pg/schema_change.py, which carries plans out there).
 
 Columns found in the hub's tables that the schema does not declare (added by hand with
 sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
@@ -22,10 +23,11 @@ sqlite3) are named by :func:`undeclared`; `hub serve` refuses to start with one.
 from __future__ import annotations
 
 import functools
+import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -51,7 +53,9 @@ class Applied:
 
     version: int
     plan: Plan | None
-    backup: Path | None = None
+    backup: Path | None = None  # SQLite: the copy of the file made first
+    #: PostgreSQL: the tables holding a copy of each table that lost data, made first
+    backup_tables: tuple[str, ...] = ()
 
 
 def current(conn: Conn) -> tuple[int, str]:
@@ -90,7 +94,7 @@ def check_declared(hub: HubDatabase) -> None:
         raise FieldsyncError(
             f"the hub's table {table} has a column {column} that schema version "
             f"{hub.schema_version} does not declare (added by hand?): add it to the schema "
-            f"with `fieldsync hub schema apply FILE --db {hub.path}`, or drop it"
+            f"with `fieldsync hub schema apply FILE --db {hub.where}`, or drop it"
         )
 
 
@@ -105,14 +109,14 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
         raise SchemaError(steps.refusal(version + 1))
     custom_merges(new)  # a merge function that cannot be loaded stops it here
     backup = None
-    if steps.losses:
+    if steps.losses and hub.dialect.name == "sqlite":
         backup = Path(f"{hub.path}.before-schema-v{version + 1}")
         backup_file(hub, backup)
     with hub.write() as conn:
         if current(conn)[0] != version:
             raise FieldsyncError("the hub's schema changed meanwhile; look and apply again")
         _adopt_check(conn, steps)
-        migrate(conn, steps)
+        kept = carry_out(hub, conn, steps, version + 1)
         for name in steps.dropped:
             conn.execute("DELETE FROM _fieldsync_records WHERE tbl = ?", [name])
         dropped: dict[str, set[str]] = {}
@@ -138,7 +142,21 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
             allow_loss=bool(steps.losses),
         )
         hub.refresh(conn)
-    return Applied(version + 1, steps, backup)
+    return Applied(version + 1, steps, backup, kept)
+
+
+def carry_out(hub: HubDatabase, conn: Conn, steps: Plan, version: int) -> tuple[str, ...]:
+    """Change the mirrored tables as ``steps`` say, in ``conn``'s write transaction, the
+    way of the hub's engine; return the tables a backup was copied to (PostgreSQL,
+    for a plan that loses data; SQLite copies the file before, in :func:`apply`)."""
+    if hub.dialect.name == "sqlite":
+        migrate(cast(sqlite3.Connection, conn), steps)
+        return ()
+    from hub.pg.schema_change import backup_tables, migrate as migrate_pg
+
+    kept = backup_tables(conn, steps, version) if steps.losses else []
+    migrate_pg(conn, steps)
+    return tuple(kept)
 
 
 def _adopt_check(conn: Conn, steps: Plan) -> None:

@@ -6,10 +6,10 @@ import functools
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlite_utils
 
@@ -214,9 +214,23 @@ def put_rows(
         conn.executemany(upsert_sql(table), live)
 
 
-def table_rows(conn: sqlite3.Connection, table: Table) -> list[dict[str, Any]]:
-    """Every row of ``table``, ordered by primary key."""
+class Executes(Protocol):
+    """A connection that runs SQL as written here (``?`` placeholders): SQLite's, or
+    the hub's PostgreSQL adapter (hub/pg/engine.py)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+
+def table_rows(conn: Executes, table: Table) -> list[dict[str, Any]]:
+    """Every row of ``table`` (the columns it declares, in order), ordered by primary key.
+
+    ``conn``: any DB-API connection taking the SQL as it is (SQLite's, or the hub's
+    PostgreSQL adapter). The columns are named, never ``*``: a new schema version
+    gives a new statement, where PostgreSQL would refuse one it prepared before with
+    a different result ("cached plan must not change result type").
+    """
     order = ", ".join(quote(c) for c in table.primary_key)
-    cursor = conn.execute(f"SELECT * FROM {quote(table.name)} ORDER BY {order}")
-    names = [d[0] for d in cursor.description]
+    columns = ", ".join(quote(c) for c in table.column_names)
+    cursor = conn.execute(f"SELECT {columns} FROM {quote(table.name)} ORDER BY {order}")
+    names = table.column_names
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -5,6 +5,7 @@ purged record by an edit of an old copy."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -14,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import hub.compact as compaction
+from fieldsync.cli import cli
 from hub.compact import Compactor, Keep, Stopped, compact, parse_keep
-from hub.store import SqliteHubStore
+from hub.store import SqlHubStore, SqliteHubStore, open_store
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
 from shared.errors import FieldsyncError
 from shared.protocol import Change, PushResult
 from shared.schema import EXISTS, Schema
+from tests.engines import Engine
 
 LATER = datetime.now(UTC) + timedelta(days=91)  # past the 90 days of a tombstone
 
@@ -29,7 +33,7 @@ LATER = datetime.now(UTC) + timedelta(days=91)  # past the 90 days of a tombston
 class Hub:
     """A hub store driven as offices would: numbered changes, pulls to the end."""
 
-    def __init__(self, store: SqliteHubStore) -> None:
+    def __init__(self, store: SqlHubStore) -> None:
         self.store = store
         self.numbers: dict[str, int] = {}
         self.cursors: dict[str, int] = {}
@@ -87,27 +91,39 @@ class Hub:
             self.pull(node)
 
 
-def rows(store: SqliteHubStore, sql: str, *params: Any) -> list[Any]:
+def rows(store: SqlHubStore, sql: str, *params: Any) -> list[Any]:
     with store.database.read() as conn:
         return conn.execute(sql, params).fetchall()
 
 
-def history_of(store: SqliteHubStore, case: str) -> list[Any]:
+def history_of(store: SqlHubStore, case: str) -> list[Any]:
     return rows(store, "SELECT seq FROM _fieldsync_history WHERE pk = ?", f'["{case}"]')
 
 
-def rescope(store: SqliteHubStore) -> dict[str, int]:
+def rescope(store: SqlHubStore) -> dict[str, int]:
     return dict(rows(store, "SELECT name, rescope FROM _fieldsync_nodes"))
 
 
+def offices(store: SqlHubStore) -> Hub:
+    driver = Hub(store)
+    for name in ("astana", "almaty"):
+        driver.add(name)  # each holds its own cases
+    driver.add("hq", ["*"])
+    return driver
+
+
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
+def hub(tmp_path: Path, engine: Engine) -> Iterator[Hub]:
+    """Three offices on a hub of each engine."""
+    with open_store(engine.db(tmp_path)) as store:
+        yield offices(store)
+
+
+@pytest.fixture
+def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
+    """The same on a SQLite file: for what is about the file itself."""
     with SqliteHubStore(tmp_path / "hub.db") as store:
-        driver = Hub(store)
-        for name in ("astana", "almaty"):
-            driver.add(name)  # each holds its own cases
-        driver.add("hq", ["*"])
-        yield driver
+        yield offices(store)
 
 
 def test_a_tombstone_is_purged_once_every_office_holding_it_has_pulled_past_it(hub: Hub) -> None:
@@ -257,7 +273,8 @@ def test_an_edit_of_a_purged_record_is_refused_and_a_new_record_taken(hub: Hub) 
     assert hub.push("hq", "update", "c8", {"id": "c8", "notes": "x"}, {}).rejected == []
 
 
-def test_freed_pages_are_reported_and_vacuum_shrinks_the_file(hub: Hub) -> None:
+def test_freed_pages_are_reported_and_vacuum_shrinks_the_file(sqlite_hub: Hub) -> None:
+    hub = sqlite_hub
     store = hub.store
     for n in range(200):
         hub.insert("astana", f"c{n}", "astana")
@@ -309,7 +326,8 @@ def test_the_daily_compaction_runs_in_a_thread_and_stops_between_chunks(hub: Hub
     assert len(history_of(store, "c1")) == 1
 
 
-def test_a_compaction_that_failed_is_tried_again_before_the_next_day(hub: Hub) -> None:
+def test_a_compaction_that_failed_is_tried_again_before_the_next_day(sqlite_hub: Hub) -> None:
+    hub = sqlite_hub
     store = hub.store
     hub.insert("astana", "c1", "astana")
     hub.update("astana", "c1", "edit")
@@ -387,3 +405,31 @@ def test_purges_go_in_small_transactions(hub: Hub, monkeypatch: pytest.MonkeyPat
     assert (done.tombstones, done.versions) == (5, 5 * 2 + sum(range(5)))
     assert rows(store, "SELECT count(*) FROM _fieldsync_history") == [(0,)]
     assert rows(store, "SELECT count(*) FROM _fieldsync_records") == [(0,)]
+
+
+def test_compact_and_vacuum_through_the_cli_on_either_engine(hub: Hub) -> None:
+    """`hub compact --vacuum` on SQLite and PostgreSQL: a tombstone every office holding
+    it pulled past is purged with its history; VACUUM runs (PostgreSQL: ``VACUUM
+    (ANALYZE)`` outside a transaction, the space kept for the tables' next rows)."""
+    store = hub.store
+    for n in range(50):
+        hub.insert("astana", f"c{n}", "astana")
+    for n in range(50):
+        hub.update("astana", f"c{n}", "x" * 500)
+    hub.delete("astana", "c0")
+    hub.sync("astana", "hq")
+    hub.sync("astana", "hq")  # the hub learns they pulled past the delete
+    result = CliRunner().invoke(
+        cli,
+        ["hub", "compact", "--db", store.where, "--vacuum", "--keep-history", "1", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout)
+    assert (done["tombstones"], done["versions"], done["resync"]) == (1, 3 + 49, [])
+    assert done["vacuumed"] and done["bytes_before"] > 0 and done["bytes_after"] > 0
+    assert "VACUUM" in done["locks_ms"]
+    assert store.record_state("cases", {"id": "c0"}) is None
+    assert history_of(store, "c0") == []
+    assert len(rows(store, "SELECT seq FROM _fieldsync_history")) == 49
+    hub.insert("astana", "c99", "astana")  # the hub writes on after it
+    assert store.record_state("cases", {"id": "c99"}) is not None

@@ -1,5 +1,6 @@
-"""Headquarters' figures (hub.report) on real SQLite hub files filled through
-SqliteHubStore.push, and its SVG charts parsed back with ElementTree.
+"""Headquarters' figures (hub.report) on real hub databases (a SQLite file, and
+PostgreSQL) filled through the store's push, and its SVG charts parsed back with
+ElementTree.
 
 Expected figures are computed here from the Python data the test generated and pushed,
 never copied from the report's own output.
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from hub.engine import Conn
 from hub.report import (
     KNOWN_STATUSES,
     MAX_BARS,
@@ -30,10 +32,11 @@ from hub.report import (
     column_chart_svg,
     figures,
 )
-from hub.store import SqliteHubStore
+from hub.store import SqlHubStore, SqliteHubStore, open_store
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
 from shared.protocol import Change
 from shared.schema import Schema
+from tests.engines import Engine
 
 T0 = now_ms() << COUNTER_BITS
 _TICKS = itertools.count(1)
@@ -79,7 +82,7 @@ class Office:
         return Change(self.seq, table, {"id": key}, op, ts, values, base or {}), ts
 
 
-def push(store: SqliteHubStore, office: str, changes: list[Change]) -> None:
+def push(store: SqlHubStore, office: str, changes: list[Change]) -> None:
     result = store.push(office, changes)
     assert result.rejected == [] and result.conflicts == 0
     assert result.applied == len(changes)
@@ -95,12 +98,25 @@ def nulls_last(value: Any) -> tuple[bool, Any]:
 
 
 @pytest.fixture
-def hub(hub_store: SqliteHubStore) -> SqliteHubStore:
-    return hub_store  # the hub's own fixture (tests/hub/conftest.py), by this file's name
+def hub(hub_store: SqlHubStore) -> SqlHubStore:
+    return hub_store  # the hub's own fixture (tests/hub/conftest.py): both engines
 
 
 @pytest.fixture
-def live(hub: SqliteHubStore) -> dict[str, dict[str, dict[str, Any]]]:
+def live(hub: SqlHubStore) -> dict[str, dict[str, dict[str, Any]]]:
+    """``hub`` filled from two offices: the live records it should hold."""
+    return fill(hub)
+
+
+@pytest.fixture
+def sqlite_hub(tmp_path: Path) -> Iterator[SqliteHubStore]:
+    """A SQLite hub filled as ``live`` fills one: for what is about SQLite's connection."""
+    with SqliteHubStore(tmp_path / "sqlite.db") as store:
+        fill(store)
+        yield store
+
+
+def fill(hub: SqlHubStore) -> dict[str, dict[str, dict[str, Any]]]:
     """Fill ``hub`` from two offices; return the live records the hub should hold."""
     rng = random.Random(2024)
     hub.add_node("astana")
@@ -176,13 +192,11 @@ def live(hub: SqliteHubStore) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 @pytest.fixture
-def conn(hub: SqliteHubStore, live: dict[str, Any]) -> Iterator[sqlite3.Connection]:
-    """A connection of headquarters' own to the hub file, read-only."""
-    connection = sqlite3.connect(f"{hub.path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
+def conn(hub: SqlHubStore, live: dict[str, Any]) -> Iterator[Conn]:
+    """A read-only snapshot of the hub's own (SQLite: a connection to the file opened
+    read-only; PostgreSQL: a REPEATABLE READ READ ONLY transaction)."""
+    with hub.database.snapshot() as connection:
         yield connection
-    finally:
-        connection.close()
 
 
 def expected_table(
@@ -202,7 +216,7 @@ def expected_table(
 
 
 def test_tables_count_live_records_by_office(
-    conn: sqlite3.Connection, hub: SqliteHubStore, live: dict[str, Any]
+    conn: Conn, hub: SqlHubStore, live: dict[str, Any]
 ) -> None:
     result = figures(conn, hub.schema)
     assert result["tables"] == [
@@ -214,9 +228,7 @@ def test_tables_count_live_records_by_office(
     json.loads(json.dumps(result))  # JSON-serialisable as it is
 
 
-def test_cases_by_office_and_status(
-    conn: sqlite3.Connection, hub: SqliteHubStore, live: dict[str, Any]
-) -> None:
+def test_cases_by_office_and_status(conn: Conn, hub: SqlHubStore, live: dict[str, Any]) -> None:
     cases = live["cases"].values()
     per_office: dict[str | None, Counter[str]] = {}
     for case in cases:
@@ -243,7 +255,7 @@ def test_cases_by_office_and_status(
 
 
 def test_cases_by_country_keeps_the_top_and_folds_the_rest(
-    conn: sqlite3.Connection, hub: SqliteHubStore, live: dict[str, Any]
+    conn: Conn, hub: SqlHubStore, live: dict[str, Any]
 ) -> None:
     counts = Counter(case["country_of_origin"] for case in live["cases"].values())
     assert None in counts and len(counts) > TOP_COUNTRIES + 1  # something to fold
@@ -259,9 +271,7 @@ def test_cases_by_country_keeps_the_top_and_folds_the_rest(
     assert "ZZZ" not in json.dumps(result)  # the deleted case's country
 
 
-def test_assistance_by_kind_and_month(
-    conn: sqlite3.Connection, hub: SqliteHubStore, live: dict[str, Any]
-) -> None:
+def test_assistance_by_kind_and_month(conn: Conn, hub: SqlHubStore, live: dict[str, Any]) -> None:
     deliveries: Counter[tuple[str | None, str | None]] = Counter()
     quantity: dict[tuple[str | None, str | None], float] = {}
     for aid in live["assistance"].values():
@@ -292,8 +302,9 @@ def test_assistance_by_kind_and_month(
 
 
 def test_reads_one_snapshot_and_leaves_the_connection_as_it_was(
-    hub: SqliteHubStore, live: dict[str, Any]
+    sqlite_hub: SqliteHubStore,
 ) -> None:
+    hub = sqlite_hub
     conn = hub.db.conn  # autocommit (isolation_level None), as the hub opens it
     assert not conn.in_transaction
     first = figures(conn, hub.schema)
@@ -306,9 +317,8 @@ def test_reads_one_snapshot_and_leaves_the_connection_as_it_was(
         conn.execute("ROLLBACK")
 
 
-def test_one_read_only_snapshot_of_grouped_queries(
-    hub: SqliteHubStore, live: dict[str, Any]
-) -> None:
+def test_one_read_only_snapshot_of_grouped_queries(sqlite_hub: SqliteHubStore) -> None:
+    hub = sqlite_hub
     conn = hub.db.conn
     schema = hub.schema  # (which looks whether another program stored a newer version)
     statements: list[str] = []
@@ -327,8 +337,10 @@ def test_one_read_only_snapshot_of_grouped_queries(
     assert len(of_tables) >= 5 and all("COUNT(" in q for q in of_tables)
 
 
-def test_an_empty_hub(hub: SqliteHubStore) -> None:
-    result = figures(hub.db.conn, hub.schema)
+def test_an_empty_hub(hub: SqlHubStore) -> None:
+    with hub.database.snapshot() as conn:
+        result = figures(conn, hub.schema)
+    assert hub.figures() == result
     assert result == {
         "tables": [
             {"table": "cases", "records": 0, "by_office": []},
@@ -354,8 +366,8 @@ create = """CREATE TABLE assistance (id TEXT PRIMARY KEY, kind TEXT, quantity RE
 '''
 
 
-def test_a_schema_without_cases(tmp_path: Path) -> None:
-    store = SqliteHubStore(tmp_path / "custom.db", Schema.from_toml(CUSTOM))
+def test_a_schema_without_cases(tmp_path: Path, engine: Engine) -> None:
+    store = open_store(engine.db(tmp_path), Schema.from_toml(CUSTOM))
     try:
         store.add_node("astana")
         store.set_scopes("astana", ["*"])
@@ -367,7 +379,9 @@ def test_a_schema_without_cases(tmp_path: Path) -> None:
         ]
         changes.append(office.change("assistance", "a1", "insert", {"kind": "food"})[0])
         push(store, "astana", changes)
-        result = figures(store.db.conn, store.schema)
+        with store.database.snapshot() as conn:
+            result = figures(conn, store.schema)
+        assert store.figures() == result
     finally:
         store.close()
     offices = Counter(o for _, o in visits)
@@ -396,8 +410,8 @@ create = """CREATE TABLE cases (id TEXT PRIMARY KEY, status TEXT, office TEXT) S
 '''
 
 
-def test_custom_statuses_come_after_the_known_ones(tmp_path: Path) -> None:
-    store = SqliteHubStore(tmp_path / "custom.db", Schema.from_toml(CUSTOM_CASES))
+def test_custom_statuses_come_after_the_known_ones(tmp_path: Path, engine: Engine) -> None:
+    store = open_store(engine.db(tmp_path), Schema.from_toml(CUSTOM_CASES))
     statuses = ["resettled", None, "refugee", "asylum_seeker", "unknown", "deceased", "refugee"]
     try:
         store.add_node("astana")
@@ -407,7 +421,9 @@ def test_custom_statuses_come_after_the_known_ones(tmp_path: Path) -> None:
             for i, s in enumerate(statuses)
         ]
         push(store, "astana", changes)
-        result = figures(store.db.conn, store.schema)
+        with store.database.snapshot() as conn:
+            result = figures(conn, store.schema)
+        assert store.figures() == result
     finally:
         store.close()
     assert result["cases_by_country"] is None  # no country_of_origin column

@@ -1,23 +1,28 @@
-"""Schema versions at the hub: `hub schema apply` on a store (hub/schemas.py)."""
+"""Schema versions at the hub: `hub schema apply` on a store (hub/schemas.py), on both
+engines (PostgreSQL's DDL: hub/pg/schema_change.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from fieldsync.cli import cli
 from hub import schemas
 from hub.app import create_app
 from hub.audit import Actor
-from hub.store import SqliteHubStore
+from hub.store import SqlHubStore, SqliteHubStore, open_store
 from shared.clock import Timestamp, now_ms
 from shared.errors import FieldsyncError, SchemaError
 from shared.protocol import PROTOCOL_VERSION, SCHEMA_HEADER, Change, PullPage
 from shared.schema import Schema
 from tests.asgi import client as asgi_client
+from tests.engines import Engine
 
 ADMIN = Actor("admin", "cli")
 DEFAULT = Schema.load().source
@@ -37,8 +42,11 @@ def insert(seq: int, key: str, **values: object) -> Change:
     )
 
 
-def test_a_new_column_is_version_2_and_the_mirrored_table_has_it(tmp_path: Path) -> None:
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+def test_a_new_column_is_version_2_and_the_mirrored_table_has_it(
+    tmp_path: Path, engine: Engine
+) -> None:
+    db = engine.db(tmp_path)
+    with open_store(db) as store:
         store.add_node("kyiv")
         store.push("kyiv", [insert(1, "c1", family_name="Shevchenko")])
         assert store.database.schema_version == 1
@@ -53,77 +61,112 @@ def test_a_new_column_is_version_2_and_the_mirrored_table_has_it(tmp_path: Path)
         assert again.version == 2 and again.plan is None
         assert [v["version"] for v in schemas.versions(store.database)] == [1, 2]
         assert store.audit_entries()[0]["action"] == "schema_apply"
-    with SqliteHubStore(tmp_path / "hub.db") as store:  # reopened: version 2 in use
+    with open_store(db) as store:  # reopened: version 2 in use
         assert store.database.schema_version == 2
+        assert store.rows("cases")[1]["phone"] == "+380"
 
 
-def test_another_process_applying_is_taken_at_the_next_write(tmp_path: Path) -> None:
-    with SqliteHubStore(tmp_path / "hub.db") as serving:
+def test_another_process_applying_is_taken_at_the_next_write(
+    tmp_path: Path, engine: Engine
+) -> None:
+    db = engine.db(tmp_path)
+    with open_store(db) as serving:
         serving.add_node("kyiv")
-        with SqliteHubStore(tmp_path / "hub.db") as admin:
+        serving.push("kyiv", [insert(1, "c0")])
+        for _ in range(8):  # read often enough for psycopg to prepare the statement
+            assert [r["id"] for r in serving.rows("cases")] == ["c0"]
+        with open_store(db) as admin:
             schemas.apply(admin.database, WITH_PHONE, ADMIN)
         assert serving.database.schema_version == 1  # nothing written since
-        serving.push("kyiv", [insert(1, "c1", phone="+380")])
+        serving.push("kyiv", [insert(2, "c1", phone="+380")])
         assert serving.database.schema_version == 2
-        assert serving.rows("cases")[0]["phone"] == "+380"
+        assert [r["phone"] for r in serving.rows("cases")] == [None, "+380"]
 
 
-def test_a_lossy_change_is_refused_with_what_to_do(tmp_path: Path) -> None:
+def table_names(store: SqlHubStore) -> set[str]:
+    with store.database.read() as conn:
+        return store.database.dialect.table_names(conn)
+
+
+def test_a_lossy_change_is_refused_with_what_to_do(tmp_path: Path, engine: Engine) -> None:
     dropped = Schema.from_toml(DEFAULT.replace("    household_size INTEGER,\n", ""))
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+    with open_store(engine.db(tmp_path)) as store:
         with pytest.raises(SchemaError, match=r"cases\.household_size is dropped.*--allow-loss"):
             schemas.apply(store.database, dropped, ADMIN)
         assert store.database.schema_version == 1
-        assert not (tmp_path / "hub.db.before-schema-v2").exists()
+        assert not list(tmp_path.glob("*.before-schema-v2"))
+        assert not {name for name in table_names(store) if "backup" in name}
 
 
-def test_allow_loss_backs_up_first_then_rebuilds(tmp_path: Path) -> None:
+def test_allow_loss_backs_up_first_then_rebuilds(tmp_path: Path, engine: Engine) -> None:
+    """SQLite copies the file first; PostgreSQL copies the table that loses data to a
+    table beside it, in the same transaction."""
     dropped = Schema.from_toml(DEFAULT.replace("    household_size INTEGER,\n", ""))
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+    with open_store(engine.db(tmp_path)) as store:
         store.add_node("kyiv")
         store.push("kyiv", [insert(1, "c1", family_name="Bondar", household_size=4)])
         done = schemas.apply(store.database, dropped, ADMIN, allow_loss=True)
-        assert done.backup == tmp_path / "hub.db.before-schema-v2"
-        assert os.stat(done.backup).st_mode & 0o777 == 0o600
-        kept = sqlite3.connect(done.backup).execute("SELECT household_size FROM cases").fetchall()
-        assert kept == [(4,)]
+        if engine.name == "sqlite":
+            assert done.backup == tmp_path / "hub.db.before-schema-v2"
+            assert os.stat(done.backup).st_mode & 0o777 == 0o600
+            with sqlite3.connect(done.backup) as backup:
+                kept = backup.execute("SELECT household_size FROM cases").fetchall()
+            backup.close()
+            assert done.backup_tables == ()
+        else:
+            assert done.backup is None
+            assert done.backup_tables == ("_fieldsync_backup_v2_cases",)
+            with store.database.read() as conn:
+                kept = conn.execute(
+                    "SELECT household_size FROM _fieldsync_backup_v2_cases"
+                ).fetchall()
+        assert [tuple(row) for row in kept] == [(4,)]
         row = store.rows("cases")[0]
         assert row["family_name"] == "Bondar" and "household_size" not in row
         state = store.record_state("cases", {"id": "c1"})
         assert state is not None and "household_size" not in state.values
 
 
-def test_rows_breaking_a_rebuild_change_nothing(tmp_path: Path) -> None:
+def test_rows_breaking_a_rebuild_change_nothing(tmp_path: Path, engine: Engine) -> None:
     strict = Schema.from_toml(
         DEFAULT.replace("    case_number TEXT,", "    case_number TEXT NOT NULL,")
     )
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+    with open_store(engine.db(tmp_path)) as store:
         store.add_node("kyiv")
         store.push("kyiv", [insert(1, "c1")])
-        with pytest.raises(SchemaError, match="rows of cases break the new schema"):
+        before = table_names(store)
+        with pytest.raises(SchemaError, match="rows of cases break the new schema") as refused:
             schemas.apply(store.database, strict, ADMIN, allow_loss=True)
+        assert "case_number" in str(refused.value) or engine.name == "sqlite"
         assert store.database.schema_version == 1
         assert len(store.rows("cases")) == 1
+        assert table_names(store) == before  # no backup table left either
 
 
-def test_a_scope_change_recomputes_keys_and_marks_every_office(tmp_path: Path) -> None:
+def test_a_scope_change_recomputes_keys_and_marks_every_office(
+    tmp_path: Path, engine: Engine
+) -> None:
     unscoped = DEFAULT.replace(
         'scope = { column = "office" }                      # a case belongs to its office\n', ""
     ).replace(
         'scope = { column = "case_id", parent = "cases" }   # and its assistance follows it\n', ""
     )
-    with SqliteHubStore(tmp_path / "hub.db", Schema.from_toml(unscoped)) as store:
+    with open_store(engine.db(tmp_path), Schema.from_toml(unscoped)) as store:
         store.add_node("kyiv")
         store.push("kyiv", [insert(1, "c1", office="kyiv")])
         done = schemas.apply(store.database, Schema.load(), ADMIN)
         assert done.plan is not None and done.plan.rescope
         with store.database.read() as conn:
-            assert conn.execute("SELECT scope FROM _fieldsync_records").fetchall() == [("kyiv",)]
-            assert conn.execute("SELECT rescope FROM _fieldsync_nodes").fetchall() == [(1,)]
+            scopes = conn.execute("SELECT scope FROM _fieldsync_records").fetchall()
+            marks = conn.execute("SELECT rescope FROM _fieldsync_nodes").fetchall()
+        assert [tuple(row) for row in scopes] == [("kyiv",)]
+        assert [tuple(row) for row in marks] == [(1,)]
 
 
-def test_a_column_added_by_hand_is_named_and_adopted_when_empty(tmp_path: Path) -> None:
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+def test_a_column_added_by_hand_is_named_and_adopted_when_empty(
+    tmp_path: Path, engine: Engine
+) -> None:
+    with open_store(engine.db(tmp_path)) as store:
         with store.database.write() as conn:
             conn.execute("ALTER TABLE cases ADD COLUMN phone TEXT")
         with pytest.raises(FieldsyncError, match="table cases has a column phone"):
@@ -132,8 +175,8 @@ def test_a_column_added_by_hand_is_named_and_adopted_when_empty(tmp_path: Path) 
         schemas.check_declared(store.database)
 
 
-def test_a_column_added_by_hand_with_values_is_not_adopted(tmp_path: Path) -> None:
-    with SqliteHubStore(tmp_path / "hub.db") as store:
+def test_a_column_added_by_hand_with_values_is_not_adopted(tmp_path: Path, engine: Engine) -> None:
+    with open_store(engine.db(tmp_path)) as store:
         store.add_node("kyiv")
         store.push("kyiv", [insert(1, "c1")])
         with store.database.write() as conn:
@@ -144,18 +187,21 @@ def test_a_column_added_by_hand_with_values_is_not_adopted(tmp_path: Path) -> No
         assert store.database.schema_version == 1
 
 
-class ApplyDuringPull(SqliteHubStore):
-    """A real store; another connection applies a schema version as its pull begins,
-    after the app checked the office's version (the moment a serving hub can meet)."""
+class ApplyDuringPull(SqlHubStore):
+    """A real store (either engine); another one applies a schema version as its pull
+    begins, after the app checked the office's version (the moment a serving hub can
+    meet)."""
 
     def pull(self, *args: Any, **kwargs: Any) -> PullPage:
-        with SqliteHubStore(self.database.path) as admin:
+        with open_store(self.database.where) as admin:
             schemas.apply(admin.database, WITH_PHONE, ADMIN)
         return super().pull(*args, **kwargs)
 
 
-def test_a_version_applied_during_a_pull_is_refused_to_an_office_behind(tmp_path: Path) -> None:
-    with ApplyDuringPull(tmp_path / "hub.db") as store:
+def test_a_version_applied_during_a_pull_is_refused_to_an_office_behind(
+    tmp_path: Path, engine: Engine
+) -> None:
+    with ApplyDuringPull(engine.db(tmp_path)) as store:
         token = store.add_node("kyiv")
         store.push("kyiv", [insert(1, "c1")])
         client = asgi_client(create_app(store))
@@ -169,6 +215,115 @@ def test_a_version_applied_during_a_pull_is_refused_to_an_office_behind(tmp_path
         # The page was read under version 2 (its rows may carry phone): not for version 1.
         assert answer.status_code == 409, answer.text
         assert "takes the new version at its next sync" in answer.json()["detail"]
+
+
+# -- carrying changes out on either engine ---------------------------------------------
+
+WITH_INDEX = DEFAULT.replace(
+    '"""\n\n[tables.assistance]',
+    '"""\nindexes = ["CREATE INDEX cases_by_name ON cases (family_name, given_name)"]'
+    "\n\n[tables.assistance]",
+)
+WIDER = WITH_INDEX.replace("'rejected', 'closed')", "'rejected', 'closed', 'resettled')")
+WITH_VISITS = (
+    WIDER
+    + """
+[tables.visits]
+scope = { column = "office" }
+create = \"\"\"
+CREATE TABLE visits (
+    id TEXT PRIMARY KEY NOT NULL,
+    office TEXT,
+    day TEXT CHECK (length(day) = 10),
+    people INTEGER NOT NULL DEFAULT 1
+)
+\"\"\"
+indexes = ["CREATE INDEX visits_by_day ON visits (day)"]
+"""
+)
+
+
+def index_names(store: SqlHubStore) -> set[str]:
+    """The indexes the schema declared that the database holds."""
+    with store.database.read() as conn:
+        if store.database.dialect.name == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        else:
+            sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        return {str(row[0]) for row in conn.execute(sql)} & {"cases_by_name", "visits_by_day"}
+
+
+def test_an_index_a_wider_check_list_and_a_new_table(tmp_path: Path, engine: Engine) -> None:
+    """Version 2 adds an index; 3 widens a CHECK list (the table is rebuilt: rows and
+    the index kept); 4 adds a table with its own index. Offices push under each."""
+    with open_store(engine.db(tmp_path)) as store:
+        store.add_node("kyiv")
+        store.push("kyiv", [insert(1, "c1", family_name="Bondar", status="refugee")])
+        done = schemas.apply(store.database, Schema.from_toml(WITH_INDEX), ADMIN)
+        assert done.plan is not None
+        assert done.plan.lines() == ["cases: index cases_by_name added"]
+        assert index_names(store) == {"cases_by_name"}
+        refused = store.push("kyiv", [insert(2, "c2", status="resettled")])
+        assert len(refused.rejected) == 1  # not allowed yet
+        done = schemas.apply(store.database, Schema.from_toml(WIDER), ADMIN)
+        assert done.plan is not None and done.plan.losses == ()
+        assert "table cases rebuilt (created anew, rows copied)" in done.plan.lines()
+        assert index_names(store) == {"cases_by_name"}
+        assert store.push("kyiv", [insert(3, "c3", status="resettled")]).applied == 1
+        assert [(r["id"], r["status"]) for r in store.rows("cases")] == [
+            ("c1", "refugee"),
+            ("c3", "resettled"),
+        ]
+        assert store.rows("cases")[0]["family_name"] == "Bondar"
+        done = schemas.apply(store.database, Schema.from_toml(WITH_VISITS), ADMIN)
+        assert done.plan is not None and "new table visits" in done.plan.lines()
+        assert index_names(store) == {"cases_by_name", "visits_by_day"}
+        visit = Change(
+            4,
+            "visits",
+            {"id": "v1"},
+            "insert",
+            Timestamp(now_ms() << 16, "kyiv"),
+            {"id": "v1", "office": "kyiv", "day": "2026-12-03", "people": 3},
+        )
+        assert store.push("kyiv", [visit]).applied == 1
+        assert store.rows("visits") == [
+            {"id": "v1", "office": "kyiv", "day": "2026-12-03", "people": 3}
+        ]
+        assert store.database.schema_version == 4
+
+
+def test_apply_and_show_through_the_cli(tmp_path: Path, engine: Engine) -> None:
+    """`hub schema apply --allow-loss` says where the rows from before are kept: a file
+    (SQLite) or a table, with how to drop it (PostgreSQL); `hub schema show` lists the
+    versions."""
+    db = engine.db(tmp_path)
+    with open_store(db) as store:
+        store.add_node("kyiv")
+        store.push("kyiv", [insert(1, "c1", household_size=4)])
+    dropped = tmp_path / "dropped.toml"
+    dropped.write_text(DEFAULT.replace("    household_size INTEGER,\n", ""))
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["hub", "schema", "apply", str(dropped), "--db", db])
+    assert refused.exit_code == 1
+    assert refused.stderr.count("\n") == 1 and "--allow-loss" in refused.stderr
+    done = runner.invoke(cli, ["hub", "schema", "apply", str(dropped), "--db", db, "--allow-loss"])
+    assert done.exit_code == 0, done.output
+    if engine.name == "sqlite":
+        assert f"Backed up the hub to {db}.before-schema-v2 first." in done.stdout
+    else:
+        assert (
+            "Kept the rows from before in table _fieldsync_backup_v2_cases (drop it when no "
+            'longer needed: DROP TABLE "_fieldsync_backup_v2_cases";).'
+        ) in done.stdout
+    assert "Schema version 2 applied" in done.stdout
+    shown = runner.invoke(cli, ["hub", "schema", "show", "--db", db, "--json"])
+    assert shown.exit_code == 0, shown.output
+    found = json.loads(shown.stdout)
+    assert found["version"] == 2 and found["undeclared"] == []
+    assert [v["version"] for v in found["versions"]] == [1, 2]
+    columns = [c["name"] for c in found["tables"]["cases"]["columns"]]
+    assert "household_size" not in columns and "family_name" in columns
 
 
 # -- rescope and dropped columns, worked out in Python: the same as SQLite's JSON SQL ---
