@@ -159,10 +159,6 @@ class Dialect:
         reads through a named (server-side) cursor in ``conn``'s transaction: a plain
         cursor there would fetch every row at once.
         """
-        if self.name == "postgres":  # until PgDialect names hub.pg.stream.stream itself
-            from hub.pg.stream import stream
-
-            return stream(conn, sql, parameters, size)
         return _fetched(conn.execute(sql, parameters), size)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -99,6 +99,13 @@ class PgDialect(Dialect):
         if not wrap:
             return row
         return [Jsonb(v) if i in wrap and v is not None else v for i, v in enumerate(row)]
+
+    def stream(
+        self, conn: Conn, sql: str, parameters: Sequence[Any], size: int
+    ) -> Generator[list[Any], None, None]:
+        from hub.pg.stream import stream  # it builds on PgConn, below
+
+        return stream(conn, sql, parameters, size)
 
     def column_types(self, conn: Conn, table: str) -> dict[str, str]:
         found = conn.execute(
@@ -210,7 +217,10 @@ class PgEngine:
             url,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True},
+            # No prepared statements: after `hub schema apply` in another process a
+            # prepared read of a changed table fails ("cached plan must not change
+            # result type"); parsing each statement anew costs little beside that.
+            kwargs={"autocommit": True, "prepare_threshold": None},
             configure=_configure,
             open=False,
             name="fieldsync",

@@ -122,3 +122,23 @@ def test_the_schemas_indexes_are_made_on_either_engine(tmp_path: Path, engine: E
         else:
             query = "SELECT indexname FROM pg_indexes WHERE tablename = ?"
         assert "notes_office" in {row[0] for row in conn.execute(query, ["notes"])}
+
+
+def test_a_column_whose_type_changed_is_read_by_every_open_store(
+    tmp_path: Path, engine: Engine
+) -> None:
+    # A serving hub has read the table many times (PostgreSQL would have prepared the
+    # statement); another process changes the column's type: the next read still works.
+    from hub import schemas
+    from hub.audit import Actor
+
+    db = engine.db(tmp_path)
+    source = Schema.load().source
+    text = Schema.from_toml(source.replace("household_size INTEGER", "household_size TEXT"))
+    with open_store(db) as serving:
+        for _ in range(8):
+            assert serving.rows("cases") == []
+        with open_store(db) as admin:
+            schemas.apply(admin.database, text, Actor("ops", "cli"), allow_loss=True)
+        assert serving.rows("cases") == []
+        assert serving.schema.tables["cases"].column("household_size").type == "TEXT"
