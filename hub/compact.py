@@ -164,6 +164,28 @@ def compact(
     now: datetime | None = None,
     stop: threading.Event | None = None,
 ) -> Compacted:
+    """Purge tombstones and exits no office needs, and history beyond ``keep``; one
+    compaction at a time on a database, whatever process or worker runs it (Busy)."""
+    with hub.exclusive("compact") as mine:
+        if not mine:
+            raise Busy(
+                "a compaction of this hub is running already (`hub serve` runs one "
+                "daily); try again when it is done"
+            )
+        return _compact(
+            hub, keep=keep, tombstone_days=tombstone_days, vacuum=vacuum, now=now, stop=stop
+        )
+
+
+def _compact(
+    hub: HubDatabase,
+    *,
+    keep: Keep | None = None,
+    tombstone_days: int = DEFAULT_TOMBSTONE_DAYS,
+    vacuum: bool = False,
+    now: datetime | None = None,
+    stop: threading.Event | None = None,
+) -> Compacted:
     """Purge tombstones and exits no office needs, and history beyond ``keep``.
 
     ``stop``: once set, the compaction ends after its current chunk (Stopped)."""
@@ -192,6 +214,10 @@ def compact(
 
 class Stopped(Exception):
     """The compaction was told to stop (the hub shuts down)."""
+
+
+class Busy(FieldsyncError):
+    """Another process (another worker, `hub compact`) is compacting the database."""
 
 
 @contextmanager
@@ -568,6 +594,8 @@ class Compactor:
                 log.info("compaction (history kept: %s): %s", self.keep, self.last.summary())
             except Stopped:
                 return
+            except Busy:  # another worker's turn: this one looks again tomorrow
+                log.info("compaction left to another process serving this hub")
             except Exception:  # the hub goes on serving; tried again before long
                 log.exception("compaction failed; trying again in %s", self.retry)
                 wait = self.retry

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from hub.compact import Busy, compact
 from hub.pg.engine import POSTGRES, display_url, translate
 from hub.store import open_store
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
@@ -102,6 +104,9 @@ def test_one_compaction_at_a_time_across_processes(tmp_path: Path, engine: Engin
                 assert other
         with two.database.exclusive("compact") as got:
             assert got  # let go at the end of the block
+            with pytest.raises(Busy, match="a compaction of this hub is running already"):
+                compact(one.database)
+        assert compact(one.database).tombstones == 0
 
 
 INDEXED = Schema.from_toml(
