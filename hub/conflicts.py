@@ -396,7 +396,8 @@ def write_resolution(
         except dialect_of(conn).integrity_errors as exc:
             raise InvalidChangeError(
                 f"cannot resolve conflict {record.id} that way: the value breaks a "
-                f"constraint of {table.name} ({exc}); nothing was changed"
+                f"constraint of {table.name} ({dialect_of(conn).describe(exc)}); "
+                "nothing was changed"
             ) from exc
 
 

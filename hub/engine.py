@@ -49,6 +49,12 @@ class Dialect:
     #: What a broken constraint (primary key, CHECK, NOT NULL) raises.
     integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
 
+    def describe(self, exc: Exception) -> str:
+        """What a broken constraint says, without the row's values (PostgreSQL's
+        message goes on with "DETAIL: Failing row contains (...)": left out)."""
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+
     def json_field(self, column: str, key: str) -> str:
         """SQL for the text of member ``key`` of the JSON object in ``column``."""
         return f"json_extract({column}, '$.{key}')"

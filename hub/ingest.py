@@ -217,7 +217,10 @@ class Ingest:
                     conn.execute("ROLLBACK TO change")
                     conn.execute("RELEASE change")
                     seq -= 1
-                    reason = f"the record would break a constraint of table {table.name} ({exc})"
+                    reason = (
+                        f"the record would break a constraint of table {table.name} "
+                        f"({dialect.describe(exc)})"
+                    )
                     rejected.append((change, reason))
                     new_receipts.append((change.seq, change.receipt))
                     acked = change.seq

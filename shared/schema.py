@@ -45,8 +45,6 @@ Versions = dict[str, str]
 _LITERAL = r"'(?:[^']|'')*'"
 _COMMENT = re.compile(rf"({_LITERAL})|--[^\n]*|/\*.*?\*/", re.DOTALL)
 
-_NUMERIC = ("INTEGER", "INT", "REAL", "FLOAT", "DOUBLE", "NUMERIC")
-
 
 @dataclass(frozen=True, slots=True)
 class Column:
@@ -106,12 +104,13 @@ class Table:
         object.__setattr__(self, "_pk_names", frozenset(self.primary_key))
         for col in self.columns:
             kind = col.type.upper()
+            found = affinity(kind)
             fast: set[type] = {type(None)}
-            if kind == "TEXT":
+            if found == "TEXT":
                 fast.add(str)
-            elif kind in ("INTEGER", "INT"):
+            elif found == "INTEGER":
                 fast.add(int)
-            elif kind in _NUMERIC:
+            elif found == "REAL" or kind == "NUMERIC":
                 fast.update((int, float))
             else:
                 fast.update((str, int, float))
@@ -232,6 +231,9 @@ class Table:
                 elif kind is float:
                     if value - value == 0:  # finite: inf - inf and nan - nan are nan
                         continue
+                elif kind is str:
+                    if "\x00" not in value:  # PostgreSQL's text cannot hold it
+                        continue
                 else:
                     continue
             self.check_value(name, value)  # the exact check, and its message
@@ -263,11 +265,15 @@ class Table:
             raise InvalidChangeError(
                 f"column {self.name}.{name} cannot hold {value}: integers must fit in 64 bits"
             )
-        elif kind == "TEXT":
+        elif isinstance(value, str) and "\x00" in value:
+            raise InvalidChangeError(
+                f"column {self.name}.{name} cannot hold text with a NUL character"
+            )
+        elif (found := affinity(kind)) == "TEXT":
             ok = isinstance(value, str)
-        elif kind in ("INTEGER", "INT"):
+        elif found == "INTEGER":
             ok = isinstance(value, int)
-        elif kind in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
+        elif found == "REAL" or kind == "NUMERIC":
             ok = isinstance(value, (int, float))
         else:
             ok = isinstance(value, (str, int, float))
@@ -289,12 +295,12 @@ class Table:
         kind = self.column(name).type.upper()
         if text == "null":
             return None
-        if kind in ("INTEGER", "INT"):
+        if affinity(kind) == "INTEGER":
             try:
                 return int(text)
             except ValueError:
                 raise InvalidChangeError(f"{name} takes whole numbers") from None
-        if kind in ("REAL", "FLOAT", "DOUBLE", "NUMERIC"):
+        if affinity(kind) == "REAL" or kind == "NUMERIC":
             try:
                 return float(text)
             except ValueError:
@@ -332,6 +338,22 @@ def _names(pk: Any) -> str:
 
 
 _KEY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def affinity(declared: str) -> str:
+    """SQLite's type affinity of a column declared ``declared``: INTEGER, TEXT, REAL,
+    NUMERIC or BLOB (no type). The hub checks values by it, and PostgreSQL's columns
+    are made by it (hub/pg/ddl.py), so both engines take the same values."""
+    kind = declared.upper()
+    if "INT" in kind:
+        return "INTEGER"
+    if "CHAR" in kind or "CLOB" in kind or "TEXT" in kind:
+        return "TEXT"
+    if "BLOB" in kind or not kind:
+        return "BLOB"
+    if "REAL" in kind or "FLOA" in kind or "DOUB" in kind:
+        return "REAL"
+    return "NUMERIC"
 
 
 def pk_key(values: list[Any]) -> str:

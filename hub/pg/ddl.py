@@ -39,7 +39,7 @@ import json
 import re
 
 from shared.errors import SchemaError
-from shared.schema import Column, Table, quote
+from shared.schema import Column, Table, affinity, quote
 from shared.schema_change import split_create
 
 Token = tuple[str, str]  # (kind, text): str, qid, num, word, op
@@ -120,17 +120,9 @@ _NOW = {
 
 
 def pg_type(declared: str) -> str:
-    """PostgreSQL's type for a column SQLite declared ``declared`` (affinity rules)."""
-    kind = declared.upper()
-    if "INT" in kind:
-        return "bigint"
-    if "CHAR" in kind or "CLOB" in kind or "TEXT" in kind:
-        return TEXT
-    if "BLOB" in kind or not kind:
-        return JSONB
-    if "REAL" in kind or "FLOA" in kind or "DOUB" in kind:
-        return "double precision"
-    return JSONB
+    """PostgreSQL's type for a column SQLite declared ``declared`` (by its affinity)."""
+    kinds = {"INTEGER": "bigint", "TEXT": TEXT, "REAL": "double precision"}
+    return kinds.get(affinity(declared), JSONB)
 
 
 def create_table_sql(table: Table) -> str:

@@ -147,3 +147,43 @@ def test_a_column_whose_type_changed_is_read_by_every_open_store(
             schemas.apply(admin.database, text, Actor("ops", "cli"), allow_loss=True)
         assert serving.rows("cases") == []
         assert serving.schema.tables["cases"].column("household_size").type == "TEXT"
+
+
+WIDE = Schema.from_toml(
+    '''
+[tables.visits]
+policy = "record"
+create = """CREATE TABLE visits (id TEXT PRIMARY KEY, people BIGINT, cost DOUBLE PRECISION,
+    note VARCHAR(40))"""
+''',
+    "wide.toml",
+)
+
+
+def test_values_a_column_cannot_hold_are_set_aside_alike_on_both_engines(
+    tmp_path: Path, engine: Engine
+) -> None:
+    # Checked by the column's affinity (BIGINT is an integer, VARCHAR text): a value
+    # PostgreSQL's column would refuse is refused by both engines, change by change,
+    # and the rest of the batch is taken: nothing stalls the office.
+    bad = [
+        {"id": "v1", "people": "abc"},
+        {"id": "v2", "people": 1.5},
+        {"id": "v3", "cost": "cheap"},
+        {"id": "v4", "note": "a\x00b"},
+        {"id": "v\x005", "people": 1},
+    ]
+    good = {"id": "v6", "people": 2**63 - 1, "cost": 2.5, "note": "ü"}
+    with open_store(engine.db(tmp_path), WIDE) as store:
+        store.add_node("astana")
+        store.set_scopes("astana", ["*"])
+        stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
+        changes = [
+            Change(i, "visits", {"id": v["id"]}, "insert", stamp, v)
+            for i, v in enumerate([*bad, good], 1)
+        ]
+        result = store.push("astana", changes)
+        assert (result.acked, result.applied) == (6, 1)
+        assert [r.seq for r in result.rejected] == [1, 2, 3, 4, 5]
+        assert all("a\x00b" not in r.reason and "abc" not in r.reason for r in result.rejected)
+        assert store.rows("visits") == [{"id": "v6", "people": 2**63 - 1, "cost": 2.5, "note": "ü"}]

@@ -199,7 +199,8 @@ def rows(spec: Table) -> list[dict[str, Any]]:
             elif choices:
                 row[col.name] = choices[index % len(choices)]
             elif re.search(rf"\b{re.escape(col.name)}\b", _checks(spec)):
-                row[col.name] = MILD[kind]  # a value its CHECK takes (no overflow in it)
+                # a value its CHECK takes: NULL where it may be (any CHECK passes it)
+                row[col.name] = MILD[kind] if col.notnull else None
             else:
                 row[col.name] = TYPICAL[kind][index % 3]
             if col.name in spec.primary_key:
