@@ -75,6 +75,13 @@ class HubProcess:
                     found.append(int(entry.name))
         return sorted(found)
 
+    def log_problems(self) -> list[str]:
+        """Lines of the hub's log that say it failed a request: a traceback, a 500."""
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if "Traceback" in line or '" 500 ' in line]
+
     def kill(self) -> None:
         """SIGKILL to the hub and its workers: no clean shutdown, whatever they were doing."""
         assert self.proc is not None
