@@ -402,7 +402,7 @@ class Chaos:
         self.groups = itertools.count(1)
         workers = PG_WORKERS if engine.name == "postgres" else 1
         self.hub = HubProcess(engine.db(tmp), tmp / "hub.log", workers=workers)
-        self.worker_kills = 0
+        self.worker_kills = self.busy_worker_kills = 0
         self.proxy = FaultProxy(self.hub.port, seed=SEED, rate=RATE, timeout=30)
         self.sites: list[Site] = []
 
@@ -521,28 +521,36 @@ class Chaos:
             if any(bad in run.stderr for bad in BAD_OUTPUT):
                 self.tally.problem(f"round {round_no}: agent process said: {run.stderr}")
 
-        def when_busy() -> None:
+        def hub_monkey() -> None:
             # Preferably while the hub is busy with a request (for at most 2 s).
             time.sleep(rngs[2].uniform(0.02, 0.4))
             deadline = time.monotonic() + 2
             while self.proxy.in_flight() == 0 and time.monotonic() < deadline:
                 time.sleep(0.002)
             time.sleep(rngs[2].uniform(0, 0.01))
-
-        def hub_monkey() -> None:
-            when_busy()
             self.hub.kill()
-            time.sleep(rngs[2].uniform(0.2, 1.0))
+            # Down about as long either way: two workers take ~1 s longer to start than one.
+            pause = (0.2, 1.0) if self.hub.workers == 1 else (0.0, 0.3)
+            time.sleep(rngs[2].uniform(*pause))
             self.hub.start()
 
+        syncing = threading.Event()  # cleared when every other job has ended
+
         def worker_monkey() -> None:
-            # One worker of two: the other serves on while the supervisor starts
-            # another in its place.
-            when_busy()
-            pids = self.hub.worker_pids()
+            # One worker of two, preferably one serving a request (while the round's
+            # syncs run): the other serves on while the supervisor starts another.
+            time.sleep(rngs[2].uniform(0.0, 0.15))
+            pids: list[int] = []
+            while not pids and syncing.is_set():
+                if self.proxy.in_flight():
+                    pids = self.hub.busy_worker_pids()
+                time.sleep(0.001)
+            busy = bool(pids)
+            pids = pids or self.hub.worker_pids()
             assert pids, "no worker to kill"
             os.kill(rngs[2].choice(pids), signal.SIGKILL)
             self.worker_kills += 1
+            self.busy_worker_kills += busy
 
         jobs += [("side writes", side_writes), ("agent process", agent_process)]
         if kill_hub:
@@ -553,10 +561,13 @@ class Chaos:
             threading.Thread(target=self._guard(name, job, round_no), daemon=True)
             for name, job in jobs
         ]
+        syncing.set()
         for thread in threads:
             thread.start()
-        for thread in threads:
+        for thread in threads[:-1] if kill_worker else threads:
             thread.join(timeout=300)
+        syncing.clear()
+        threads[-1].join(timeout=300)
         stuck = [t for t in threads if t.is_alive()]
         assert not stuck, f"round {round_no}: {len(stuck)} jobs did not finish in 300 s"
 
@@ -895,7 +906,8 @@ def chaos_report(chaos: Chaos, stats: ProxyStats, seconds: float) -> str:
             f"{chaos.rounds} rounds, {seconds:.0f} s",
             f"proxy: {stats.summary()}",
             f"hub ({chaos.engine}, {chaos.hub.workers} worker(s)) SIGKILLed {chaos.hub.kills} "
-            f"times, single workers {chaos.worker_kills} times; agent process runs {len(runs)}, "
+            f"times, single workers {chaos.worker_kills} times ({chaos.busy_worker_kills} while "
+            f"serving a request); agent process runs {len(runs)}, "
             f"{sum(r.meant_to_kill for r in runs)} meant to be killed, "
             f"SIGKILLed {sum(r.killed for r in runs)} times, "
             f"{sum(r.mid_sync for r in runs)} of them mid-sync "
