@@ -539,7 +539,6 @@ class Chaos:
         def worker_monkey() -> None:
             # One worker of two, preferably one serving a request (while the round's
             # syncs run): the other serves on while the supervisor starts another.
-            time.sleep(rngs[2].uniform(0.0, 0.15))
             pids: list[int] = []
             while not pids and syncing.is_set():
                 if self.proxy.in_flight():
@@ -616,6 +615,11 @@ class Chaos:
         self.proxy.heal()
         if self.hub.proc is None:
             self.hub.start()
+        if self.hub.workers > 1:  # the supervisor replaced every worker killed
+            deadline = time.monotonic() + 30
+            while len(self.hub.worker_pids()) < self.hub.workers:
+                assert time.monotonic() < deadline, f"workers now: {self.hub.worker_pids()}"
+                time.sleep(0.05)
         for _ in range(2):
             for site in self.sites:
                 if site.agent is not None:
