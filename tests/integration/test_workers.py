@@ -118,3 +118,4 @@ def test_two_workers_one_killed_while_offices_sync_lose_and_double_nothing(
             client.close()
             store.close()
         hub.stop()
+
