@@ -834,6 +834,7 @@ def check(chaos: Chaos) -> dict[str, Any]:
 
 
 def check_against(chaos: Chaos, hub: SqlHubStore) -> dict[str, Any]:
+    """:func:`check`, the hub read through its store (the same SQL on either engine)."""
     writes = chaos.oracle.writes
     with hub.database.snapshot() as conn:
         if hub.database.dialect.name == "sqlite":  # PostgreSQL has no such check
