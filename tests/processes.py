@@ -75,6 +75,33 @@ class HubProcess:
                     found.append(int(entry.name))
         return sorted(found)
 
+    def busy_worker_pids(self) -> list[int]:
+        """The workers holding a client's connection open at this moment: serving a
+        request (a client that sends one request per connection, as tests/proxy.py
+        does towards the hub)."""
+        port = f":{self.port:04X}"
+        held = set()  # inodes of established connections to the hub's port
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[1].endswith(port) and fields[3] == "01":  # ESTABLISHED
+                        held.add(f"socket:[{fields[9]}]")
+        busy = []
+        for pid in self.worker_pids():
+            with contextlib.suppress(OSError):
+                fds = Path(f"/proc/{pid}/fd").iterdir()
+                if any(os.readlink(fd) in held for fd in fds):
+                    busy.append(pid)
+        return busy
+
+    def log_problems(self) -> list[str]:
+        """Lines of the hub's log that say it failed a request: a traceback, a 500."""
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if "Traceback" in line or '" 500 ' in line]
+
     def kill(self) -> None:
         """SIGKILL to the hub and its workers: no clean shutdown, whatever they were doing."""
         assert self.proc is not None
