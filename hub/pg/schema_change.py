@@ -38,10 +38,27 @@ NAME_BYTES = 63
 _HOLDS = itertools.count(1)
 
 
+#: How long the changes wait for a table a long read has open (a download, a report):
+#: every push and pull waits behind them meanwhile, so not long.
+LOCK_WAIT = "5s"
+
+
 def migrate(conn: Conn, steps: Plan) -> None:
     """Carry ``steps`` out on ``conn``'s tables (in the caller's transaction), as
     shared.schema_change.migrate does on SQLite. Dropped tables are left in the
-    database, no longer synced."""
+    database, no longer synced. A table held by a long read for more than LOCK_WAIT
+    stops it with one line (the caller rolls back): try again."""
+    conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
+    try:
+        _migrate(conn, steps)
+    except psycopg.errors.LockNotAvailable:
+        raise FieldsyncError(
+            f"a table to change was in use for more than {LOCK_WAIT} (a download or a "
+            "report reading it?); nothing was changed: apply the schema again"
+        ) from None
+
+
+def _migrate(conn: Conn, steps: Plan) -> None:
     for table in steps.tables:
         spec = steps.new.tables[table.name]
         if table.action == NEW:

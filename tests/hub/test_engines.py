@@ -13,6 +13,7 @@ from hub.compact import Busy, compact
 from hub.pg.engine import POSTGRES, display_url, translate
 from hub.store import open_store
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
+from shared.errors import FieldsyncError
 from shared.protocol import Change
 from shared.schema import Schema, pk_key
 from tests.engines import Engine
@@ -187,3 +188,27 @@ def test_values_a_column_cannot_hold_are_set_aside_alike_on_both_engines(
         assert [r.seq for r in result.rejected] == [1, 2, 3, 4, 5]
         assert all("a\x00b" not in r.reason and "abc" not in r.reason for r in result.rejected)
         assert store.rows("visits") == [{"id": "v6", "people": 2**63 - 1, "cost": 2.5, "note": "ü"}]
+
+
+def test_a_schema_change_waits_only_a_moment_for_a_long_read(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a download reads cases, adding a column to it must wait; every push and
+    # pull waits behind that change, so it gives up soon, in one line, changing nothing.
+    from hub import schemas
+    from hub.audit import Actor
+    from hub.pg import schema_change
+
+    monkeypatch.setattr(schema_change, "LOCK_WAIT", "200ms")
+    source = Schema.load().source
+    wider = Schema.from_toml(
+        source.replace("    notes TEXT\n", "    notes TEXT,\n    phone TEXT\n")
+    )
+    assert wider.source != source
+    with open_store(pg_url) as serving, open_store(pg_url) as admin:
+        with serving.database.snapshot() as conn:
+            conn.execute("SELECT count(*) FROM cases").fetchone()  # the read holds the table
+            with pytest.raises(FieldsyncError, match="was in use for more than 200ms"):
+                schemas.apply(admin.database, wider, Actor("ops", "cli"))
+        assert admin.schema_version == 1
+        assert schemas.apply(admin.database, wider, Actor("ops", "cli")).version == 2

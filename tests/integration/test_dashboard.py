@@ -630,7 +630,7 @@ def test_export_streams_what_export_rows_writes(
     today = datetime.now(UTC).date().isoformat()
     for fmt, office in [("csv", None), ("json", None), ("csv", "almaty"), ("json", "astana")]:
         expected = io.BytesIO()
-        count = export_rows(hub.path, "cases", fmt, expected, office)
+        count = export_rows(hub.db, "cases", fmt, expected, office)
         # astana's cases name no office: in the whole table only.
         assert count == (2501 if office is None else 1 if office == "almaty" else 0)
         params = {"office": office} if office else {}
@@ -720,8 +720,8 @@ def test_every_page_is_uncached_unframed_and_script_free(
 
 
 @pytest.fixture
-def filled(hub: Hub, offices: tuple[Office, Office]) -> Path:
-    """The hub file with 25 cases, 24 of them from almaty."""
+def filled(hub: Hub, offices: tuple[Office, Office]) -> str:
+    """The hub (its file, or its database's URL) with 25 cases, 24 of them from almaty."""
     with sqlite3.connect(offices[1].path) as conn:
         conn.executemany(
             "INSERT INTO cases (id, family_name) VALUES (?, ?)",
@@ -729,11 +729,11 @@ def filled(hub: Hub, offices: tuple[Office, Office]) -> Path:
         )
     conn.close()
     offices[1].sync()
-    return hub.path
+    return hub.db
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json"])
-def test_stream_export_yields_chunk_by_chunk(filled: Path, fmt: str) -> None:
+def test_stream_export_yields_chunk_by_chunk(filled: str, fmt: str) -> None:
     name, chunks = stream_export(filled, "cases", fmt, chunk_rows=10)
     assert name == f"cases-{datetime.now(UTC).date().isoformat()}.{fmt}"
     parts = list(chunks)
@@ -752,13 +752,13 @@ def test_stream_export_yields_chunk_by_chunk(filled: Path, fmt: str) -> None:
     ],
 )
 def test_stream_export_checks_before_it_returns(
-    filled: Path, table: str, fmt: str, office: str | None, words: str
+    filled: str, table: str, fmt: str, office: str | None, words: str
 ) -> None:
     with pytest.raises(FieldsyncError, match=re.escape(words)):
         stream_export(filled, table, fmt, office)
 
 
-def test_stream_export_can_be_read_from_other_threads(filled: Path) -> None:
+def test_stream_export_can_be_read_from_other_threads(filled: str) -> None:
     _, chunks = stream_export(filled, "cases", "csv", chunk_rows=5)
     parts: list[bytes] = []
 
@@ -774,7 +774,8 @@ def test_stream_export_can_be_read_from_other_threads(filled: Path) -> None:
     assert b"".join(parts) == expected.getvalue()
 
 
-def test_stream_export_holds_one_snapshot_until_closed(filled: Path) -> None:
+@pytest.mark.sqlite_only  # writes to the hub's file by hand meanwhile
+def test_stream_export_holds_one_snapshot_until_closed(filled: str) -> None:
     conn = sqlite3.connect(filled, isolation_level=None)
     try:
         _, chunks = stream_export(conn, "cases", "json", chunk_rows=5)

@@ -35,7 +35,7 @@ def run(*args: str | Path) -> Result:
 def apply(hub: Hub, tmp_path: Path, source: str = WITH_PHONE) -> Result:
     path = tmp_path / "new-schema.toml"
     path.write_text(source, encoding="utf-8")
-    return run("hub", "schema", "apply", path, "--db", hub.path)
+    return run("hub", "schema", "apply", path, "--db", hub.db)
 
 
 def write(office: Office, sql: str, *params: Any) -> None:
