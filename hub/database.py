@@ -180,13 +180,15 @@ class HubDatabase:
             yield conn
 
     @contextmanager
-    def snapshot(self) -> Iterator[Conn]:
+    def snapshot(self, *, long: bool = False) -> Iterator[Conn]:
         """A read-only connection of its own holding one snapshot: for long reads.
 
-        A snapshot that sees a newer schema version than the one in use takes it
-        first (what it reads may hold the new tables and columns).
+        ``long``: it may last as long as someone downloads (PostgreSQL: a connection
+        outside the pool, which pushes and pulls need). A snapshot that sees a newer
+        schema version than the one in use takes it first (what it reads may hold the
+        new tables and columns).
         """
-        with self.engine.snapshot() as conn:
+        with self.engine.snapshot(long=long) as conn:
             self.refresh(conn)
             yield conn
 

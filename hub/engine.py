@@ -215,8 +215,9 @@ class Engine(Protocol):
         """A connection for short reads of the newest state."""
         ...
 
-    def snapshot(self) -> AbstractContextManager[Conn]:
-        """A read-only transaction holding one snapshot, for long reads."""
+    def snapshot(self, *, long: bool = False) -> AbstractContextManager[Conn]:
+        """A read-only transaction holding one snapshot, for long reads (``long``:
+        it may last minutes, as a download does)."""
         ...
 
     def probe(self) -> AbstractContextManager[Conn | None]:

@@ -240,8 +240,9 @@ def _reading(source: HubSource, *, check_same_thread: bool = True) -> Iterator[C
     if isinstance(source, (SqlHubStore, HubDatabase)):
         database = source.database if isinstance(source, SqlHubStore) else source
         if database.dialect.name != "sqlite":
-            # A pooled connection: any thread may read on, one at a time.
-            with database.snapshot() as conn:
+            # A connection of its own, not one of the pool's: a download lasts as long
+            # as its reader takes, and pushes and pulls must not wait for it.
+            with database.snapshot(long=True) as conn:
                 yield conn
             return
         source = database.path  # its snapshot, opened for reading from any thread

@@ -88,8 +88,9 @@ class SqliteEngine:
             yield self.db.conn
 
     @contextmanager
-    def snapshot(self) -> Iterator[Conn]:
-        """A read-only connection of its own holding one snapshot: for long reads."""
+    def snapshot(self, *, long: bool = False) -> Iterator[Conn]:
+        """A read-only connection of its own holding one snapshot: for long reads
+        (``long`` or not: each opens its own connection)."""
         with read_snapshot(self.path) as conn:
             yield conn
 

@@ -316,8 +316,24 @@ class PgEngine:
     def read(self) -> Any:
         return self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
-    def snapshot(self) -> Any:
+    def snapshot(self, *, long: bool = False) -> Any:
+        if long:
+            return self._own_snapshot()
         return self._transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    @contextmanager
+    def _own_snapshot(self) -> Iterator[PgConn]:
+        """A snapshot on a connection of its own, outside the pool (closed after)."""
+        try:
+            raw = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10, prepare_threshold=None
+            )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open {self._where}: {_reason(exc)}") from None
+        with raw:
+            _configure(raw)
+            raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield PgConn(raw)
 
     @contextmanager
     def probe(self) -> Iterator[Conn | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,28 @@ def test_a_schema_change_waits_only_a_moment_for_a_long_read(
                 schemas.apply(admin.database, wider, Actor("ops", "cli"))
         assert admin.schema_version == 1
         assert schemas.apply(admin.database, wider, Actor("ops", "cli")).version == 2
+
+
+def test_downloads_left_open_hold_up_no_push(pg_url: str) -> None:
+    # More downloads than the pool has connections, each read one chunk and left
+    # there (a slow client): pushes and pulls still get a connection at once.
+    from hub.export import stream_export
+
+    with open_store(pg_url) as store:
+        store.add_node("astana")
+        store.set_scopes("astana", ["*"])
+        streams = [stream_export(store, "cases", "csv", chunk_rows=1)[1] for _ in range(10)]
+        try:
+            for chunks in streams:
+                next(chunks)
+            stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
+            change = Change(1, "cases", {"id": "c1"}, "insert", stamp, {"id": "c1"})
+            began = time.monotonic()
+            assert store.push("astana", [change]).applied == 1
+            assert [r.pk["id"] for r in store.pull("astana", 0, 10, include_own=True).rows] == [
+                "c1"
+            ]
+            assert time.monotonic() - began < 5
+        finally:
+            for chunks in streams:
+                chunks.close()
