@@ -36,6 +36,13 @@ class Group(click.Group):
             if _debug(ctx):
                 raise
             raise click.ClickException(str(exc) or type(exc).__name__) from None
+        except Exception as exc:
+            # PostgreSQL's own errors (a role without rights, a server gone): its first
+            # line, as psycopg words it (not imported here: commands start faster).
+            if _debug(ctx) or not type(exc).__module__.startswith("psycopg"):
+                raise
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            raise click.ClickException(f"PostgreSQL: {lines[0]}") from None
 
 
 def _debug(ctx: click.Context) -> bool:

@@ -59,6 +59,7 @@ from shared.errors import (
     FieldsyncError,
     HubRejectedError,
     ProtocolError,
+    StoreError,
 )
 from shared.protocol import (
     MAX_CHANGES_PER_PUSH,
@@ -360,6 +361,9 @@ def create_app(
             return _error(exc.code, str(exc))
         # Messages of the hub's own failures name functions and tables, not case data.
         log.error("request failed: %s", exc)
+        if isinstance(exc, StoreError):  # its database: the log says which and why
+            detail = "the hub's database failed (its log says why); nothing was applied"
+            return _error("internal", detail, status.HTTP_500_INTERNAL_SERVER_ERROR)
         return _error("internal", str(exc), status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:

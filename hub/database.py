@@ -15,6 +15,7 @@ up to date and reads or stores its schema.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -56,6 +57,7 @@ class HubDatabase:
         # The schema in use, its version and its merge functions, replaced as one
         # when `hub schema apply` (in this process or another) stores a newer one.
         self._loaded: tuple[int, Schema, dict[str, CustomMerge]]
+        self._taking = threading.Lock()  # see refresh
         try:
             with self.engine.write() as conn:
                 self.engine.upgrade(conn)
@@ -149,23 +151,38 @@ class HubDatabase:
         """
         with self.engine.probe() as conn:
             if conn is not None:
-                self.refresh(conn, latest=True)
+                # Taken only if no other thread took a version meanwhile (a write
+                # may have read a newer one after this read began).
+                self.refresh(conn, latest=True, unless_since=self._loaded)
             return self._loaded[0]
 
-    def refresh(self, conn: Conn, *, latest: bool = False) -> None:
+    def refresh(
+        self,
+        conn: Conn,
+        *,
+        latest: bool = False,
+        unless_since: tuple[int, Schema, dict[str, CustomMerge]] | None = None,
+    ) -> None:
         """Take the newest schema version stored on ``conn``, if it is newer than the
         one in use (replaced as one tuple: readers see the old or the new).
 
         ``latest``: ``conn`` sees the newest state (not an older snapshot), so a
         version lower than the one in use is taken too (a restored database).
+        ``unless_since``: the version in use when ``conn`` began reading; if another
+        thread replaced it since, what ``conn`` read may be older: nothing is taken.
         """
         version = _version(conn)
-        if version > self._loaded[0] or version < self._loaded[0] and latest:
-            source = conn.execute(
-                "SELECT source FROM _fieldsync_schemas WHERE version = ?", [version]
-            ).fetchone()[0]
-            found = Schema.from_toml(source, f"schema version {version} of {self.where}")
-            self._loaded = (version, found, custom_merges(found))
+        if version == self._loaded[0]:
+            return
+        source = conn.execute(
+            "SELECT source FROM _fieldsync_schemas WHERE version = ?", [version]
+        ).fetchone()[0]
+        with self._taking:  # compared and replaced as one
+            if unless_since is not None and self._loaded is not unless_since:
+                return  # another thread took a version since ``conn`` was read
+            if version > self._loaded[0] or version < self._loaded[0] and latest:
+                found = Schema.from_toml(source, f"schema version {version} of {self.where}")
+                self._loaded = (version, found, custom_merges(found))
 
     def _observe(self, conn: Conn) -> None:
         """Move the hub's clock past the newest stamp stored (another worker's)."""

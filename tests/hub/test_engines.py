@@ -238,3 +238,25 @@ def test_downloads_left_open_hold_up_no_push(pg_url: str) -> None:
         finally:
             for chunks in streams:
                 chunks.close()
+
+
+def test_a_database_gone_is_a_500_that_names_no_server(pg_cluster: Any) -> None:
+    from hub.app import create_app
+    from tests.asgi import client as asgi_client
+
+    name = pg_cluster.new_database()
+    store = open_store(pg_cluster.url(name))
+    try:
+        token = store.add_node("astana")
+        client = asgi_client(create_app(store))
+        pg_cluster.drop_database(name)  # its connections are closed under the hub
+        answer = client.get(
+            "/v1/pull", params={"cursor": 0}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert answer.status_code == 500
+        assert answer.json()["error"] == "internal"
+        assert "database failed" in answer.json()["detail"]
+        assert name not in answer.text and "postgresql" not in answer.text
+        client.close()
+    finally:
+        store.close()

@@ -66,3 +66,14 @@ def test_the_password_in_a_url_is_never_printed(pg_url: str, tmp_path: Path) -> 
     text = log.read_text()
     assert "fieldsync hub" in text and "postgresql://fieldsync@" in text
     assert "s3cret-pw" not in text
+
+
+def test_postgresqls_own_errors_are_one_line(pg_url: str) -> None:
+    # A hub's layout half there (made by hand, a failed tool): PostgreSQL's own error.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE _fieldsync_meta (key text PRIMARY KEY, value text)")
+        conn.execute("INSERT INTO _fieldsync_meta VALUES ('layout', '6')")
+    broken = run("hub", "status", "--db", pg_url)
+    assert broken.exit_code == 1, broken.output
+    assert broken.output.startswith("Error: PostgreSQL: ")
+    assert len(broken.output.strip().splitlines()) == 1 and "Traceback" not in broken.output
