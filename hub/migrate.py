@@ -7,7 +7,8 @@ the hub's identity (epoch) and its seq and clock. So offices sync on without not
 anything but, at most, a new address: none pulls a record twice, a batch re-sent is
 still a replay, and none takes the move for a restore.
 
-The target is written in one transaction (a failed move leaves it empty), checked
+The file's write lock is held throughout (nothing written meanwhile is left behind),
+and the target is written in one transaction (a failed move leaves it empty), checked
 before it commits: each table holds as many rows as the source's, with the same
 content (a SHA-256 of every row, added up, so the order rows come in does not
 matter); the lag counts are made again by the target's own triggers and compared
@@ -18,6 +19,7 @@ and no hub command opens it again.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +36,6 @@ from hub.store import SqliteHubStore
 from shared.backup import in_use
 from shared.errors import FieldsyncError
 from shared.schema import Schema, quote
-from shared.sqlite import read_snapshot
 
 #: Rows sent to the server at a time.
 CHUNK = 5000
@@ -73,8 +74,13 @@ def migrate(source: Path, url: str) -> Moved:
     with SqliteHubStore(source, create=False, serving=False) as store:
         schema = store.database.schema
     target = PgEngine(url, create=True)
+    # The file's write lock is held from the first row read to the mark: nothing
+    # written meanwhile could be left behind.
+    src = sqlite3.connect(source, isolation_level=None)
     try:
-        with read_snapshot(source) as src, target.write() as dst:
+        src.execute("PRAGMA busy_timeout = 10000")
+        src.execute("BEGIN IMMEDIATE")
+        with target.write() as dst:
             if POSTGRES.table_names(dst):
                 raise FieldsyncError(
                     f"{target.where} is not empty: give the hub a new database of its own"
@@ -94,9 +100,15 @@ def migrate(source: Path, url: str) -> Moved:
             _set_identities(dst)
             _check(src, dst, [*done.tables, *DERIVED])
             done.seq = int(_meta(src, "seq") or 0)
+        _mark_moved(src, done.target)
+        src.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        raise FieldsyncError(f"cannot move {source}: {exc}") from None
     finally:
+        if src.in_transaction:
+            src.execute("ROLLBACK")
+        src.close()
         target.close()
-    _mark_moved(source, done.target)
     done.seconds = (datetime.now(UTC) - began).total_seconds()
     return done
 
@@ -171,10 +183,19 @@ def _fingerprint(conn: Conn, table: str, columns: list[str]) -> tuple[int, str]:
     where = " WHERE key <> 'layout'" if table == "_fieldsync_meta" else ""
     total = count = 0
     for row in conn.execute(f"SELECT {names} FROM {quote(table)}{where}"):
-        digest = hashlib.sha256(orjson.dumps(list(row)))
+        digest = hashlib.sha256(_row_bytes(row))
         total = (total + int.from_bytes(digest.digest(), "big")) % (1 << 256)
         count += 1
     return count, f"{total:064x}"
+
+
+def _row_bytes(row: Any) -> bytes:
+    """A row as JSON; past what orjson writes (an integer beyond 64 bits, a Decimal
+    from a jsonb number) as the json module writes it."""
+    try:
+        return orjson.dumps(list(row))
+    except TypeError:
+        return json.dumps(list(row), default=str).encode()
 
 
 def _check(src: sqlite3.Connection, dst: Conn, tables: list[str]) -> None:
@@ -191,14 +212,10 @@ def _check(src: sqlite3.Connection, dst: Conn, tables: list[str]) -> None:
         )
 
 
-def _mark_moved(source: Path, target: str) -> None:
-    """The source names where the hub went; hub commands refuse to open it."""
-    with sqlite3.connect(source, isolation_level=None) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "INSERT INTO _fieldsync_meta (key, value) VALUES (?, ?), ('moved_at', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [MOVED_TO, target, datetime.now(UTC).isoformat(timespec="seconds")],
-        )
-        conn.execute("COMMIT")
-    conn.close()
+def _mark_moved(src: sqlite3.Connection, target: str) -> None:
+    """The source names where the hub went (hub commands refuse to open it)."""
+    src.execute(
+        "INSERT INTO _fieldsync_meta (key, value) VALUES (?, ?), ('moved_at', ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [MOVED_TO, target, datetime.now(UTC).isoformat(timespec="seconds")],
+    )
