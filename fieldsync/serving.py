@@ -57,7 +57,8 @@ def build(settings: Serving, store: SqlHubStore) -> Starlette:
     from starlette.concurrency import run_in_threadpool
 
     from hub.app import create_app
-    from hub.compact import Compactor, Keep, parse_keep
+    from hub.compact import Keep, parse_keep
+    from hub.compactor import Compactor
 
     keep = parse_keep(settings.keep_text) if settings.keep_text is not None else Keep()
     store.max_future_ms = settings.max_future_seconds * 1000

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import hub.compact as compaction
 from fieldsync.cli import cli
-from hub.compact import Compactor, Keep, Stopped, compact, parse_keep
+from hub.compact import Keep, Stopped, compact, parse_keep
+from hub.compactor import Compactor
 from hub.store import SqlHubStore, SqliteHubStore, open_store
 from shared.clock import COUNTER_BITS, Timestamp, now_ms
 from shared.errors import FieldsyncError

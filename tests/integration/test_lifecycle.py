@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.compact import Compactor, Keep
+from hub.compact import Keep
+from hub.compactor import Compactor
 from hub.scopes import read_scopes
 from node.agent import SyncAgent
 from node.store import NodeStore
