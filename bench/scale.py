@@ -730,6 +730,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", help="py-spy each cell's hub into this directory")
     parser.add_argument("--tmpdir", default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", help="also write every figure as JSON to this file")
     args = parser.parse_args(argv)
     if not set(args.engines) <= set(ENGINES):
         parser.error(f"--engines: of {', '.join(ENGINES)}")
@@ -778,21 +779,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             e2e_runs = e2e(args, tmp, cluster)
     load.append(os.getloadavg()[0])
     took = time.perf_counter() - began
+    everything = {
+        "command": command,
+        "machine": info,
+        "load": load,
+        "cells": results,
+        "e2e": e2e_runs,
+        "seconds": took,
+    }
+    if args.save:
+        Path(args.save).write_text(json.dumps(everything, indent=2, default=str))
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "command": command,
-                    "machine": info,
-                    "load": load,
-                    "cells": results,
-                    "e2e": e2e_runs,
-                    "seconds": took,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        print(json.dumps(everything, indent=2, default=str))
         return 0
     print(f"# fieldsync scale benchmark, {datetime.now(UTC).isoformat(timespec='seconds')}\n")
     print(f"- command: `{command}`")
