@@ -581,7 +581,7 @@ def run_cell(
 
             def cpu() -> dict[str, float]:
                 found = {"hub": tree_cpu(hub.process.pid), "client": time.process_time()}
-                if cluster is not None:
+                if cluster is not None and cell.engine == "postgres":
                     found["pg"] = tree_cpu(cluster[1])
                 return found
 
@@ -752,6 +752,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tmpdir", default=None)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save", help="also write every figure as JSON to this file")
+    parser.add_argument("--from-json", help="print the table of a run saved with --save")
     args = parser.parse_args(argv)
     if not set(args.engines) <= set(ENGINES):
         parser.error(f"--engines: of {', '.join(ENGINES)}")
@@ -760,6 +761,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for cell in saved["cells"]:
+            if cell.get("engine") != "postgres":  # no PostgreSQL figures for a SQLite cell
+                for key in ("pg_cpu_ms", "pg_cpu_ms_rounds", "idle_pg_cpu_ms"):
+                    cell.pop(key, None)
+        print(table(saved["cells"]))
+        return 0
     began = time.perf_counter()
     command = shlex.join(sys.orig_argv)
     info = machine()
