@@ -556,11 +556,30 @@ def summarize(
         * sorted(s.seconds for s in idle["syncs"])[int(0.95 * len(idle["syncs"]))],
         **views,
     }
+    for key, name in (("pgxact", "pg_xacts"), ("pgrows", "pg_rows_read")):
+        if f"{key}_s" in rounds[0]:  # over all the rounds: the statistics lag a little
+            out[f"{name}_per_sync"] = sum(r[f"{key}_s"] for r in rounds) / len(syncs)
     if "pg_s" in rounds[0]:
         out["pg_cpu_ms_rounds"] = per_sync("pg_s", rounds)
         out["pg_cpu_ms"] = statistics.median(out["pg_cpu_ms_rounds"])
         out["idle_pg_cpu_ms"] = per_sync("pg_s", [idle])[0]
     return out
+
+
+def pg_counts(cluster: Any, name: str | None) -> dict[str, float]:
+    """Transactions and rows read (``tup_returned``: rows a sequential scan read, index
+    entries an index scan returned) in database ``name`` so far, from pg_stat_database
+    (each backend reports at the end of a transaction, at most once a second)."""
+    found = (
+        cluster._admin()
+        .execute(
+            "SELECT xact_commit + xact_rollback, tup_returned FROM pg_stat_database "
+            "WHERE datname = %s",
+            [name],
+        )
+        .fetchone()
+    )
+    return {"pgxact": float(found[0]), "pgrows": float(found[1])}
 
 
 def run_cell(
@@ -583,6 +602,7 @@ def run_cell(
                 found = {"hub": tree_cpu(hub.process.pid), "client": time.process_time()}
                 if cluster is not None and cell.engine == "postgres":
                     found["pg"] = tree_cpu(cluster[1])
+                    found |= pg_counts(cluster[0], made)
                 return found
 
             profiler = None
