@@ -25,7 +25,9 @@ What it measures (each figure is the median of ``--repeat`` repetitions):
   is VmHWM from /proc, sampled every 10 ms for the offices, read at the end for the hub.
 
 Run ``make bench`` or ``.venv/bin/python bench/bench.py --help``; ``--only capture`` measures
-the change-capture overhead alone (no hub, no sync, no memory run).
+the change-capture overhead alone (no hub, no sync, no memory run); ``--hub-db postgresql``
+serves each hub from a fresh database on a throwaway PostgreSQL cluster (bench/scale.py
+measures both engines in the same run).
 """
 
 from __future__ import annotations

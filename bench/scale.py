@@ -167,7 +167,6 @@ class Office:
     cases: list[Case] = field(default_factory=list)
     next_update: int = 0
     events: int = 0
-    pulled: int = 0
     seen: set[str] = field(default_factory=set)  # cases of others pulled (scopes off)
 
     def stamp(self) -> int:
@@ -272,7 +271,7 @@ def packed(data: dict[str, Any]) -> bytes:
 async def pull_all(office: Office, sync: Sync, scoped: bool) -> None:
     first = True
     while True:
-        params = {"cursor": office.cursor, "limit": PAGE, "node": office.name}
+        params: dict[str, Any] = {"cursor": office.cursor, "limit": PAGE, "node": office.name}
         if first:
             params["count"] = 1
         page = await call(office, sync, "GET", "/v1/pull", **params, packed=1, scopes=1)
@@ -522,7 +521,7 @@ def summarize(
     views: dict[str, float],
 ) -> dict[str, Any]:
     syncs = [s for r in rounds for s in r["syncs"]]
-    seconds = sorted(s.seconds for s in syncs)
+    seconds: list[float] = sorted(s.seconds for s in syncs)
     wall = sum(r["wall_s"] for r in rounds)
 
     def pct(q: float) -> float:
