@@ -25,7 +25,9 @@ What it measures (each figure is the median of ``--repeat`` repetitions):
   is VmHWM from /proc, sampled every 10 ms for the offices, read at the end for the hub.
 
 Run ``make bench`` or ``.venv/bin/python bench/bench.py --help``; ``--only capture`` measures
-the change-capture overhead alone (no hub, no sync, no memory run).
+the change-capture overhead alone (no hub, no sync, no memory run); ``--hub-db postgresql``
+serves each hub from a fresh database on a throwaway PostgreSQL cluster (bench/scale.py
+measures both engines in the same run).
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ from datetime import UTC, date, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 import shared
-from hub.store import SqliteHubStore
+from hub.store import open_store
 from node.agent import SyncAgent
 from node.client import HttpHubClient
 from node.store import NodeStore
@@ -251,12 +254,15 @@ class Hub:
         ready_within: float = 60,
         *,
         everything: bool = True,
+        db: str | None = None,
     ) -> None:
         """``everything``: each office holds every record (scope ``*``); else its own
-        name's records, as ``fieldsync hub add-node NAME`` registers it."""
+        name's records, as ``fieldsync hub add-node NAME`` registers it. ``db``: a
+        ``postgresql://`` URL of an empty database to serve (default: a SQLite file in
+        ``workdir``)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "hub.db"
-        store = SqliteHubStore(path)
+        path = db or str(workdir / "hub.db")
+        store = open_store(path, create=True)
         try:
             self.tokens = {name: store.add_node(name) for name in offices}
             for name in offices if everything else ():  # B pulls everything A made
@@ -268,7 +274,7 @@ class Hub:
         self.log_path = workdir / "hub.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [fieldsync_command(), "hub", "serve", "--db", str(path)]
+                [fieldsync_command(), "hub", "serve", "--db", path]
                 + ["--host", HOST, "--port", str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -548,6 +554,50 @@ class Relay:
         self._conn.close()
 
 
+# -- a throwaway PostgreSQL cluster -------------------------------------------------
+
+NewDb = Callable[[], str] | None
+# Durable, unlike the test suite's cluster (fsync off): a commit waits for its WAL
+# flush, as the SQLite hub's commit (synchronous=FULL) waits for its fsync.
+PG_SETTINGS = "-c listen_addresses='' -c max_connections=200"
+
+
+@contextlib.contextmanager
+def pg_cluster() -> Iterator[tuple[Any, int]]:
+    """A PostgreSQL cluster of Debian's binaries in a temporary directory, on a Unix
+    socket only (tests/engines.py starts it; as ``postgres`` when run as root), with
+    durable commits; yields (tests.engines.PgCluster, the postmaster's pid), and stops
+    and removes it at the end."""
+    sys.path.insert(0, str(CODE))  # tests/ is not installed: the tree measured has it
+    from tests import engines
+
+    initdb = engines.newest_initdb()
+    if initdb is None:
+        raise BenchError(engines.INSTALL)
+    server = engines._LocalServer(initdb)
+    try:
+        settings, engines._SETTINGS = engines._SETTINGS, PG_SETTINGS
+        try:
+            server.start()
+        finally:
+            engines._SETTINGS = settings
+        socket_dir = quote(str(server.base), safe="/")
+        admin = f"postgresql://{engines.SUPERUSER}@/postgres?host={socket_dir}"
+        cluster = engines.PgCluster(admin, str(server.base))
+        pid = int((server.data / "postmaster.pid").read_text().split()[0])
+        try:
+            yield cluster, pid
+        finally:
+            cluster.close()
+    finally:
+        server.stop()
+
+
+def fresh_databases(cluster: Any) -> Callable[[], str]:
+    """A function giving the URL of a new empty database on ``cluster`` at each call."""
+    return lambda: str(cluster.url(cluster.new_database()))
+
+
 # -- the measurements -------------------------------------------------------------
 
 
@@ -566,14 +616,17 @@ def close_agent(agent: SyncAgent) -> None:
     agent.store.close()
 
 
-def sync_pass(rows: Sequence[tuple[Any, ...]], workdir: Path, relayed: bool) -> dict[str, Any]:
+def sync_pass(
+    rows: Sequence[tuple[Any, ...]], workdir: Path, relayed: bool, new_db: NewDb = None
+) -> dict[str, Any]:
     """Fresh hub and offices; ``rows`` inserted at A (timed), then A syncs, then B (timed).
 
     ``relayed``: each office reaches the hub through its own byte-counting relay.
+    ``new_db``: gives the URL of a fresh PostgreSQL database for the hub (None: SQLite).
     """
     n = len(rows)
     workdir.mkdir()
-    hub = Hub(workdir / "hub", (OFFICE_A, OFFICE_B))
+    hub = Hub(workdir / "hub", (OFFICE_A, OFFICE_B), db=new_db() if new_db else None)
     relay = None
     try:
         urls = {OFFICE_A: hub.url, OFFICE_B: hub.url}
@@ -615,13 +668,15 @@ def sync_pass(rows: Sequence[tuple[Any, ...]], workdir: Path, relayed: bool) -> 
     }
 
 
-def throughput_run(rows: Sequence[tuple[Any, ...]], workdir: Path) -> dict[str, Any]:
+def throughput_run(
+    rows: Sequence[tuple[Any, ...]], workdir: Path, new_db: NewDb = None
+) -> dict[str, Any]:
     """One repetition: plain insert; captured insert and sync straight to the hub; the same
     again through the relays, for the wire figures (the relay process costs CPU time)."""
     workdir.mkdir()
     plain = timed_insert(workdir / "plain.db", rows, Schema.load().table("cases").create)
-    direct = sync_pass(rows, workdir / "direct", relayed=False)
-    relayed = sync_pass(rows, workdir / "relayed", relayed=True)
+    direct = sync_pass(rows, workdir / "direct", relayed=False, new_db=new_db)
+    relayed = sync_pass(rows, workdir / "relayed", relayed=True, new_db=new_db)
     return {
         **direct,
         "plain_s": plain,
@@ -650,10 +705,12 @@ def capture_run(
     return {"plain_s": plain, "capture_s": capture}
 
 
-def memory_run(count: int, seed: int, workdir: Path, timeout: float) -> dict[str, Any]:
+def memory_run(
+    count: int, seed: int, workdir: Path, timeout: float, new_db: NewDb = None
+) -> dict[str, Any]:
     """``count`` changes from A to B with both offices as `fieldsync node sync` processes."""
     workdir.mkdir()
-    hub = Hub(workdir / "hub", (OFFICE_A, OFFICE_B))
+    hub = Hub(workdir / "hub", (OFFICE_A, OFFICE_B), db=new_db() if new_db else None)
     try:
         hub_idle = hub.peak_rss()
         paths = {name: workdir / f"{name}.db" for name in (OFFICE_A, OFFICE_B)}
@@ -921,6 +978,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "sync, no memory run)",
     )
     parser.add_argument("--seed", type=int, default=2024, help="random seed of the case rows")
+    parser.add_argument(
+        "--hub-db",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="the hub's database: a SQLite file (default), or a fresh database for each "
+        "hub on a throwaway PostgreSQL cluster started for the run (Unix socket only, "
+        "durable commits; Debian's server binaries, `make postgres`)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--tmpdir", help="where to put the temporary databases (default: $TMPDIR)")
     parser.add_argument(
@@ -949,7 +1014,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory: list[dict[str, float]] = []
     seconds: dict[str, float] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="fieldsync-bench-", dir=args.tmpdir) as tmp:
+        with contextlib.ExitStack() as stack:
+            new_db: NewDb = None
+            if args.hub_db == "postgresql" and args.only != "capture":
+                progress("starting a throwaway PostgreSQL cluster")
+                new_db = fresh_databases(stack.enter_context(pg_cluster())[0])
+            tmp = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="fieldsync-bench-", dir=args.tmpdir)
+            )
             started = time.perf_counter()
             rows = list(case_rows(args.changes, args.seed))
             for i in range(args.repeat if args.only == "capture" else 0):
@@ -963,7 +1035,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             for i in range(0 if args.only else args.repeat):
                 workdir = Path(tmp) / f"throughput-{i + 1}"
-                run = throughput_run(rows, workdir)
+                run = throughput_run(rows, workdir, new_db)
                 shutil.rmtree(workdir)
                 metrics.append(throughput_metrics(args.changes, run))
                 results.setdefault("wire", []).append(run["wire"])
@@ -978,7 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 started = time.perf_counter()
                 progress(f"memory {i + 1}/{args.memory_repeat}: {sizes['m']} changes")
                 workdir = Path(tmp) / f"memory-{i + 1}"
-                run = memory_run(args.memory_changes, args.seed + 1 + i, workdir, args.timeout)
+                run = memory_run(
+                    args.memory_changes, args.seed + 1 + i, workdir, args.timeout, new_db
+                )
                 shutil.rmtree(workdir)
                 memory.append(memory_metrics(args.memory_changes, run))
                 seconds["memory"] = seconds.get("memory", 0) + time.perf_counter() - started
@@ -1017,7 +1091,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(
             f"- throughput and wire: N = {sizes['n']} case inserts, median of {args.repeat}; "
-            "hub: `fieldsync hub serve` subprocess on 127.0.0.1; offices sync in this process "
+            f"hub: `fieldsync hub serve` subprocess on 127.0.0.1 on {args.hub_db} "
+            f"({'a file' if args.hub_db == 'sqlite' else 'a throwaway local cluster'}); "
+            "offices sync in this process "
             "(SyncAgent + HttpHubClient) straight to the hub, then again from scratch with each "
             "office through its own byte-counting relay process for the wire figures"
         )
