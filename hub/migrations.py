@@ -350,6 +350,16 @@ def _seq_counts(db: sqlite_utils.Database) -> None:
 
 
 # In order; step n brings a database from user_version n - 1 to n.
+def _scope_index(db: sqlite_utils.Database) -> None:
+    """Step 7: records by scope key and seq, so that an office's pull reads the
+    records in its scopes, not every record changed since its cursor."""
+    db.conn.execute(SCOPE_INDEX)
+
+
+SCOPE_INDEX = (
+    "CREATE INDEX IF NOT EXISTS _fieldsync_records_scope ON _fieldsync_records (scope, seq)"
+)
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _baseline,
     _scopes,
@@ -357,6 +367,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _conflict_changes,
     _schema_versions,
     _seq_counts,
+    _scope_index,
 ]
 
 

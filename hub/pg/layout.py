@@ -62,7 +62,7 @@ from typing import Any
 
 import psycopg
 
-from hub.migrations import LAG_BUCKET
+from hub.migrations import LAG_BUCKET, SCOPE_INDEX
 from shared.errors import FieldsyncError
 
 # The key of the meta row holding the layout's version.
@@ -305,11 +305,18 @@ def _baseline(conn: psycopg.Connection[Any]) -> None:
 
 Step = Callable[[psycopg.Connection[Any]], None]
 
+
 # In order: (the SQLite version it brings the layout to, the step). A database at
 # version v has had every step up to v; a new one is appended with the number of the
 # SQLite step it follows (len(MIGRATIONS) at that time).
+def _scope_index(conn: psycopg.Connection[Any]) -> None:
+    """SQLite's step 7: records by scope key and seq (an office's pull)."""
+    conn.execute(SCOPE_INDEX)
+
+
 STEPS: list[tuple[int, Step]] = [
     (6, _baseline),
+    (7, _scope_index),
 ]
 
 
