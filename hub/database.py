@@ -172,6 +172,7 @@ class HubDatabase:
         thread replaced it since, what ``conn`` read may be older: nothing is taken.
         """
         version = _version(conn)
+        self.engine.seen_version(conn, version)
         if version == self._loaded[0]:
             return
         source = conn.execute(

@@ -227,6 +227,11 @@ class Engine(Protocol):
     def after_write(self) -> None:
         """Called after a push or a compaction committed."""
 
+    def seen_version(self, conn: Conn, version: int) -> None:
+        """``conn`` read the schema's newest ``version`` (PostgreSQL: a connection that
+        saw another one before forgets the statements it prepared, whose tables may
+        have changed since)."""
+
     def exclusive(self, name: str) -> AbstractContextManager[bool]:
         """Whether this process got the lock ``name`` for the database, held for the
         block (every process and machine serving it: one compaction at a time)."""

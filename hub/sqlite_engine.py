@@ -128,6 +128,9 @@ class SqliteEngine:
         finally:
             lock.release()
 
+    def seen_version(self, conn: Conn, version: int) -> None:
+        pass  # sqlite3 prepares anew what a schema change touched
+
     def after_write(self) -> None:
         """A push committed: let the checkpointer move the WAL back into the file."""
         self.checkpointer.poke()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import threading
+import weakref
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -214,15 +216,18 @@ class PgEngine:
     def __init__(self, url: str, *, create: bool, min_size: int = 1, max_size: int = 8) -> None:
         self.url = url
         self._where = display_url(url)
+        self._seen: weakref.WeakKeyDictionary[psycopg.Connection[Any], int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._seen_lock = threading.Lock()
         self._check(create)
         self.pool = ConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
-            # No prepared statements: after `hub schema apply` in another process a
-            # prepared read of a changed table fails ("cached plan must not change
-            # result type"); parsing each statement anew costs little beside that.
-            kwargs={"autocommit": True, "prepare_threshold": None},
+            # Statements run 5 times are prepared (a push costs half as much); see
+            # seen_version for what a schema change in another process asks.
+            kwargs={"autocommit": True},
             configure=_configure,
             open=False,
             name="fieldsync",
@@ -356,6 +361,19 @@ class PgEngine:
             finally:
                 if got:
                     raw.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+    def seen_version(self, conn: Conn, version: int) -> None:
+        """A prepared read of a table another process changed since (`hub schema
+        apply`) would fail ("cached plan must not change result type"): a connection
+        that reads a newer schema version than it saw last forgets what it prepared
+        (psycopg clears its own cache on DEALLOCATE ALL). Every write, snapshot and
+        probe reads the version first."""
+        assert isinstance(conn, PgConn)
+        with self._seen_lock:
+            before = self._seen.get(conn.raw)
+            self._seen[conn.raw] = version
+        if before is not None and before != version:
+            conn.execute("DEALLOCATE ALL")
 
     def after_write(self) -> None:
         pass
