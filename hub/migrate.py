@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from hub.engine import Conn
+from hub.engine import SQLITE, Conn
 from hub.pg.engine import POSTGRES, PgConn, PgEngine
 from hub.store import SqliteHubStore
 from shared.backup import in_use
@@ -92,9 +92,8 @@ def migrate(source: Path, url: str) -> Moved:
                 try:
                     done.tables[table] = _copy(src, dst, table, schema)
                 except psycopg.Error as exc:
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     raise FieldsyncError(
-                        f"cannot copy {table} to PostgreSQL ({reason or type(exc).__name__}); "
+                        f"cannot copy {table} to PostgreSQL ({POSTGRES.describe(exc)}); "
                         "nothing was moved"
                     ) from None
             _set_identities(dst)
@@ -134,15 +133,11 @@ def _hub_tables(src: sqlite3.Connection) -> list[str]:
     return [n for n in names if n not in DERIVED] + mirrored
 
 
-def _columns(src: sqlite3.Connection, table: str) -> list[str]:
-    return [row[0] for row in src.execute("SELECT name FROM pragma_table_info(?)", [table])]
-
-
 def _copy(src: sqlite3.Connection, dst: Conn, table: str, schema: Schema) -> int:
     """COPY every row of ``table`` into the target; the number of rows."""
     assert isinstance(dst, PgConn)
     spec = schema.tables.get(table)
-    columns = spec.column_names if spec is not None else _columns(src, table)
+    columns = spec.column_names if spec is not None else SQLITE.columns(src, table)
     names = ", ".join(quote(c) for c in columns)
     rows = src.execute(f"SELECT {names} FROM {quote(table)}")
     count = 0
@@ -202,7 +197,7 @@ def _check(src: sqlite3.Connection, dst: Conn, tables: list[str]) -> None:
     """Refuse (the caller rolls back) unless every table holds the same rows on both."""
     wrong = []
     for table in tables:
-        columns = _columns(src, table)
+        columns = SQLITE.columns(src, table)
         mine, theirs = _fingerprint(src, table, columns), _fingerprint(dst, table, columns)
         if mine != theirs:
             wrong.append(f"{table} ({mine[0]} rows here, {theirs[0]} copied)")
