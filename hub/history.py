@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hub.database import HubDatabase
-from hub.engine import Conn
+from hub.engine import Conn, dialect_of
 from hub.times import stamp_time
 from shared.errors import InvalidChangeError
 from shared.schema import EXISTS
@@ -32,6 +32,11 @@ Version = tuple[int, int | None, str, str, str, str, str, str | None, str]
 
 def write_history(conn: Conn, rows: Sequence[Version]) -> None:
     """Keep each version a record went through (see Version)."""
+    dialect = dialect_of(conn)
+    if dialect.stages(len(rows)):
+        columns = ("seq", "prev", "tbl", "pk", "actor", "ts", "op", "vals", "at")
+        dialect.copy_rows(conn, "_fieldsync_history", columns, rows)
+        return
     conn.executemany(
         "INSERT INTO _fieldsync_history (seq, prev, tbl, pk, actor, ts, op, vals, at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

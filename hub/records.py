@@ -63,16 +63,14 @@ def load_many(
         if ref is not None:
             wanted.setdefault(ref[0], set()).add(ref[1])
     found: dict[RecordKey, RecordState] = {}
+    among = dialect_of(conn).among
     for name, names in wanted.items():
-        listed = sorted(names)
-        for start in range(0, len(listed), 500):
-            chunk = listed[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            unpack = schema.tables[name].unpack_versions
+        unpack = schema.tables[name].unpack_versions
+        for where, chosen in among("pk", sorted(names)):
             for pk, vals, vers, deleted, seq in conn.execute(
-                "SELECT pk, vals, vers, deleted, seq FROM _fieldsync_records "
-                f"WHERE tbl = ? AND pk IN ({marks})",
-                [name, *chunk],
+                f"SELECT pk, vals, vers, deleted, seq FROM _fieldsync_records "
+                f"WHERE tbl = ? AND {where}",
+                [name, *chosen],
             ):
                 found[(name, pk)] = RecordState(loads(vals), unpack(vers), bool(deleted))
                 if seqs is not None:
@@ -106,6 +104,13 @@ def write_records(conn: Conn, schema: Schema, records: Iterable[RecordWrite]) ->
             )
         )
         mirrored.setdefault(table.name, []).append((pk, None if state.deleted else state.values))
+    dialect = dialect_of(conn)
+    if dialect.stages(len(rows)):
+        dialect.put_staged(conn, rows, [schema.tables[name] for name in mirrored])
+        for name, records_of_table in mirrored.items():  # the deleted ones
+            gone = [(pk, values) for pk, values in records_of_table if values is None]
+            _mirror(conn, schema.tables[name], gone)
+        return
     conn.executemany(
         "INSERT INTO _fieldsync_records (tbl, pk, seq, origin, deleted, vals, vers, scope, "
         "parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tbl, pk) DO UPDATE SET "

@@ -40,7 +40,7 @@ import orjson
 from hub import audit, records
 from hub.audit import Actor
 from hub.database import HubDatabase
-from hub.engine import Conn
+from hub.engine import Conn, dialect_of
 from hub.history import Version, write_history
 from hub.times import utcnow
 from shared.clock import Timestamp
@@ -154,18 +154,16 @@ class Locator:
         for name, key in refs:
             if (name, key) not in self._stored and self.schema.tables[name].scope is not None:
                 wanted.setdefault(name, set()).add(key)
+        among = dialect_of(self.conn).among
         for name, keys in wanted.items():
-            listed = sorted(keys)
-            for start in range(0, len(listed), _CHUNK):
-                chunk = listed[start : start + _CHUNK]
-                marks = ", ".join("?" * len(chunk))
+            for where, chosen in among("pk", sorted(keys), _CHUNK):
                 for key, scope in self.conn.execute(
-                    f"SELECT pk, scope FROM _fieldsync_records WHERE tbl = ? AND pk IN ({marks})",
-                    [name, *chunk],
+                    f"SELECT pk, scope FROM _fieldsync_records WHERE tbl = ? AND {where}",
+                    [name, *chosen],
                 ):
                     self._stored[(name, key)] = scope
-                for key in chunk:
-                    self._stored.setdefault((name, key), None)
+            for key in keys:
+                self._stored.setdefault((name, key), None)
         return self._stored
 
     def parent_ref(self, table: Table, values: Mapping[str, object]) -> RecordKey | None:
@@ -298,14 +296,11 @@ def exits_and_followers(
         for parent_name, moved in by_parent.items():
             tables = children[parent_name]
             names = ", ".join("?" * len(tables))
-            listed = sorted(moved)
-            for start in range(0, len(listed), _CHUNK):
-                chunk = listed[start : start + _CHUNK]
-                marks = ", ".join("?" * len(chunk))
+            for where, chosen in dialect_of(conn).among("parent", sorted(moved), _CHUNK):
                 rows = conn.execute(
                     "SELECT tbl, pk, seq, scope, parent FROM _fieldsync_records "
-                    f"WHERE parent IN ({marks}) AND tbl IN ({names})",
-                    [*chunk, *(t.name for t in tables)],
+                    f"WHERE {where} AND tbl IN ({names})",
+                    [*chosen, *(t.name for t in tables)],
                 ).fetchall()
                 for name, key, prev, old, parent in rows:
                     new = moved[parent]

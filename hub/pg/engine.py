@@ -31,10 +31,12 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import TransactionStatus
+from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from hub.engine import Conn, Dialect
+from hub.pg import bulk
 from hub.pg.ddl import create_table_sql, index_sql, pg_type
 from hub.pg.layout import upgrade_layout
 from shared.errors import FieldsyncError, StoreError
@@ -70,6 +72,25 @@ class PgDialect(Dialect):
     # set aside like a broken constraint, never a failed push that stalls the office.
     integrity_errors: tuple[type[Exception], ...] = (psycopg.IntegrityError, psycopg.DataError)
     for_update = " FOR UPDATE"
+
+    def among(
+        self, column: str, values: Sequence[Any], size: int = 500
+    ) -> Iterator[tuple[str, list[Any]]]:
+        if values:
+            yield f"{column} = ANY(?)", [_Texts(values)]
+
+    def stages(self, count: int) -> bool:
+        return count >= bulk.BULK
+
+    def put_staged(self, conn: Conn, rows: Sequence[Sequence[Any]], tables: Iterable[Any]) -> None:
+        assert isinstance(conn, PgConn)
+        bulk.put_records(conn.raw, rows, tables)
+
+    def copy_rows(
+        self, conn: Conn, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> None:
+        assert isinstance(conn, PgConn)
+        bulk.copy_rows(conn.raw, table, columns, rows)
 
     def json_field(self, column: str, key: str) -> str:
         return f"({column}::json ->> '{key}')"
@@ -195,6 +216,11 @@ class PgConn:
         return self.raw.info.transaction_status != TransactionStatus.IDLE
 
 
+class _Texts(list[str]):
+    """Texts sent as one binary array: psycopg's text form escapes each element
+    (12 ms for 5,000 keys, against 1.7 ms)."""
+
+
 class _BoolDumper(Dumper):
     """True/False as 1/0: the hub's flags are integers on both engines."""
 
@@ -206,6 +232,8 @@ class _BoolDumper(Dumper):
 
 def _configure(raw: psycopg.Connection[Any]) -> None:
     raw.adapters.register_dumper(bool, _BoolDumper)
+    raw.adapters.register_dumper(_Texts, ListBinaryDumper)
+    bulk.make_stage(raw)
 
 
 class PgEngine:
