@@ -116,6 +116,11 @@ class Table:
                 fast.update((str, int, float))
             self._fast[col.name] = frozenset(fast)
 
+    def __hash__(self) -> int:
+        # Tables equal in every field are equal in these: the hash dataclass makes
+        # walks every column (8 us), and lru_caches keyed by a table ask it per row.
+        return hash((self.name, self.create, self.policy))
+
     @property
     def column_names(self) -> tuple[str, ...]:
         return self._names
