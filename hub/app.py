@@ -269,7 +269,9 @@ def create_app(
 
         def checked_pull() -> PullPage:  # one trip to a worker thread per pull
             version = check_schema(request, node, "pull")
-            page = store.pull(node, cursor, limit, include_own=own, count=count, packed=packed)
+            page = store.pull(
+                node, cursor, limit, include_own=own, count=count, packed=packed, spliced=True
+            )
             if store.schema_version != version:
                 # Applied meanwhile: the page may hold its columns. Checked again (refused
                 # to an office behind; it migrates at its next sync).

@@ -24,6 +24,7 @@ from pathlib import Path
 import sqlite_utils
 
 from hub.engine import Conn, Dialect, Engine, open_engine
+from hub.records import complete_values
 from hub.sqlite_engine import SqliteEngine
 from shared.clock import HybridClock
 from shared.errors import FieldsyncError
@@ -67,6 +68,7 @@ class HubDatabase:
                 # new database as empty as it was, so the schema can be corrected.
                 self._loaded = (_version(conn), found, custom_merges(found))
                 self.engine.create_tables(conn, self.schema)
+                complete_values(conn, self.schema, self._loaded[0])
                 self._observe(conn)
                 self.engine.changed(conn)
         except BaseException:

@@ -83,6 +83,10 @@ class Dialect:
         """Append ``rows`` to ``columns`` of ``table`` in one go."""
         raise NotImplementedError
 
+    def object_length(self, column: str) -> str:
+        """SQL for how many members the JSON object in ``column`` has."""
+        return f"(SELECT count(*) FROM json_each({column}))"
+
     def json_field(self, column: str, key: str) -> str:
         """SQL for the text of member ``key`` of the JSON object in ``column``."""
         return f"json_extract({column}, '$.{key}')"

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from hub import records
 from hub.compact import purged_seq
@@ -37,12 +40,15 @@ def pull(
     include_own: bool = False,
     count: bool = False,
     packed: bool = False,
+    spliced: bool = False,
 ) -> PullPage:
     """Records changed after ``cursor``, except those ``node`` already has.
 
     ``include_own`` sends those too: for an office rebuilding its copy. ``count``
     adds how many records the office has left to pull. ``packed``: a record whose
     columns all carry one version gets that version alone (see PullRow).
+    ``spliced`` (with ``packed``; for the wire): a live record is its JSON made of the
+    stored texts, undecoded (:class:`Spliced`; its ``values`` are None here).
     """
     # The page, and what is left after it (as many records as the office is behind),
     # are read on a snapshot of their own, so a long read holds up no push; only
@@ -69,12 +75,17 @@ def pull(
             [utcnow(), utcnow(), cursor, int(behind and resync), int(resync or not rescope), node],
         )
         count_pull(conn, node, len(rows), next_cursor)
-    page_rows = []
+    page_rows: list[PullRow] = []
     schema = hub.schema
+    splicers: dict[str, Callable[[str, int, str, str], bytes]] = {}
     for tbl, pk, seq, deleted, vals, vers, gone in rows:
         table = schema.table(tbl)
         if gone:
             page_rows.append(PullRow(seq, table.name, table.pk_dict(pk), None, {}, gone=True))
+            continue
+        if spliced and packed and not deleted:
+            splice = splicers.get(tbl) or splicers.setdefault(tbl, records.splicer(table))
+            page_rows.append(Spliced(seq, tbl, {}, body=splice(pk, seq, vals, vers)))
             continue
         page_rows.append(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
@@ -82,6 +93,15 @@ def pull(
     return PullPage(
         page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch=epoch
     )
+
+
+class Spliced(PullRow, frozen=True):
+    """A pulled row already in its JSON form (hub/records.py's spliced_row)."""
+
+    body: bytes = b""
+
+    def to_json(self) -> Any:
+        return orjson.Fragment(self.body)  # written as it is into the page
 
 
 def _read(

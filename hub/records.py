@@ -15,7 +15,7 @@ with one statement per batch, not per record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from hub.engine import Conn, dialect_of
@@ -31,6 +31,11 @@ from shared.sqlite import delete_sql, upsert_sql
 RecordWrite = tuple[
     Table, str, dict[str, Any], RecordState, int, str | None, str | None, str | None, str | None
 ]
+
+
+#: ``_fieldsync_meta`` key: the schema version for which every live record's stored
+#: values name every column (see complete_values).
+COMPLETE = "vals_complete"
 
 
 def last_seq(conn: Conn) -> int:
@@ -90,6 +95,11 @@ def write_records(conn: Conn, schema: Schema, records: Iterable[RecordWrite]) ->
     rows = []
     mirrored: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
     for table, key, pk, state, seq, origin, vals, scope, parent in records:
+        if len(state.values) != len(table.column_names) and not state.deleted:
+            # Every column named (a pull serves the stored text as it is): an office
+            # behind on the schema, or an update of a record the hub never had.
+            state.values.update(dict.fromkeys(_lacking(table, state.values)))
+            vals = None
         rows.append(
             (
                 table.name,
@@ -121,6 +131,46 @@ def write_records(conn: Conn, schema: Schema, records: Iterable[RecordWrite]) ->
     )
     for name, records_of_table in mirrored.items():  # one entry per record
         _mirror(conn, schema.tables[name], records_of_table)
+
+
+def _lacking(table: Table, values: dict[str, Any]) -> list[str]:
+    return [name for name in table.column_names if name not in values]
+
+
+def complete_values(conn: Conn, schema: Schema, version: int) -> int:
+    """Make every live record's stored values name every column of its table (a
+    column they lack: null), once per schema version (`hub schema apply` adds
+    columns; hubs from before kept what offices sent); return how many were rewritten.
+
+    hub/records.py's writes keep it so from then on, and a pull serves the stored text
+    as it is (:func:`splicer`).
+    """
+    done = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = ?", [COMPLETE]).fetchone()
+    if done is not None and done[0] == str(version):
+        return 0
+    count = dialect_of(conn).object_length("vals")
+    fixed = 0
+    for table in schema.tables.values():
+        found = conn.execute(
+            f"SELECT pk, vals FROM _fieldsync_records WHERE tbl = ? AND deleted = 0 "
+            f"AND {count} <> ?",
+            [table.name, len(table.column_names)],
+        ).fetchall()
+        rewritten = []
+        for key, vals in found:
+            values = loads(vals)
+            values.update(dict.fromkeys(_lacking(table, values)))
+            rewritten.append((dumps_text(values), table.name, key))
+        conn.executemany(
+            "UPDATE _fieldsync_records SET vals = ? WHERE tbl = ? AND pk = ?", rewritten
+        )
+        fixed += len(rewritten)
+    conn.execute(
+        "INSERT INTO _fieldsync_meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [COMPLETE, str(version)],
+    )
+    return fixed
 
 
 def _mirror(
@@ -156,3 +206,25 @@ def pull_row(
     # Stored versions are packed already (Table.pack_versions).
     versions = loads(vers) if packed else table.unpack_versions(vers)
     return PullRow(seq, table.name, pk, values, versions)
+
+
+def splicer(table: Table) -> Callable[[str, int, str, str], bytes]:
+    """For ``table``'s live records: ``(key text, seq, vals, vers)`` -> the record as a
+    packed pull serves it (shared.protocol.PullRow's JSON), made of the stored texts
+    without reading them: the values name every column (see complete_values), the
+    versions are stored packed, and the key text is a JSON array."""
+    head = f'"table":{dumps_text(table.name)},"pk":'
+    if len(table.primary_key) == 1:
+        name = f"{{{dumps_text(table.primary_key[0])}:"
+
+        def pk(key: str) -> str:
+            return name + key[1:-1] + "}"
+    else:
+
+        def pk(key: str) -> str:
+            return dumps_text(table.pk_dict(key))
+
+    def splice(key: str, seq: int, vals: str, vers: str) -> bytes:
+        return f'{{"seq":{seq},{head}{pk(key)},"versions":{vers},"values":{vals}}}'.encode()
+
+    return splice

@@ -36,7 +36,7 @@ from hub.audit import Actor
 from hub.database import HubDatabase, custom_merges
 from hub.engine import Conn, dialect_of
 from hub.epoch import count_hub, mark_backup
-from hub.records import last_seq
+from hub.records import complete_values, last_seq
 from hub.scopes import Locator
 from hub.times import utcnow
 from shared.backup import backup as copy_verified
@@ -130,6 +130,7 @@ def apply(hub: HubDatabase, new: Schema, actor: Actor, *, allow_loss: bool = Fal
             [version + 1, new.source, utcnow(), actor.name],
         )
         conn.execute("UPDATE _fieldsync_meta SET value = ? WHERE key = 'schema'", [new.source])
+        complete_values(conn, new, version + 1)  # the columns added: null in each record
         if steps.rescope:
             note_exits(conn, rescope(conn, new))
             conn.execute("UPDATE _fieldsync_nodes SET rescope = 1")

@@ -118,6 +118,7 @@ class HubStore(Protocol):
         include_own: bool = False,
         count: bool = False,
         packed: bool = False,
+        spliced: bool = False,
     ) -> PullPage: ...
 
     def conflicts(
@@ -346,6 +347,7 @@ class SqlHubStore:
         include_own: bool = False,
         count: bool = False,
         packed: bool = False,
+        spliced: bool = False,
     ) -> PullPage:
         return pull.pull(
             self.database,
@@ -355,6 +357,7 @@ class SqlHubStore:
             include_own=include_own,
             count=count,
             packed=packed,
+            spliced=spliced,
         )
 
     def rejected(self, node: str | None = None) -> list[dict[str, Any]]:

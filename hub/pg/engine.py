@@ -92,6 +92,9 @@ class PgDialect(Dialect):
         assert isinstance(conn, PgConn)
         bulk.copy_rows(conn.raw, table, columns, rows)
 
+    def object_length(self, column: str) -> str:
+        return f"(SELECT count(*) FROM json_object_keys({column}::json))"
+
     def json_field(self, column: str, key: str) -> str:
         return f"({column}::json ->> '{key}')"
 
