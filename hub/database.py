@@ -24,6 +24,7 @@ from pathlib import Path
 import sqlite_utils
 
 from hub.engine import Conn, Dialect, Engine, open_engine
+from hub.epoch import open_epoch
 from hub.records import complete_values
 from hub.sqlite_engine import SqliteEngine
 from shared.clock import HybridClock
@@ -71,6 +72,12 @@ class HubDatabase:
                 complete_values(conn, self.schema, self._loaded[0])
                 self._observe(conn)
                 self.engine.changed(conn)
+            #: Whether the hub is served (a new identity when its database is put back
+            #: under it; hub/epoch.py): SqlHubStore says.
+            self.serving = True
+            #: The hub's identity (hub/epoch.py), as SqlHubStore took it on opening.
+            self.epoch = ""
+            self._anchor = self.engine.anchor  # the store takes the identity on opening
         except BaseException:
             self.engine.close()
             raise
@@ -132,9 +139,17 @@ class HubDatabase:
             if self.engine.changed(conn):
                 self.refresh(conn, latest=True)
                 self._observe(conn)
+            anchor, renewed = self.engine.anchor, None
+            if self._put_back():
+                # The database was put back under the running hub (PostgreSQL: a
+                # point-in-time recovery, pg_restore): a new identity, as at a start.
+                renewed = open_epoch(conn)
             yield conn
             if self.before_commit is not None:
                 self.before_commit()
+        self._anchor = anchor
+        if renewed is not None:
+            self.epoch = renewed
 
     def after_write(self) -> None:
         """A push or a compaction committed (SQLite: the WAL back into the file)."""
@@ -197,7 +212,23 @@ class HubDatabase:
     def read(self) -> Iterator[Conn]:
         """A connection for short reads of the newest state."""
         with self.engine.read() as conn:
+            if not self._put_back():
+                yield conn
+                return
+        self._renew()
+        with self.engine.read() as conn:
             yield conn
+
+    def _put_back(self) -> bool:
+        """Whether the newest connection found another database than the hub's: one
+        put back under the running hub (see write)."""
+        return self.serving and self.engine.anchor != self._anchor
+
+    def _renew(self) -> None:
+        """Take the new identity before anything is read there: a read would answer with
+        the old one, and an office would push on past what the copy lacks."""
+        with self.write():
+            pass
 
     @contextmanager
     def snapshot(self, *, long: bool = False) -> Iterator[Conn]:
@@ -208,6 +239,12 @@ class HubDatabase:
         schema version than the one in use takes it first (what it reads may hold the
         new tables and columns).
         """
+        with self.engine.snapshot(long=long) as conn:
+            if not self._put_back():  # PostgreSQL takes the snapshot at the first read
+                self.refresh(conn)
+                yield conn
+                return
+        self._renew()
         with self.engine.snapshot(long=long) as conn:
             self.refresh(conn)
             yield conn

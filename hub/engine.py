@@ -229,6 +229,12 @@ class Engine(Protocol):
         """The database, as messages name it (never a password)."""
         ...
 
+    @property
+    def anchor(self) -> str | None:
+        """What the newest connection found the database to be (Dialect.anchor; None on
+        SQLite): another than before means it was put back under the running hub."""
+        ...
+
     def upgrade(self, conn: Conn) -> None:
         """Bring the hub's own tables up to date, in ``conn``'s write transaction."""
 

@@ -32,6 +32,7 @@ class SqliteEngine:
     """One hub database file (WAL, synchronous=FULL: an answered push is durable)."""
 
     dialect = SQLITE
+    anchor = None  # a file is not put back under a hub serving it (`hub restore` refuses)
 
     def __init__(self, path: str | Path, *, create: bool) -> None:
         self.path = Path(path)

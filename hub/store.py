@@ -209,10 +209,11 @@ class SqlHubStore:
         hub/epoch.py)."""
         # The engine, schema and clock every part below is handed.
         self.database = HubDatabase(db, schema, now=now, create=create)
+        self.database.serving = serving
         try:
             self._ingest = Ingest(self.database, max_future_ms=max_future_ms)
             with self.database.write() as conn:  # the hub's identity (hub/epoch.py)
-                self.epoch = open_epoch(conn, serving=serving)
+                self.database.epoch = open_epoch(conn, serving=serving)
         except BaseException:
             self.database.close()
             raise
@@ -230,6 +231,11 @@ class SqlHubStore:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def epoch(self) -> str:
+        """The hub's identity (hub/epoch.py): new when its database was put back."""
+        return self.database.epoch
 
     @property
     def where(self) -> str:

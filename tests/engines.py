@@ -65,10 +65,10 @@ class PgCluster:
             self._conn = psycopg.connect(self.admin, autocommit=True)
         return self._conn
 
-    def new_database(self, template: str | None = None) -> str:
-        """CREATE DATABASE a new empty database (a copy of ``template`` if given);
-        return its name."""
-        name = f"{self.prefix}{next(self._numbers)}"
+    def new_database(self, template: str | None = None, name: str | None = None) -> str:
+        """CREATE DATABASE a new empty database (a copy of ``template`` if given), named
+        ``name`` or the next free name; return its name."""
+        name = name or f"{self.prefix}{next(self._numbers)}"
         query = SQL("CREATE DATABASE {}").format(Identifier(name))
         if template is not None:
             query = SQL("{} TEMPLATE {}").format(query, Identifier(template))

@@ -251,6 +251,7 @@ class PgEngine:
             weakref.WeakKeyDictionary()
         )
         self._seen_lock = threading.Lock()
+        self.anchor: str | None = None
         self._check(create)
         self.pool = ConnectionPool(
             url,
@@ -259,7 +260,7 @@ class PgEngine:
             # Statements run 5 times are prepared (a push costs half as much); see
             # seen_version for what a schema change in another process asks.
             kwargs={"autocommit": True},
-            configure=_configure,
+            configure=self._configure,
             open=False,
             name="fieldsync",
             timeout=30,
@@ -272,6 +273,13 @@ class PgEngine:
     @property
     def where(self) -> str:
         return self._where
+
+    def _configure(self, raw: psycopg.Connection[Any]) -> None:
+        """Each new pooled connection: the hub's types and stage, and what database it
+        found (a server restarted by a point-in-time recovery, or a database dropped
+        and restored, breaks the connections before: their successors find out)."""
+        _configure(raw)
+        self.anchor = POSTGRES.anchor(PgConn(raw))
 
     def _check(self, create: bool) -> None:
         """Refuse a server we cannot reach, or a database that is not a hub's (and
