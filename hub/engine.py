@@ -46,6 +46,9 @@ class Dialect:
     """SQLite's way of saying what is said differently on PostgreSQL."""
 
     name = "sqlite"
+    #: Whether each statement is a round trip to a server (PostgreSQL), rather than a
+    #: call into the process's own library: then fewer, larger statements pay.
+    remote = False
     #: What a broken constraint (primary key, CHECK, NOT NULL) raises.
     integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hub.database import HubDatabase
-from hub.engine import Conn
+from hub.engine import Conn, dialect_of
 from hub.health import OfficeStatus, office_status
 from hub.migrations import LAG_BUCKET
 from hub.times import utcnow
@@ -185,6 +185,9 @@ def offices(
     return found
 
 
+_OFFICES_PER_READ = 250  # two parameters each: well within SQLite's limit
+
+
 def lags(conn: Conn, cursors: Mapping[str, int]) -> dict[str, int]:
     """Per office: the records after its pull cursor (in ``cursors``) whose latest
     state another office (or the hub) wrote, i.e.::
@@ -228,16 +231,37 @@ def lags(conn: Conn, cursors: Mapping[str, int]) -> dict[str, int]:
         at = bisect_right(runs, bucket)
         return after[origin][at] if at < len(runs) else 0
 
-    found = {}
-    for office, cursor in cursors.items():
-        bucket = cursor // LAG_BUCKET
-        first = conn.execute(
-            "SELECT count(*) FROM _fieldsync_records WHERE seq > ? AND seq < ? "
-            "AND (origin IS NULL OR origin != ?)",
-            [cursor, (bucket + 1) * LAG_BUCKET, office],
-        ).fetchone()[0]
-        found[office] = later("", bucket) - later(office, bucket) + first
-    return found
+    # The cursor's run, counted from the records: on PostgreSQL one statement for many
+    # offices (a statement per office cost 0.04-0.1 ms, 500 offices 20-60 ms), on
+    # SQLite one per office (in process, no round trip: 3-4x faster than the join).
+    first: dict[str, int] = {}
+    listed = list(cursors.items())
+    if not dialect_of(conn).remote:
+        for office, cursor in listed:
+            first[office] = conn.execute(
+                "SELECT count(*) FROM _fieldsync_records WHERE seq > ? AND seq < ? "
+                "AND (origin IS NULL OR origin != ?)",
+                [cursor, (cursor // LAG_BUCKET + 1) * LAG_BUCKET, office],
+            ).fetchone()[0]
+        listed = []
+    for start in range(0, len(listed), _OFFICES_PER_READ):
+        chunk = listed[start : start + _OFFICES_PER_READ]
+        offices = ", ".join("(?, CAST(? AS BIGINT))" for _ in chunk)
+        first.update(
+            conn.execute(
+                f"WITH c (office, cursor) AS (VALUES {offices}) "
+                "SELECT c.office, count(r.seq) FROM c LEFT JOIN _fieldsync_records AS r "
+                f"ON r.seq > c.cursor AND r.seq < (c.cursor / {LAG_BUCKET} + 1) * {LAG_BUCKET} "
+                "AND (r.origin IS NULL OR r.origin != c.office) GROUP BY c.office",
+                [value for pair in chunk for value in pair],
+            ).fetchall()
+        )
+    return {
+        office: later("", cursor // LAG_BUCKET)
+        - later(office, cursor // LAG_BUCKET)
+        + first[office]
+        for office, cursor in cursors.items()
+    }
 
 
 def office(

@@ -68,6 +68,7 @@ class PgDialect(Dialect):
     """PostgreSQL's way of saying what is said differently on SQLite."""
 
     name = "postgres"
+    remote = True
     # DataError: a value the column's type cannot hold (out of range, not a number):
     # set aside like a broken constraint, never a failed push that stalls the office.
     integrity_errors: tuple[type[Exception], ...] = (psycopg.IntegrityError, psycopg.DataError)
