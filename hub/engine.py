@@ -70,10 +70,11 @@ class Dialect:
             chunk = list(values[start : start + size])
             yield f"{column} IN ({', '.join('?' * len(chunk))})", chunk
 
-    def stages(self, count: int) -> bool:
-        """Whether ``count`` rows are written set-based, by :meth:`put_staged` and
-        :meth:`copy_rows` (PostgreSQL, from hub/pg/bulk.py's ``BULK`` rows; SQLite
-        never: in process, ``executemany`` costs no round trips)."""
+    def stages(self, conn: Conn, count: int) -> bool:
+        """Whether ``count`` rows are written on ``conn`` set-based, by :meth:`put_staged`
+        and :meth:`copy_rows` (PostgreSQL, from hub/pg/bulk.py's ``BULK`` rows, on a
+        connection with its staging table; SQLite never: in process, ``executemany``
+        costs no round trips)."""
         return False
 
     def put_staged(self, conn: Conn, rows: Sequence[Sequence[Any]], tables: Iterable[Any]) -> None:

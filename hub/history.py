@@ -33,7 +33,7 @@ Version = tuple[int, int | None, str, str, str, str, str, str | None, str]
 def write_history(conn: Conn, rows: Sequence[Version]) -> None:
     """Keep each version a record went through (see Version)."""
     dialect = dialect_of(conn)
-    if dialect.stages(len(rows)):
+    if dialect.stages(conn, len(rows)):
         columns = ("seq", "prev", "tbl", "pk", "actor", "ts", "op", "vals", "at")
         dialect.copy_rows(conn, "_fieldsync_history", columns, rows)
         return

@@ -36,6 +36,7 @@ RecordWrite = tuple[
 #: ``_fieldsync_meta`` key: the schema version for which every live record's stored
 #: values name every column (see complete_values).
 COMPLETE = "vals_complete"
+_CHUNK = 2000  # records read and rewritten at a time by complete_values
 
 
 def last_seq(conn: Conn) -> int:
@@ -115,7 +116,7 @@ def write_records(conn: Conn, schema: Schema, records: Iterable[RecordWrite]) ->
         )
         mirrored.setdefault(table.name, []).append((pk, None if state.deleted else state.values))
     dialect = dialect_of(conn)
-    if dialect.stages(len(rows)):
+    if dialect.stages(conn, len(rows)):
         dialect.put_staged(conn, rows, [schema.tables[name] for name in mirrored])
         for name, records_of_table in mirrored.items():  # the deleted ones
             gone = [(pk, values) for pk, values in records_of_table if values is None]
@@ -151,20 +152,25 @@ def complete_values(conn: Conn, schema: Schema, version: int) -> int:
     count = dialect_of(conn).object_length("vals")
     fixed = 0
     for table in schema.tables.values():
-        found = conn.execute(
-            f"SELECT pk, vals FROM _fieldsync_records WHERE tbl = ? AND deleted = 0 "
-            f"AND {count} <> ?",
-            [table.name, len(table.column_names)],
-        ).fetchall()
-        rewritten = []
-        for key, vals in found:
-            values = loads(vals)
-            values.update(dict.fromkeys(_lacking(table, values)))
-            rewritten.append((dumps_text(values), table.name, key))
-        conn.executemany(
-            "UPDATE _fieldsync_records SET vals = ? WHERE tbl = ? AND pk = ?", rewritten
-        )
-        fixed += len(rewritten)
+        after = ""  # in key order, a chunk at a time: memory stays bounded
+        while True:
+            found = conn.execute(
+                f"SELECT pk, vals FROM _fieldsync_records WHERE tbl = ? AND pk > ? "
+                f"AND deleted = 0 AND {count} <> ? ORDER BY pk LIMIT {_CHUNK}",
+                [table.name, after, len(table.column_names)],
+            ).fetchall()
+            if not found:
+                break
+            rewritten = []
+            for key, vals in found:
+                values = loads(vals)
+                values.update(dict.fromkeys(_lacking(table, values)))
+                rewritten.append((dumps_text(values), table.name, key))
+            conn.executemany(
+                "UPDATE _fieldsync_records SET vals = ? WHERE tbl = ? AND pk = ?", rewritten
+            )
+            fixed += len(rewritten)
+            after = found[-1][0]
     conn.execute(
         "INSERT INTO _fieldsync_meta (key, value) VALUES (?, ?) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",

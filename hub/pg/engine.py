@@ -80,8 +80,8 @@ class PgDialect(Dialect):
         if values:
             yield f"{column} = ANY(?)", [_Texts(values)]
 
-    def stages(self, count: int) -> bool:
-        return count >= bulk.BULK
+    def stages(self, conn: Conn, count: int) -> bool:
+        return count >= bulk.BULK and isinstance(conn, PgConn) and conn.raw in bulk.STAGED
 
     def put_staged(self, conn: Conn, rows: Sequence[Sequence[Any]], tables: Iterable[Any]) -> None:
         assert isinstance(conn, PgConn)
@@ -116,12 +116,15 @@ class PgDialect(Dialect):
         ]
 
     def anchor(self, conn: Conn) -> str | None:
+        # The timeline of the WAL being written now: pg_control_checkpoint() says the
+        # last checkpoint's, which after a promotion stays the old one until the next
+        # checkpoint ends, minutes later. (During recovery this fails: no hub there.)
         row = conn.execute(
             "SELECT (SELECT system_identifier FROM pg_control_system()), "
-            "(SELECT timeline_id FROM pg_control_checkpoint()), "
+            "substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), "
             "(SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
-        return "/".join(str(part) for part in row)
+        return f"{row[0]}/{int(row[1], 16)}/{row[2]}"
 
     def mirror_row(self, table: Table, row: list[Any]) -> list[Any]:
         wrap = _jsonb_columns(table)
@@ -237,7 +240,6 @@ class _BoolDumper(Dumper):
 def _configure(raw: psycopg.Connection[Any]) -> None:
     raw.adapters.register_dumper(bool, _BoolDumper)
     raw.adapters.register_dumper(_Texts, ListBinaryDumper)
-    bulk.make_stage(raw)
 
 
 class PgEngine:
@@ -280,6 +282,7 @@ class PgEngine:
         found (a server restarted by a point-in-time recovery, or a database dropped
         and restored, breaks the connections before: their successors find out)."""
         _configure(raw)
+        bulk.make_stage(raw)
         self.anchor = POSTGRES.anchor(PgConn(raw))
 
     def _check(self, create: bool) -> None:

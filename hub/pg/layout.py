@@ -370,7 +370,7 @@ def _refuse_strays(conn: psycopg.Connection[Any]) -> None:
     found = conn.execute(
         "SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class "
         "WHERE relkind IN ('r', 'p') AND relname LIKE '\\_fieldsync\\_%' "
-        "AND pg_table_is_visible(oid)"
+        "AND relpersistence <> 't' AND pg_table_is_visible(oid)"
     ).fetchone()
     if found is not None and found[0] is not None:
         raise FieldsyncError(
