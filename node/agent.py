@@ -432,6 +432,9 @@ class SyncAgent:
                         pass  # met again, and reported, when it is that batch's turn
                     if ahead and ahead[0].seq <= stop_at:
                         body = self.client.prepare_push(ahead)
+                # And what acknowledging this one will write, so that little is left
+                # once the hub answers (after the last batch, the sync waits for that).
+                self.store.prepare_ack(batch)
                 try:
                     result = request.result()
                 except ClockSkewError as exc:

@@ -245,6 +245,10 @@ class NodeStore:
         if changes:
             self._checkpointer.poke()
 
+    def prepare_ack(self, changes: Sequence[Change]) -> None:
+        """Work out ahead what acknowledging ``changes`` writes (see :meth:`Outbox.prepare_ack`)."""
+        self.outbox.prepare_ack(changes)
+
     def drop_change(self, seq: int) -> bool:
         """Discard one queued or rejected change (see :meth:`Outbox.drop_change`)."""
         return self.outbox.drop_change(seq)

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import sqlite_utils
 
-from node.outbox import ROWS_PER_WRITE
+from node.outbox import ROWS_PER_WRITE, kept_changes
 from node.store import NodeStore, trigger_sql
 from shared.clock import COUNTER_BITS, Timestamp
 from shared.errors import ProtocolError, StoreError
-from shared.protocol import PullPage, PullRow
+from shared.protocol import PullPage, PullRow, Rejection
 from shared.schema import EXISTS, Schema
 from shared.sqlite import write
 
@@ -665,6 +665,55 @@ def test_mark_acked_forgets_changes_and_records_versions(store: NodeStore, path:
     store.mark_acked(1, [])
     acked = store.db.conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
     assert acked == dele.seq
+
+
+def _acked_state(store: NodeStore) -> tuple[Any, ...]:
+    conn = store.db.conn
+    return (
+        conn.execute("SELECT * FROM _fieldsync_versions ORDER BY tbl, pk").fetchall(),
+        conn.execute("SELECT * FROM _fieldsync_changes ORDER BY seq").fetchall(),
+        conn.execute("SELECT seq, first, count FROM _fieldsync_sent ORDER BY seq").fetchall(),
+        list(kept_changes(conn, 0)),
+        conn.execute("SELECT seq, reason FROM _fieldsync_rejected ORDER BY seq").fetchall(),
+        conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone(),
+    )
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["all-taken", "one-rejected"])
+def test_an_acknowledgement_worked_out_ahead_writes_what_one_worked_out_after_does(
+    store: NodeStore, path: Path, tmp_path: Path, refused: bool
+) -> None:
+    k = ROWS_PER_WRITE
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c0', 'A'), ('gone', 'G')")
+    first = store.pending(10)
+    store.mark_acked(first[-1].seq, first)
+    with plain(path) as conn:  # each record once: an update, inserts, a delete
+        conn.execute("UPDATE cases SET family_name = 'B' WHERE id = 'c0'")
+        conn.executemany(
+            "INSERT INTO cases (id, household_size) VALUES (?, ?)",
+            [(f"c{i}", i) for i in range(1, 2 * k + 3)],
+        )
+        conn.execute("DELETE FROM cases WHERE id = 'gone'")
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(copy) as target:
+        store.db.conn.backup(target)
+    target.close()
+    other = NodeStore(copy)
+    try:
+        ahead, after = store.pending(10 * k), other.pending(10 * k)
+        assert len(ahead) == 2 * k + 4 and ahead.once_each()
+        rejected = [Rejection(ahead[k + 1].seq, "refused")] if refused else []
+        store.prepare_ack(ahead)  # while the hub works on the batch
+        store.mark_acked(ahead[-1].seq, ahead, rejected)
+        # The other copy works everything out from the stored versions, once answered.
+        other.mark_acked(after[-1].seq, list(after), rejected)
+        assert _acked_state(store) == _acked_state(other)
+    finally:
+        other.close()
+    kept = [c.seq for c in kept_changes(store.db.conn, first[-1].seq)]
+    assert kept == [c.seq for c in ahead if not rejected or c.seq != rejected[0].seq]
+    assert versions(store, "cases", ["c0"])["family_name"] == str(ahead[0].ts)  # type: ignore[index]
 
 
 def test_pulls_resume_for_a_record_once_its_changes_are_acked(store: NodeStore, path: Path) -> None:
