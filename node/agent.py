@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from node import restore, schema_sync, status as sync_status
 from node.client import HubClient, HubClock
 from node.compact import compact_if_due
+from node.inbox import Checked
 from node.schedule import local_now, run_agent
 from node.store import HubSettings, NodeStore
 from shared.clock import now_ms
@@ -351,14 +352,15 @@ class SyncAgent:
         total = 0
         mark = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
-            ahead: tuple[Future[PullPage], int] | None = None
+            ahead: tuple[Future[tuple[PullPage, Checked | None]], int] | None = None
             while True:
+                plans = None
                 if first is not None:
                     page, sent = first
                     first = None
                 elif ahead is not None:
                     request, sent = ahead
-                    page = request.result()
+                    page, plans = request.result()
                 else:
                     sent = self._now()
                     page = self.client.pull(
@@ -389,18 +391,23 @@ class SyncAgent:
                 checked = True
                 if page.more:  # fetch the next page while this one is applied
                     repull = self.store.repull
-                    ahead = (
-                        pool.submit(
-                            self.client.pull, page.cursor, self.page_size, include_own=repull
-                        ),
-                        self._now(),
-                    )
+                    ahead = (pool.submit(self._fetch_page, page.cursor, repull), self._now())
                 total = max(total, page.remaining or 0)
-                report.pulled += self.store.apply_page(page)
+                report.pulled += self.store.apply_page(page, plans)
                 progress("pull", report.pulled, max(total, report.pulled))
                 if not page.more:
                     break
         return mark
+
+    def _fetch_page(self, cursor: int, include_own: bool) -> tuple[PullPage, Checked | None]:
+        """The pull page after ``cursor``, asked for ahead, and checked in the same
+        thread while the page before is written (None: the check failed; it is made
+        again, and the page refused, in its turn, after the checks that come first)."""
+        page = self.client.pull(cursor, self.page_size, include_own=include_own)
+        try:
+            return page, self.store.check_page(page)
+        except Exception:  # whatever it is, met again when the page is applied
+            return page, None
 
     def _push_all(self, report: SyncReport, progress: Progress) -> None:
         """Push what was pending when the sync began, counting into ``report``.

@@ -15,7 +15,7 @@ import pytest
 from node.agent import SyncAgent
 from node.store import NodeStore
 from shared.clock import Timestamp, now_ms
-from shared.errors import ClockSkewError, DivergedError, HubRejectedError
+from shared.errors import ClockSkewError, DivergedError, HubRejectedError, ProtocolError
 from shared.protocol import Change, PullPage, PullRow
 from tests.fakes import FakeHub
 
@@ -233,3 +233,33 @@ def test_a_page_answered_for_another_office_is_not_applied(office):
     assert office.rows("cases") == []
     assert office.cursor == 0
     assert status_code(office) == "forbidden"
+
+
+def test_a_page_fetched_ahead_is_refused_in_its_turn_after_the_checks_before_it(office):
+    # Pages after the first are fetched, and checked, while the one before is written:
+    # a bad record refuses its page only once the pages before it are applied, and a
+    # page answered for another office is refused as such first.
+    columns = office.schema.table("cases").column_names
+    stamp = str(Timestamp(now_ms() << 16, "almaty"))
+
+    def row(seq, key, **values):
+        return PullRow(
+            seq, "cases", {"id": key}, dict.fromkeys(columns) | values | {"id": key}, stamp
+        )
+
+    good = PullPage([row(1, "c1")], 1, True, now_ms(), "astana")
+    bad = PullPage([row(2, "c2", household_size="three")], 2, False, now_ms(), "astana")
+    hub = FakeHub()
+    hub.answer("pull", good, bad)
+    with pytest.raises(ProtocolError, match="household_size holds INTEGER values"):
+        SyncAgent(office, hub).sync_once()
+    assert [r["id"] for r in office.rows("cases")] == ["c1"]
+    assert office.cursor == 1
+
+    stranger = PullPage([row(3, "c3", household_size="three")], 3, False, now_ms(), "almaty")
+    hub = FakeHub()
+    hub.answer("pull", PullPage([row(2, "c2")], 2, True, now_ms(), "astana"), stranger)
+    with pytest.raises(HubRejectedError, match="belongs to office 'almaty'"):
+        SyncAgent(office, hub).sync_once()
+    assert [r["id"] for r in office.rows("cases")] == ["c1", "c2"]
+    assert office.cursor == 2

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import sqlite_utils
+from msgspec.structs import replace
 
+from node import inbox
 from node.outbox import ROWS_PER_WRITE, kept_changes
 from node.store import NodeStore, trigger_sql
 from shared.clock import COUNTER_BITS, Timestamp
@@ -578,6 +580,39 @@ def test_apply_page_rejects_a_bad_record_and_writes_nothing(store: NodeStore) ->
         store.apply_page(_page([good, bad_version], 2))
     assert store.rows("cases") == []
     assert store.cursor == 0
+
+
+def test_apply_page_names_the_first_bad_record_in_seq_order(store: NodeStore) -> None:
+    # The stamps of a page are checked in one go: a page with a bad one is checked
+    # again record by record, so the record named is still the first bad one.
+    bad_stamp = PullRow(2, "cases", {"id": "c2"}, full(id="c2"), "yesterday")
+    bad_value = PullRow(3, "cases", {"id": "c3"}, full(id="c3", household_size="three"), {})
+    unknown = PullRow(3, "people", {"id": "p1"}, {"id": "p1"}, {})
+    for rows, expected in [
+        ([bad_value, bad_stamp], "a version is not a stamp"),
+        ([replace(bad_value, seq=1), bad_stamp], "household_size holds INTEGER"),
+        ([unknown, bad_stamp], "a version is not a stamp"),
+        ([replace(unknown, seq=1), bad_stamp], "unknown table 'people'"),
+    ]:
+        good = _row(4, "c4", {"family_name": "A"})
+        with pytest.raises(ProtocolError, match=expected):
+            store.apply_page(_page([good, *rows], 4))
+    assert store.rows("cases") == [] and store.cursor == 0
+
+
+def test_a_page_checked_ahead_is_checked_again_against_another_schema_or_page(
+    store: NodeStore,
+) -> None:
+    good = _page([_row(1, "c1", {"family_name": "A"})], 1)
+    bad = _page([PullRow(1, "cases", {"id": "c1"}, full(id="c1"), "yesterday")], 1)
+    with pytest.raises(ProtocolError, match="cannot take"):
+        store.apply_page(bad, store.check_page(good))  # checked, but another page
+    other = Schema.from_toml(store.schema.source)
+    with pytest.raises(ProtocolError, match="cannot take"):
+        store.apply_page(bad, inbox.Checked(list(store.check_page(good)), bad, other))
+    assert store.rows("cases") == [] and store.cursor == 0
+    assert store.apply_page(good, store.check_page(good)) == 1
+    assert store.cursor == 1
 
 
 def test_apply_page_takes_a_packed_version_for_every_column(store: NodeStore) -> None:
