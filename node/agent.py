@@ -52,6 +52,11 @@ log = logging.getLogger("fieldsync.agent")
 # on the wire. On a very slow or often-cut link, `node sync --batch-size` sends less.
 DEFAULT_BATCH_SIZE = 5000
 DEFAULT_PAGE_SIZE = 5000
+# The first batch of a push holds at most this many changes: the hub starts on it
+# while the office reads and encodes the next one, rather than waiting for a whole
+# batch to be read first (30,000 changes: the first request leaves after about 20 ms
+# rather than 60).
+FIRST_BATCH_SIZE = 1000
 # A larger clock error than this is shown by `node status`.
 LARGE_OFFSET_MS = 60_000
 
@@ -421,7 +426,7 @@ class SyncAgent:
         batch_size = self.batch_size
         restamped = renumbered = False
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-push") as pool:
-            batch = self.store.pending(batch_size)
+            batch = self.store.pending(min(batch_size, FIRST_BATCH_SIZE))
             request: Future[PushResult] | None = None
             sent = 0
             while batch and batch[0].seq <= stop_at:

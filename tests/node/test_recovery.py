@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from node.agent import SyncAgent
+from node.agent import FIRST_BATCH_SIZE, SyncAgent
 from node.store import NodeStore
 from shared.clock import Timestamp, now_ms
 from shared.errors import ClockSkewError, DivergedError, HubRejectedError, ProtocolError
@@ -173,6 +173,21 @@ def test_office_ahead_of_a_restored_hub_follows_its_cursor_and_keeps_its_numbers
     assert office.cursor == 2
     assert office.last_seq() == 4
     assert {r["id"] for r in office.rows("cases")} == {"c1", "c2", "c3", "c4", "c9"}
+
+
+# -- batches ------------------------------------------------------------------------
+
+
+def test_the_first_batch_is_small_so_the_hub_starts_while_the_next_is_read(office):
+    add_cases(office, *(f"c{i}" for i in range(FIRST_BATCH_SIZE + 2 * 7 + 1)))
+    hub = FakeHub()
+    SyncAgent(office, hub, batch_size=7).sync_once()  # never more than asked for
+    assert [len(p) for p in hub.pushes()][:2] == [7, 7]
+    add_cases(office, *(f"d{i}" for i in range(FIRST_BATCH_SIZE + 5)))
+    hub = FakeHub(acked=office.last_seq() - FIRST_BATCH_SIZE - 5)
+    SyncAgent(office, hub).sync_once()
+    assert [len(p) for p in hub.pushes()] == [FIRST_BATCH_SIZE, 5]
+    assert office.pending_count() == 0
 
 
 # -- too large ----------------------------------------------------------------------
