@@ -356,16 +356,18 @@ class SyncAgent:
         checked = resynced = False
         total = 0
         mark = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
-            ahead: tuple[Future[tuple[PullPage, Checked | None]], int] | None = None
+        # Two threads: the next page is asked for as soon as the page before arrives,
+        # while that one is still checked (see _fetch_page).
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fieldsync-pull") as pool:
+            ahead: tuple[Future[PullPage], Future[Checked | None], int] | None = None
             while True:
-                plans = None
+                plans: Future[Checked | None] | None = None
                 if first is not None:
                     page, sent = first
                     first = None
                 elif ahead is not None:
-                    request, sent = ahead
-                    page, plans = request.result()
+                    arrived, plans, sent = ahead
+                    page = arrived.result()
                 else:
                     sent = self._now()
                     page = self.client.pull(
@@ -396,23 +398,33 @@ class SyncAgent:
                 checked = True
                 if page.more:  # fetch the next page while this one is applied
                     repull = self.store.repull
-                    ahead = (pool.submit(self._fetch_page, page.cursor, repull), self._now())
+                    coming: Future[PullPage] = Future()
+                    checking = pool.submit(self._fetch_page, page.cursor, repull, coming)
+                    ahead = (coming, checking, self._now())
                 total = max(total, page.remaining or 0)
-                report.pulled += self.store.apply_page(page, plans)
+                report.pulled += self.store.apply_page(page, plans.result() if plans else None)
                 progress("pull", report.pulled, max(total, report.pulled))
                 if not page.more:
                     break
         return mark
 
-    def _fetch_page(self, cursor: int, include_own: bool) -> tuple[PullPage, Checked | None]:
-        """The pull page after ``cursor``, asked for ahead, and checked in the same
-        thread while the page before is written (None: the check failed; it is made
-        again, and the page refused, in its turn, after the checks that come first)."""
-        page = self.client.pull(cursor, self.page_size, include_own=include_own)
+    def _fetch_page(
+        self, cursor: int, include_own: bool, arrived: Future[PullPage]
+    ) -> Checked | None:
+        """Ask for the pull page after ``cursor`` (ahead, while the page before is
+        written), hand it over through ``arrived`` as soon as it comes, then check it
+        (None: the check failed; it is made again, and the page refused, in its turn,
+        after the checks that come first)."""
         try:
-            return page, self.store.check_page(page)
+            page = self.client.pull(cursor, self.page_size, include_own=include_own)
+        except BaseException as exc:
+            arrived.set_exception(exc)
+            raise
+        arrived.set_result(page)
+        try:
+            return self.store.check_page(page)
         except Exception:  # whatever it is, met again when the page is applied
-            return page, None
+            return None
 
     def _push_all(self, report: SyncReport, progress: Progress) -> None:
         """Push what was pending when the sync began, counting into ``report``.

@@ -15,7 +15,13 @@ import pytest
 from node.agent import FIRST_BATCH_SIZE, SyncAgent
 from node.store import NodeStore
 from shared.clock import Timestamp, now_ms
-from shared.errors import ClockSkewError, DivergedError, HubRejectedError, ProtocolError
+from shared.errors import (
+    ClockSkewError,
+    DivergedError,
+    HubRejectedError,
+    HubUnavailableError,
+    ProtocolError,
+)
 from shared.protocol import Change, PullPage, PullRow
 from tests.fakes import FakeHub
 
@@ -278,3 +284,11 @@ def test_a_page_fetched_ahead_is_refused_in_its_turn_after_the_checks_before_it(
         SyncAgent(office, hub).sync_once()
     assert [r["id"] for r in office.rows("cases")] == ["c1", "c2"]
     assert office.cursor == 2
+
+    hub = FakeHub()  # and a page that never comes is the sync's error, as it was
+    hub.answer(
+        "pull", PullPage([row(3, "c3")], 3, True, now_ms(), "astana"), HubUnavailableError("gone")
+    )
+    with pytest.raises(HubUnavailableError, match="gone"):
+        SyncAgent(office, hub).sync_once()
+    assert office.cursor == 3
