@@ -126,6 +126,9 @@ class SyncAgent:
         self._watch: restore.Watch | None = None  # the hub's identity (node/restore.py)
         # The last status report the hub accepted, and when (node/status.py: report_due).
         self._reported: tuple[StatusReport, float] | None = None
+        # Whether this sync shows its progress: only then is the hub asked to count
+        # what is left to pull (a query over every record after the cursor).
+        self._counting = False
 
     def sync_once(self, progress: Progress | None = None) -> SyncReport:
         """Push every pending change, then pull until the hub has nothing more.
@@ -142,6 +145,7 @@ class SyncAgent:
             ) from None
         try:
             self._reconnect()
+            self._counting = progress is not None
             report = self._sync(progress or (lambda phase, done, total: None))
             compact_if_due(self.store.db, self.store.schema, self.store.path)
             return report
@@ -254,7 +258,10 @@ class SyncAgent:
         sent = self._now()
         try:
             page = self.client.pull(
-                self.store.cursor, self.page_size, include_own=self.store.repull, count=True
+                self.store.cursor,
+                self.page_size,
+                include_own=self.store.repull,
+                count=self._counting,
             )
         except HubRejectedError as exc:
             if exc.code != "refused":  # another schema version at the hub: full path
@@ -374,7 +381,7 @@ class SyncAgent:
                         self.store.cursor,
                         self.page_size,
                         include_own=self.store.repull,
-                        count=not checked,
+                        count=not checked and self._counting,
                     )
                 ahead = None
                 self._check_identity(page.node, page.epoch)

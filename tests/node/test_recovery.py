@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from node.agent import FIRST_BATCH_SIZE, SyncAgent
 from node.store import NodeStore
@@ -194,6 +195,22 @@ def test_the_first_batch_is_small_so_the_hub_starts_while_the_next_is_read(offic
     SyncAgent(office, hub).sync_once()
     assert [len(p) for p in hub.pushes()] == [FIRST_BATCH_SIZE, 5]
     assert office.pending_count() == 0
+
+
+def test_the_hub_counts_what_is_left_to_pull_only_for_a_sync_that_shows_it(office):
+    asked: list[bool] = []
+
+    class CountingHub(FakeHub):
+        def pull(self, cursor, limit, *, include_own=False, count=False):
+            asked.append(count)
+            page = super().pull(cursor, limit, include_own=include_own, count=count)
+            return replace(page, remaining=7 if count else None)
+
+    shown: list[tuple[str, int, int]] = []
+    SyncAgent(office, CountingHub()).sync_once()  # as `node run` syncs
+    SyncAgent(office, CountingHub()).sync_once(lambda *step: shown.append(step))
+    assert asked == [False, True]
+    assert shown == [("pull", 0, 7)]
 
 
 # -- too large ----------------------------------------------------------------------
