@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from node import restore, schema_sync, status as sync_status
 from node.client import HubClient, HubClock
 from node.compact import compact_if_due
+from node.inbox import Checked
 from node.schedule import local_now, run_agent
 from node.store import HubSettings, NodeStore
 from shared.clock import now_ms
@@ -51,6 +52,11 @@ log = logging.getLogger("fieldsync.agent")
 # on the wire. On a very slow or often-cut link, `node sync --batch-size` sends less.
 DEFAULT_BATCH_SIZE = 5000
 DEFAULT_PAGE_SIZE = 5000
+# The first batch of a push holds at most this many changes: the hub starts on it
+# while the office reads and encodes the next one, rather than waiting for a whole
+# batch to be read first (30,000 changes: the first request leaves after about 20 ms
+# rather than 60).
+FIRST_BATCH_SIZE = 1000
 # A larger clock error than this is shown by `node status`.
 LARGE_OFFSET_MS = 60_000
 
@@ -120,6 +126,9 @@ class SyncAgent:
         self._watch: restore.Watch | None = None  # the hub's identity (node/restore.py)
         # The last status report the hub accepted, and when (node/status.py: report_due).
         self._reported: tuple[StatusReport, float] | None = None
+        # Whether this sync shows its progress: only then is the hub asked to count
+        # what is left to pull (a query over every record after the cursor).
+        self._counting = False
 
     def sync_once(self, progress: Progress | None = None) -> SyncReport:
         """Push every pending change, then pull until the hub has nothing more.
@@ -136,6 +145,7 @@ class SyncAgent:
             ) from None
         try:
             self._reconnect()
+            self._counting = progress is not None
             report = self._sync(progress or (lambda phase, done, total: None))
             compact_if_due(self.store.db, self.store.schema, self.store.path)
             return report
@@ -248,7 +258,10 @@ class SyncAgent:
         sent = self._now()
         try:
             page = self.client.pull(
-                self.store.cursor, self.page_size, include_own=self.store.repull, count=True
+                self.store.cursor,
+                self.page_size,
+                include_own=self.store.repull,
+                count=self._counting,
             )
         except HubRejectedError as exc:
             if exc.code != "refused":  # another schema version at the hub: full path
@@ -350,22 +363,25 @@ class SyncAgent:
         checked = resynced = False
         total = 0
         mark = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-pull") as pool:
-            ahead: tuple[Future[PullPage], int] | None = None
+        # Two threads: the next page is asked for as soon as the page before arrives,
+        # while that one is still checked (see _fetch_page).
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fieldsync-pull") as pool:
+            ahead: tuple[Future[PullPage], Future[Checked | None], int] | None = None
             while True:
+                plans: Future[Checked | None] | None = None
                 if first is not None:
                     page, sent = first
                     first = None
                 elif ahead is not None:
-                    request, sent = ahead
-                    page = request.result()
+                    arrived, plans, sent = ahead
+                    page = arrived.result()
                 else:
                     sent = self._now()
                     page = self.client.pull(
                         self.store.cursor,
                         self.page_size,
                         include_own=self.store.repull,
-                        count=not checked,
+                        count=not checked and self._counting,
                     )
                 ahead = None
                 self._check_identity(page.node, page.epoch)
@@ -389,18 +405,33 @@ class SyncAgent:
                 checked = True
                 if page.more:  # fetch the next page while this one is applied
                     repull = self.store.repull
-                    ahead = (
-                        pool.submit(
-                            self.client.pull, page.cursor, self.page_size, include_own=repull
-                        ),
-                        self._now(),
-                    )
+                    coming: Future[PullPage] = Future()
+                    checking = pool.submit(self._fetch_page, page.cursor, repull, coming)
+                    ahead = (coming, checking, self._now())
                 total = max(total, page.remaining or 0)
-                report.pulled += self.store.apply_page(page)
+                report.pulled += self.store.apply_page(page, plans.result() if plans else None)
                 progress("pull", report.pulled, max(total, report.pulled))
                 if not page.more:
                     break
         return mark
+
+    def _fetch_page(
+        self, cursor: int, include_own: bool, arrived: Future[PullPage]
+    ) -> Checked | None:
+        """Ask for the pull page after ``cursor`` (ahead, while the page before is
+        written), hand it over through ``arrived`` as soon as it comes, then check it
+        (None: the check failed; it is made again, and the page refused, in its turn,
+        after the checks that come first)."""
+        try:
+            page = self.client.pull(cursor, self.page_size, include_own=include_own)
+        except BaseException as exc:
+            arrived.set_exception(exc)
+            raise
+        arrived.set_result(page)
+        try:
+            return self.store.check_page(page)
+        except Exception:  # whatever it is, met again when the page is applied
+            return None
 
     def _push_all(self, report: SyncReport, progress: Progress) -> None:
         """Push what was pending when the sync began, counting into ``report``.
@@ -414,7 +445,7 @@ class SyncAgent:
         batch_size = self.batch_size
         restamped = renumbered = False
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldsync-push") as pool:
-            batch = self.store.pending(batch_size)
+            batch = self.store.pending(min(batch_size, FIRST_BATCH_SIZE))
             request: Future[PushResult] | None = None
             sent = 0
             while batch and batch[0].seq <= stop_at:
@@ -432,6 +463,9 @@ class SyncAgent:
                         pass  # met again, and reported, when it is that batch's turn
                     if ahead and ahead[0].seq <= stop_at:
                         body = self.client.prepare_push(ahead)
+                # And what acknowledging this one will write, so that little is left
+                # once the hub answers (after the last batch, the sync waits for that).
+                self.store.prepare_ack(batch)
                 try:
                     result = request.result()
                 except ClockSkewError as exc:

@@ -12,6 +12,7 @@ record only the checks a record from the network needs.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import sqlite_utils
@@ -22,7 +23,7 @@ from shared.clock import are_stamps
 from shared.errors import ProtocolError
 from shared.protocol import PullPage, PullRow
 from shared.schema import Schema, Table
-from shared.sqlite import put_rows, write
+from shared.sqlite import delete_sql, put_rows, upsert_sql, write
 
 
 def _drop_unbrought(conn: Any, schema: Schema, pending: set[tuple[str, str]]) -> None:
@@ -61,49 +62,122 @@ def start_resync(db: sqlite_utils.Database) -> None:
         )
 
 
-# A pulled record to write: its table, key, row, versions as stored, newest stamp.
-_Plan = tuple[Table, str, PullRow, str, str]
+# A pulled record to write: its table, key, row, versions as stored, newest stamp, and
+# its cells as written (the row in column order; its key's values for a record gone).
+_Plan = tuple[Table, str, PullRow, str, str, list[Any]]
+_SEQ = operator.attrgetter("seq")
 
 
-def apply_page(db: sqlite_utils.Database, schema: Schema, page: PullPage) -> int:
+class Checked(list[_Plan]):
+    """A pulled page checked whole against ``schema`` (:func:`check_page`), ready to
+    apply: each record's plan, in ``seq`` order."""
+
+    def __init__(self, plans: list[_Plan], page: PullPage, schema: Schema) -> None:
+        super().__init__(plans)
+        self.page = page
+        self.schema = schema
+
+
+def check_page(schema: Schema, page: PullPage) -> Checked:
+    """Check every record of ``page``; raise ProtocolError naming the first one, in
+    ``seq`` order, that this office cannot take.
+
+    Pure (no database): the agent checks the next page in the thread that fetched it,
+    while the one before is written.
+    """
+    rows = sorted(page.rows, key=_SEQ)
+    plans = _quick_plans(schema, rows)
+    if plans is None:  # something is wrong: found, and worded, one record at a time
+        plans = [_plan(schema, row) for row in rows]
+    return Checked(plans, page, schema)
+
+
+def _quick_plans(schema: Schema, rows: list[PullRow]) -> list[_Plan] | None:
+    """What :func:`_plan` gives for each of ``rows``, with the versions' stamps checked
+    in one go for the page; None if any record fails a check (then :func:`_plan` says
+    which, and how)."""
+    tables = schema.tables
+    stamps: set[Any] = set()
+    plans: list[_Plan] = []
+    try:
+        for row in rows:
+            table = tables.get(row.table)
+            if table is None:
+                return None
+            pk = table.check_pk(row.pk)
+            key = table.pk_key(pk)
+            values = row.values
+            if row.gone or values is None:
+                cells = [pk[name] for name in table.primary_key]
+                if row.gone:
+                    plans.append((table, key, row, "", "", cells))
+                    continue
+            else:
+                table.check_values(values)
+                cells = table.row(pk, values)
+            given = row.versions
+            if isinstance(given, str):  # packed: every column has this one
+                stamps.add(given)
+                # Stored as Table.pack_versions would; a stamp needs no JSON escapes.
+                plans.append((table, key, row, f'"{given}"', given, cells))
+                continue
+            found = set(given.values())
+            stamps |= found
+            newest = max(found) if found else ""
+            plans.append((table, key, row, table.pack_versions(given, found), newest, cells))
+    except Exception:  # whatever it is, _plan meets it again and words it
+        return None
+    return plans if are_stamps(stamps) else None
+
+
+def _plan(schema: Schema, row: PullRow) -> _Plan:
+    """The plan of one pulled record; ProtocolError if this office cannot take it."""
+    try:
+        table = schema.table(row.table)
+        pk = table.check_pk(row.pk)
+        key = table.pk_key(pk)
+        cells = [pk[name] for name in table.primary_key]
+        if row.gone:
+            return (table, key, row, "", "", cells)
+        if row.values is not None:
+            table.check_values(row.values)
+            cells = table.row(pk, row.values)
+        given = row.versions
+        if isinstance(given, str):  # packed: every column has this one
+            stamps: set[Any] = {given}
+        else:
+            try:
+                stamps = set(given.values())  # mostly one: an insert's
+            except TypeError:  # not text: refused just below
+                stamps = {None}
+        if not are_stamps(stamps):
+            raise ValueError("a version is not a stamp")
+    except (ValueError, KeyError) as exc:
+        raise ProtocolError(f"the hub sent a record this office cannot take: {exc}") from exc
+    # Stored as Table.pack_versions would; a stamp needs no JSON escapes.
+    packed = f'"{given}"' if isinstance(given, str) else table.pack_versions(given, stamps)
+    return (table, key, row, packed, max(stamps) if stamps else "", cells)
+
+
+def apply_page(
+    db: sqlite_utils.Database, schema: Schema, page: PullPage, checked: Checked | None = None
+) -> int:
     """Apply pulled records and save the next cursor.
 
-    The page is checked whole first, then applied in transactions of at most
-    ROWS_PER_WRITE records, in the hub's ``seq`` order (so that other programs wait
-    less for the write lock): each saves, with its records, the cursor just before the
-    next record of the page, the last one the page's own cursor. An interrupted page is
-    pulled again from where it stopped.
+    The page is checked whole first (``checked``: :func:`check_page` did it already),
+    then applied in transactions of at most ROWS_PER_WRITE records, in the hub's ``seq``
+    order (so that other programs wait less for the write lock): each saves, with its
+    records, the cursor just before the next record of the page, the last one the
+    page's own cursor. An interrupted page is pulled again from where it stopped.
 
     A record with unpushed local changes is left alone: the local edit is kept
     and pushed next, and the hub decides. A record that left the office's scope
     (``gone``) is dropped, and no delete is captured. Returns how many records
     were applied.
     """
-    plans: list[_Plan] = []
-    for row in sorted(page.rows, key=lambda row: row.seq):
-        try:
-            table = schema.table(row.table)
-            key = table.pk_key(table.check_pk(row.pk))
-            if row.gone:
-                plans.append((table, key, row, "", ""))
-                continue
-            if row.values is not None:
-                table.check_values(row.values)
-            given = row.versions
-            if isinstance(given, str):  # packed: every column has this one
-                stamps: set[Any] = {given}
-            else:
-                try:
-                    stamps = set(given.values())  # mostly one: an insert's
-                except TypeError:  # not text: refused just below
-                    stamps = {None}
-            if not are_stamps(stamps):
-                raise ValueError("a version is not a stamp")
-        except (ValueError, KeyError) as exc:
-            raise ProtocolError(f"the hub sent a record this office cannot take: {exc}") from exc
-        # Stored as Table.pack_versions would; a stamp needs no JSON escapes.
-        packed = f'"{given}"' if isinstance(given, str) else table.pack_versions(given, stamps)
-        plans.append((table, key, row, packed, max(stamps) if stamps else ""))
+    if checked is None or checked.page is not page or checked.schema is not schema:
+        checked = check_page(schema, page)
+    plans = checked
     applied = 0
     for start in range(0, max(len(plans), 1), ROWS_PER_WRITE):
         chunk = plans[start : start + ROWS_PER_WRITE]
@@ -123,24 +197,31 @@ def _apply(
     """One transaction of :func:`apply_page`: ``plans``, then the cursor after them
     (``more``: the pull goes on after it)."""
     applied = 0
-    top = max((newest for *_, newest in plans), default="")  # text sorts as stamps do
+    top = max((plan[4] for plan in plans), default="")  # text sorts as stamps do
     with write(db) as conn:
         conn.execute("UPDATE _fieldsync_state SET applying = 1")
         pending = pending_keys(conn)
         versions: list[tuple[str, str, str]] = []
-        records: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {}
+        # Per table, in the order met: the records to delete and those to write.
+        records: dict[str, tuple[Table, list[list[Any]], list[list[Any]]]] = {}
         gone: list[tuple[str, str]] = []
-        for table, key, row, packed, _ in plans:
+        for table, key, row, packed, _, cells in plans:
             if pending and (table.name, key) in pending:
                 continue
-            records.setdefault(table.name, []).append((row.pk, row.values))
+            found = records.get(table.name)
+            if found is None:
+                found = records[table.name] = (table, [], [])
+            (found[1] if row.values is None or row.gone else found[2]).append(cells)
             if row.gone:
                 gone.append((table.name, key))
             else:
                 versions.append((table.name, key, packed))
             applied += 1
-        for name, rows in records.items():  # a page holds each record once
-            put_rows(conn, schema.table(name), rows)
+        for table, dropped, written in records.values():  # a page holds each record once
+            if dropped:
+                conn.executemany(delete_sql(table), dropped)
+            if written:
+                conn.executemany(upsert_sql(table), written)
         conn.executemany(SAVE_VERSIONS, versions)
         if gone:
             conn.executemany("DELETE FROM _fieldsync_versions WHERE tbl = ? AND pk = ?", gone)

@@ -28,12 +28,12 @@ import sqlite_utils
 
 from node.capture import hold_clock, log_rows
 from node.rejected import forget_rejected, keep_rejected
-from node.versions import load_versions, save_versions
+from node.versions import SAVE_VERSIONS, load_versions, save_versions
 from shared.clock import Timestamp
 from shared.errors import StoreError
 from shared.merge import effect
 from shared.protocol import Change, Rejection, loads
-from shared.schema import RecordKey, Schema, Versions, quote
+from shared.schema import RecordKey, Schema, Table, Versions, quote
 from shared.sqlite import write
 
 # The change log keeps its last acknowledged entry (or a marker standing for it)
@@ -53,11 +53,25 @@ _SENT_DECODER = msgspec.json.Decoder(list[Change])
 
 
 class Pending(list[Change]):
-    """A batch of pending changes, and each record's versions once they are applied."""
+    """A batch of pending changes, and each record's versions once they are applied;
+    ``keys``: each change's record, in order."""
 
-    def __init__(self, changes: list[Change], versions: dict[RecordKey, Versions]) -> None:
+    def __init__(
+        self,
+        changes: list[Change],
+        versions: dict[RecordKey, Versions],
+        keys: list[RecordKey] | None = None,
+    ) -> None:
         super().__init__(changes)
         self.versions = versions
+        self.keys = keys if keys is not None else []
+        # By the first change of each of mark_acked's transactions: what it writes
+        # when the hub takes the whole batch, worked out ahead (Outbox.prepare_ack).
+        self.written: dict[int, tuple[list[tuple[str, str, str]], bytes]] = {}
+
+    def once_each(self) -> bool:
+        """Whether each change is to another record (and each one's key is known)."""
+        return len(self.versions) == len(self) == len(self.keys)
 
 
 def pending_keys(conn: sqlite3.Connection) -> set[RecordKey]:
@@ -117,18 +131,24 @@ class Outbox:
             if not rows:
                 return Pending([], {})
             inserted = self._inserted_values(rows[0][0], rows[-1][0])
-        keys = {
+        # Per change only what the wire change needs: each record's key text read
+        # once (kept for mark_acked), each table looked up once.
+        keys = [
             (tbl, raw_key if type(raw_key) is str else raw_key.decode("utf-8", "replace"))
             for _, tbl, raw_key, *_ in rows
-        }
+        ]
         carried = after.versions if after else {}
-        versions = load_versions(self.db.conn, self.schema, [k for k in keys if k not in carried])
+        versions = load_versions(self.db.conn, self.schema, {k for k in keys if k not in carried})
         versions.update({k: dict(carried[k]) for k in keys if k in carried})
-        changes = Pending([], versions)
-        for seq, tbl, raw_key, op, hlc, captured, raw in rows:
-            table = self.schema.table(tbl)
+        changes = Pending([], versions, keys)
+        tables: dict[str, Table] = {}
+        node = self.node
+        for (seq, tbl, raw_key, op, hlc, captured, raw), record in zip(rows, keys, strict=True):
+            table = tables.get(tbl) or tables.setdefault(tbl, self.schema.table(tbl))
+            key = record[1]
             try:
-                key = raw_key if type(raw_key) is str else raw_key.decode("utf-8")
+                if type(raw_key) is not str:
+                    key = raw_key.decode("utf-8")
                 if op == "delete":
                     values = None
                 elif raw is not None:
@@ -141,12 +161,13 @@ class Outbox:
                         op = "delete"
             except UnicodeDecodeError:
                 raise self._not_utf8(seq, tbl) from None
-            base = versions.get((tbl, key), {})
-            ts = Timestamp(hlc, self.node)
-            pk = table.pk_dict(key)
-            changes.append(Change(seq, tbl, pk, op, ts, values, base, captured or hlc))
+            base = versions.get(record, {})
+            ts = Timestamp(hlc, node)
+            changes.append(
+                Change(seq, tbl, table.pk_dict(key), op, ts, values, base, captured or hlc)
+            )
             # A new dict: the change keeps ``base`` as it is.
-            versions[(tbl, key)] = effect(base, op, values, str(ts))
+            versions[record] = effect(base, op, values, f"{hlc:016x}-{node}")
         return changes
 
     def _deleted_values(self, tbl: str, raw_key: bytes, seq: int) -> dict[str, Any] | None:
@@ -259,16 +280,18 @@ class Outbox:
         acked = min(acked, changes[-1].seq)
         refused = {r.seq: r for r in rejected if r.seq <= acked}
         done = [c for c in changes if c.seq <= acked]
-        keys = [(c.table, self.schema.table(c.table).pk_key(c.pk)) for c in done]
+        if isinstance(changes, Pending) and len(changes.keys) == len(changes):
+            keys = changes.keys[: len(done)]  # in seq order: those done come first
+        else:
+            keys = [(c.table, self.schema.table(c.table).pk_key(c.pk)) for c in done]
         # The versions worked out when the batch was read hold when each record was
-        # changed once: then each chunk below saves those of its own records.
-        known = (
-            changes.versions
-            if isinstance(changes, Pending)
+        # changed once: then each chunk below saves those of its own records, packed
+        # with its kept copy before the write (see prepare_ack).
+        whole = (
+            isinstance(changes, Pending)
             and len(done) == len(changes)
             and not refused
-            and len(changes.versions) == len(done)
-            else None
+            and changes.once_each()
         )
         # In transactions of at most ROWS_PER_WRITE changes, in seq order, so that other
         # programs wait less for the write lock: each forgets its changes with the
@@ -277,8 +300,38 @@ class Outbox:
             end = start + ROWS_PER_WRITE
             chunk, chunk_keys = done[start:end], keys[start:end]
             upto = acked if end >= len(done) else chunk[-1].seq
+            if whole:
+                assert isinstance(changes, Pending)
+                packed, kept = self._written(changes, start)
+                with write(self.db) as conn:
+                    conn.executemany(SAVE_VERSIONS, packed)
+                    self._forget_sent(conn, chunk, upto, kept)
+                continue
             with write(self.db) as conn:
-                self._forget(conn, chunk, chunk_keys, upto, refused, known)
+                self._forget(conn, chunk, chunk_keys, upto, refused)
+
+    def prepare_ack(self, changes: Sequence[Change]) -> None:
+        """Work out, while the hub works on ``changes``, what :meth:`mark_acked` writes
+        if the hub takes them all: so that little is left to do once it answers."""
+        if isinstance(changes, Pending) and changes.once_each():
+            for start in range(0, len(changes), ROWS_PER_WRITE):
+                self._written(changes, start)
+
+    def _written(self, changes: Pending, start: int) -> tuple[list[tuple[str, str, str]], bytes]:
+        """What the transaction of :meth:`mark_acked` that forgets the ROWS_PER_WRITE
+        changes from ``start`` on writes, when the hub took the whole batch: each
+        record's versions, packed (a record changed once in the batch), and the kept
+        copy of the changes (see :func:`keep_sent`)."""
+        found = changes.written.get(start)
+        if found is None:
+            end = start + ROWS_PER_WRITE
+            versions = changes.versions
+            packed = [
+                (tbl, key, self.schema.table(tbl).pack_versions(versions[(tbl, key)]))
+                for tbl, key in changes.keys[start:end]
+            ]
+            found = changes.written[start] = (packed, sent_copy(changes[start:end]))
+        return found
 
     def _forget(
         self,
@@ -287,26 +340,29 @@ class Outbox:
         keys: Sequence[RecordKey],
         acked: int,
         refused: dict[int, Rejection],
-        known: dict[RecordKey, Versions] | None,
     ) -> None:
         """One transaction of :meth:`mark_acked`: ``done`` (of ``keys``), up to ``acked``."""
         set_aside = [c for c in done if c.seq in refused]
-        if known is not None:
-            versions = {key: known[key] for key in keys}
-        else:
-            versions = load_versions(conn, self.schema, list(keys))
-            for change, key in zip(done, keys, strict=True):
-                if change.seq in refused:
-                    continue
-                versions[key] = effect(
-                    versions.get(key, {}), change.op, change.values, str(change.ts)
-                )
+        versions = load_versions(conn, self.schema, list(keys))
+        for change, key in zip(done, keys, strict=True):
+            if change.seq in refused:
+                continue
+            versions[key] = effect(versions.get(key, {}), change.op, change.values, str(change.ts))
         save_versions(conn, self.schema, versions)
-        conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
-        keep_sent(conn, [c for c in done if c.seq not in refused] if refused else done)
-        forget_acked(conn)
+        sent = [c for c in done if c.seq not in refused] if refused else done
+        self._forget_sent(conn, sent, acked, sent_copy(sent) if sent else b"")
         if set_aside:
             keep_rejected(conn, self.schema, set_aside, refused, pending_keys(conn))
+
+    @staticmethod
+    def _forget_sent(
+        conn: sqlite3.Connection, sent: Sequence[Change], acked: int, kept: bytes
+    ) -> None:
+        """The end of a transaction of :meth:`mark_acked`: acknowledged up to ``acked``,
+        ``sent`` kept as sent (``kept``, their :func:`sent_copy`), forgotten."""
+        conn.execute("UPDATE _fieldsync_state SET acked_seq = MAX(acked_seq, ?)", [acked])
+        keep_sent(conn, sent, kept)
+        forget_acked(conn)
 
     def last_seq(self) -> int:
         """The highest change-log number this database has given out (or had acknowledged)."""
@@ -426,10 +482,18 @@ def restamp(
     return len(bad)
 
 
-def keep_sent(conn: sqlite3.Connection, changes: Sequence[Change]) -> None:
+def sent_copy(changes: Sequence[Change]) -> bytes:
+    """``changes`` as :func:`keep_sent` keeps them: compressed (about 1 µs a change)."""
+    return zlib.compress(_SENT_ENCODER.encode(changes), 1)
+
+
+def keep_sent(
+    conn: sqlite3.Connection, changes: Sequence[Change], copy: bytes | None = None
+) -> None:
     """Keep acknowledged ``changes`` as they were sent, so that a hub restored from a
     backup can be sent exactly the same changes again (node/restore.py; dropped after
-    the window, see :func:`prune_sent`): one row, compressed (about 1 µs a change)."""
+    the window, see :func:`prune_sent`): one row, their :func:`sent_copy` (``copy``, if
+    it was made already)."""
     if changes:
         conn.execute(
             "INSERT OR REPLACE INTO _fieldsync_sent (seq, first, count, changes, acked_at) "
@@ -438,7 +502,7 @@ def keep_sent(conn: sqlite3.Connection, changes: Sequence[Change]) -> None:
                 changes[-1].seq,
                 changes[0].seq,
                 len(changes),
-                zlib.compress(_SENT_ENCODER.encode(changes), 1),
+                sent_copy(changes) if copy is None else copy,
                 int(time.time()),
             ],
         )

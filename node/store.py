@@ -245,6 +245,10 @@ class NodeStore:
         if changes:
             self._checkpointer.poke()
 
+    def prepare_ack(self, changes: Sequence[Change]) -> None:
+        """Work out ahead what acknowledging ``changes`` writes (see :meth:`Outbox.prepare_ack`)."""
+        self.outbox.prepare_ack(changes)
+
     def drop_change(self, seq: int) -> bool:
         """Discard one queued or rejected change (see :meth:`Outbox.drop_change`)."""
         return self.outbox.drop_change(seq)
@@ -294,9 +298,14 @@ class NodeStore:
         """Pull the whole scope again and drop what it no longer brings (see inbox)."""
         inbox.start_resync(self.db)
 
-    def apply_page(self, page: PullPage) -> int:
-        """Apply pulled records and save the next cursor (see :func:`inbox.apply_page`)."""
-        applied = inbox.apply_page(self.db, self.schema, page)
+    def check_page(self, page: PullPage) -> inbox.Checked:
+        """Check a pulled page whole, touching no database (see :func:`inbox.check_page`)."""
+        return inbox.check_page(self.schema, page)
+
+    def apply_page(self, page: PullPage, checked: inbox.Checked | None = None) -> int:
+        """Apply pulled records and save the next cursor (see :func:`inbox.apply_page`);
+        ``checked``: what :meth:`check_page` made of ``page``, if it was called."""
+        applied = inbox.apply_page(self.db, self.schema, page, checked)
         self._checkpointer.poke()
         return applied
 

@@ -11,11 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
-from node.agent import SyncAgent
+from node.agent import FIRST_BATCH_SIZE, SyncAgent
 from node.store import NodeStore
 from shared.clock import Timestamp, now_ms
-from shared.errors import ClockSkewError, DivergedError, HubRejectedError
+from shared.errors import (
+    ClockSkewError,
+    DivergedError,
+    HubRejectedError,
+    HubUnavailableError,
+    ProtocolError,
+)
 from shared.protocol import Change, PullPage, PullRow
 from tests.fakes import FakeHub
 
@@ -175,6 +182,37 @@ def test_office_ahead_of_a_restored_hub_follows_its_cursor_and_keeps_its_numbers
     assert {r["id"] for r in office.rows("cases")} == {"c1", "c2", "c3", "c4", "c9"}
 
 
+# -- batches ------------------------------------------------------------------------
+
+
+def test_the_first_batch_is_small_so_the_hub_starts_while_the_next_is_read(office):
+    add_cases(office, *(f"c{i}" for i in range(FIRST_BATCH_SIZE + 2 * 7 + 1)))
+    hub = FakeHub()
+    SyncAgent(office, hub, batch_size=7).sync_once()  # never more than asked for
+    assert [len(p) for p in hub.pushes()][:2] == [7, 7]
+    add_cases(office, *(f"d{i}" for i in range(FIRST_BATCH_SIZE + 5)))
+    hub = FakeHub(acked=office.last_seq() - FIRST_BATCH_SIZE - 5)
+    SyncAgent(office, hub).sync_once()
+    assert [len(p) for p in hub.pushes()] == [FIRST_BATCH_SIZE, 5]
+    assert office.pending_count() == 0
+
+
+def test_the_hub_counts_what_is_left_to_pull_only_for_a_sync_that_shows_it(office):
+    asked: list[bool] = []
+
+    class CountingHub(FakeHub):
+        def pull(self, cursor, limit, *, include_own=False, count=False):
+            asked.append(count)
+            page = super().pull(cursor, limit, include_own=include_own, count=count)
+            return replace(page, remaining=7 if count else None)
+
+    shown: list[tuple[str, int, int]] = []
+    SyncAgent(office, CountingHub()).sync_once()  # as `node run` syncs
+    SyncAgent(office, CountingHub()).sync_once(lambda *step: shown.append(step))
+    assert asked == [False, True]
+    assert shown == [("pull", 0, 7)]
+
+
 # -- too large ----------------------------------------------------------------------
 
 
@@ -233,3 +271,41 @@ def test_a_page_answered_for_another_office_is_not_applied(office):
     assert office.rows("cases") == []
     assert office.cursor == 0
     assert status_code(office) == "forbidden"
+
+
+def test_a_page_fetched_ahead_is_refused_in_its_turn_after_the_checks_before_it(office):
+    # Pages after the first are fetched, and checked, while the one before is written:
+    # a bad record refuses its page only once the pages before it are applied, and a
+    # page answered for another office is refused as such first.
+    columns = office.schema.table("cases").column_names
+    stamp = str(Timestamp(now_ms() << 16, "almaty"))
+
+    def row(seq, key, **values):
+        return PullRow(
+            seq, "cases", {"id": key}, dict.fromkeys(columns) | values | {"id": key}, stamp
+        )
+
+    good = PullPage([row(1, "c1")], 1, True, now_ms(), "astana")
+    bad = PullPage([row(2, "c2", household_size="three")], 2, False, now_ms(), "astana")
+    hub = FakeHub()
+    hub.answer("pull", good, bad)
+    with pytest.raises(ProtocolError, match="household_size holds INTEGER values"):
+        SyncAgent(office, hub).sync_once()
+    assert [r["id"] for r in office.rows("cases")] == ["c1"]
+    assert office.cursor == 1
+
+    stranger = PullPage([row(3, "c3", household_size="three")], 3, False, now_ms(), "almaty")
+    hub = FakeHub()
+    hub.answer("pull", PullPage([row(2, "c2")], 2, True, now_ms(), "astana"), stranger)
+    with pytest.raises(HubRejectedError, match="belongs to office 'almaty'"):
+        SyncAgent(office, hub).sync_once()
+    assert [r["id"] for r in office.rows("cases")] == ["c1", "c2"]
+    assert office.cursor == 2
+
+    hub = FakeHub()  # and a page that never comes is the sync's error, as it was
+    hub.answer(
+        "pull", PullPage([row(3, "c3")], 3, True, now_ms(), "astana"), HubUnavailableError("gone")
+    )
+    with pytest.raises(HubUnavailableError, match="gone"):
+        SyncAgent(office, hub).sync_once()
+    assert office.cursor == 3

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 import sqlite_utils
+from msgspec.structs import replace
 
-from node.outbox import ROWS_PER_WRITE
+from node import inbox
+from node.outbox import ROWS_PER_WRITE, kept_changes
 from node.store import NodeStore, trigger_sql
 from shared.clock import COUNTER_BITS, Timestamp
 from shared.errors import ProtocolError, StoreError
-from shared.protocol import PullPage, PullRow
+from shared.protocol import PullPage, PullRow, Rejection
 from shared.schema import EXISTS, Schema
 from shared.sqlite import write
 
@@ -580,6 +582,39 @@ def test_apply_page_rejects_a_bad_record_and_writes_nothing(store: NodeStore) ->
     assert store.cursor == 0
 
 
+def test_apply_page_names_the_first_bad_record_in_seq_order(store: NodeStore) -> None:
+    # The stamps of a page are checked in one go: a page with a bad one is checked
+    # again record by record, so the record named is still the first bad one.
+    bad_stamp = PullRow(2, "cases", {"id": "c2"}, full(id="c2"), "yesterday")
+    bad_value = PullRow(3, "cases", {"id": "c3"}, full(id="c3", household_size="three"), {})
+    unknown = PullRow(3, "people", {"id": "p1"}, {"id": "p1"}, {})
+    for rows, expected in [
+        ([bad_value, bad_stamp], "a version is not a stamp"),
+        ([replace(bad_value, seq=1), bad_stamp], "household_size holds INTEGER"),
+        ([unknown, bad_stamp], "a version is not a stamp"),
+        ([replace(unknown, seq=1), bad_stamp], "unknown table 'people'"),
+    ]:
+        good = _row(4, "c4", {"family_name": "A"})
+        with pytest.raises(ProtocolError, match=expected):
+            store.apply_page(_page([good, *rows], 4))
+    assert store.rows("cases") == [] and store.cursor == 0
+
+
+def test_a_page_checked_ahead_is_checked_again_against_another_schema_or_page(
+    store: NodeStore,
+) -> None:
+    good = _page([_row(1, "c1", {"family_name": "A"})], 1)
+    bad = _page([PullRow(1, "cases", {"id": "c1"}, full(id="c1"), "yesterday")], 1)
+    with pytest.raises(ProtocolError, match="cannot take"):
+        store.apply_page(bad, store.check_page(good))  # checked, but another page
+    other = Schema.from_toml(store.schema.source)
+    with pytest.raises(ProtocolError, match="cannot take"):
+        store.apply_page(bad, inbox.Checked(list(store.check_page(good)), bad, other))
+    assert store.rows("cases") == [] and store.cursor == 0
+    assert store.apply_page(good, store.check_page(good)) == 1
+    assert store.cursor == 1
+
+
 def test_apply_page_takes_a_packed_version_for_every_column(store: NodeStore) -> None:
     stamp = str(Timestamp(now_hlc(), "almaty"))
     packed = PullRow(1, "cases", {"id": "c1"}, full(id="c1", family_name="A"), stamp)
@@ -665,6 +700,55 @@ def test_mark_acked_forgets_changes_and_records_versions(store: NodeStore, path:
     store.mark_acked(1, [])
     acked = store.db.conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone()[0]
     assert acked == dele.seq
+
+
+def _acked_state(store: NodeStore) -> tuple[Any, ...]:
+    conn = store.db.conn
+    return (
+        conn.execute("SELECT * FROM _fieldsync_versions ORDER BY tbl, pk").fetchall(),
+        conn.execute("SELECT * FROM _fieldsync_changes ORDER BY seq").fetchall(),
+        conn.execute("SELECT seq, first, count FROM _fieldsync_sent ORDER BY seq").fetchall(),
+        list(kept_changes(conn, 0)),
+        conn.execute("SELECT seq, reason FROM _fieldsync_rejected ORDER BY seq").fetchall(),
+        conn.execute("SELECT acked_seq FROM _fieldsync_state").fetchone(),
+    )
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["all-taken", "one-rejected"])
+def test_an_acknowledgement_worked_out_ahead_writes_what_one_worked_out_after_does(
+    store: NodeStore, path: Path, tmp_path: Path, refused: bool
+) -> None:
+    k = ROWS_PER_WRITE
+    with plain(path) as conn:
+        conn.execute("INSERT INTO cases (id, family_name) VALUES ('c0', 'A'), ('gone', 'G')")
+    first = store.pending(10)
+    store.mark_acked(first[-1].seq, first)
+    with plain(path) as conn:  # each record once: an update, inserts, a delete
+        conn.execute("UPDATE cases SET family_name = 'B' WHERE id = 'c0'")
+        conn.executemany(
+            "INSERT INTO cases (id, household_size) VALUES (?, ?)",
+            [(f"c{i}", i) for i in range(1, 2 * k + 3)],
+        )
+        conn.execute("DELETE FROM cases WHERE id = 'gone'")
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(copy) as target:
+        store.db.conn.backup(target)
+    target.close()
+    other = NodeStore(copy)
+    try:
+        ahead, after = store.pending(10 * k), other.pending(10 * k)
+        assert len(ahead) == 2 * k + 4 and ahead.once_each()
+        rejected = [Rejection(ahead[k + 1].seq, "refused")] if refused else []
+        store.prepare_ack(ahead)  # while the hub works on the batch
+        store.mark_acked(ahead[-1].seq, ahead, rejected)
+        # The other copy works everything out from the stored versions, once answered.
+        other.mark_acked(after[-1].seq, list(after), rejected)
+        assert _acked_state(store) == _acked_state(other)
+    finally:
+        other.close()
+    kept = [c.seq for c in kept_changes(store.db.conn, first[-1].seq)]
+    assert kept == [c.seq for c in ahead if not rejected or c.seq != rejected[0].seq]
+    assert versions(store, "cases", ["c0"])["family_name"] == str(ahead[0].ts)  # type: ignore[index]
 
 
 def test_pulls_resume_for_a_record_once_its_changes_are_acked(store: NodeStore, path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, strategies as st
 
 from shared.errors import InvalidChangeError, SchemaError
 from shared.schema import Schema, Scope, key_values, pk_key
@@ -72,6 +74,24 @@ def test_key_text_round_trips(pk: dict[str, Any]) -> None:
     key = CASES.pk_key(pk)
     assert CASES.pk_dict(key) == pk
     assert key == pk_key(list(pk.values()))  # the fast path spells it as the encoder does
+
+
+@given(st.text(st.sampled_from('ab"\\\x00\x1f\x7f\xa0é ,[]') | st.characters()))
+def test_key_text_of_one_text_value_is_read_as_json_reads_it(text: str) -> None:
+    # pk_dict reads the common key without a JSON parser: what it makes of any text
+    # between '["' and '"]' is what JSON makes of it, or it fails as JSON does.
+    key = f'["{text}"]'
+    try:
+        expected: Any = json.loads(key)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: Any = CASES.pk_dict(key)
+    except ValueError:
+        got = ValueError
+    if expected is not ValueError:
+        expected = {"id": expected[0]} if len(expected) == 1 else ValueError
+    assert got == expected
 
 
 def test_key_text_is_sqlites_json_array() -> None:
