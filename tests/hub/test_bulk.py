@@ -3,9 +3,13 @@ leaves in the hub's tables must be what the same changes leave pushed a few at a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
 
 from hub.pg.bulk import BULK
 from hub.store import SqlHubStore, open_store
@@ -22,9 +26,9 @@ create = """CREATE TABLE visits (
     office TEXT NOT NULL, number INTEGER NOT NULL, tag, weight REAL, note TEXT,
     visitors INTEGER CHECK (visitors >= 0), PRIMARY KEY (office, number))"""
 
-[tables.plain]
+[tables.fs_stage]
 policy = "record"
-create = """CREATE TABLE plain (id INTEGER PRIMARY KEY, label TEXT) WITHOUT ROWID"""
+create = """CREATE TABLE fs_stage (id INTEGER PRIMARY KEY, label TEXT) WITHOUT ROWID"""
 ''',
     "typed.toml",
 )
@@ -38,7 +42,7 @@ def _changes(first: int, stamp: Timestamp, count: int, op: str) -> list[Change]:
         tag: Any = [f"t{i % 3}", i % 3, 2.5][i % 3]
         table, pk = "visits", {"office": "астана" if i % 2 else 'o"1', "number": i}
         if i % 4 == 3:
-            table, pk = "plain", {"id": i * 1000}
+            table, pk = "fs_stage", {"id": i * 1000}
             values: dict[str, Any] | None = {**pk, "label": f"{op} {i}"}
         elif op == "insert":
             values = {
@@ -73,7 +77,7 @@ def _versions(store: SqlHubStore, change: Change) -> dict[str, Any]:
 def _tables(store: SqlHubStore) -> dict[str, list[tuple[Any, ...]]]:
     queries = {
         "visits": "SELECT * FROM visits ORDER BY office, number",
-        "plain": "SELECT * FROM plain ORDER BY id",
+        "plain": "SELECT * FROM fs_stage ORDER BY id",  # as the stage once was
         "records": "SELECT * FROM _fieldsync_records ORDER BY seq",
         "history": "SELECT seq, prev, tbl, pk, actor, ts, op, vals FROM _fieldsync_history "
         "ORDER BY seq",
@@ -123,3 +127,30 @@ def test_a_large_batch_leaves_what_small_ones_leave(tmp_path: Path, engine: Engi
         f"changed {i}" for i in range(count // 2, count) if i % 4 != 3
     }
     assert all(row[1].startswith("update") for row in big["plain"])
+
+
+def test_a_role_refused_temporary_tables_still_takes_large_pushes(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # REVOKE TEMPORARY ... FROM PUBLIC is a common hardening: the hub writes row by row.
+    role = f"fs_notemp_{os.getpid()}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        name = admin.info.dbname
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC')
+        admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{role}"')
+        admin.execute(f'GRANT ALL ON SCHEMA public TO "{role}"')
+        try:
+            parts = urlsplit(pg_url)
+            url = parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}").geturl()
+            count = BULK + 2
+            stamp = Timestamp(now_ms() << COUNTER_BITS, "astana")
+            with open_store(url, TYPED) as store:
+                store.add_node("astana")
+                store.set_scopes("astana", ["*"])
+                assert _push(store, _changes(1, stamp, count, "insert"), count) == []
+                tables = _tables(store)
+            assert len(tables["visits"]) + len(tables["plain"]) == count
+        finally:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
