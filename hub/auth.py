@@ -9,7 +9,9 @@ SHA-256 hashes. Neither kind of token opens the other's door.
 
 Every check reads the database (nothing is cached), so a token revoked or replaced
 by ``fieldsync hub revoke`` / ``rotate-token`` is refused on the running hub's very
-next request, and a revoked admin's sessions end with it. The hash of a token taken
+next request, and a revoked admin's sessions end with it. An office's request reads
+its token with one statement (:func:`office_of`; on PostgreSQL in autocommit, one
+round trip); :class:`SeenTokens` only tells which requests may send a body first. The hash of a token taken
 back is kept (``_fieldsync_retired_tokens``) so that whoever still sends it is told
 it was revoked, rather than that it is unknown.
 
