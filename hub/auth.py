@@ -11,9 +11,9 @@ Every check reads the database (nothing is cached), so a token revoked or replac
 by ``fieldsync hub revoke`` / ``rotate-token`` is refused on the running hub's very
 next request, and a revoked admin's sessions end with it. An office's request reads
 its token with one statement (:func:`office_of`; on PostgreSQL in autocommit, one
-round trip); :class:`SeenTokens` only tells which requests may send a body first. The hash of a token taken
-back is kept (``_fieldsync_retired_tokens``) so that whoever still sends it is told
-it was revoked, rather than that it is unknown.
+round trip); :class:`SeenTokens` only tells which requests may send a body first.
+The hash of a token taken back is kept (``_fieldsync_retired_tokens``) so that
+whoever still sends it is told it was revoked, rather than that it is unknown.
 
 An admin has a role (:data:`ROLES`): a viewer sees status and figures, a resolver
 also settles conflicts, an owner also reads case data (downloads, record histories)
