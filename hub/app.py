@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.routing import Route
 
 from hub.admin import admin_routes
-from hub.auth import SignInThrottle
+from hub.auth import SeenTokens, SignInThrottle
 from hub.dashboard import dashboard_routes
 from hub.limits import (
     CutOffError,
@@ -48,7 +48,7 @@ from hub.limits import (
     int_param,
     parse_json,
     read_body,
-    read_json,
+    read_small_json,
 )
 from hub.openapi import openapi_document
 from hub.store import HubStore
@@ -64,6 +64,7 @@ from shared.errors import (
 from shared.protocol import (
     MAX_CHANGES_PER_PUSH,
     MAX_INFLATED_PUSH_BYTES,
+    MAX_JSON_BODY_BYTES,
     MAX_PUSH_BYTES,
     MAX_PUSH_VALUES,
     PROTOCOL_VERSION,
@@ -144,9 +145,10 @@ def create_app(
     counted (by default hub/auth.py's limits).
     """
 
-    def authenticate(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+    seen = SeenTokens()
+
+    def bearer(request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError(
                 "this request needs an office token: send 'Authorization: Bearer TOKEN' "
@@ -154,9 +156,30 @@ def create_app(
                 "unauthorized",
                 401,
             )
-        node = store.authenticate(token.strip())
+        return token.strip()
+
+    def authenticate(request: Request) -> str:
+        """The office whose token the request carries, looked up (in a worker thread)."""
+        token = bearer(request)
+        try:
+            node = store.authenticate(token)
+        except AuthError:
+            seen.forget(token)
+            raise
+        seen.saw(token, node)
         request.state.node = node  # for the office's status: see fieldsync_error
         return node
+
+    async def sender(request: Request) -> None:
+        """Before a body is read: refuse a request whose token this process has not
+        seen good (a trip to a worker thread, 401 without reading the body). A token
+        seen good skips it: the request is authenticated anyway with its body, in the
+        same trip as its work (a trip costs more than the lookup)."""
+        node = seen.office(bearer(request))
+        if node is None:
+            await run_in_threadpool(authenticate, request)
+        else:
+            request.state.node = node
 
     def check_claim(node: str, claimed: Any) -> None:
         # The token decides who the office is; a different claim means a mix-up of
@@ -176,15 +199,19 @@ def create_app(
         if scheme.lower() != "bearer" or not token.strip():
             return None
         try:
-            node = store.authenticate(token.strip())
-            return node, store.acked(node)
+            office = store.office_of(token.strip())
         except FieldsyncError:
+            seen.forget(token.strip())
             return None
+        seen.saw(token.strip(), office[0])
+        return office
 
     async def health(request: Request) -> JSONResponse:
-        office = None
-        if "authorization" in request.headers:  # an office asking before it syncs
-            office = await run_in_threadpool(office_acked, request)
+        def look() -> tuple[tuple[str, int] | None, int]:  # one trip to a worker thread
+            asking = "authorization" in request.headers  # an office, before it syncs
+            return office_acked(request) if asking else None, store.schema_version
+
+        office, version = await run_in_threadpool(look)
         answer = Health(
             "ok",
             PROTOCOL_VERSION,
@@ -193,7 +220,7 @@ def create_app(
             UNSET if office is None else office[1],
             UNSET if office is None else office[0],
             epoch=store.epoch,
-            schema_version=await run_in_threadpool(lambda: store.schema_version),
+            schema_version=version,
         )
         return JSONResponse(msgspec.to_builtins(answer))
 
@@ -225,25 +252,27 @@ def create_app(
         return read
 
     async def push(request: Request) -> JSONResponse:
-        node = await run_in_threadpool(authenticate, request)
+        await sender(request)
         body = await read_body(request, max_body_bytes)
         encoding = request.headers.get("content-encoding", "identity")
-        claimed, changes = await run_in_threadpool(read_whole_push, body, encoding, node)
-        check_claim(node, claimed)
-        check_size(len(changes))
-        seqs = [c.seq for c in changes]
-        if seqs != sorted(set(seqs)):
-            raise ProtocolError("changes must be in increasing seq order, each seq once")
 
-        def checked_push() -> PushResult:  # one trip to a worker thread
+        def checked_push() -> tuple[str, int, PushResult]:  # one trip to a worker thread
+            node = authenticate(request)
+            claimed, changes = read_whole_push(body, encoding, node)
+            check_claim(node, claimed)
+            check_size(len(changes))
+            seqs = [c.seq for c in changes]
+            if seqs != sorted(set(seqs)):
+                raise ProtocolError("changes must be in increasing seq order, each seq once")
             version = check_schema(request, node, "push")
-            return msgspec.structs.replace(store.push(node, changes), schema_version=version)
+            result = store.push(node, changes)
+            return node, len(changes), msgspec.structs.replace(result, schema_version=version)
 
-        result = await run_in_threadpool(checked_push)
+        node, count, result = await run_in_threadpool(checked_push)
         log.info(
             "push from %s: %d changes, %d applied, %d conflicts, %d rejected, acked %d",
             node,
-            len(changes),
+            count,
             result.applied,
             result.conflicts,
             len(result.rejected),
@@ -252,22 +281,21 @@ def create_app(
         return JSONResponse(result.to_json())
 
     async def pull(request: Request) -> JSONResponse:
-        node = await run_in_threadpool(authenticate, request)
-        check_claim(node, request.query_params.get("node"))
-        cursor = int_param(request, "cursor", 0, 0)
-        limit = int_param(request, "limit", 1000, 1, MAX_PAGE)
-        own = request.query_params.get("own") == "1"
-        count = request.query_params.get("count") == "1"
-        packed = request.query_params.get("packed") == "1"
-        if store.schema.scoped and request.query_params.get("scopes") != "1":
-            raise HubRejectedError(
-                f"office {node} runs a fieldsync too old for this hub's sync scopes; "
-                "upgrade fieldsync at the office (its changes are kept meanwhile)",
-                "upgrade_required",
-                409,
-            )
-
         def checked_pull() -> PullPage:  # one trip to a worker thread per pull
+            node = authenticate(request)
+            check_claim(node, request.query_params.get("node"))
+            cursor = int_param(request, "cursor", 0, 0)
+            limit = int_param(request, "limit", 1000, 1, MAX_PAGE)
+            own = request.query_params.get("own") == "1"
+            count = request.query_params.get("count") == "1"
+            packed = request.query_params.get("packed") == "1"
+            if store.schema.scoped and request.query_params.get("scopes") != "1":
+                raise HubRejectedError(
+                    f"office {node} runs a fieldsync too old for this hub's sync scopes; "
+                    "upgrade fieldsync at the office (its changes are kept meanwhile)",
+                    "upgrade_required",
+                    409,
+                )
             version = check_schema(request, node, "pull")
             page = store.pull(
                 node, cursor, limit, include_own=own, count=count, packed=packed, spliced=True
@@ -334,11 +362,17 @@ def create_app(
         return JSONResponse(page.to_json())
 
     async def report_status(request: Request) -> JSONResponse:
-        node = await run_in_threadpool(authenticate, request)
-        data = await read_json(request)
-        check_claim(node, data.get("node") if isinstance(data, dict) else None)
-        report = StatusReport.from_json(data)
-        await run_in_threadpool(store.record_status, node, report)
+        await sender(request)
+        body = await read_body(request, MAX_JSON_BODY_BYTES)
+        encoding = request.headers.get("content-encoding", "identity")
+
+        def keep() -> None:  # one trip to a worker thread
+            node = authenticate(request)
+            data = read_small_json(body, encoding)
+            check_claim(node, data.get("node") if isinstance(data, dict) else None)
+            store.record_status(node, StatusReport.from_json(data))
+
+        await run_in_threadpool(keep)
         return JSONResponse(msgspec.to_builtins(StatusKept("ok", now_ms())))
 
     async def openapi(request: Request) -> JSONResponse:

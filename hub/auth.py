@@ -9,9 +9,11 @@ SHA-256 hashes. Neither kind of token opens the other's door.
 
 Every check reads the database (nothing is cached), so a token revoked or replaced
 by ``fieldsync hub revoke`` / ``rotate-token`` is refused on the running hub's very
-next request, and a revoked admin's sessions end with it. The hash of a token taken
-back is kept (``_fieldsync_retired_tokens``) so that whoever still sends it is told
-it was revoked, rather than that it is unknown.
+next request, and a revoked admin's sessions end with it. An office's request reads
+its token with one statement (:func:`office_of`; on PostgreSQL in autocommit, one
+round trip); :class:`SeenTokens` only tells which requests may send a body first.
+The hash of a token taken back is kept (``_fieldsync_retired_tokens``) so that
+whoever still sends it is told it was revoked, rather than that it is unknown.
 
 An admin has a role (:data:`ROLES`): a viewer sees status and figures, a resolver
 also settles conflicts, an owner also reads case data (downloads, record histories)
@@ -26,7 +28,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -36,7 +39,7 @@ from hub.database import HubDatabase
 from hub.engine import Conn
 from hub.times import utcnow
 from shared.clock import check_node_name
-from shared.errors import AuthError, FieldsyncError, HubRejectedError
+from shared.errors import AuthError, FieldsyncError, HubRejectedError, StoreError
 
 # How long a dashboard session lasts.
 SESSION_HOURS = 12
@@ -114,23 +117,54 @@ def nodes(hub: HubDatabase) -> list[dict[str, Any]]:
 
 def authenticate(hub: HubDatabase, token: str) -> str:
     """Return the office that owns ``token``; raise AuthError otherwise."""
-    with hub.read() as conn:
+    return office_of(hub, token)[0]
+
+
+def office_of(hub: HubDatabase, token: str) -> tuple[str, int]:
+    """The office that owns ``token`` and the number of its last change the hub has
+    dealt with, in one statement; AuthError otherwise.
+
+    Asked on every request of an office: outside a transaction (on PostgreSQL a
+    statement in autocommit, one round trip instead of three).
+    """
+    with lookup(hub) as conn:
         row = conn.execute(
-            "SELECT name, revoked_at FROM _fieldsync_nodes WHERE token_hash = ?",
+            "SELECT name, revoked_at, acked_seq FROM _fieldsync_nodes WHERE token_hash = ?",
             [hash_token(token)],
         ).fetchone()
+    if row is not None and row[1] is None:
+        return str(row[0]), int(row[2])
     if row is None and is_admin_token(hub, token):
         raise AuthError(
             "an admin token cannot push or pull; the office syncs with its own token",
             "forbidden",
             403,
         )
-    if row is not None and row[1] is None:
-        return str(row[0])
     revoked = revoked_token(hub, token, "office")
     if revoked is not None:
         raise revoked
     raise AuthError("unknown or revoked token", "unauthorized", 401)
+
+
+@contextmanager
+def lookup(hub: HubDatabase) -> Iterator[Conn]:
+    """A connection for one short read of the newest state, outside a transaction:
+    SQLite's short reads (:meth:`HubDatabase.read`); on PostgreSQL a pooled
+    connection in autocommit (its probe: one statement needs no BEGIN and COMMIT)."""
+    if hub.dialect.name == "sqlite":
+        with hub.read() as conn:
+            yield conn
+        return
+    import psycopg  # the engine's (only here: SQLite hubs never load it)
+
+    try:
+        with hub.engine.probe() as conn:
+            if conn is None:  # only SQLite's probe answers None
+                raise StoreError(f"{hub.where}: no connection for a lookup")
+            yield conn
+    except psycopg.OperationalError as exc:  # as the engine's transactions say it
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"{hub.where}: {why}") from None
 
 
 def revoked_token(hub: HubDatabase, token: str, kind: str) -> RevokedError | None:
@@ -165,6 +199,38 @@ def revoked_token(hub: HubDatabase, token: str, kind: str) -> RevokedError | Non
     return RevokedError(detail, name)
 
 
+class SeenTokens:
+    """Offices' tokens this process found good, by hash (the token itself is never
+    kept): at most ``size``, the oldest forgotten first.
+
+    Never trusted to let a request in: every request is authenticated against the
+    database. It only tells that a request may send its body before that lookup, so
+    that the lookup and the request's work share one trip to a worker thread
+    (hub/app.py); a token that fails a lookup is forgotten, so whoever sends it again
+    is refused before its body is read.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._offices: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def office(self, token: str) -> str | None:
+        """The office ``token`` belonged to when last looked up (None: not seen good)."""
+        return self._offices.get(hash_token(token))
+
+    def saw(self, token: str, office: str) -> None:
+        digest = hash_token(token)
+        with self._lock:
+            self._offices[digest] = office
+            while len(self._offices) > self.size:
+                del self._offices[next(iter(self._offices))]
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            self._offices.pop(hash_token(token), None)
+
+
 class RevokedError(AuthError):
     """A token that was revoked or replaced: 401 ``revoked``; ``name`` is its holder."""
 
@@ -175,7 +241,7 @@ class RevokedError(AuthError):
 
 def acked(hub: HubDatabase, node: str) -> int:
     """The number of ``node``'s last change the hub has dealt with (0: none)."""
-    with hub.read() as conn:
+    with lookup(hub) as conn:
         row = conn.execute(
             "SELECT acked_seq FROM _fieldsync_nodes WHERE name = ?", [node]
         ).fetchone()

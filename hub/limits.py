@@ -128,7 +128,8 @@ def parse_json(body: bytes) -> Any:
         raise ProtocolError(f"the request body is not valid JSON: {exc}") from None
 
 
-def _read_small_json(body: bytes, encoding: str, limit: int) -> Any:
+def read_small_json(body: bytes, encoding: str, limit: int = MAX_JSON_BODY_BYTES) -> Any:
+    """A JSON body read whole (``read_body``), inflated and parsed within ``limit``."""
     body = inflate(body, encoding, limit)
     check_items(body, limit // 2)  # two bytes a value at least: "0,"
     return parse_json(body)
@@ -138,7 +139,7 @@ async def read_json(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> Any:
     """A JSON body of at most ``limit`` bytes (inflated), parsed in a worker thread."""
     body = await read_body(request, limit)
     encoding = request.headers.get("content-encoding", "identity")
-    return await run_in_threadpool(_read_small_json, body, encoding, limit)
+    return await run_in_threadpool(read_small_json, body, encoding, limit)
 
 
 async def read_form(

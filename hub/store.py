@@ -102,6 +102,8 @@ class HubStore(Protocol):
 
     def authenticate(self, token: str) -> str: ...
 
+    def office_of(self, token: str) -> tuple[str, int]: ...
+
     def acked(self, node: str) -> int: ...
 
     @property
@@ -290,6 +292,10 @@ class SqlHubStore:
 
     def authenticate(self, token: str) -> str:
         return auth.authenticate(self.database, token)
+
+    def office_of(self, token: str) -> tuple[str, int]:
+        """The office owning ``token`` and its last change dealt with (one lookup)."""
+        return auth.office_of(self.database, token)
 
     def acked(self, node: str) -> int:
         return auth.acked(self.database, node)
