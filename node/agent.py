@@ -194,7 +194,7 @@ class SyncAgent:
         self.client.close()
         before, self.client, self._settings = self._settings, client, settings
         self._reported = None  # perhaps another hub: told at the end of this sync
-        log.info("hub settings changed: %s", _changes(before, settings))
+        log.info("hub settings changed: %s", settings.changes_from(before))
 
     def _sync(self, progress: Progress) -> SyncReport:
         started = time.monotonic()
@@ -598,15 +598,3 @@ class SyncAgent:
             scheduler=scheduler,
             now=now,
         )
-
-
-def _changes(before: HubSettings | None, after: HubSettings) -> str:
-    """What changed between two hub settings, in words (never the token itself)."""
-    said = []
-    if before is None or before.hub_url != after.hub_url:
-        said.append(f"hub URL now {after.hub_url}")
-    if before is None or before.token != after.token:
-        said.append("token replaced")
-    if before is None or before.ca_file != after.ca_file:
-        said.append(f"CA file now {after.ca_file}" if after.ca_file else "no CA file")
-    return ", ".join(said)

@@ -70,6 +70,17 @@ class HubSettings:
     token: str
     ca_file: str | None = None  # a private CA's certificate (PEM) to verify the hub with
 
+    def changes_from(self, before: HubSettings | None) -> str:
+        """What changed since ``before``, in words (never the token itself)."""
+        said = []
+        if before is None or before.hub_url != self.hub_url:
+            said.append(f"hub URL now {self.hub_url}")
+        if before is None or before.token != self.token:
+            said.append("token replaced")
+        if before is None or before.ca_file != self.ca_file:
+            said.append(f"CA file now {self.ca_file}" if self.ca_file else "no CA file")
+        return ", ".join(said)
+
 
 def read_hub_settings(conn: sqlite3.Connection) -> HubSettings:
     url, token, ca_file = conn.execute(
