@@ -79,6 +79,7 @@ from shared.protocol import (
     read_push,
 )
 from shared.reports import StatusReport
+from shared.schema import Schema
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -289,33 +290,42 @@ def create_app(
             own = request.query_params.get("own") == "1"
             count = request.query_params.get("count") == "1"
             packed = request.query_params.get("packed") == "1"
-            if store.schema.scoped and request.query_params.get("scopes") != "1":
-                raise HubRejectedError(
-                    f"office {node} runs a fieldsync too old for this hub's sync scopes; "
-                    "upgrade fieldsync at the office (its changes are kept meanwhile)",
-                    "upgrade_required",
-                    409,
-                )
-            version = check_schema(request, node, "pull")
-            page = store.pull(
-                node, cursor, limit, include_own=own, count=count, packed=packed, spliced=True
+            scoping = request.query_params.get("scopes") == "1"
+
+            def admit(version: int, schema: Schema) -> None:
+                # Against the version the page was read under (its rows may hold the
+                # columns of a version applied a moment ago), before the pull is noted.
+                if schema.scoped and not scoping:
+                    raise HubRejectedError(
+                        f"office {node} runs a fieldsync too old for this hub's sync scopes; "
+                        "upgrade fieldsync at the office (its changes are kept meanwhile)",
+                        "upgrade_required",
+                        409,
+                    )
+                check_schema(request, node, "pull", version)
+
+            return store.pull(
+                node,
+                cursor,
+                limit,
+                include_own=own,
+                count=count,
+                packed=packed,
+                spliced=True,
+                admit=admit,
             )
-            if store.schema_version != version:
-                # Applied meanwhile: the page may hold its columns. Checked again (refused
-                # to an office behind; it migrates at its next sync).
-                version = check_schema(request, node, "pull")
-            return msgspec.structs.replace(page, schema_version=version)
 
         page = await run_in_threadpool(checked_pull)
         return JSONResponse(page.to_json())
 
-    def check_schema(request: Request, node: str, action: str) -> int:
+    def check_schema(request: Request, node: str, action: str, version: int | None = None) -> int:
         """The hub's schema version, if the office's (header SCHEMA_HEADER) may push or
         pull under it: an office that does not say (an older fieldsync) only while the
         hub is at version 1; an office ahead of the hub (restored from an older backup)
         never; one behind may push (what it queued is accepted) but migrates first
-        before it pulls."""
-        version = store.schema_version
+        before it pulls. ``version``: the hub's, if just read (else it is looked up)."""
+        if version is None:
+            version = store.schema_version
         sent = request.headers.get(SCHEMA_HEADER)
         if sent is None:
             if version > 1:

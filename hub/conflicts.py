@@ -213,15 +213,14 @@ def _overridden(dialect: Dialect) -> str:
 def office_mark(conn: Conn, node: str) -> int:
     """The last change to the entries in which ``node``'s write lost or was overridden
     by an admin (0: none)."""
-    row = conn.execute(
-        "SELECT max(changed) FROM _fieldsync_conflicts WHERE other_node = ?", [node]
+    lost, overridden = conn.execute(  # one statement: read by every pull
+        "SELECT (SELECT max(changed) FROM _fieldsync_conflicts WHERE other_node = ?), "
+        "(SELECT max(changed) FROM _fieldsync_conflicts WHERE kept_node = ? AND "
+        + _overridden(dialect_of(conn))
+        + ")",
+        [node, node],
     ).fetchone()
-    overridden = conn.execute(
-        "SELECT max(changed) FROM _fieldsync_conflicts WHERE kept_node = ? AND "
-        + _overridden(dialect_of(conn)),
-        [node],
-    ).fetchone()
-    return max(int(row[0] or 0), int(overridden[0] or 0))
+    return max(int(lost or 0), int(overridden or 0))
 
 
 def lost_edits(hub: HubDatabase, node: str, after: int, limit: int) -> ConflictPage:

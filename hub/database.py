@@ -137,7 +137,6 @@ class HubDatabase:
         """
         with self.engine.write() as conn:
             if self.engine.changed(conn):
-                self.refresh(conn, latest=True)
                 self._observe(conn)
             anchor, renewed = self.engine.anchor, None
             if self._put_back():
@@ -179,6 +178,7 @@ class HubDatabase:
         *,
         latest: bool = False,
         unless_since: tuple[int, Schema, dict[str, CustomMerge]] | None = None,
+        version: int | None = None,
     ) -> None:
         """Take the newest schema version stored on ``conn``, if it is newer than the
         one in use (replaced as one tuple: readers see the old or the new).
@@ -187,8 +187,10 @@ class HubDatabase:
         version lower than the one in use is taken too (a restored database).
         ``unless_since``: the version in use when ``conn`` began reading; if another
         thread replaced it since, what ``conn`` read may be older: nothing is taken.
+        ``version``: the newest version, if just read on ``conn``.
         """
-        version = _version(conn)
+        if version is None:
+            version = _version(conn)
         self.engine.seen_version(conn, version)
         if version == self._loaded[0]:
             return
@@ -203,10 +205,16 @@ class HubDatabase:
                 self._loaded = (version, found, custom_merges(found))
 
     def _observe(self, conn: Conn) -> None:
-        """Move the hub's clock past the newest stamp stored (another worker's)."""
-        row = conn.execute("SELECT value FROM _fieldsync_meta WHERE key = 'hlc'").fetchone()
-        if row is not None:
-            self.clock.observe(int(row[0]))
+        """Take what another program (or worker) may have committed: the newest schema
+        version, and the newest stamp stored, which the hub's clock is moved past (one
+        statement: every write begins with it on PostgreSQL)."""
+        version, stamp = conn.execute(
+            "SELECT (SELECT max(version) FROM _fieldsync_schemas), "
+            "(SELECT value FROM _fieldsync_meta WHERE key = 'hlc')"
+        ).fetchone()
+        self.refresh(conn, latest=True, version=int(version or 1))
+        if stamp is not None:
+            self.clock.observe(int(stamp))
 
     @contextmanager
     def read(self) -> Iterator[Conn]:

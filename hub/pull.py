@@ -27,6 +27,7 @@ from hub.scopes import read_scopes
 from hub.status import count_pull
 from hub.times import utcnow
 from shared.protocol import PullPage, PullRow
+from shared.schema import Schema
 
 log = logging.getLogger("fieldsync.hub")
 
@@ -41,6 +42,7 @@ def pull(
     count: bool = False,
     packed: bool = False,
     spliced: bool = False,
+    admit: Callable[[int, Schema], None] | None = None,
 ) -> PullPage:
     """Records changed after ``cursor``, except those ``node`` already has.
 
@@ -49,6 +51,9 @@ def pull(
     columns all carry one version gets that version alone (see PullRow).
     ``spliced`` (with ``packed``; for the wire): a live record is its JSON made of the
     stored texts, undecoded (:class:`Spliced`; its ``values`` are None here).
+    ``admit`` is shown the schema version (and its schema) the page was read under,
+    before the pull is noted: it may refuse the page by raising (an office behind
+    that version must migrate first). The page says that version.
     """
     # The page, and what is left after it (as many records as the office is behind),
     # are read on a snapshot of their own, so a long read holds up no push; only
@@ -56,12 +61,17 @@ def pull(
     # idle sync) is answered from the writer's connection, a few short reads under
     # its lock: opening a snapshot would cost half of its pull.
     with hub.read() as conn:
-        idle = cursor == records.last_seq(conn)
+        last = records.last_seq(conn)
+        idle = cursor == last
         if idle:
-            found = _read(hub, conn, node, cursor, limit, include_own, count)
+            hub.refresh(conn)  # the version the page is read under (a snapshot takes it)
+            found = _read(hub, conn, node, cursor, last, limit, include_own, count)
     if not idle:
         with hub.snapshot() as conn:
-            found = _read(hub, conn, node, cursor, limit, include_own, count)
+            found = _read(hub, conn, node, cursor, None, limit, include_own, count)
+    version, schema = hub.version_and_schema()
+    if admit is not None:
+        admit(version, schema)
     cursor, last, acked, rescope, behind, resync, rows, remaining, lost, epoch = found
     more = len(rows) > limit or resync
     rows = rows[:limit]
@@ -76,7 +86,6 @@ def pull(
         )
         count_pull(conn, node, len(rows), next_cursor)
     page_rows: list[PullRow] = []
-    schema = hub.schema
     splicers: dict[str, Callable[[str, int, str, str], bytes]] = {}
     for tbl, pk, seq, deleted, vals, vers, gone in rows:
         table = schema.table(tbl)
@@ -91,7 +100,17 @@ def pull(
             records.pull_row(table, table.pk_dict(pk), seq, deleted, vals, vers, packed)
         )
     return PullPage(
-        page_rows, next_cursor, more, hub.now(), node, acked, remaining, resync, lost, epoch=epoch
+        page_rows,
+        next_cursor,
+        more,
+        hub.now(),
+        node,
+        acked,
+        remaining,
+        resync,
+        lost,
+        epoch=epoch,
+        schema_version=version,
     )
 
 
@@ -109,12 +128,15 @@ def _read(
     conn: Conn,
     node: str,
     cursor: int,
+    last: int | None,
     limit: int,
     include_own: bool,
     count: bool,
 ) -> tuple[int, int, int, int, bool, bool, list[Any], int | None, int, str]:
-    """What a pull page is made of, read on ``conn``."""
-    last = records.last_seq(conn)
+    """What a pull page is made of, read on ``conn`` (``last``: the last seq, if read
+    on it already)."""
+    if last is None:
+        last = records.last_seq(conn)
     if cursor > last:
         # A cursor from the future: this hub was restored from an older
         # backup. Serve everything again so the office converges.
@@ -133,8 +155,11 @@ def _read(
     behind = 0 < cursor < pulled and cursor < purged_seq(conn)
     resync = (bool(rescope) or behind) and not (cursor == 0 and include_own)
     remaining = None
-    if resync:
+    if resync or cursor == last:
+        # Nothing after the last seq (an exit's seq is one of them): an idle pull
+        # reads no record.
         rows = []
+        remaining = 0 if count and not resync else None
     elif scopes is None:
         rows = conn.execute(
             "SELECT tbl, pk, seq, deleted, vals, vers, 0 FROM _fieldsync_records "

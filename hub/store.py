@@ -121,6 +121,7 @@ class HubStore(Protocol):
         count: bool = False,
         packed: bool = False,
         spliced: bool = False,
+        admit: Callable[[int, Schema], None] | None = None,
     ) -> PullPage: ...
 
     def conflicts(
@@ -360,6 +361,7 @@ class SqlHubStore:
         count: bool = False,
         packed: bool = False,
         spliced: bool = False,
+        admit: Callable[[int, Schema], None] | None = None,
     ) -> PullPage:
         return pull.pull(
             self.database,
@@ -370,6 +372,7 @@ class SqlHubStore:
             count=count,
             packed=packed,
             spliced=spliced,
+            admit=admit,
         )
 
     def rejected(self, node: str | None = None) -> list[dict[str, Any]]:

@@ -215,6 +215,9 @@ def test_a_version_applied_during_a_pull_is_refused_to_an_office_behind(
         # The page was read under version 2 (its rows may carry phone): not for version 1.
         assert answer.status_code == 409, answer.text
         assert "takes the new version at its next sync" in answer.json()["detail"]
+        # Refused before the pull is noted: the office has not pulled anything.
+        (office,) = [n for n in store.nodes() if n["name"] == "kyiv"]
+        assert office["last_pull_at"] is None
 
 
 # -- carrying changes out on either engine ---------------------------------------------

@@ -15,6 +15,8 @@ import pytest
 from starlette.concurrency import run_in_threadpool
 
 import hub.app
+import hub.database
+import hub.pull
 from hub.app import create_app
 from hub.auth import SeenTokens
 from hub.store import SqlHubStore, open_store
@@ -99,6 +101,52 @@ def test_each_request_of_a_sync_takes_one_trip_to_a_worker_thread(
             # the report)
             assert len(trips) == 1, (step, trips)
     assert store.acked("astana") == 1
+
+
+def test_an_idle_pull_reads_no_record_and_the_schema_version_once(
+    store: SqlHubStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An office with nothing to pull costs no record query, and the schema version its
+    page is read under is read once (it was read before and after the pull, and again
+    by the note of the pull: a round trip each on PostgreSQL)."""
+    headers = office_headers(store, store.add_node("astana"))
+    other = office_headers(store, store.add_node("almaty"))
+    store.set_scopes("almaty", ["almaty", "astana"])  # it may write astana's cases
+    read: list[str] = []
+
+    def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            read.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(hub.pull, "_scoped_rows", counted("records", hub.pull._scoped_rows))
+    monkeypatch.setattr(hub.database, "_version", counted("version", hub.database._version))
+    with asgi_client(create_app(store)) as web:
+        assert push(web, other, 1).status_code == 200
+        params = {"cursor": 0, "scopes": 1, "count": 1}
+        first = web.get("/v1/pull", params=params, headers=headers).json()
+        assert [row["pk"] for row in first["rows"]] == [{"id": "c-1"}]
+        version = store.schema_version
+        read.clear()
+        for _ in range(3):
+            params["cursor"] = first["cursor"]
+            idle = web.get("/v1/pull", params=params, headers=headers)
+            assert idle.status_code == 200, idle.text
+            page = idle.json()
+            assert (page["rows"], page["remaining"], page["more"]) == ([], 0, False)
+            assert page["schema_version"] == version
+            assert read.count("records") == 0, read
+            assert read.count("version") <= 1, read
+            read.clear()
+        # One more record: the next pull reads it (the idle path is for an idle pull only).
+        assert push(web, other, 2).status_code == 200
+        busy = web.get("/v1/pull", params=params, headers=headers).json()
+        assert [row["pk"] for row in busy["rows"]] == [{"id": "c-2"}]
+        assert read.count("records") == 1, read
+    nodes = {node["name"]: node for node in store.nodes()}
+    assert nodes["astana"]["last_pull_at"] is not None
 
 
 def test_a_token_seen_good_is_refused_as_soon_as_another_process_revokes_it(
